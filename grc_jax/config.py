@@ -1,0 +1,187 @@
+"""The model's static description: one frozen dataclass, built from an HF `config.json`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+POOLINGS = ("mean", "last")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+DEFAULT_NUM_LATENTS = 16
+DEFAULT_MAX_SEGMENT_LEN = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the model's shapes and numerics.
+
+    `vocab_size` counts the base vocabulary only; the `num_latents` meta latent token rows
+    follow it, so their ids are `vocab_size .. vocab_size + num_latents - 1`.
+    """
+
+    architecture: str = "LlamaForCausalLM"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted (key, value) pairs; hashable
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    # GRC
+    num_latents: int = DEFAULT_NUM_LATENTS
+    max_segment_len: int = DEFAULT_MAX_SEGMENT_LEN
+    pooling: str = "mean"
+    embed_dim: int | None = None  # optional linear head on the pooled representation
+    # Compute
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self):
+        _check(self.architecture in ARCHITECTURES, f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        _check(self.num_latents >= 1, f"num_latents must be >= 1, got {self.num_latents}")
+        _check(self.max_segment_len >= 1, f"max_segment_len must be >= 1, got {self.max_segment_len}")
+        _check(self.pooling in POOLINGS, f"pooling {self.pooling!r} is not one of {POOLINGS}")
+        _check(self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        for key in ("param_dtype", "dtype"):
+            _check(getattr(self, key) in DTYPES, f"{key} {getattr(self, key)!r} is not one of {tuple(DTYPES)}")
+
+    @property
+    def total_vocab_size(self) -> int:
+        return self.vocab_size + self.num_latents
+
+    @property
+    def latent_token_ids(self) -> tuple[int, ...]:
+        return tuple(range(self.vocab_size, self.vocab_size + self.num_latents))
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **grc: Any) -> ModelConfig:
+    """Reads an HF `config.json` dict (transformers 4.x or 5.x layout); `grc` sets GRC fields."""
+    archs = hf.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise ValueError(f"{source}: unsupported architectures {archs!r}; supported: {list(ARCHITECTURES)}")
+    arch = archs[0]
+
+    def need(key: str) -> Any:
+        if key not in hf:
+            raise ValueError(f"{source}: missing key {key!r}")
+        return hf[key]
+
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    if hf.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true is not supported")
+    if hf.get("use_sliding_window"):
+        raise ValueError(f"{source}: use_sliding_window=true is not supported")
+    num_heads = need("num_attention_heads")
+    rope = dict(hf.get("rope_parameters") or {})  # transformers 5.x
+    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if not rope and hf.get("rope_scaling"):  # transformers 4.x
+        rope = dict(hf["rope_scaling"])
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}")
+    rope_scaling = None if rope_type == "default" else tuple(sorted({**rope, "rope_type": rope_type}.items()))
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=need("vocab_size"),
+        hidden_size=need("hidden_size"),
+        intermediate_size=need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or need("hidden_size") // num_heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        qk_norm=arch == "Qwen3ForCausalLM",
+        **grc,
+    )
+
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """The `config.json` transformers needs; the vocabulary includes the meta latent rows."""
+    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+    rope = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    rope.update(config.rope_scaling_dict or {})
+    hf = {
+        "architectures": [config.architecture],
+        "model_type": model_type[config.architecture],
+        "vocab_size": config.total_vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": rope,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "max_position_embeddings": max(2048, 4 * (config.max_segment_len + config.num_latents)),
+        "torch_dtype": config.param_dtype,
+        "dtype": config.param_dtype,
+    }
+    if config.rope_scaling:
+        hf["rope_scaling"] = dict(rope)
+    if config.architecture == "LlamaForCausalLM":
+        hf["attention_bias"] = config.qkv_bias
+        hf["mlp_bias"] = False
+    if config.architecture == "Qwen3ForCausalLM":
+        hf["attention_bias"] = False
+    return hf
+
+
+def grc_fields(config: ModelConfig) -> dict[str, Any]:
+    """What `grc_config.json` holds: the GRC settings transformers knows nothing of."""
+    return {
+        "num_latents": config.num_latents,
+        "max_segment_len": config.max_segment_len,
+        "pooling": config.pooling,
+        "embed_dim": config.embed_dim,
+        "base_vocab_size": config.vocab_size,
+        "latent_token_ids": list(config.latent_token_ids),
+    }
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None

@@ -1,0 +1,255 @@
+"""Hugging Face interop: load a local HF checkpoint directory, save one transformers loads.
+
+Reads and writes safetensors only (no torch needed). The meta latent rows follow the base
+vocabulary; an exported directory records the GRC settings in `grc_config.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from grc_jax import model
+from grc_jax.config import ModelConfig, from_hf_config, grc_fields, read_json, to_hf_config
+from grc_jax.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.json"
+GRC_CONFIG_FILE = "grc_config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GRC_HEAD_FILE = "grc_head.safetensors"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _layer_tensors(c: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
+    """our layer param -> (HF name suffix, HF array -> ours, ours -> HF array)."""
+    D, H, KV, Dh = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+
+    def proj(heads):  # HF [heads*Dh, D] <-> ours [D, heads, Dh]
+        return (lambda w: w.T.reshape(D, heads, Dh), lambda a: a.reshape(D, heads * Dh).T)
+
+    def bias(heads):
+        return (lambda b: b.reshape(heads, Dh), lambda a: a.reshape(heads * Dh))
+
+    same = (lambda w: w, lambda a: a)
+    transpose = (lambda w: w.T, lambda a: a.T)
+    table = {
+        "input_norm": ("input_layernorm.weight", *same),
+        "post_attention_norm": ("post_attention_layernorm.weight", *same),
+        "q_proj": ("self_attn.q_proj.weight", *proj(H)),
+        "k_proj": ("self_attn.k_proj.weight", *proj(KV)),
+        "v_proj": ("self_attn.v_proj.weight", *proj(KV)),
+        "o_proj": ("self_attn.o_proj.weight", lambda w: w.T.reshape(H, Dh, D), lambda a: a.reshape(H * Dh, D).T),
+        "gate_proj": ("mlp.gate_proj.weight", *transpose),
+        "up_proj": ("mlp.up_proj.weight", *transpose),
+        "down_proj": ("mlp.down_proj.weight", *transpose),
+    }
+    if c.qkv_bias:
+        table.update(q_bias=("self_attn.q_proj.bias", *bias(H)), k_bias=("self_attn.k_proj.bias", *bias(KV)),
+                     v_bias=("self_attn.v_proj.bias", *bias(KV)))
+    if c.qk_norm:
+        table.update(q_norm=("self_attn.q_norm.weight", *same), k_norm=("self_attn.k_norm.weight", *same))
+    return table
+
+
+class _Weights:
+    """The tensors of a checkpoint directory, by HF name, read lazily from their files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        index = path / INDEX_FILE
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no 'weight_map' object")
+            self.files = {name: path / file for name, file in weight_map.items()}
+        elif (path / WEIGHTS_FILE).is_file():
+            with safe_open(path / WEIGHTS_FILE, framework="numpy") as f:
+                self.files = {name: path / WEIGHTS_FILE for name in f.keys()}
+        else:
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+            if pickles:
+                raise ValueError(
+                    f"{path}: only PyTorch pickle weights ({', '.join(pickles)}); grc_jax reads safetensors only. "
+                    f"Convert once with transformers: AutoModelForCausalLM.from_pretrained('{path}')"
+                    f".save_pretrained('OUT_DIR') writes model.safetensors.")
+            raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}")
+        for file in sorted(set(self.files.values())):
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: weights file named in {INDEX_FILE} is missing")
+        self.used: set[str] = set()
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        key = name if name in self.files else f"model.{name}" if f"model.{name}" in self.files else None
+        if key is None:
+            raise KeyError(f"{self.path}: tensor {name!r} not found in the checkpoint")
+        with safe_open(self.files[key], framework="numpy") as f:
+            array = f.get_tensor(key)
+        if tuple(array.shape) != tuple(shape):
+            raise ValueError(f"{self.files[key]}: tensor {key!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+        self.used.add(key)
+        return array
+
+    def unused(self) -> list[str]:
+        return sorted(n for n in self.files if n not in self.used and not n.endswith(_IGNORED_SUFFIXES))
+
+
+def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_segment_len: int | None = None,
+                    **overrides: Any) -> tuple[ModelConfig, model.Params]:
+    """(config, params) from a local HF directory (config.json + safetensors).
+
+    A plain HF model gets `num_latents` new rows (default 16) initialised from the mean
+    embedding; a directory written by `save_pretrained` keeps its own GRC settings.
+    `overrides` set other ModelConfig fields (param_dtype, dtype, scan_layers, remat_policy, ...).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    hf = read_json(path / CONFIG_FILE)
+    grc_file = path / GRC_CONFIG_FILE
+    grc = read_json(grc_file) if grc_file.is_file() else None
+    fields: dict[str, Any] = {}
+    if grc is not None:
+        if num_latents is not None and num_latents != grc["num_latents"]:
+            raise ValueError(f"{grc_file}: the model was trained with num_latents={grc['num_latents']}, "
+                             f"not {num_latents}")
+        fields = {k: grc[k] for k in ("num_latents", "max_segment_len", "pooling", "embed_dim")}
+        hf = {**hf, "vocab_size": grc["base_vocab_size"]}
+    elif num_latents is not None:
+        fields["num_latents"] = num_latents
+    if max_segment_len is not None:
+        fields["max_segment_len"] = max_segment_len
+    config = from_hf_config(hf, source=str(path / CONFIG_FILE), **fields, **overrides)
+
+    weights = _Weights(path)
+    dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[config.param_dtype]
+    stored_vocab = config.total_vocab_size if grc is not None else config.vocab_size
+    D = config.hidden_size
+
+    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return np.asarray(weights.get(name, shape)).astype(dtype)
+
+    params: dict[str, Any] = {"embed": read("embed_tokens.weight", (stored_vocab, D)),
+                              "final_norm": read("norm.weight", (D,))}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = read("lm_head.weight", (stored_vocab, D)).T
+    shapes = model.param_shapes(config)["layers"]
+    layers = {}
+    for ours, (suffix, to_ours, to_hf) in _layer_tensors(config).items():
+        hf_shape = to_hf(np.zeros(shapes[ours].shape[1:], np.int8)).shape
+        layers[ours] = np.stack([to_ours(read(f"layers.{i}.{suffix}", hf_shape)) for i in range(config.num_layers)])
+    params["layers"] = layers
+    unused = weights.unused()
+    if unused:
+        raise ValueError(f"{path}: tensors the {config.architecture} layout does not use: {unused[:8]}"
+                         f"{' ...' if len(unused) > 8 else ''}")
+    if config.embed_dim is not None:
+        if grc is not None:
+            with safe_open(_need_file(path / GRC_HEAD_FILE), framework="numpy") as f:
+                params["embed_head"] = f.get_tensor("embed_head").astype(dtype)
+        else:  # a new head for a plain HF model, as init_params would make it
+            shape = (config.hidden_size, config.embed_dim)
+            params["embed_head"] = np.asarray(0.02 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
+    params = jax.tree.map(jnp.asarray, params)
+    if grc is None:
+        params = _add_latent_rows(config, params)
+    return config, params
+
+
+def _need_file(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    return path
+
+
+def _add_latent_rows(config: ModelConfig, params: model.Params) -> model.Params:
+    extra = config.num_latents
+    params = dict(params)
+    params["embed"] = jnp.concatenate([params["embed"], jnp.zeros((extra, config.hidden_size), params["embed"].dtype)])
+    if "lm_head" in params:
+        head = params["lm_head"]
+        params["lm_head"] = jnp.concatenate([head, jnp.zeros((config.hidden_size, extra), head.dtype)], axis=1)
+    return model.init_latent_rows(config, params)
+
+
+def to_hf_tensors(config: ModelConfig, params: model.Params) -> dict[str, np.ndarray]:
+    """Our params as HF-named numpy arrays, in the parameter dtype."""
+    out = {"model.embed_tokens.weight": np.asarray(params["embed"]), "model.norm.weight": np.asarray(params["final_norm"])}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = np.asarray(params["lm_head"]).T
+    for ours, (suffix, _, to_hf) in _layer_tensors(config).items():
+        stacked = np.asarray(params["layers"][ours])
+        for i in range(config.num_layers):
+            out[f"model.layers.{i}.{suffix}"] = to_hf(stacked[i])
+    return {name: np.ascontiguousarray(array) for name, array in out.items()}
+
+
+def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Path, tokenizer: Tokenizer | None = None,
+                    *, max_shard_size: int = 5 * 10**9) -> Path:
+    """Writes a directory transformers' AutoModelForCausalLM loads with no custom code.
+
+    The directory is built beside `out_dir` and swapped in at the end, so a crash leaves any
+    previous export readable. Weights past `max_shard_size` bytes are sharded with an index.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(to_hf_config(config), indent=2), encoding="utf-8")
+        (tmp / GRC_CONFIG_FILE).write_text(json.dumps(grc_fields(config), indent=2), encoding="utf-8")
+        _write_shards(to_hf_tensors(config, params), tmp, max_shard_size)
+        if config.embed_dim is not None:
+            save_file({"embed_head": np.asarray(params["embed_head"])}, str(tmp / GRC_HEAD_FILE))
+        if tokenizer is not None:
+            tokenizer.with_latents(config.num_latents, config.vocab_size).save(tmp)
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_shards(tensors: dict[str, np.ndarray], out: Path, max_shard_size: int) -> None:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, start=1):
+        file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replaces `target` with `new`; at every instant one complete directory is readable."""
+    for file in new.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,257 @@
+"""The Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3) with GRC's meta latent tokens.
+
+Linen `init`/`apply` underneath, but the public surface is functional: `init_params` returns a
+plain pytree and `forward(config, params, tokens, meta)` runs it. Layer parameters are always
+stacked on a leading `layers` axis; `scan_layers=False` unrolls the same scan instead of
+looping, so one parameter layout serves both.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grc_jax.config import DTYPES, ModelConfig
+from grc_jax.layout import TokenMeta, attention_mask, causal_meta, positions
+
+Params = dict[str, Any]
+
+_init = nn.initializers.normal(0.02)
+_NEG_INF = -1e30
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array | None  # [batch, length, total_vocab] (float32)
+    hidden: jax.Array  # [batch, length, hidden]: final, post-norm
+    keys: jax.Array | None  # [layers, batch, n, kv_heads, head_dim] at `kv_index` (rotated)
+    values: jax.Array | None  # same
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies, with `linear` or `llama3` scaling applied as transformers does."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling_dict or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates [batch, length, heads, head_dim] by the half-split convention of HF Llama."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init=_init):
+    dtype = DTYPES[module.config.param_dtype]
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Block(nn.Module):
+    """One decoder layer. Returns the K/V at `kv_index` as the scan's per-layer output."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv_index):
+        c = self.config
+        dtype = DTYPES[c.dtype]
+        D, H, KV, Dh, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        ones = nn.initializers.ones
+        zeros = nn.initializers.zeros
+
+        h = rms_norm(x, _param(self, "input_norm", ("norm",), (D,), ones), c.rms_norm_eps)
+        q = jnp.einsum("btd,dhk->bthk", h, _param(self, "q_proj", ("embed", "q_heads", "head_dim"), (D, H, Dh)).astype(dtype))
+        k = jnp.einsum("btd,dhk->bthk", h, _param(self, "k_proj", ("embed", "kv_heads", "head_dim"), (D, KV, Dh)).astype(dtype))
+        v = jnp.einsum("btd,dhk->bthk", h, _param(self, "v_proj", ("embed", "kv_heads", "head_dim"), (D, KV, Dh)).astype(dtype))
+        if c.qkv_bias:
+            q = q + _param(self, "q_bias", ("q_heads", "head_dim"), (H, Dh), zeros).astype(dtype)
+            k = k + _param(self, "k_bias", ("kv_heads", "head_dim"), (KV, Dh), zeros).astype(dtype)
+            v = v + _param(self, "v_bias", ("kv_heads", "head_dim"), (KV, Dh), zeros).astype(dtype)
+        if c.qk_norm:
+            q = rms_norm(q, _param(self, "q_norm", ("norm",), (Dh,), ones), c.rms_norm_eps)
+            k = rms_norm(k, _param(self, "k_norm", ("norm",), (Dh,), ones), c.rms_norm_eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_q_heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+
+        out = attend(q, k, v, mask)
+        o_proj = _param(self, "o_proj", ("q_heads", "head_dim", "embed"), (H, Dh, D)).astype(dtype)
+        x = x + jnp.einsum("bthk,hkd->btd", out, o_proj)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+        h = rms_norm(x, _param(self, "post_attention_norm", ("norm",), (D,), ones), c.rms_norm_eps)
+        gate = h @ _param(self, "gate_proj", ("embed", "mlp"), (D, F)).astype(dtype)
+        up = h @ _param(self, "up_proj", ("embed", "mlp"), (D, F)).astype(dtype)
+        act = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+        x = x + act @ _param(self, "down_proj", ("mlp", "embed"), (F, D)).astype(dtype)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+        if kv_index is None:
+            return x, None
+        take = jax.vmap(lambda a, i: a[i])
+        return x, (take(k, kv_index), take(v, kv_index))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked GQA attention. q [b,t,h,d], k/v [b,s,kv,d], mask bool [b,t,s] -> [b,t,h,d]."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btngd,bsnd->bngts", q, k).astype(jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bngts,bsnd->btngd", probs, v).reshape(b, t, h, d)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, pos, mask, kv_index=None, compute_logits=True):
+        c = self.config
+        dtype = DTYPES[c.dtype]
+        embed = _param(self, "embed", ("vocab", "embed"), (c.total_vocab_size, c.hidden_size))
+        x = jnp.take(embed, tokens, axis=0).astype(dtype)
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+        freqs = pos[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(c))
+        freqs = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
+
+        block = Block
+        if c.remat_policy != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 4,
+            length=c.num_layers,
+            unroll=1 if c.scan_layers else c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, kv = layers(c, name="layers")(x, cos, sin, mask, kv_index)
+        hidden = rms_norm(x, _param(self, "final_norm", ("norm",), (c.hidden_size,), nn.initializers.ones), c.rms_norm_eps)
+
+        logits = None
+        if compute_logits:
+            if c.tie_word_embeddings:
+                head = embed.T
+            else:
+                head = _param(self, "lm_head", ("embed", "vocab"), (c.hidden_size, c.total_vocab_size))
+            logits = (hidden @ head.astype(dtype)).astype(jnp.float32)
+            logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        if c.embed_dim is not None:
+            _param(self, "embed_head", ("embed", "embed_out"), (c.hidden_size, c.embed_dim))
+        keys, values = kv if kv is not None else (None, None)
+        return ForwardOutput(logits, hidden, keys, values)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Random parameters; the meta latent rows start at the mean of the base embeddings."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), bool)
+    params = nn.unbox(Transformer(config).init(rng, tokens, tokens, mask)["params"])
+    return init_latent_rows(config, params)
+
+
+def init_latent_rows(config: ModelConfig, params: Params) -> Params:
+    """Sets the meta latent rows of the embedding (and untied head) to the base rows' mean."""
+    params = dict(params)
+    base = config.vocab_size
+    embed = params["embed"]
+    params["embed"] = embed.at[base:].set(jnp.mean(embed[:base], axis=0).astype(embed.dtype))
+    if "lm_head" in params:
+        head = params["lm_head"]
+        params["lm_head"] = head.at[:, base:].set(jnp.mean(head[:, :base], axis=1, keepdims=True).astype(head.dtype))
+    return params
+
+
+def _boxed_shapes(config: ModelConfig) -> Any:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), bool)
+    return jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), tokens, tokens, mask))["params"]
+
+
+def param_shapes(config: ModelConfig) -> Any:
+    """The parameters' shapes and dtypes, as a pytree of ShapeDtypeStructs (no allocation)."""
+    return nn.unbox(_boxed_shapes(config))
+
+
+def param_logical_axes(config: ModelConfig) -> Any:
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+    return nn.get_partition_spec(_boxed_shapes(config))
+
+
+def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenMeta | None = None, *,
+            valid: jax.Array | None = None, kv_index: jax.Array | None = None,
+            compute_logits: bool = True) -> ForwardOutput:
+    """Runs the model over `tokens` [batch, length].
+
+    meta=None: a plain causal LM; `valid` (bool [batch, length], default all true) marks the
+    real tokens, whose positions count 0, 1, ... from the first real one, as transformers does.
+    With meta: the GRC attention rule and positions of `grc_jax.layout`.
+    kv_index (int32 [batch, n]): also return every layer's rotated K/V at those row positions.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if meta is None:
+        valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
+        if valid.shape != tokens.shape:
+            raise ValueError(f"valid has shape {valid.shape}, tokens {tokens.shape}")
+        meta = causal_meta(valid)
+        pos = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+    else:
+        if valid is not None:
+            raise ValueError("with meta, mark padding as meta.example == 0, not with valid=")
+        for name, array in zip(TokenMeta._fields, meta):
+            if jnp.shape(array) != tokens.shape:
+                raise ValueError(f"meta.{name} has shape {jnp.shape(array)}, tokens {tokens.shape}")
+        pos = positions(meta, config.max_segment_len, config.num_latents)
+    mask = attention_mask(meta)
+    return Transformer(config).apply({"params": params}, tokens, pos, mask, kv_index, compute_logits)
+
+
+def pool_latents(config: ModelConfig, params: Params, hidden: jax.Array, latent_index: jax.Array) -> jax.Array:
+    """The representation readout: float32 [batch, segments, dim], L2-normalised.
+
+    hidden: [batch, length, hidden] from `forward`; latent_index: int32 [batch, segments, K],
+    the row positions of each segment's meta latent tokens.
+    """
+    latents = jax.vmap(lambda h, i: h[i])(hidden, latent_index).astype(jnp.float32)  # [b, s, K, d]
+    pooled = latents.mean(axis=2) if config.pooling == "mean" else latents[:, :, -1]
+    if config.embed_dim is not None:
+        pooled = pooled @ params["embed_head"].astype(jnp.float32)
+    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)

@@ -91,6 +91,7 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> None:
         """Writes tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
         out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
         self.inner.save(str(out_dir / TOKENIZER_FILE))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.hf_config}
         config.pop("added_tokens_decoder", None)  # tokenizer.json is the source of truth for added tokens

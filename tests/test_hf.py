@@ -232,3 +232,17 @@ def test_unsupported_rope_type(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"rope type 'yarn' is not supported"):
         hf.load_pretrained(d)
+
+
+def test_export_carries_the_tokenizer_with_latent_tokens(tmp_path):
+    from test_tokenizer import write_tokenizer
+
+    from grc_jax.tokenizer import Tokenizer
+
+    write_tokenizer(tmp_path / "tok", vocab_size=90)
+    config = ModelConfig(vocab_size=VOCAB, num_latents=K)
+    out = hf.save_pretrained(config, model.init_params(config, jax.random.key(0)), tmp_path / "e",
+                             tokenizer=Tokenizer.from_dir(tmp_path / "tok"))
+    reloaded = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert [reloaded.convert_tokens_to_ids(f"<|mlt_{j}|>") for j in range(K)] == list(config.latent_token_ids)
+    assert Tokenizer.from_dir(out).latent_ids(K) == list(config.latent_token_ids)

@@ -239,8 +239,8 @@ def test_export_carries_the_tokenizer_with_latent_tokens(tmp_path):
 
     from grc_jax.tokenizer import Tokenizer
 
-    write_tokenizer(tmp_path / "tok", vocab_size=90)
-    config = ModelConfig(vocab_size=VOCAB, num_latents=K)
+    write_tokenizer(tmp_path / "tok", vocab_size=300)
+    config = ModelConfig(vocab_size=320, num_latents=K)
     out = hf.save_pretrained(config, model.init_params(config, jax.random.key(0)), tmp_path / "e",
                              tokenizer=Tokenizer.from_dir(tmp_path / "tok"))
     reloaded = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)

@@ -1,0 +1,134 @@
+"""The training input pipeline: JSONL records -> packed rows -> per-host batches, with grain.
+
+`make_dataset` reads and tokenizes every record once and keeps them in memory, which suits
+datasets of up to a few million records (the demo world, fine-tuning sets); it then *plans*
+the packing of every row of the run, epoch by epoch, as lists of record indices, and builds a
+batch's rows only when grain asks for it. A batch is a pure function of (files, seed, step), so
+resuming needs only grain's iterator state (the next step).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import grain
+import numpy as np
+from absl import logging
+
+from grc_jax.data.builder import (BuildConfig, TokenizedRecord, Unit, build_unit, plan_rows, rows_to_batch,
+                                  tokenize_records, unit_rng)
+from grc_jax.data.records import read_records
+from grc_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingPlan:
+    """Which records fill which row: rows[r] = (epoch, record indices in storage order)."""
+
+    records: list[TokenizedRecord]
+    config: BuildConfig
+    seed: int
+    rows: list[tuple[int, tuple[int, ...]]]
+    skipped: int  # malformed lines plus records that cannot be laid out
+    padding_fraction: float
+    epochs: int
+
+    def build_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The batch of rows [start, stop)."""
+        return rows_to_batch([[self._unit(epoch, i) for i in indices] for epoch, indices in self.rows[start:stop]],
+                             self.config)
+
+    def _unit(self, epoch: int, index: int) -> Unit:
+        return build_unit(self.records[index], self.config, unit_rng(self.seed, epoch, index))
+
+
+def plan_packing(records: Sequence[TokenizedRecord], config: BuildConfig, *, num_rows: int, seed: int,
+                 skip_malformed: bool = False, skipped: int = 0) -> PackingPlan:
+    """Plans `num_rows` rows: each epoch shuffles the records with (seed, epoch) and packs them
+    greedily; an epoch's last row is not topped up from the next epoch."""
+    usable, sizes, skipped = _measure(records, config, seed, skip_malformed, skipped)
+    if not usable:
+        raise ValueError("no usable training records")
+    rows: list[tuple[int, tuple[int, ...]]] = []
+    epoch = 0
+    while len(rows) < num_rows:
+        order = np.random.default_rng([seed, epoch]).permutation(len(usable))
+        for row in plan_rows([sizes[i] for i in order], config.row_len, config.max_segments_per_row):
+            rows.append((epoch, tuple(int(order[j]) for j in row)))
+        epoch += 1
+    rows = rows[:num_rows]
+    used = sum(sizes[i][0] for _, row in rows for i in row)
+    padding = 1.0 - used / (len(rows) * config.row_len) if rows else 0.0
+    return PackingPlan(usable, config, seed, rows, skipped, padding, epoch)
+
+
+def _measure(records: Sequence[TokenizedRecord], config: BuildConfig, seed: int, skip_malformed: bool,
+             skipped: int) -> tuple[list[TokenizedRecord], list[tuple[int, int]], int]:
+    """Lays every record out once: its size does not depend on the epoch, only its order does."""
+    usable: list[TokenizedRecord] = []
+    sizes: list[tuple[int, int]] = []
+    for record in records:
+        try:
+            unit = build_unit(record, config, unit_rng(seed, 0, len(usable)))
+        except ValueError as e:
+            if not skip_malformed:
+                raise
+            skipped += 1
+            logging.warning("skipping record: %s", e)
+            continue
+        usable.append(record)
+        sizes.append((unit.length, unit.num_segments))
+    return usable, sizes, skipped
+
+
+class _HostBatch:
+    """step -> this host's rows of global batch `step`."""
+
+    def __init__(self, plan: PackingPlan, global_batch: int, process_index: int, process_count: int):
+        self.plan = plan
+        self.global_batch = global_batch
+        self.per_host = global_batch // process_count
+        self.offset = process_index * self.per_host
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        start = step * self.global_batch + self.offset
+        return self.plan.build_rows(start, start + self.per_host)
+
+
+def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer, build_config: BuildConfig, *,
+                 global_batch: int, num_steps: int, seed: int, process_index: int = 0, process_count: int = 1,
+                 skip_malformed: bool = False) -> grain.MapDataset:
+    """A grain MapDataset of `num_steps` elements; element i is this host's share of global
+    batch i: rows [i*G + h*G/H, i*G + (h+1)*G/H) of the plan, as the dict of
+    `builder.empty_batch`.
+
+    Every host reads and tokenizes all records (in memory) and computes the same plan, so hosts
+    agree on the global batch without talking to each other.
+    """
+    _check_sharding(global_batch, num_steps, process_index, process_count)
+    records, skipped = read_records(files, skip_malformed=skip_malformed)
+    tokenized = tokenize_records(records, tokenizer.encode_batch)
+    plan = plan_packing(tokenized, build_config, num_rows=num_steps * global_batch, seed=seed,
+                        skip_malformed=skip_malformed, skipped=skipped)
+    logging.info("data: %d records, %d rows over %d epoch(s), padding fraction %.3f, %d malformed lines or "
+                 "records skipped", len(plan.records), len(plan.rows), plan.epochs, plan.padding_fraction,
+                 plan.skipped)
+    return grain.MapDataset.range(num_steps).map(_HostBatch(plan, global_batch, process_index, process_count))
+
+
+def _check_sharding(global_batch: int, num_steps: int, process_index: int, process_count: int) -> None:
+    if global_batch < 1 or num_steps < 1:
+        raise ValueError(f"global_batch and num_steps must be positive, got {global_batch} and {num_steps}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
+    if global_batch % process_count:
+        raise ValueError(f"global_batch {global_batch} is not divisible by the number of processes {process_count}")
+
+
+def make_iterator(dataset: grain.MapDataset, *, prefetch_threads: int = 0,
+                  prefetch_buffer_size: int = 0) -> grain.DatasetIterator:
+    """An iterator with get_state()/set_state(): a restored state resumes at exactly the next
+    batch. No threads or processes unless asked for."""
+    options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=prefetch_buffer_size)
+    return iter(dataset.to_iter_dataset(options))

@@ -1,0 +1,154 @@
+"""Reading GRC training records from JSONL files (GRC_DESIGN.md section 4).
+
+One JSON object per line, with these fields, all optional:
+
+    query: str, reasoning: str, positive: str, negatives: list[str],
+    question: str, answer: str, text: str
+
+A record must feed at least one loss: `text` (generative); `query` + `positive`
+(representative); `positive` + `question` + `answer` (compressive); `query` + `reasoning`
+(generative, self-reasoning). Fields that cannot take part in any loss of their record are
+errors rather than silently dropped, because they almost always mean a broken converter:
+`reasoning` without `query`, `negatives` without `positive`, `question` without `answer`
+(or the reverse), `question`/`answer` without `positive`, `query` with neither `positive`
+nor `reasoning`, `positive` with no query and no question. A JSON `null` counts as absent.
+
+A malformed line raises `ValueError("{file}:{line}: {why}")`; with `skip_malformed=True`
+it is logged as a warning and counted instead. Blank lines are ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from absl import logging
+
+STRING_FIELDS = ("query", "reasoning", "positive", "question", "answer", "text")
+FIELDS = ("query", "reasoning", "positive", "negatives", "question", "answer", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One training record; `source` is "file:line", for error messages downstream."""
+
+    source: str
+    query: str | None = None
+    reasoning: str | None = None
+    positive: str | None = None
+    negatives: tuple[str, ...] = ()
+    question: str | None = None
+    answer: str | None = None
+    text: str | None = None
+
+
+def parse_record(line: str, source: str) -> Record:
+    """Parses one non-blank JSONL line; raises ValueError("{source}: {why}") if malformed."""
+    try:
+        return _parse(line, source)
+    except _Malformed as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def read_records(files: Sequence[str | Path] | str | Path, *,
+                 skip_malformed: bool = False) -> tuple[list[Record], int]:
+    """All records of `files` in order, and how many malformed lines were skipped."""
+    if isinstance(files, (str, Path)):
+        files = [files]
+    records: list[Record] = []
+    skipped = 0
+    for source, raw in _numbered_lines(files):
+        try:
+            records.append(parse_record(_decode(raw, source), source))
+        except ValueError as e:
+            if not skip_malformed:
+                raise
+            skipped += 1
+            logging.warning("skipping malformed record: %s", e)
+    return records, skipped
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _numbered_lines(files: Iterable[str | Path]) -> Iterator[tuple[str, bytes]]:
+    # Bytes, decoded line by line, so that one bad byte makes one malformed line, not a failed file.
+    for file in files:
+        with open(file, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if raw.strip():
+                    yield f"{file}:{number}", raw
+
+
+def _decode(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{source}: not UTF-8: {e.reason} at byte {e.start}") from None
+
+
+def _parse(line: str, source: str) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _Malformed(f"invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise _Malformed(f"a record must be a JSON object, got {_json_type(obj)}")
+    fields = {k: v for k, v in obj.items() if v is not None}
+    for name in fields:
+        if name not in FIELDS:
+            raise _Malformed(_unknown_field(name))
+    for name in STRING_FIELDS:
+        if name in fields:
+            _check_text(name, fields[name])
+    if "negatives" in fields:
+        negatives = fields["negatives"]
+        if not isinstance(negatives, list):
+            raise _Malformed(f"field 'negatives' must be a list of strings, got {_json_type(negatives)}")
+        for i, negative in enumerate(negatives):
+            _check_text(f"negatives[{i}]", negative)
+        fields["negatives"] = tuple(negatives)
+    _check_losses(fields)
+    return Record(source=source, **fields)
+
+
+def _unknown_field(name: str) -> str:
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(FIELDS)}"
+    return f"unknown field '{name}' ({hint})"
+
+
+def _check_text(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise _Malformed(f"field '{name}' must be a string, got {_json_type(value)}")
+    if not value.strip():
+        raise _Malformed(f"field '{name}' is empty")
+
+
+def _check_losses(fields: dict[str, Any]) -> None:
+    if not fields:
+        raise _Malformed("empty record feeds no loss; give 'text', 'query'+'positive', "
+                         "'positive'+'question'+'answer' or 'query'+'reasoning'")
+    has = fields.__contains__
+    dangling = [
+        (has("reasoning") and not has("query"), "'reasoning' without 'query'"),
+        (has("negatives") and not has("positive"), "'negatives' without 'positive'"),
+        (has("question") and not has("answer"), "'question' without 'answer'"),
+        (has("answer") and not has("question"), "'answer' without 'question'"),
+        (has("question") and has("answer") and not has("positive"),
+         "'question'+'answer' without 'positive' (the memory the reader reads)"),
+        (has("query") and not (has("positive") or has("reasoning")), "'query' without 'positive' or 'reasoning'"),
+        (has("positive") and not (has("query") or has("question")),
+         "'positive' without 'query' or 'question'+'answer'"),
+    ]
+    for bad, what in dangling:
+        if bad:
+            raise _Malformed(f"{what} feeds no loss")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)

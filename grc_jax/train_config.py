@@ -1,0 +1,68 @@
+"""Every training setting and its default, in one locked ml_collections ConfigDict.
+
+Config files (`configs/*.py`) start from `defaults()` and change values; since the dict is
+locked, a mistyped key in a file or in a `--config.a.b=` flag fails at once, naming the
+closest valid key.
+"""
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+from ml_collections import config_dict
+
+from grc_jax.config import ModelConfig
+
+
+def defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        hf_path=config_dict.placeholder(str),  # start from a local HF checkpoint directory
+        architecture="LlamaForCausalLM", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+        qkv_bias=False, qk_norm=False,
+        num_latents=8, max_segment_len=128, pooling="mean", embed_dim=config_dict.placeholder(int),
+        param_dtype="float32", dtype="float32", scan_layers=True, remat_policy="none",
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        train_files=config_dict.placeholder(str),  # comma-separated JSONL files; unset: the demo world
+        eval_dir=config_dict.placeholder(str),  # a demo-world style directory for held-out evaluation
+        tokenizer=config_dict.placeholder(str),  # a directory with tokenizer.json (default: hf_path's)
+        demo_world_seed=0, demo_world_entities=240,
+        row_len=512, max_segments_per_row=16, max_negatives=4, reader_distractors=4,
+        reader_task="reconstruction", skip_malformed=False,
+        bos_token="<s>", eos_token="</s>", eor_token="<|end_of_reasoning|>", pad_token="<pad>",
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000, global_batch=16, grad_accum=1, seed=0,
+        learning_rate=1e-3, warmup_steps=50, end_learning_rate_fraction=0.1, weight_decay=0.01,
+        b1=0.9, b2=0.95, clip_norm=1.0,
+    ))
+    c.loss = ml_collections.ConfigDict(dict(gen=1.0, rep=1.0, comp=1.0, temperature=0.02))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, use_async=True))
+    c.log_every = 20
+    c.eval_every = 0  # 0: only at the end
+    c.eval_max_queries = 200
+    c.reasoning_max_tokens = 24
+    c.lock()
+    return c
+
+
+def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """The ModelConfig a training config describes, for a model trained from scratch."""
+    m = c.model
+    fields = {k: m[k] for k in m if k != "hf_path"}
+    return ModelConfig(vocab_size=vocab_size, **fields)
+
+
+def check_keys(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None, prefix: str = "") -> None:
+    """Raises ValueError for a key `defaults()` does not have, naming the closest valid ones."""
+    reference = defaults() if reference is None else reference
+    for key in c.keys():
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference.keys()), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(prefix + k for k in close)}?" if close else ""
+            raise ValueError(f"config: unknown key {prefix + key!r}{hint}")
+        if isinstance(c[key], ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+            check_keys(c[key], reference[key], prefix + key + ".")

@@ -85,6 +85,14 @@ class TokenizedRecord:
     positive_doc_id: int = -1
     negative_doc_ids: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Documents without ids would silently vanish (zip) or escape the duplicate mask (-1).
+        if len(self.negative_doc_ids) != len(self.negatives):
+            raise ValueError(f"{self.source}: {len(self.negatives)} negatives but "
+                             f"{len(self.negative_doc_ids)} negative_doc_ids")
+        if (self.positive is not None) != (self.positive_doc_id >= 0):
+            raise ValueError(f"{self.source}: a positive needs a positive_doc_id >= 0, and only a positive")
+
 
 @dataclasses.dataclass(frozen=True)
 class Unit:

@@ -30,7 +30,7 @@ class PackingPlan:
     config: BuildConfig
     seed: int
     rows: list[tuple[int, tuple[int, ...]]]
-    skipped: int  # malformed lines plus records that cannot be laid out
+    skipped: int  # records that cannot be laid out (too long for a row, a query over P tokens, ...)
     padding_fraction: float
     epochs: int
 
@@ -44,10 +44,10 @@ class PackingPlan:
 
 
 def plan_packing(records: Sequence[TokenizedRecord], config: BuildConfig, *, num_rows: int, seed: int,
-                 skip_malformed: bool = False, skipped: int = 0) -> PackingPlan:
+                 skip_malformed: bool = False) -> PackingPlan:
     """Plans `num_rows` rows: each epoch shuffles the records with (seed, epoch) and packs them
     greedily; an epoch's last row is not topped up from the next epoch."""
-    usable, sizes, skipped = _measure(records, config, seed, skip_malformed, skipped)
+    usable, sizes, skipped = _measure(records, config, seed, skip_malformed)
     if not usable:
         raise ValueError("no usable training records")
     rows: list[tuple[int, tuple[int, ...]]] = []
@@ -63,11 +63,12 @@ def plan_packing(records: Sequence[TokenizedRecord], config: BuildConfig, *, num
     return PackingPlan(usable, config, seed, rows, skipped, padding, epoch)
 
 
-def _measure(records: Sequence[TokenizedRecord], config: BuildConfig, seed: int, skip_malformed: bool,
-             skipped: int) -> tuple[list[TokenizedRecord], list[tuple[int, int]], int]:
+def _measure(records: Sequence[TokenizedRecord], config: BuildConfig, seed: int,
+             skip_malformed: bool) -> tuple[list[TokenizedRecord], list[tuple[int, int]], int]:
     """Lays every record out once: its size does not depend on the epoch, only its order does."""
     usable: list[TokenizedRecord] = []
     sizes: list[tuple[int, int]] = []
+    skipped = 0
     for record in records:
         try:
             unit = build_unit(record, config, unit_rng(seed, 0, len(usable)))
@@ -103,17 +104,18 @@ def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer,
     batch i: rows [i*G + h*G/H, i*G + (h+1)*G/H) of the plan, as the dict of
     `builder.empty_batch`.
 
-    Every host reads and tokenizes all records (in memory) and computes the same plan, so hosts
-    agree on the global batch without talking to each other.
+    Every host reads and tokenizes all records into memory (fine for in-memory datasets, up to a
+    few million records) and computes the same plan, so hosts agree on the global batch without
+    talking to each other.
     """
     _check_sharding(global_batch, num_steps, process_index, process_count)
-    records, skipped = read_records(files, skip_malformed=skip_malformed)
+    records, skipped_lines = read_records(files, skip_malformed=skip_malformed)
     tokenized = tokenize_records(records, tokenizer.encode_batch)
     plan = plan_packing(tokenized, build_config, num_rows=num_steps * global_batch, seed=seed,
-                        skip_malformed=skip_malformed, skipped=skipped)
-    logging.info("data: %d records, %d rows over %d epoch(s), padding fraction %.3f, %d malformed lines or "
-                 "records skipped", len(plan.records), len(plan.rows), plan.epochs, plan.padding_fraction,
-                 plan.skipped)
+                        skip_malformed=skip_malformed)
+    logging.info("data: %d records -> %d rows over %d epoch(s), padding fraction %.3f; skipped %d malformed "
+                 "line(s) and %d record(s) that cannot be laid out", len(plan.records), len(plan.rows),
+                 plan.epochs, plan.padding_fraction, skipped_lines, plan.skipped)
     return grain.MapDataset.range(num_steps).map(_HostBatch(plan, global_batch, process_index, process_count))
 
 

@@ -20,7 +20,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from .reference import block_seq_ranges, safe_page_tables
 
-_HI = lax.Precision.HIGHEST  # f32 dots in IEEE f32, not TF32
+
+
+def _precision(dtype) -> lax.Precision | None:
+    # f32 dots in IEEE f32, not TF32; bf16 products are exact in the f32 accumulator anyway.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _cdiv(a, b):
@@ -84,7 +88,9 @@ def _kernel(
             kv_idx = (kv_rows[:, None], jnp.arange(head_dim, dtype=jnp.int32)[None, :])
             k = plgpu.load(k_ref.at[kv_idx], mask=kv_mask, other=0)
             v = plgpu.load(v_ref.at[kv_idx], mask=kv_mask, other=0)
-            logits = plgpu.dot(q, k, trans_b=True, precision=_HI) * sm_scale
+            qk_dtype = jnp.promote_types(q.dtype, k.dtype)
+            logits = plgpu.dot(q.astype(qk_dtype), k.astype(qk_dtype), trans_b=True,
+                               precision=_precision(qk_dtype)) * sm_scale
             if soft_cap is not None:
                 logits = soft_cap * jnp.tanh(logits / soft_cap)
             vis = row_ok & col_ok[None, :] & ((key_pos[None, :] - base) * group <= r)
@@ -93,7 +99,7 @@ def _kernel(
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that saw nothing yet
             alpha = jnp.exp(m - m_safe)
             p = jnp.where(vis, jnp.exp(logits - m_safe[:, None]), 0.0)
-            pv = plgpu.dot(p.astype(pv_dtype), v.astype(pv_dtype), precision=_HI)
+            pv = plgpu.dot(p.astype(pv_dtype), v.astype(pv_dtype), precision=_precision(pv_dtype))
             return alpha[:, None] * acc + pv, m_new, alpha * l + p.sum(axis=1)
 
         return lax.fori_loop(i0, i1, step, carry)

@@ -24,8 +24,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 from .reference import block_seq_ranges, safe_page_tables
 
-_HI = lax.Precision.HIGHEST  # f32 operands must not be cut to one bf16 pass on the MXU
+_MEM_POS = 1 << 20  # memory slots sit at position -_MEM_POS: before every token
 _LANES = 128  # m and l are kept lane-broadcast: Mosaic wants 128-lane-aligned stores
+
+
+def _precision(dtype) -> lax.Precision | None:
+    # f32 operands must not be cut to one bf16 pass on the MXU; bf16 products are exact anyway.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _cdiv(a, b):
@@ -102,18 +107,20 @@ def _kernel(
         return s2, jnp.where(s2 == s, i + 1, 0)
 
     def columns(c, s, i):
-        """(slot holds data, key position) of column ids c; memory slots have position -1."""
+        """(slot holds data, key position) for an int array c of column ids. Memory slots get
+        a hugely negative position: every row of the sequence sees them."""
         mem_steps, tok_seen, _, _ = seq_plan(s)
         is_mem = i < mem_steps
+        # Only scalar selects below: vectors are built by comparing iotas with scalars.
         mem_ok = jnp.zeros(c.shape, jnp.bool_)
         for j in range(ppb):
             e = jnp.minimum(i * ppb + j, mem_entries - 1)  # keep the SMEM read in bounds
             n_valid = jnp.where(is_mem, mem_lens_ref[s * mem_entries + e], 0)
             mem_ok |= (c >= j * page_size) & (c < j * page_size + n_valid)
-        pos = (i - mem_steps) * cols + c
+        tok_start = (i - mem_steps) * cols
         # Token slots past tok_seen may be stale or never copied, even if < tok_len.
-        ok = jnp.where(is_mem, mem_ok, pos < tok_seen)
-        return ok, jnp.where(is_mem, -1, pos)
+        tok_cols = jnp.where(is_mem, 0, tok_seen - tok_start)
+        return mem_ok | (c < tok_cols), c + jnp.where(is_mem, -_MEM_POS, tok_start)
 
     def compute(s, i, slot):
         q_start, q_end = cu_ref[s], cu_ref[s + 1]
@@ -121,16 +128,18 @@ def _kernel(
         r1 = (jnp.minimum(q_end, blk_end) - blk_start) * group
         base = tok_lens_ref[s] - q_end + blk_start  # position of row r is base + r // group
         r = lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
-        col_ok, key_pos = columns(lax.broadcasted_iota(jnp.int32, (1, cols), 1), s, i)
+        col_ok, key_pos = columns(lax.broadcasted_iota(jnp.int32, (rows, cols), 1), s, i)
         # key_pos <= base + r // group  <=>  (key_pos - base) * group <= r
         vis = col_ok & (r >= r0) & (r < r1) & ((key_pos - base) * group <= r)
-        v_ok, _ = columns(lax.broadcasted_iota(jnp.int32, (cols, 1), 0), s, i)
+        v_ok, _ = columns(lax.broadcasted_iota(jnp.int32, (cols, head_dim), 0), s, i)
         for h in range(num_kv_heads):
+            q = q_ref[h]
             k = k_buf[slot, :, :, h, :].reshape(cols, head_dim)
             v = v_buf[slot, :, :, h, :].reshape(cols, head_dim)
+            qk_dtype = jnp.promote_types(q.dtype, k.dtype)
             logits = lax.dot_general(
-                q_ref[h], k, (((1,), (1,)), ((), ())), precision=_HI,
-                preferred_element_type=jnp.float32) * sm_scale
+                q.astype(qk_dtype), k.astype(qk_dtype), (((1,), (1,)), ((), ())),
+                precision=_precision(qk_dtype), preferred_element_type=jnp.float32) * sm_scale
             if soft_cap is not None:
                 logits = soft_cap * jnp.tanh(logits / soft_cap)
             logits = jnp.where(vis, logits, -jnp.inf)
@@ -144,7 +153,8 @@ def _kernel(
             # Stale or never-copied buffer slots may hold NaN; 0 * NaN would leak through.
             v = jnp.where(v_ok, v.astype(pv_dtype), 0)
             acc_ref[h] = alpha * acc_ref[h] + jnp.dot(
-                p.astype(pv_dtype), v, precision=_HI, preferred_element_type=jnp.float32)
+                p.astype(pv_dtype), v, precision=_precision(pv_dtype),
+                preferred_element_type=jnp.float32)
 
     m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)

@@ -52,6 +52,14 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
+def rope_cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [..., head_dim] for integer positions, in the compute dtype."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config))
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    dtype = DTYPES[config.dtype]
+    return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates [batch, length, heads, head_dim] by the half-split convention of HF Llama."""
     half = x.shape[-1] // 2
@@ -63,6 +71,60 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], Any]]:
+    """name -> (logical axes, shape, initializer) of one decoder layer's parameters."""
+    c = config
+    D, H, KV, Dh, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    ones, zeros = nn.initializers.ones, nn.initializers.zeros
+    specs = {
+        "input_norm": (("norm",), (D,), ones),
+        "q_proj": (("embed", "q_heads", "head_dim"), (D, H, Dh), _init),
+        "k_proj": (("embed", "kv_heads", "head_dim"), (D, KV, Dh), _init),
+        "v_proj": (("embed", "kv_heads", "head_dim"), (D, KV, Dh), _init),
+        "o_proj": (("q_heads", "head_dim", "embed"), (H, Dh, D), _init),
+        "post_attention_norm": (("norm",), (D,), ones),
+        "gate_proj": (("embed", "mlp"), (D, F), _init),
+        "up_proj": (("embed", "mlp"), (D, F), _init),
+        "down_proj": (("mlp", "embed"), (F, D), _init),
+    }
+    if c.qkv_bias:
+        specs.update(q_bias=(("q_heads", "head_dim"), (H, Dh), zeros), k_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros),
+                     v_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros))
+    if c.qk_norm:
+        specs.update(q_norm=(("norm",), (Dh,), ones), k_norm=(("norm",), (Dh,), ones))
+    return specs
+
+
+def attention_inputs(config: ModelConfig, p: Params, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    """One layer's rotated q [b,t,h,d] and k, v [b,t,kv,d] from its input x [b,t,D]."""
+    c = config
+    dtype = DTYPES[c.dtype]
+    h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
+    q, k, v = (jnp.einsum("btd,dhk->bthk", h, p[f"{n}_proj"].astype(dtype)) for n in "qkv")
+    if c.qkv_bias:
+        q, k, v = (a + p[f"{n}_bias"].astype(dtype) for a, n in zip((q, k, v), "qkv"))
+    if c.qk_norm:
+        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_q_heads", "head_dim"))
+    k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+    return q, k, v
+
+
+def layer_output(config: ModelConfig, p: Params, x: jax.Array, attention: jax.Array) -> jax.Array:
+    """The residual stream after one layer, given its attention output [b,t,h,d]."""
+    c = config
+    dtype = DTYPES[c.dtype]
+    x = x + jnp.einsum("bthk,hkd->btd", attention, p["o_proj"].astype(dtype))
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
+    gate = h @ p["gate_proj"].astype(dtype)
+    up = h @ p["up_proj"].astype(dtype)
+    act = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    x = x + act @ p["down_proj"].astype(dtype)
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
 def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init=_init):
@@ -78,39 +140,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv_index):
         c = self.config
-        dtype = DTYPES[c.dtype]
-        D, H, KV, Dh, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-        ones = nn.initializers.ones
-        zeros = nn.initializers.zeros
-
-        h = rms_norm(x, _param(self, "input_norm", ("norm",), (D,), ones), c.rms_norm_eps)
-        q = jnp.einsum("btd,dhk->bthk", h, _param(self, "q_proj", ("embed", "q_heads", "head_dim"), (D, H, Dh)).astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", h, _param(self, "k_proj", ("embed", "kv_heads", "head_dim"), (D, KV, Dh)).astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", h, _param(self, "v_proj", ("embed", "kv_heads", "head_dim"), (D, KV, Dh)).astype(dtype))
-        if c.qkv_bias:
-            q = q + _param(self, "q_bias", ("q_heads", "head_dim"), (H, Dh), zeros).astype(dtype)
-            k = k + _param(self, "k_bias", ("kv_heads", "head_dim"), (KV, Dh), zeros).astype(dtype)
-            v = v + _param(self, "v_bias", ("kv_heads", "head_dim"), (KV, Dh), zeros).astype(dtype)
-        if c.qk_norm:
-            q = rms_norm(q, _param(self, "q_norm", ("norm",), (Dh,), ones), c.rms_norm_eps)
-            k = rms_norm(k, _param(self, "k_norm", ("norm",), (Dh,), ones), c.rms_norm_eps)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_q_heads", "head_dim"))
-        k = nn.with_logical_constraint(k, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
-
-        out = attend(q, k, v, mask)
-        o_proj = _param(self, "o_proj", ("q_heads", "head_dim", "embed"), (H, Dh, D)).astype(dtype)
-        x = x + jnp.einsum("bthk,hkd->btd", out, o_proj)
-        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-
-        h = rms_norm(x, _param(self, "post_attention_norm", ("norm",), (D,), ones), c.rms_norm_eps)
-        gate = h @ _param(self, "gate_proj", ("embed", "mlp"), (D, F)).astype(dtype)
-        up = h @ _param(self, "up_proj", ("embed", "mlp"), (D, F)).astype(dtype)
-        act = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-        x = x + act @ _param(self, "down_proj", ("mlp", "embed"), (F, D)).astype(dtype)
-        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-
+        p = {name: _param(self, name, axes, shape, init) for name, (axes, shape, init) in layer_param_specs(c).items()}
+        q, k, v = attention_inputs(c, p, x, cos, sin)
+        x = layer_output(c, p, x, attend(q, k, v, mask))
         if kv_index is None:
             return x, None
         take = jax.vmap(lambda a, i: a[i])
@@ -134,6 +166,12 @@ _REMAT_POLICIES = {
 }
 
 
+def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """float32 next-token logits over the whole vocabulary (meta latent rows included)."""
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return (hidden @ head.astype(DTYPES[config.dtype])).astype(jnp.float32)
+
+
 class Transformer(nn.Module):
     config: ModelConfig
 
@@ -145,9 +183,7 @@ class Transformer(nn.Module):
         x = jnp.take(embed, tokens, axis=0).astype(dtype)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
-        freqs = pos[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(c))
-        freqs = jnp.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
+        cos, sin = rope_cos_sin(c, pos)
 
         block = Block
         if c.remat_policy != "none":
@@ -166,12 +202,11 @@ class Transformer(nn.Module):
 
         logits = None
         if compute_logits:
-            if c.tie_word_embeddings:
-                head = embed.T
-            else:
-                head = _param(self, "lm_head", ("embed", "vocab"), (c.hidden_size, c.total_vocab_size))
-            logits = (hidden @ head.astype(dtype)).astype(jnp.float32)
-            logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+            head = {"embed": embed}
+            if not c.tie_word_embeddings:
+                head["lm_head"] = _param(self, "lm_head", ("embed", "vocab"), (c.hidden_size, c.total_vocab_size))
+            logits = nn.with_logical_constraint(lm_logits(c, head, hidden),
+                                                ("activation_batch", "activation_length", "activation_vocab"))
         if c.embed_dim is not None:
             _param(self, "embed_head", ("embed", "embed_out"), (c.hidden_size, c.embed_dim))
         keys, values = kv if kv is not None else (None, None)

@@ -1,0 +1,26 @@
+"""The built-in default: a ~1M-parameter model trained on the demo world, on a laptop CPU.
+
+python -m grc_jax.train --config=configs/tiny.py
+"""
+from grc_jax.train_config import defaults
+
+
+def get_config():
+    c = defaults()
+    c.model.hidden_size = 128
+    c.model.intermediate_size = 384
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.head_dim = 32
+    c.model.num_latents = 8
+    c.model.max_segment_len = 128
+    c.data.row_len = 640  # a multi-hop record with 4 negatives needs ~550 tokens
+    c.data.max_segments_per_row = 16
+    c.train.steps = 600
+    c.train.global_batch = 8
+    c.train.learning_rate = 2e-3
+    c.train.warmup_steps = 40
+    c.checkpoint.every = 200
+    c.log_every = 25
+    return c

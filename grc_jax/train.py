@@ -1,0 +1,314 @@
+"""Unified GRC training: `python -m grc_jax.train --config=configs/tiny.py [--workdir=DIR]`.
+
+One jitted step computes the generative, representative and compressive losses from one
+forward pass over packed rows, on a (data, fsdp, tensor) mesh that spans every host.
+Orbax checkpoints (async) hold the parameters, optimizer state, step, RNG and the data
+iterator's position, so a killed run resumes with exactly the next batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from grc_jax import hf, losses, model, sharding, train_config
+from grc_jax.config import ModelConfig
+from grc_jax.data import demo_world, pipeline
+from grc_jax.data.builder import BuildConfig
+from grc_jax.metrics import MetricWriter, model_flops_per_token, peak_flops_per_device
+from grc_jax.tokenizer import Tokenizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file with get_config().", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and exports go here (default: runs/<config name>).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several hosts.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run is made of, built once at start."""
+
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    train_files: list[str]
+    eval_dir: str | None
+    build: BuildConfig
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, model.Params | None]:
+    """Resolves data, tokenizer and model config; returns HF params when starting from HF."""
+    d = config.data
+    train_files = [f for f in (d.train_files or "").split(",") if f]
+    eval_dir = d.eval_dir
+    tokenizer_dir = d.tokenizer or config.model.hf_path
+    if not train_files:
+        world = workdir / "demo_world"
+        if jax.process_index() == 0 and not (world / "world.json").is_file():
+            demo_world.write_demo_world(str(world), seed=d.demo_world_seed, num_entities=d.demo_world_entities)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("demo_world")
+        train_files = [str(world / "train.jsonl")]
+        eval_dir = eval_dir or str(world)
+        tokenizer_dir = tokenizer_dir or str(world)
+    if not tokenizer_dir:
+        raise ValueError("config: data.tokenizer (or model.hf_path) must name a directory with tokenizer.json")
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    params = None
+    if config.model.hf_path:
+        m = config.model
+        model_config, params = hf.load_pretrained(
+            m.hf_path, m.num_latents, max_segment_len=m.max_segment_len, pooling=m.pooling, embed_dim=m.embed_dim,
+            param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+    else:
+        model_config = train_config.model_config(config, vocab_size=len(tokenizer))
+    tokenizer = tokenizer.with_latents(model_config.num_latents, model_config.vocab_size)
+
+    def special(name: str) -> int:
+        token = d[f"{name}_token"]
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"config: data.{name}_token {token!r} is not in the tokenizer at {tokenizer_dir}")
+        return token_id
+
+    build = BuildConfig(
+        max_segment_len=model_config.max_segment_len, num_latents=model_config.num_latents,
+        latent_ids=tuple(tokenizer.latent_ids(model_config.num_latents)), row_len=d.row_len,
+        max_segments_per_row=d.max_segments_per_row, max_negatives=d.max_negatives,
+        reader_distractors=d.reader_distractors, reader_task=d.reader_task,
+        bos_id=special("bos"), eos_id=special("eos"), eor_id=special("eor"), pad_id=special("pad"))
+    return Setup(model_config, tokenizer, train_files, eval_dir, build), params
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, t.learning_rate, max(t.warmup_steps, 1), max(t.steps, t.warmup_steps + 1),
+        end_value=t.learning_rate * t.end_learning_rate_fraction)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norms, biases
+    tx = optax.chain(optax.clip_by_global_norm(t.clip_norm),
+                     optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
+def init_state(params: model.Params, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(seed)), "first_bad_step": jnp.full((), -1, jnp.int32)}
+
+
+def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_config: ModelConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, config: ml_collections.ConfigDict):
+    weights = {"gen": config.loss.gen, "rep": config.loss.rep, "comp": config.loss.comp}
+    loss_fn = functools.partial(losses.grc_loss, model_config, weights=weights, temperature=config.loss.temperature)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, b), has_aux=True)
+    accum = config.train.grad_accum
+    if accum == 1:
+        (_, metrics), grads = grad_fn(state["params"], batch)
+    else:  # micro-batches in a scan; the contrastive loss then sees one micro-batch at a time
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+        def body(acc, b):
+            (_, m), g = grad_fn(state["params"], b)
+            return jax.tree.map(jnp.add, acc, (g, m)), None
+
+        (_, first_metrics), first_grads = grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro))
+        rest = jax.tree.map(lambda x: x[1:], micro)
+        (grads, metrics), _ = jax.lax.scan(body, (first_grads, first_metrics), rest)
+        grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.global_norm(grads)
+    bad = ~(jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm))
+    # A non-finite step is not applied; the host stops the run at its next check.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+    step = state["step"]
+    new_state = {"step": step + 1, "params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"],
+                 "first_bad_step": jnp.where((state["first_bad_step"] < 0) & bad, step, state["first_bad_step"])}
+    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(step)}
+    return new_state, metrics
+
+
+def _to_global(batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+
+def _put(tree: Any, shardings: Any) -> Any:
+    """Host arrays (the same on every host) onto their global shardings."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+                        tree, shardings)
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
+    from grc_jax import evaluation  # needs the trained model only at eval time
+
+    train_config.check_keys(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup, hf_params = prepare(config, workdir)
+    mc, t = setup.model_config, config.train
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    rules = sharding.DEFAULT_RULES
+    if t.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"] * t.grad_accum):
+        raise ValueError(f"config: train.global_batch={t.global_batch} must divide by data*fsdp*grad_accum "
+                         f"= {mesh.shape['data'] * mesh.shape['fsdp'] * t.grad_accum}")
+    if jax.process_index() == 0:
+        _write_model_files(workdir, mc, setup.tokenizer)
+
+    tx, schedule = make_optimizer(t)
+    param_shardings = sharding.logical_to_sharding(model.param_logical_axes(mc), model.param_shapes(mc), mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if hf_params is None:
+            params = jax.jit(lambda k: model.init_params(mc, k), out_shardings=param_shardings)(jax.random.key(t.seed))
+        else:
+            params = _put(hf_params, param_shardings)
+        state = jax.jit(functools.partial(init_state, tx=tx, seed=t.seed))(params)
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        step_fn = jax.jit(functools.partial(train_step, model_config=mc, tx=tx, schedule=schedule, config=config),
+                          in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                          donate_argnums=0)
+
+        dataset = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=t.global_batch,
+                                        num_steps=t.steps, seed=t.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count(), skip_malformed=config.data.skip_malformed)
+        iterator = pipeline.make_iterator(dataset)
+        manager = ocp.CheckpointManager(
+            (workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
+                                                 enable_async_checkpointing=config.checkpoint.use_async))
+        start = manager.latest_step()
+        if start is not None:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                      data=ocp.args.JsonRestore()))
+            state = restored["state"]
+            iterator.set_state(restored["data"])
+            logging.info("resumed from step %d", start)
+        start = start or 0
+
+        writer = MetricWriter(workdir / "tb", enabled=jax.process_index() == 0)
+        flops_per_token = model_flops_per_token(mc, config.data.row_len)
+        peak = peak_flops_per_device()
+        preemption = _Preemption()
+        tokens_per_step = t.global_batch * config.data.row_len
+
+        def save(step: int) -> None:
+            _check_finite(state)
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       data=ocp.args.JsonSave(iterator.get_state())), force=True)
+
+        history: list[dict[str, float]] = []
+        window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
+        for step in range(start, t.steps):
+            batch = _to_global(next(iterator), batch_sharding)
+            state, metrics = step_fn(state, batch)
+            window_steps += 1
+            done = step + 1
+            if done % config.log_every == 0 or done == t.steps:
+                _check_finite(state)
+                metrics = jax.tree.map(float, jax.device_get(metrics))
+                elapsed = time.perf_counter() - window_start
+                step_time = elapsed / window_steps
+                metrics.update(step_time=step_time, tokens_per_second=tokens_per_step / step_time)
+                if peak:
+                    metrics["mfu"] = flops_per_token * tokens_per_step / step_time / (peak * jax.device_count())
+                writer.write(done, metrics)
+                history.append({"step": done, **metrics})
+                _report(done, t.steps, metrics, eta=(t.steps - done) * step_time)
+                window_start, window_steps = time.perf_counter(), 0
+            if config.eval_every and done % config.eval_every == 0 and done != t.steps and setup.eval_dir:
+                writer.write(done, evaluation.evaluate_world(mc, state["params"], setup, config))
+            if done % config.checkpoint.every == 0 or done == t.steps:
+                save(done)
+            if preemption.requested or manager.reached_preemption(done):
+                save(done)
+                manager.wait_until_finished()
+                logging.warning("stopped for preemption at step %d", done)
+                return {"preempted_at": done, "history": history}
+        manager.wait_until_finished()
+        result: dict[str, Any] = {"history": history, "train_seconds": time.perf_counter() - run_start}
+        if setup.eval_dir and start < t.steps:
+            result["eval"] = evaluation.evaluate_world(mc, state["params"], setup, config)
+            writer.write(t.steps, result["eval"])
+            print("held-out evaluation: " + ", ".join(f"{k} {v:.3f}" for k, v in result["eval"].items()), flush=True)
+        writer.close()
+        if jax.process_index() == 0:
+            (workdir / "result.json").write_text(json.dumps(result, indent=2))
+        return result
+
+
+def _check_finite(state: dict[str, Any]) -> None:
+    bad = int(jax.device_get(state["first_bad_step"]))
+    if bad >= 0:
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {bad + 1}; stopping. The last checkpoint "
+                            f"before it is untouched; lower train.learning_rate or check the data.")
+
+
+def _write_model_files(workdir: Path, mc: ModelConfig, tokenizer: Tokenizer) -> None:
+    """The model's config and tokenizer beside the checkpoints, so the run dir opens on its own."""
+    (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(mc), indent=2))
+    tokenizer.save(workdir / "tokenizer")
+
+
+def _report(step: int, total: int, m: dict[str, float], eta: float) -> None:
+    mfu = f" | mfu {m['mfu']:.1%}" if "mfu" in m else ""
+    print(f"step {step}/{total} | loss {m['loss']:.3f} (gen {m['loss_gen']:.3f} rep {m['loss_rep']:.3f} "
+          f"comp {m['loss_comp']:.3f}) | rep acc {m['rep_accuracy']:.2f} | lr {m['learning_rate']:.2e} "
+          f"| gnorm {m['grad_norm']:.2f} | {m['tokens_per_second']:,.0f} tok/s | {m['step_time']:.2f} s/step"
+          f"{mfu} | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config=configs/<name>.py is required")
+    workdir = _WORKDIR.value or str(Path("runs") / Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem)
+    train_and_evaluate(config, workdir)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing, with config errors (unknown keys, bad values) as one clean line."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).replace("\\n", " ").replace("\n", " ").strip("'\"")
+        raise SystemExit(f"config error: {message}") from None
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

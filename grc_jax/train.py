@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -136,7 +137,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_conf
         grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     bad = ~(jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm))
     # A non-finite step is not applied; the host stops the run at its next check.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
@@ -163,7 +164,13 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+
+    def __enter__(self) -> "_Preemption":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and exiting")
@@ -190,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tx, schedule = make_optimizer(t)
     param_shardings = sharding.logical_to_sharding(model.param_logical_axes(mc), model.param_shapes(mc), mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _Preemption() as preemption:
         if hf_params is None:
             params = jax.jit(lambda k: model.init_params(mc, k), out_shardings=param_shardings)(jax.random.key(t.seed))
         else:
@@ -222,7 +229,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         writer = MetricWriter(workdir / "tb", enabled=jax.process_index() == 0)
         flops_per_token = model_flops_per_token(mc, config.data.row_len)
         peak = peak_flops_per_device()
-        preemption = _Preemption()
         tokens_per_step = t.global_batch * config.data.row_len
 
         def save(step: int) -> None:
@@ -305,10 +311,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl parsing, with config errors (unknown keys, bad values) as one clean line."""
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        message = str(e).replace("\\n", " ").replace("\n", " ").strip("'\"")
-        raise SystemExit(f"config error: {message}") from None
-
+    except (AttributeError, KeyError) as e:  # ml_collections: an unknown key
+        problem = train_config.find_unknown_override(argv) or re.sub(r"[\\'\"]+", "'", str(e))
+        raise SystemExit(f"config error: {problem}") from None
+    except (flags.Error, OSError, TypeError, ValueError) as e:
+        raise SystemExit(f"config error: {e}") from None
 
 if __name__ == "__main__":
     app.run(main, flags_parser=_parse_flags)

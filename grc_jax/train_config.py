@@ -56,6 +56,24 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, **fields)
 
 
+def find_unknown_override(argv: list[str], flag: str = "config") -> str | None:
+    """The first `--config.a.b=v` flag whose key `defaults()` lacks, said with the closest keys."""
+    for arg in argv:
+        if not arg.startswith(f"--{flag}."):
+            continue
+        path = arg[len(flag) + 3:].split("=", 1)[0].split(".")
+        node = defaults()
+        for depth, key in enumerate(path):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                siblings = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                prefix = ".".join(path[:depth])
+                close = [f"{prefix}.{k}" if prefix else k for k in difflib.get_close_matches(key, siblings, n=3, cutoff=0.5)]
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys here: {', '.join(siblings)}"
+                return f"unknown key {'.'.join(path)!r} in --{flag}.{'.'.join(path)}{hint}"
+            node = node[key]
+    return None
+
+
 def check_keys(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None, prefix: str = "") -> None:
     """Raises ValueError for a key `defaults()` does not have, naming the closest valid ones."""
     reference = defaults() if reference is None else reference

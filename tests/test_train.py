@@ -1,0 +1,191 @@
+"""The training job: losses fall, kill-and-resume is exact, meshes and processes agree, errors are clear."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from grc_jax import train, train_config
+from grc_jax.data import demo_world
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = {
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
+    "model.num_kv_heads": 2, "model.head_dim": 8, "model.num_latents": 4, "model.max_segment_len": 96,
+    "data.row_len": 384, "data.max_segments_per_row": 8, "data.max_negatives": 2, "data.reader_distractors": 2,
+    "train.steps": 8, "train.global_batch": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 2,
+    "checkpoint.every": 2, "log_every": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    demo_world.write_demo_world(str(out), seed=0, num_entities=40)
+    return out
+
+
+def config_for(world: Path, **changes):
+    c = train_config.defaults()
+    values = {**OVERRIDES, "data.train_files": str(world / "train.jsonl"), "data.tokenizer": str(world), **changes}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def config_file(tmp_path: Path, world: Path, **changes) -> Path:
+    """The same settings as a configs/*.py file, for runs in a subprocess."""
+    values = {**OVERRIDES, "data.train_files": str(world / "train.jsonl"), "data.tokenizer": str(world), **changes}
+    lines = ["from grc_jax.train_config import defaults", "def get_config():", "    c = defaults()"]
+    lines += [f"    c.{k} = {v!r}" for k, v in values.items()] + ["    return c"]
+    path = tmp_path / "test_config.py"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(config: Path, workdir: Path, *extra: str, env_devices: int = 1, timeout: int = 240, **popen):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices}", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "grc_jax.train", f"--config={config}", f"--workdir={workdir}", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def losses_of(workdir: Path) -> dict[int, float]:
+    history = json.loads((workdir / "result.json").read_text())["history"]
+    return {h["step"]: h["loss"] for h in history}
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """An uninterrupted one-device run in a subprocess: the baseline for the tests below."""
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = run_cli(config_file(tmp, world), tmp / "run")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return losses_of(tmp / "run")
+
+
+def test_losses_fall_and_everything_is_logged(world, tmp_path):
+    config = config_for(world, **{"train.steps": 40, "checkpoint.every": 40})
+    result = train.train_and_evaluate(config, tmp_path)
+    history = result["history"]
+    for name in ("loss", "loss_gen", "loss_rep", "loss_comp"):
+        early = np.mean([h[name] for h in history[:5]])
+        late = np.mean([h[name] for h in history[-10:]])
+        assert late < 0.9 * early, (name, early, late)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss_gen", "loss_rep", "loss_comp", "learning_rate", "grad_norm", "tokens_per_second", "step_time"} <= tags
+    assert (tmp_path / "model_config.json").is_file() and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_eight_device_mesh_matches_one_device(world, tmp_path, reference):
+    import jax
+
+    assert jax.device_count() == 8
+    config = config_for(world, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    result = train.train_and_evaluate(config, tmp_path)
+    eight = {h["step"]: h["loss"] for h in result["history"]}
+    # Different reduction orders across 8 shards: float32 rounding, growing slowly with the steps.
+    np.testing.assert_allclose([eight[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)], rtol=2e-4)
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_the_same_losses(world, tmp_path, reference):
+    kill_after = random.randint(3, 6)
+    config = config_file(tmp_path, world)
+    proc = run_cli(config, tmp_path / "run")
+    for line in proc.stdout:
+        if line.startswith(f"step {kill_after}/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"run ended before step {kill_after}"
+    resumed = run_cli(config, tmp_path / "run")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    after = losses_of(tmp_path / "run")
+    assert 1 < min(after) <= kill_after + 1, f"killed after step {kill_after}, resumed at {min(after)}"
+    for step, loss in after.items():
+        assert loss == pytest.approx(reference[step], rel=1e-6), (kill_after, step)
+
+
+def test_two_processes_match_one_process(world, tmp_path, reference):
+    import portpicker
+
+    port = portpicker.pick_unused_port()
+    config = config_file(tmp_path, world, **{"train.steps": 2, "checkpoint.every": 2})
+    procs = [run_cli(config, tmp_path / "run", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                     f"--process_id={i}") for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    two = losses_of(tmp_path / "run")
+    np.testing.assert_allclose([two[1], two[2]], [reference[1], reference[2]], rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
+    config = config_for(world, **{"train.learning_rate": 1e30, "train.warmup_steps": 1, "train.clip_norm": 1e30,
+                                  "checkpoint.every": 1, "checkpoint.use_async": False})
+    with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss or gradient at step (\d+); stopping") as info:
+        train.train_and_evaluate(config, tmp_path)
+    bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < bad_step
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(world, tmp_path):
+    config = config_file(tmp_path, world, **{"train.steps": 40, "checkpoint.every": 100})
+    proc = run_cli(config, tmp_path / "run")
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved and 3 <= max(saved) < 40
+
+
+def test_unknown_config_key_names_the_closest(world, tmp_path):
+    proc = run_cli(config_file(tmp_path, world), tmp_path / "run", "--config.train.stpes=3")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "config error: unknown key 'train.stpes' in --config.train.stpes; did you mean train.steps?" in out
+
+
+def test_unknown_key_in_a_config_file_fails_at_once():
+    c = train_config.defaults()
+    with pytest.raises(AttributeError, match=r"stpes"):
+        c.train.stpes = 3
+
+
+def test_malformed_data_line_names_file_and_line(world, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = (world / "train.jsonl").read_text().splitlines()[:5]
+    bad.write_text("\n".join(good + ['{"query": "x", "positive": 3}']) + "\n")
+    config = config_for(world, **{"data.train_files": str(bad), "train.steps": 1})
+    with pytest.raises(ValueError, match=rf"{bad}:6: "):
+        train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_mesh_that_does_not_fit_the_devices(world, tmp_path):
+    config = config_for(world, **{"mesh.data": 3})
+    with pytest.raises(ValueError, match=r"mesh: \{'data': 3, 'fsdp': 1, 'tensor': 1\} needs 3 devices, there are 8"):
+        train.train_and_evaluate(config, tmp_path)

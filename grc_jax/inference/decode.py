@@ -266,8 +266,11 @@ def _bucket(n: int, minimum: int = 1) -> int:
 
 
 @dataclasses.dataclass
-class _Batch:
+class Batch:
+    """A running batch: its state (replace it with each call's result) and what it holds."""
+
     state: DecodeState
+    settings: DecodeSettings
     rows: int
     requests: list[Hashable]
     memories: list[Hashable]
@@ -308,14 +311,13 @@ class Decoder:
                              memories: Sequence[Sequence[Hashable]] | None = None,
                              memory_source: MemorySource | None = None, budgets: Sequence[int] | None = None,
                              seed: int = 0) -> tuple[list[list[int]], list[np.ndarray] | None]:
-        batch = self._start(prompts, settings, memories, memory_source, budgets, seed, extra=0)
+        batch = self.start(prompts, settings, memories, memory_source, budgets, seed)
         try:
-            batch.state = run(self.config, self._jit_settings(settings), self.params, batch.state,
-                              jnp.int32(settings.max_new_tokens))
+            self.advance(batch, settings.max_new_tokens)
             tokens, prompt_lens, total, logits = jax.device_get(
                 (batch.state.tokens, batch.state.prompt_lens, batch.state.total, batch.state.logits))
         finally:
-            self._finish(batch)
+            self.finish(batch)
         out = [tokens[b, prompt_lens[b]:total[b]].tolist() for b in range(batch.rows)]
         if not settings.record_logits:
             return out, None
@@ -328,21 +330,20 @@ class Decoder:
         yield. The same compiled loop as `generate`, stopped early and resumed with its state."""
         if steps_per_chunk < 1:
             raise ValueError(f"steps_per_chunk must be >= 1, got {steps_per_chunk}")
-        batch = self._start(prompts, settings, memories, memory_source, budgets, seed, extra=0)
+        batch = self.start(prompts, settings, memories, memory_source, budgets, seed)
         try:
             emitted = np.asarray(jax.device_get(batch.state.prompt_lens))
             step = 0
             while True:
                 step = min(step + steps_per_chunk, settings.max_new_tokens)
-                batch.state = run(self.config, self._jit_settings(settings), self.params, batch.state,
-                                  jnp.int32(step))
+                self.advance(batch, step)
                 tokens, total, done = jax.device_get((batch.state.tokens, batch.state.total, batch.state.done))
                 yield [tokens[b, emitted[b]:total[b]].tolist() for b in range(batch.rows)]
                 emitted = total
                 if done[: batch.rows].all() or step >= settings.max_new_tokens:
                     return
         finally:
-            self._finish(batch)
+            self.finish(batch)
 
     def reason_embed(self, prompts: Sequence[Sequence[int]], *, max_reason_tokens: int, eor_id: int,
                      latent_ids: Sequence[int], budgets: Sequence[int] | None = None
@@ -351,17 +352,21 @@ class Decoder:
         (eor included when the model wrote it)."""
         settings = self.settings(max_reason_tokens, GREEDY, (eor_id,))
         K = len(latent_ids)
-        batch = self._start(prompts, settings, None, None, budgets, 0, extra=K + 1)
+        batch = self.start(prompts, settings, None, None, budgets, 0, extra=K + 1)
         try:
             batch.state, emb, reasoned = run_reason_embed(
-                self.config, self._jit_settings(settings), self.params, batch.state,
+                self.config, batch.settings, self.params, batch.state,
                 tuple(int(i) for i in latent_ids), int(eor_id))
             tokens, prompt_lens, reasoned, emb = jax.device_get(
                 (batch.state.tokens, batch.state.prompt_lens, reasoned, emb))
         finally:
-            self._finish(batch)
+            self.finish(batch)
         reasoning = [tokens[b, prompt_lens[b]:reasoned[b]].tolist() for b in range(batch.rows)]
         return np.asarray(emb[: batch.rows]), reasoning
+
+    def advance(self, batch: Batch, until: int) -> None:
+        """Runs the batch's prefill (once) and decode steps until step `until` or all rows done."""
+        batch.state = run(self.config, batch.settings, self.params, batch.state, jnp.int32(until))
 
     # internals
 
@@ -372,8 +377,14 @@ class Decoder:
         bound = _bucket(settings.max_new_tokens) if settings.record_logits else 0
         return dataclasses.replace(settings, max_new_tokens=bound)
 
-    def _start(self, prompts, settings, memories, memory_source, budgets, seed, extra) -> _Batch:
+    def start(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
+              memories: Sequence[Sequence[Hashable]] | None = None, memory_source: MemorySource | None = None,
+              budgets: Sequence[int] | None = None, seed: int = 0, extra: int = 0) -> Batch:
+        """Admits a batch: pages for its rows and memories (all or nothing), memories written,
+        the initial state built. The state owns the pool until `finish`; `extra` reserves
+        token slots past the budget (the eor and latents of self-reasoning)."""
         c, S = self.config, self.page_size
+        jit_settings = self._jit_settings(settings)
         n = len(prompts)
         if n == 0:
             raise ValueError("no prompts")
@@ -447,9 +458,10 @@ class Decoder:
             step=jnp.zeros((), jnp.int32), rng=jax.random.key(seed),
             logits=jnp.zeros((B, record, c.vocab_size), jnp.float32))
         self.pool = None  # the state owns it until _finish hands it back
-        return _Batch(state, n, ids, wanted)
+        return Batch(state, jit_settings, n, ids, wanted)
 
-    def _finish(self, batch: _Batch) -> None:
+    def finish(self, batch: Batch) -> None:
+        """Takes the pool back from the batch's (last) state and frees the batch's pages."""
         pool = batch.state.pool
         if pool.k.is_deleted() or pool.v.is_deleted():
             # The call that consumed the pool failed: its pages' contents are gone.

@@ -295,6 +295,14 @@ def test_padding_rows_are_zero_and_nothing_is_nan(impl):
     assert (np.abs(out[:n_real]).sum(axis=(1, 2)) > 0).all()
 
 
+@pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
+def test_zero_width_memory_table_means_no_memory(impl):
+    args = CASES[0].args(seed=9)  # no memories: every memory entry is unused
+    no_table = (*args[:4], args[4][:, :0], args[5][:, :0], *args[6:])
+    # Not bitwise: the reference's reductions run over a different (padded) length.
+    np.testing.assert_allclose(f32(run_impl(impl, no_table)), f32(run_impl(impl, args)), **F32_TOL)
+
+
 def shrink_lengths(args):
     """Same shapes, other dynamic values: the last sequence loses two new tokens (they become
     padding rows) and every memory page loses one valid slot."""

@@ -20,8 +20,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from .reference import block_seq_ranges, safe_page_tables
 
-
-
 def _precision(dtype) -> lax.Precision | None:
     # f32 dots in IEEE f32, not TF32; bf16 products are exact in the f32 accumulator anyway.
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -138,7 +136,8 @@ def hybrid_paged_attention_gpu(
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> jax.Array:
-    """See the package docstring. Needs power-of-two head_dim (>= 16) and page_size.
+    """Arguments as for `hybrid_paged_attention` (dispatch.py), plus tuning knobs.
+    Needs power-of-two head_dim (>= 16) and page_size.
     q_block: query tokens per program; pages_per_block: pages per KV step; kv_splits: KV
     partitions per sequence (flash-decoding); pv_in_kv_dtype: feed the softmax weights to the
     PV dot in the K/V dtype (tensor cores for bf16, weights rounded) instead of float32."""
@@ -161,7 +160,8 @@ def hybrid_paged_attention_gpu(
 
     mem_ids, tok_ids = safe_page_tables(
         mem_page_table, mem_page_lens, tok_page_table, tok_lens, num_pages, page_size)
-    pad_to = lambda x, n: jnp.pad(x, ((0, 0), (0, _cdiv(x.shape[1], n) * n - x.shape[1])))
+    # Whole steps of ppb entries, and at least one step even for a zero-width memory table.
+    pad_to = lambda x, n: jnp.pad(x, ((0, 0), (0, max(1, _cdiv(x.shape[1], n)) * n - x.shape[1])))
     mem_ids, mem_lens, tok_ids = pad_to(mem_ids, ppb), pad_to(mem_page_lens, ppb), pad_to(tok_ids, ppb)
     mem_entries = mem_ids.shape[1]
     max_steps = (mem_entries + tok_ids.shape[1]) // ppb

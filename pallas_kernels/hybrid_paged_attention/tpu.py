@@ -4,7 +4,8 @@ Grid: one program per block of `q_block` query tokens. A block may hold rows of 
 sequences (ragged batch); the program walks those sequences and, for each, a list of KV
 steps of `pages_per_block` pages: first the memory pages, then the token pages up to the
 last position any of its rows can see. Steps are fetched HBM->VMEM by manual DMAs, double
-buffered: step n+1 (possibly of the next sequence) is in flight while step n is computed.
+buffered: step n+1 (possibly of the next sequence) is in flight while step n is computed;
+only each program's first fetch is exposed.
 Whole pages are copied (all KV heads, contiguous), and each KV head's query heads form one
 [q_block * group, head_dim] matrix, so the K/V of a page is read from HBM once per block.
 
@@ -212,9 +213,11 @@ def hybrid_paged_attention_tpu(
     pages_per_block: int | None = None,
     pv_in_kv_dtype: bool = False,
 ) -> jax.Array:
-    """See the package docstring. q_block: query tokens per program; pages_per_block: pages
-    per KV step; pv_in_kv_dtype: feed the softmax weights to the PV matmul in the K/V dtype
-    (faster on the MXU for bf16, weights rounded to bf16) instead of float32."""
+    """Arguments as for `hybrid_paged_attention` (dispatch.py), plus tuning knobs.
+    q_block: query tokens per program; pages_per_block: pages per KV step; pv_in_kv_dtype:
+    feed the softmax weights to the PV matmul in the K/V dtype (faster on the MXU for bf16,
+    weights rounded to bf16) instead of float32; interpret: True or pltpu.InterpretParams
+    runs the TPU interpreter (CPU)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
     num_seqs = tok_lens.shape[0]
@@ -227,7 +230,8 @@ def hybrid_paged_attention_tpu(
 
     mem_ids, tok_ids = safe_page_tables(
         mem_page_table, mem_page_lens, tok_page_table, tok_lens, num_pages, page_size)
-    pad_to = lambda x, n: jnp.pad(x, ((0, 0), (0, _cdiv(x.shape[1], n) * n - x.shape[1])))
+    # Whole steps of ppb entries, and at least one step even for a zero-width memory table.
+    pad_to = lambda x, n: jnp.pad(x, ((0, 0), (0, max(1, _cdiv(x.shape[1], n)) * n - x.shape[1])))
     mem_ids, mem_lens, tok_ids = pad_to(mem_ids, ppb), pad_to(mem_page_lens, ppb), pad_to(tok_ids, ppb)
     mem_entries = mem_ids.shape[1]
     entry = jnp.arange(mem_entries, dtype=jnp.int32)

@@ -39,8 +39,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def decode_batch(*, batch, context, mem_slots, shared_memory, page_size, num_kv_heads, group,
-                 head_dim, dtype, seed=0):
+def decode_batch(*, batch: int, context: int, mem_slots: int, shared_memory: bool, page_size: int,
+                 num_kv_heads: int, group: int, head_dim: int, dtype, seed: int = 0
+                 ) -> tuple[tuple[jax.Array, ...], int]:
     """A decode step: each sequence has `context` tokens (the new one included) in token pages
     and `mem_slots` memory slots, all pages scattered over the pool at random."""
     rng = np.random.default_rng(seed)

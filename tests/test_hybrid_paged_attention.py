@@ -296,6 +296,16 @@ def test_padding_rows_are_zero_and_nothing_is_nan(impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
+def test_batch_slots_without_new_tokens(impl):
+    # Batch slots with q_len 0 (idle or finished sequences) between and after real ones; the
+    # small q_block puts them inside blocks that the kernels must walk past.
+    seqs = [Seq(3, 5, (3,)), Seq(0, 0), Seq(0, 7, (9,)), Seq(2, 4), Seq(1, 9, (4,)), Seq(0, 0)]
+    args = make_batch(seqs, page_size=8, num_kv_heads=2, group=4, pad_tokens=1, seed=10)
+    kw = dict(q_block=4) if impl != "reference" else {}
+    np.testing.assert_allclose(f32(run_impl(impl, args, **kw)), brute_force(*args), **F32_TOL)
+
+
+@pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
 def test_zero_width_memory_table_means_no_memory(impl):
     args = CASES[0].args(seed=9)  # no memories: every memory entry is unused
     no_table = (*args[:4], args[4][:, :0], args[5][:, :0], *args[6:])
@@ -377,11 +387,12 @@ def test_tpu_kernel_lowers_for_tpu(dtype):
     assert "tpu_custom_call" in exported.mlir_module()
 
 
-def test_gpu_kernel_lowers_for_cuda():
-    # The Triton kernel lowers on a CPU host; only the stable-custom-call check must be waived,
-    # since Triton kernels carry no serialization compatibility guarantee.
-    args = CASES[6].args()
-    fn = functools.partial(hybrid_paged_attention_gpu, soft_cap=30.0)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_kernel_lowers_for_cuda(dtype):
+    # Lowers to Triton IR on this CPU host (PTX comes at XLA compile time on a GPU). Only the
+    # stable-custom-call check is waived: Triton calls carry no serialization guarantee.
+    args = dataclasses.replace(CASES[6], dtype=dtype).args()
+    fn = functools.partial(hybrid_paged_attention_gpu, soft_cap=30.0, kv_splits=2)
     exported = jax.export.export(
         jax.jit(fn), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],

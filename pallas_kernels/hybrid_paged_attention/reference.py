@@ -18,7 +18,9 @@ from jax import lax
 _CHUNK_BYTES = 256 * 2**20
 
 
-def query_rows(cu_q_lens: jax.Array, tok_lens: jax.Array, num_tokens: int):
+def query_rows(
+    cu_q_lens: jax.Array, tok_lens: jax.Array, num_tokens: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(sequence, token position, is-real) of every query row; padding rows get valid=False."""
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     # side="right" skips sequences with q_len 0: it counts the sequences ending at or before r.
@@ -36,7 +38,7 @@ def safe_page_tables(
     tok_lens: jax.Array,
     num_pages: int,
     page_size: int,
-):
+) -> tuple[jax.Array, jax.Array]:
     """Page tables with every unused entry replaced by page 0, so any entry may be read."""
     mem = jnp.where(mem_page_lens > 0, jnp.clip(mem_page_table, 0, num_pages - 1), 0)
     used_tok_pages = (tok_lens + page_size - 1) // page_size
@@ -45,7 +47,9 @@ def safe_page_tables(
     return mem.astype(jnp.int32), tok.astype(jnp.int32)
 
 
-def block_seq_ranges(cu_q_lens: jax.Array, num_blocks: int, block_tokens: int):
+def block_seq_ranges(
+    cu_q_lens: jax.Array, num_blocks: int, block_tokens: int
+) -> tuple[jax.Array, jax.Array]:
     """[lo, hi) range of sequences that own rows of each block of `block_tokens` query rows."""
     total = cu_q_lens[-1]
     start = jnp.arange(num_blocks, dtype=jnp.int32) * block_tokens

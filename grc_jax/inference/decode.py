@@ -260,7 +260,7 @@ def run_reason_embed(config: ModelConfig, settings: DecodeSettings, params: mode
 # --- the host side ----------------------------------------------------------------------
 
 
-def _bucket(n: int, minimum: int = 1) -> int:
+def bucket(n: int, minimum: int = 1) -> int:
     """The next power of two: few distinct shapes, so few compilations."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
@@ -374,7 +374,7 @@ class Decoder:
         """Budgets carry the exact count; the compiled program only needs a bucketed bound."""
         if settings.page_size != self.page_size:
             raise ValueError(f"settings.page_size={settings.page_size} but the pool's pages hold {self.page_size}")
-        bound = _bucket(settings.max_new_tokens) if settings.record_logits else 0
+        bound = bucket(settings.max_new_tokens) if settings.record_logits else 0
         return dataclasses.replace(settings, max_new_tokens=bound)
 
     def start(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
@@ -427,11 +427,11 @@ class Decoder:
                 self.allocator.evict_memory(m)
             raise
 
-        B = _bucket(n)
-        W = _bucket(max(len(p) + b + extra for p, b in zip(prompts, budgets)), S)
+        B = bucket(n)
+        W = bucket(max(len(p) + b + extra for p, b in zip(prompts, budgets)), S)
         T = -(-W // S)
         pages_per_mem = -(-K // S)
-        M = _bucket(max(len(m) for m in memories) * pages_per_mem)
+        M = bucket(max(len(m) for m in memories) * pages_per_mem)
         tokens = np.zeros((B, W), np.int32)
         tok_table = np.zeros((B, T), np.int32)
         mem_table = np.zeros((B, M), np.int32)
@@ -449,7 +449,7 @@ class Decoder:
             mem_table[b, : len(row_pages)] = row_pages
             mem_lens[b, : len(row_pages)] = slot_lens * len(memories[b])
             offset[b] = c.max_segment_len + K if memories[b] else 0
-        record = _bucket(settings.max_new_tokens) if settings.record_logits else 0
+        record = bucket(settings.max_new_tokens) if settings.record_logits else 0
         state = DecodeState(
             tokens=jnp.asarray(tokens), pool=self.pool, mem_page_table=jnp.asarray(mem_table),
             mem_page_lens=jnp.asarray(mem_lens), tok_page_table=jnp.asarray(tok_table),

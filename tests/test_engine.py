@@ -132,9 +132,9 @@ def test_reasoned_embedding_is_the_embedding_of_query_plus_its_trace(fresh):
     np.testing.assert_allclose(embeddings, e.embed_tokens(closed), rtol=1e-4, atol=1e-5)
     no_reason = e.embed_tokens(segments)
     assert not np.allclose(embeddings, no_reason, atol=1e-3)
-    text = e.tokenizer.decode(segments[0])
-    assert e.tokenizer.encode(text) == segments[0]
-    np.testing.assert_allclose(e.embed(text, reason=True), embeddings[0], rtol=1e-5, atol=1e-6)
+    texts = [e.tokenizer.decode(s) for s in segments]
+    assert [e.tokenizer.encode(t) for t in texts] == segments
+    np.testing.assert_allclose(e.embed(texts, reason=True), embeddings, rtol=1e-5, atol=1e-6)
 
 
 # --- generation, search, RAG ------------------------------------------------------------

@@ -29,6 +29,7 @@ from grc_jax import model
 from grc_jax.config import ModelConfig
 from grc_jax.inference.pages import KVPool, PageAllocator, new_pool, write_memories
 from pallas_kernels.hybrid_paged_attention import hybrid_paged_attention
+from pallas_kernels.hybrid_paged_attention.dispatch import default_impl
 
 MemorySource = Callable[[Sequence[Hashable]], tuple[np.ndarray, np.ndarray]]
 
@@ -102,12 +103,13 @@ class DecodeState:
 
 
 def feed(config: ModelConfig, params: model.Params, state: DecodeState, n: jax.Array, capacity: int,
-         impl: str | None = None) -> tuple[jax.Array, jax.Array, DecodeState]:
+         impl: str | None = None, tok_width: int | None = None) -> tuple[jax.Array, jax.Array, DecodeState]:
     """Runs tokens[b, lengths[b] : lengths[b] + n[b]] of every row through the model.
 
     The new tokens are packed into `capacity` query rows (sum(n) <= capacity). Returns the
     last layer's output (before the final norm) [capacity, hidden], cu_q_lens [B + 1] (row b's
     tokens are rows cu[b]:cu[b+1]) and the state with the K/V written and lengths advanced.
+    tok_width: attend over the first tok_width token pages only (every row must fit in them).
     """
     B, W = state.tokens.shape
     L, N, S = config.num_layers, state.pool.num_pages, state.pool.page_size
@@ -124,6 +126,7 @@ def feed(config: ModelConfig, params: model.Params, state: DecodeState, n: jax.A
     write_page = jnp.where(valid, page, L * N)
     within = slot % S
     new_lengths = state.lengths + n
+    tok_table = state.tok_page_table[:, :tok_width]
 
     dtype = model.DTYPES[config.dtype]
     x = jnp.take(params["embed"], token, axis=0).astype(dtype)[None]
@@ -141,7 +144,7 @@ def feed(config: ModelConfig, params: model.Params, state: DecodeState, n: jax.A
         v_all = v_all.at[write_page + offset, within].set(v[0].astype(v_all.dtype), mode="drop")
         attention = hybrid_paged_attention(
             q[0], k_all, v_all, cu, state.mem_page_table + offset, state.mem_page_lens,
-            state.tok_page_table + offset, new_lengths, impl=impl)
+            tok_table + offset, new_lengths, impl=impl)
         return (model.layer_output(config, p, x, attention[None]), k_all, v_all), None
 
     offsets = jnp.arange(L, dtype=jnp.int32) * N
@@ -175,32 +178,55 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
 # --- the loops --------------------------------------------------------------------------
 
 
+def table_widths(num_tok_pages: int, impl: str | None) -> tuple[int, ...]:
+    """Token page-table widths the loops step through as rows grow.
+
+    The XLA reference gathers every page-table entry of a row, used or not, so on CPU a loop
+    that attends over only the pages in use so far is several times faster; it costs one
+    compiled loop body per width. The Pallas kernels skip unused pages themselves: one width.
+    """
+    if (impl or default_impl()) != "reference":
+        return (num_tok_pages,)
+    return tuple(sorted({min(num_tok_pages, max(4, num_tok_pages >> j)) for j in range(3)}))
+
+
+def _phased_loop(cond: Callable, body: Callable, need: Callable, state: DecodeState, impl: str | None) -> DecodeState:
+    """`while cond: body(width=...)` as a sequence of while loops over growing page-table
+    widths; the loop of width w runs while the next step needs at most w token pages."""
+    widths = table_widths(state.tok_page_table.shape[1], impl)
+    for w in widths[:-1]:
+        state = jax.lax.while_loop(lambda s, w=w: cond(s) & (need(s) <= w), functools.partial(body, width=w), state)
+    return jax.lax.while_loop(cond, functools.partial(body, width=widths[-1]), state)
+
+
 def _prefill(config: ModelConfig, settings: DecodeSettings, params: model.Params, state: DecodeState) -> DecodeState:
     """Feeds every row's prompt but its last token, `prefill_chunk` tokens per call."""
-    chunk = settings.prefill_chunk
+    chunk, S = settings.prefill_chunk, state.pool.page_size
 
-    def remaining(s: DecodeState) -> jax.Array:
-        return jnp.maximum(s.total - 1 - s.lengths, 0)
-
-    def body(s: DecodeState) -> DecodeState:
-        left = remaining(s)
+    def next_chunk(s: DecodeState) -> jax.Array:
+        left = jnp.maximum(s.total - 1 - s.lengths, 0)
         before = jnp.cumsum(left) - left
-        n = jnp.clip(chunk - before, 0, left)  # first come, first served within the chunk
-        return feed(config, params, s, n, chunk, settings.impl)[2]
+        return jnp.clip(chunk - before, 0, left)  # first come, first served within the chunk
 
-    return jax.lax.while_loop(lambda s: jnp.any(remaining(s) > 0), body, state)
+    def body(s: DecodeState, *, width: int) -> DecodeState:
+        return feed(config, params, s, next_chunk(s), chunk, settings.impl, width)[2]
+
+    def need(s: DecodeState) -> jax.Array:
+        return jnp.max(-(-(s.lengths + next_chunk(s)) // S))
+
+    return _phased_loop(lambda s: jnp.any(s.total - 1 - s.lengths > 0), body, need, state, settings.impl)
 
 
 def _decode(config: ModelConfig, settings: DecodeSettings, params: model.Params, state: DecodeState,
             until: jax.Array) -> DecodeState:
     """Decode steps until every row is done or `step` reaches `until`."""
-    B = state.tokens.shape[0]
+    B, S = state.tokens.shape[0], state.pool.page_size
     rows = jnp.arange(B)
     stops = jnp.asarray(settings.stop_token_ids or (-1,), jnp.int32)
 
-    def body(s: DecodeState) -> DecodeState:
+    def body(s: DecodeState, *, width: int) -> DecodeState:
         live = ~s.done
-        x, cu, s = feed(config, params, s, live.astype(jnp.int32), B, settings.impl)
+        x, cu, s = feed(config, params, s, live.astype(jnp.int32), B, settings.impl, width)
         last = final_hidden(config, params, x[jnp.maximum(cu[1:] - 1, 0)])
         logits = model.lm_logits(config, params, last)[:, : config.vocab_size]  # never a meta latent token
         token = sample_logits(logits, jax.random.fold_in(s.rng, s.step), settings.sampling)
@@ -214,7 +240,10 @@ def _decode(config: ModelConfig, settings: DecodeSettings, params: model.Params,
         return s.replace(tokens=tokens, total=s.total + live, done=s.done | (live & finished), step=s.step + 1,
                          logits=recorded)
 
-    return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done), body, state)
+    def need(s: DecodeState) -> jax.Array:
+        return jnp.max(jnp.where(s.done, 0, -(-(s.lengths + 1) // S)))
+
+    return _phased_loop(lambda s: (s.step < until) & ~jnp.all(s.done), body, need, state, settings.impl)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))

@@ -81,7 +81,9 @@ def memory_kv(params, segment):
 
 
 def test_greedy_decode_equals_uncached_forward(decoder, params):
-    out, logits = decoder.generate_with_logits(PROMPTS, decoder.settings(6, record_logits=True))
+    # 11 + 10 tokens: a 32-token buffer, 8 token pages; the loops attend over 4, then 8 pages
+    assert decode.table_widths(8, None) == (4, 8)
+    out, logits = decoder.generate_with_logits(PROMPTS, decoder.settings(10, record_logits=True))
     for prompt, generated, step_logits in zip(PROMPTS, out, logits):
         ref = plain_step_logits(params, prompt, generated)
         assert generated == ref.argmax(-1).tolist()

@@ -24,6 +24,10 @@ setup(
         "ml_collections>=1.1.0",
         "absl-py>=2.5",
         "numpy>=2.0,<3",
+        # python -m grc_jax.evaluate. Tested: pytrec-eval-terrier 0.5.11, matplotlib 3.11.2, tqdm 4.70.1.
+        "pytrec-eval-terrier>=0.5.11,<0.6",  # trec_eval's IR metrics, as BEIR and BRIGHT compute them
+        "matplotlib>=3.11,<4",
+        "tqdm>=4.70,<5",
     ],
     extras_require={
         "test": ["pytest>=9.0,<10", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0"],

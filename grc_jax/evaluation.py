@@ -59,12 +59,16 @@ def _embed_jit(config, params, tokens, example, kind, index):
 
 
 def retrieval_metrics(queries: np.ndarray, documents: np.ndarray, gold: Sequence[int]) -> dict[str, float]:
-    """recall@1, recall@10 and nDCG@10 with one relevant document per query."""
-    scores = queries @ documents.T
-    gold = np.asarray(gold)
-    rank = (scores > scores[np.arange(len(gold)), gold][:, None]).sum(1)  # 0-based rank of the gold document
-    ndcg = np.where(rank < 10, 1.0 / np.log2(rank + 2), 0.0)
-    return {"recall@1": float((rank < 1).mean()), "recall@10": float((rank < 10).mean()), "ndcg@10": float(ndcg.mean())}
+    """recall@1, recall@10 and nDCG@10 with one relevant document per query, computed by
+    pytrec_eval as `python -m grc_jax.evaluate` does (equal scores are ordered by document
+    index, descending, not in the gold document's favour)."""
+    from grc_jax.eval.metrics import ir_metrics, rank_documents
+
+    doc_ids = [f"{i:09d}" for i in range(len(documents))]  # trec_eval breaks ties by id: keep id order numeric
+    query_ids = [str(i) for i in range(len(gold))]
+    run = rank_documents(queries, documents, query_ids, doc_ids, depth=10)
+    figures = ir_metrics({q: {doc_ids[int(g)]: 1} for q, g in zip(query_ids, gold)}, run, recall_ks=(1, 10))
+    return {k: figures[k] for k in ("recall@1", "recall@10", "ndcg@10")}
 
 
 def answer_exact_match(config: ModelConfig, params: model.Params, memories: Sequence[Sequence[Sequence[int]]],

@@ -1,0 +1,1 @@
+"""Pieces of `python -m grc_jax.evaluate`: input readers, metrics, tasks and the report."""

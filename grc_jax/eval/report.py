@@ -1,0 +1,76 @@
+"""The evaluation's outputs: report.json, TensorBoard scalars and a PNG chart."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+REPORT_FILE = "report.json"
+CHART_FILE = "summary.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def write_json(out_dir: Path, report: Mapping[str, Any]) -> Path:
+    path = out_dir / REPORT_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # a reader never sees half a report
+    return path
+
+
+def write_tensorboard(out_dir: Path, metrics: Mapping[str, float], step: int) -> Path:
+    from tensorboardX import SummaryWriter
+
+    log_dir = out_dir / TENSORBOARD_DIR
+    writer = SummaryWriter(str(log_dir))
+    try:
+        for name, value in metrics.items():
+            if math.isfinite(value):
+                writer.add_scalar(f"eval/{name}", value, step)
+    finally:
+        writer.close()
+    return log_dir
+
+
+def _panels(metrics: Mapping[str, float]) -> list[tuple[str, list[str], list[float], str]]:
+    """(title, bar labels, values, y label) for each headline group that has figures."""
+    panels = []
+    ndcg = {k: v for k, v in metrics.items() if k.startswith("retrieval/") and k.endswith("/ndcg@10")}
+    if ndcg:
+        labels = [k[len("retrieval/"):-len("/ndcg@10")] for k in ndcg]
+        panels.append(("Retrieval nDCG@10", labels, list(ndcg.values()), "nDCG@10"))
+    qa = {k.split("/")[1] + " " + k.split("/")[2].replace("exact_match", "EM"): v for k, v in metrics.items()
+          if k.startswith("memory_qa/") and k.count("/") == 2}
+    if qa:
+        panels.append(("Memory QA", list(qa), list(qa.values()), "score"))
+    gen = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("generation/") and k.endswith("/exact_match")}
+    if gen:
+        panels.append(("Generation exact match", list(gen), list(gen.values()), "exact match"))
+    ttft = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("latency/") and k.endswith("/ttft_ms")}
+    if ttft:
+        panels.append(("Time to first token", list(ttft), list(ttft.values()), "ms"))
+    return panels
+
+
+def write_chart(out_dir: Path, metrics: Mapping[str, float], title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    panels = _panels(metrics) or [("No headline figures", [], [], "")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (name, labels, values, ylabel) in zip(axes[0], panels):
+        bars = ax.bar(range(len(values)), values, color="#4C72B0")
+        ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(name)
+        ax.set_ylabel(ylabel)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = out_dir / CHART_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

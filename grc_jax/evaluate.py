@@ -41,9 +41,17 @@ def _comma_list(values: Sequence[str] | None) -> list[str]:
     return [v for value in values or [] for v in value.split(",") if v]
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # "(default: None)" says nothing; a help text that explains its own default needs no second one
+        if action.default in (None, "") or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m grc_jax.evaluate", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_Help)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", metavar="DIR", help="a training run directory (grc_jax.train's workdir)")
     model.add_argument("--hf", metavar="DIR", help="an HF export (grc_jax.hf.save_pretrained)")
@@ -61,19 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-prompt", default="", help="instruction put before every query")
     p.add_argument("--document-prompt", default="", help="instruction put before every document")
     p.add_argument("--num-distractors", type=int, default=4, help="memory QA: distractor documents per question")
-    p.add_argument("--qa-max-new-tokens", type=int, default=32)
-    p.add_argument("--gen-max-new-tokens", type=int, default=256)
+    p.add_argument("--qa-max-new-tokens", type=int, default=32, help="memory QA: answer length bound")
+    p.add_argument("--gen-max-new-tokens", type=int, default=256, help="generation: output length bound")
     p.add_argument("--gen-template", default="{question}", help="generation prompt; {question} is replaced")
     p.add_argument("--latency-samples", type=int, default=4, help="requests timed per mode")
     p.add_argument("--latency-tokens", type=int, default=32, help="tokens generated per timed request")
-    p.add_argument("--eos-token", default="</s>")
+    p.add_argument("--eos-token", default="</s>", help="the token that ends an answer")
     p.add_argument("--eor-token", default="<|end_of_reasoning|>",
                    help="end-of-reasoning token; 'none' turns self-reasoning off")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-reason-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="texts or prompts per model call")
+    p.add_argument("--max-reason-tokens", type=int, default=64, help="self-reasoning trace length bound")
     p.add_argument("--num-pages", type=int, help="KV pool pages (default: about 256 MiB of pages)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--page-size", type=int, default=16, help="KV pool slots per page")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
     p.add_argument("--seed", type=int, default=0, help="distractor choice and order")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -149,15 +157,22 @@ def _checkpoint_step(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     chosen, implicit = _chosen_tasks(args)
-    chosen, inputs = load_inputs(args, chosen, implicit)
     query_modes = tuple(_comma_list([args.query_modes]))
     if not query_modes or set(query_modes) - set(tasks.QUERY_MODES):
         raise UsageError(f"--query-modes: choose from {', '.join(tasks.QUERY_MODES)}")
     eor_token = None if args.eor_token.lower() == "none" else args.eor_token
     if eor_token is None:
         query_modes = tuple(m for m in query_modes if m != "reason")
+        if not query_modes:
+            raise UsageError("--query-modes=reason needs an end-of-reasoning token, but --eor-token=none")
+    for flag, value, least in (("--limit", args.limit, 1), ("--latency-samples", args.latency_samples, 1),
+                               ("--latency-tokens", args.latency_tokens, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-distractors", args.num_distractors, 0)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
     if args.gen_template.count("{question}") != 1:
         raise UsageError("--gen-template must contain {question} exactly once")
+    chosen, inputs = load_inputs(args, chosen, implicit)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -3,6 +3,7 @@
 tiny random model (its scores are meaningless; the plumbing and the outputs are the point)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -203,6 +204,22 @@ def test_bad_qa_inputs_name_the_file_and_line(tmp_path):
         f"{tmp_path / 'missing.jsonl'}: missing QA file")
 
 
+def test_qa_contexts_hold_the_positive_and_distinct_distractors(tmp_path):
+    from grc_jax.eval.tasks import qa_contexts
+
+    records = load_qa(_jsonl(tmp_path / "qa.jsonl", [
+        {"question": "a?", "answer": "x", "positive": "A", "negatives": ["B", "A", "B", "C", "D", "E", "F"]},
+        {"question": "b?", "answer": "x", "positive": "B"},  # no negatives: topped up from the file's documents
+        {"question": "c?", "answer": "x", "positive": "C", "negatives": ["A"]}]), need_documents=True)
+    contexts = qa_contexts(records, num_distractors=4, seed=0)
+    assert sorted(contexts[0]) == ["A", "B", "C", "D", "E"]  # its own negatives first, deduplicated
+    for record, context in zip(records, contexts):
+        assert record.positive in context and len(context) == len(set(context)) == 5
+    assert "A" in contexts[2]
+    assert qa_contexts(records, 4, seed=0) == contexts  # the same seed, the same contexts
+    assert [len(c) for c in qa_contexts(records, 9, seed=0)] == [6, 6, 6]  # the file has only 6 documents
+
+
 def test_cli_reports_bad_input_before_opening_the_model(tmp_path, capsys):
     root = write_beir(tmp_path / "toy", qrels_rows=[("q1", "d1", 1), ("q2", "nope", 1)])
     with pytest.raises(SystemExit) as info:
@@ -216,6 +233,9 @@ def test_cli_reports_bad_input_before_opening_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([f"--hf={tmp_path}", "--task=retrieval,speed", f"--beir={root}", f"--out={tmp_path / 'out'}"])
     assert "unknown task(s) ['speed']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main([f"--hf={tmp_path}", f"--beir={root}", "--latency-samples=0", f"--out={tmp_path / 'out'}"])
+    assert capsys.readouterr().err.strip() == "error: --latency-samples must be >= 1, got 0"
 
 
 # --- the CLI end to end ----------------------------------------------------------------------
@@ -230,13 +250,28 @@ GEN = [{"question": "Belna has 3 owls and buys 4. How many owls?", "answer": "3 
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    texts = [t for _, t in DOCS.values()] + list(QUERIES.values()) + [r["question"] for r in QA + GEN if "question" in r]
+def tiny():
+    texts = [t for _, t in DOCS.values()] + list(QUERIES.values())
+    texts += [r["question"] for r in QA + GEN if "question" in r]
     tokenizer = Tokenizer(demo_world.train_tokenizer(texts * 3, vocab_size=360))
     config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8, num_latents=4, max_segment_len=16)
-    params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
+    # numpy weights: init_params takes seconds to trace, and a random model needs no better
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: (1 + 0.1 * rng.standard_normal(s.shape) if "norm" in jax.tree_util.keystr(path)
+                         else 0.3 * rng.standard_normal(s.shape)).astype(s.dtype), model.param_shapes(config))
+    return config, params, tokenizer
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, tiny) -> Path:
+    config, params, tokenizer = tiny
     return hf.save_pretrained(config, params, tmp_path_factory.mktemp("model") / "export", tokenizer)
+
+
+ENGINE_FLAGS = ["--batch-size=4", "--max-reason-tokens=4", "--num-pages=64", "--page-size=4", "--prefill-chunk=16",
+                "--no-progress"]
 
 
 def test_cli_end_to_end_on_a_tiny_model(tmp_path, export):
@@ -245,9 +280,8 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, export):
     gen = _jsonl(tmp_path / "gsm.jsonl", GEN)
     out = tmp_path / "out"
     report = evaluate.main([f"--hf={export}", f"--beir={beir}", f"--qa={qa}", f"--generation={gen}", f"--out={out}",
-                            "--task=all", "--batch-size=4", "--max-reason-tokens=4", "--num-pages=64",
-                            "--page-size=4", "--prefill-chunk=16", "--qa-max-new-tokens=4", "--gen-max-new-tokens=6",
-                            "--latency-samples=1", "--latency-tokens=3", "--no-progress"])
+                            "--task=all", *ENGINE_FLAGS, "--qa-max-new-tokens=4", "--gen-max-new-tokens=6",
+                            "--latency-samples=1", "--latency-tokens=3"])
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     assert report["tasks"] == ["retrieval", "memory_qa", "generation", "latency"]
     m = report["metrics"]
@@ -274,3 +308,36 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, export):
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_cli_reads_a_training_run_directory(tmp_path, tiny, export):
+    """A run directory as grc_jax.train writes it; the report and TensorBoard carry its step.
+    Same shapes as the test above, so nothing new is compiled."""
+    import orbax.checkpoint as ocp
+
+    config, params, tokenizer = tiny
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    tokenizer.with_latents(config.num_latents, config.vocab_size).save(run_dir / "tokenizer")
+    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
+    manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    beir = write_beir(tmp_path / "toy")
+    out = tmp_path / "out"
+    args = [f"--checkpoint={run_dir}", f"--beir={beir}", "--task=retrieval", "--query-modes=plain", f"--out={out}",
+            *ENGINE_FLAGS]
+    report = evaluate.main(args)
+    from_hf = evaluate.main([f"--hf={export}", *args[1:4], f"--out={tmp_path / 'hf'}", *ENGINE_FLAGS])
+    assert report["model_kind"] == "checkpoint" and report["step"] == 7
+    assert report["metrics"] == pytest.approx(from_hf["metrics"])
+    assert sorted(report["metrics"]) == sorted(f"retrieval/toy/plain/{k}" for k in
+                                               ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("eval/retrieval/toy/plain/ndcg_at_10")
+    ndcg = report["metrics"]["retrieval/toy/plain/ndcg@10"]
+    assert [(e.step, e.value) for e in scalars] == [(7, pytest.approx(ndcg))]

@@ -48,7 +48,8 @@ def ir_metrics(qrels: Qrels, run: Run, recall_ks: Sequence[int] = RECALL_KS, ndc
 
 def rank_documents(query_embeddings: np.ndarray, doc_embeddings: np.ndarray, query_ids: Sequence[str],
                    doc_ids: Sequence[str], excluded: Mapping[str, Iterable[str]] | None = None,
-                   depth: int = RUN_DEPTH, ignore_identical_ids: bool = False, chunk: int = 256) -> dict[str, dict[str, float]]:
+                   depth: int = RUN_DEPTH, ignore_identical_ids: bool = False, chunk: int = 256
+                   ) -> dict[str, dict[str, float]]:
     """Each query's top `depth` documents by dot product (cosine for GRC's unit embeddings),
     and any tied with the last of them, as a pytrec_eval run. Documents in `excluded[query_id]` (BRIGHT) and, with
     `ignore_identical_ids` (BEIR's option), the document whose id is the query's, are never

@@ -20,6 +20,11 @@ def write_json(out_dir: Path, report: Mapping[str, Any]) -> Path:
     return path
 
 
+def tensorboard_tag(name: str) -> str:
+    """TensorBoard would silently turn '@' into '_'; 'ndcg_at_10' reads better (MTEB's spelling)."""
+    return "eval/" + name.replace("@", "_at_")
+
+
 def write_tensorboard(out_dir: Path, metrics: Mapping[str, float], step: int) -> Path:
     from tensorboardX import SummaryWriter
 
@@ -28,26 +33,29 @@ def write_tensorboard(out_dir: Path, metrics: Mapping[str, float], step: int) ->
     try:
         for name, value in metrics.items():
             if math.isfinite(value):
-                writer.add_scalar(f"eval/{name}", value, step)
+                writer.add_scalar(tensorboard_tag(name), value, step)
     finally:
         writer.close()
     return log_dir
 
 
 def _panels(metrics: Mapping[str, float]) -> list[tuple[str, list[str], list[float], str]]:
-    """(title, bar labels, values, y label) for each headline group that has figures."""
+    """(title, bar labels, values, y label) for each headline group that has figures; a y label
+    of "score" marks figures in [0, 1]."""
     panels = []
     ndcg = {k: v for k, v in metrics.items() if k.startswith("retrieval/") and k.endswith("/ndcg@10")}
     if ndcg:
         labels = [k[len("retrieval/"):-len("/ndcg@10")] for k in ndcg]
-        panels.append(("Retrieval nDCG@10", labels, list(ndcg.values()), "nDCG@10"))
+        panels.append(("Retrieval nDCG@10", labels, list(ndcg.values()), "score"))
     qa = {k.split("/")[1] + " " + k.split("/")[2].replace("exact_match", "EM"): v for k, v in metrics.items()
           if k.startswith("memory_qa/") and k.count("/") == 2}
     if qa:
-        panels.append(("Memory QA", list(qa), list(qa.values()), "score"))
+        ratio = metrics.get("memory_qa/compression_ratio")
+        title = "Memory QA" + (f" ({ratio:.3g}x compression)" if ratio is not None else "")
+        panels.append((title, list(qa), list(qa.values()), "score"))
     gen = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("generation/") and k.endswith("/exact_match")}
     if gen:
-        panels.append(("Generation exact match", list(gen), list(gen.values()), "exact match"))
+        panels.append(("Generation exact match", list(gen), list(gen.values()), "score"))
     ttft = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("latency/") and k.endswith("/ttft_ms")}
     if ttft:
         panels.append(("Time to first token", list(ttft), list(ttft.values()), "ms"))
@@ -68,6 +76,8 @@ def write_chart(out_dir: Path, metrics: Mapping[str, float], title: str) -> Path
         ax.set_title(name)
         ax.set_ylabel(ylabel)
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        if ylabel == "score":
+            ax.set_ylim(0, 1.05)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = out_dir / CHART_FILE

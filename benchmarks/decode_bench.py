@@ -1,17 +1,20 @@
 """Decode throughput of the jitted paged decode loop against transformers' `generate`, on the CPU.
 
     python benchmarks/decode_bench.py                       # tiny and ~100M shapes, batch 1 and 8
-    python benchmarks/decode_bench.py --shapes tiny --reps 5 --no-write
+    python benchmarks/decode_bench.py --shapes tiny --reps tiny:9 --no-write
 
 Both sides get the same random Llama weights (made with transformers, loaded with
 grc_jax.hf.load_pretrained), the same prompts (16 random tokens per row) and greedy decoding of
 exactly --new-tokens tokens (no stop token). The timed call is a whole generation, prefill
-included: tokens/s = batch * new_tokens / median seconds. Ours runs after one warm-up call (the
-compile); transformers after one warm-up call too. Both use every core torch/XLA see.
+included: tokens/s = batch * new_tokens / median seconds over the repetitions, ours and theirs
+interleaved. Each side makes one short warm-up call first (ours: the compile, with the same
+shapes). Both use every core torch/XLA see. The 100M shape gets 1 repetition by default: one
+transformers call takes a minute on a loaded 2-core machine, and the run must stay near 5 min.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -51,14 +54,10 @@ def make_model(shape: str, out_dir: Path):
     return model, n_params
 
 
-def timed(fn, reps: int) -> tuple[float, object]:
-    fn()  # warm-up: compilation, allocator growth
-    times, out = [], None
-    for _ in range(reps):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def clock(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def bench_shape(shape: str, batches: list[int], new_tokens: int, reps: int) -> list[dict]:
@@ -69,23 +68,33 @@ def bench_shape(shape: str, batches: list[int], new_tokens: int, reps: int) -> l
         hf_model, n_params = make_model(shape, Path(tmp))
         config, params = hf.load_pretrained(tmp, num_latents=16)
     for batch in batches:
-        prompts = np.random.default_rng(batch).integers(3, SHAPES[shape]["vocab_size"], (batch, PROMPT_LEN))
+        prompts = np.random.default_rng(batch).integers(3, SHAPES[shape]["vocab_size"], (batch, PROMPT_LEN)).tolist()
         pages = batch * -(-(PROMPT_LEN + new_tokens) // 16) + 8
         decoder = Decoder(config, params, num_pages=pages, page_size=16, prefill_chunk=256)
         settings = decoder.settings(new_tokens)
-        ours_s, ours = timed(lambda: decoder.generate(prompts.tolist(), settings), reps)
-
         ids = torch.tensor(prompts)
 
-        def theirs_call():
+        def ours_call(budget: int = new_tokens):
+            return decoder.generate(prompts, settings, budgets=[budget] * batch)
+
+        def theirs_call(n: int = new_tokens):
             with torch.no_grad():
-                return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                return hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                          do_sample=False, eos_token_id=None, pad_token_id=0)
 
-        theirs_s, theirs = timed(theirs_call, reps)
+        # Warm-up: the same compiled program (a 1-token budget keeps its shapes), torch's first calls.
+        ours_call(1)
+        theirs_call(2)
+        ours_times, theirs_times = [], []
+        for _ in range(reps):  # interleaved, so both sides see the same background load
+            t, ours = clock(ours_call)
+            ours_times.append(t)
+            t, theirs = clock(theirs_call)
+            theirs_times.append(t)
+        ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
         theirs = theirs[:, PROMPT_LEN:].tolist()
         same = [next((i for i, (a, b) in enumerate(zip(o, t)) if a != b), len(o)) for o, t in zip(ours, theirs)]
-        row = dict(shape=shape, params=n_params, batch=batch, new_tokens=new_tokens,
+        row = dict(shape=shape, params=n_params, batch=batch, new_tokens=new_tokens, reps=reps,
                    ours_tok_s=batch * new_tokens / ours_s, hf_tok_s=batch * new_tokens / theirs_s,
                    ours_s=ours_s, hf_s=theirs_s, agree=min(same))
         row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
@@ -102,7 +111,6 @@ def machine() -> str:
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    import os
     return (f"{cpu}, {os.cpu_count()} cores visible (shared with other jobs), {platform.system()}; python "
             f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
@@ -128,13 +136,14 @@ def main() -> None:
     parser.add_argument("--shapes", default="tiny,100m")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", default="tiny:5,100m:1", help="repetitions per shape (median reported)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    reps = {k: int(v) for k, v in (item.split(":") for item in args.reps.split(","))}
     rows = []
     for shape in args.shapes.split(","):
-        rows += bench_shape(shape, batches, args.new_tokens, args.reps)
+        rows += bench_shape(shape, batches, args.new_tokens, reps.get(shape, 1))
     if args.no_write:
         return
     targets = {"tiny": 5.0, "100m": 1.0}
@@ -143,16 +152,16 @@ def main() -> None:
              f"Machine: {machine()}.", "",
              "Greedy generation of exactly the given number of new tokens after a 16-token prompt, same random "
              "Llama weights on both sides; time of a whole call (prefill included), median of the repetitions "
-             "after one warm-up call. Ours: `grc_jax.inference.Decoder` (one jitted while_loop, paged KV, the "
+             "(ours and theirs interleaved) after one short warm-up call each. Ours: `grc_jax.inference.Decoder` (one jitted while_loop, paged KV, the "
              "XLA reference of hybrid paged attention). Theirs: `LlamaForCausalLM.generate` (torch, KV cache, "
              "SDPA). The machine is shared with other jobs, so absolute figures move by tens of percent between "
              "runs; both sides of a row were measured back to back in one process.", "",
-             "| shape | params | batch | ours tok/s | transformers tok/s | ours / transformers | target | met | "
-             "greedy agreement |", "|---|---|---|---|---|---|---|---|---|"]
+             "| shape | params | batch | reps | ours tok/s | transformers tok/s | ours / transformers | target | met | "
+             "greedy agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = targets.get(r["shape"])
         met = "" if target is None else ("yes" if r["speedup"] >= target else "**no**")
-        lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['ours_tok_s']:.1f} | "
+        lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['reps']} | {r['ours_tok_s']:.1f} | "
                      f"{r['hf_tok_s']:.1f} | {r['speedup']:.2f}x | >= {target}x | {met} | "
                      f"first {r['agree']} of {r['new_tokens']} tokens |")
     write_section("Decode throughput vs transformers (decode_bench.py)", "\n".join(lines))

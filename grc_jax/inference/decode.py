@@ -294,6 +294,16 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def length_bucket(n: int, minimum: int = 1) -> int:
+    """Like `bucket`, with four steps per octave past 64 (1, 1.25, 1.5, 1.75 x 2^k): a long
+    prompt wastes at most 25% of its page table, which the CPU reference pays for per token."""
+    n = max(int(n), minimum)
+    if n <= 64:
+        return bucket(n, minimum)
+    octave = 1 << (n.bit_length() - 1)
+    return next(octave * q // 4 for q in (4, 5, 6, 7, 8) if octave * q // 4 >= n)
+
+
 @dataclasses.dataclass
 class Batch:
     """A running batch: its state (replace it with each call's result) and what it holds."""
@@ -413,7 +423,6 @@ class Decoder:
         the initial state built. The state owns the pool until `finish`; `extra` reserves
         token slots past the budget (the eor and latents of self-reasoning)."""
         c, S = self.config, self.page_size
-        jit_settings = self._jit_settings(settings)
         n = len(prompts)
         if n == 0:
             raise ValueError("no prompts")
@@ -424,6 +433,10 @@ class Decoder:
             bad = [t for t in p if not 0 <= t < c.total_vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {c.total_vocab_size}): {bad[:4]}")
+        # A prefill call costs its capacity in query rows, used or not: no more rows than the prompts
+        # need (bucketed, and at least 32 so short prompts share one compiled program).
+        jit_settings = dataclasses.replace(self._jit_settings(settings), prefill_chunk=min(
+            settings.prefill_chunk, bucket(sum(len(p) - 1 for p in prompts), 32)))
         if budgets is None:
             budgets = [settings.max_new_tokens] * n
         budgets = [int(b) for b in budgets]
@@ -457,7 +470,7 @@ class Decoder:
             raise
 
         B = bucket(n)
-        W = bucket(max(len(p) + b + extra for p, b in zip(prompts, budgets)), S)
+        W = length_bucket(max(len(p) + b + extra for p, b in zip(prompts, budgets)), S)
         T = -(-W // S)
         pages_per_mem = -(-K // S)
         M = bucket(max(len(m) for m in memories) * pages_per_mem)

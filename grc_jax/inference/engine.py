@@ -43,7 +43,7 @@ class RagAnswer:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _segment_pass(config: ModelConfig, params: model.Params, tokens: jax.Array, example: jax.Array, kind: jax.Array,
+def segment_pass(config: ModelConfig, params: model.Params, tokens: jax.Array, example: jax.Array, kind: jax.Array,
                   latent_index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pass over [text][latents] rows: (keys, values [B, layers, K, kv, d], embeddings [B, dim])."""
     meta = layout.TokenMeta(example, example, kind)
@@ -310,7 +310,7 @@ class Engine:
                 example[i, : n + K] = 1
                 kind[i, :n], kind[i, n:n + K] = layout.TEXT, layout.LATENT
                 index[i] = np.arange(n, n + K)
-            k, v, e = jax.device_get(_segment_pass(self.config, self.params, *map(jnp.asarray, (tokens, example, kind,
+            k, v, e = jax.device_get(segment_pass(self.config, self.params, *map(jnp.asarray, (tokens, example, kind,
                                                                                                  index))))
             keys.append(k[: len(chunk)])
             values.append(v[: len(chunk)])

@@ -179,12 +179,16 @@ class _Preemption:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains (resuming from the workdir's latest checkpoint) and returns the final metrics."""
-    from grc_jax import evaluation  # needs the trained model only at eval time
+    from grc_jax.eval import world as evaluation  # imports the inference stack: only when evaluating
 
     train_config.check_keys(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     setup, hf_params = prepare(config, workdir)
+    if setup.eval_dir and jax.process_count() > 1:
+        logging.warning("held-out evaluation runs in single-process runs only; evaluate the checkpoint with "
+                        "python -m grc_jax.evaluate")
+        setup.eval_dir = None
     mc, t = setup.model_config, config.train
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = sharding.DEFAULT_RULES

@@ -81,8 +81,8 @@ def memory_kv(params, segment):
 
 
 def test_greedy_decode_equals_uncached_forward(decoder, params):
-    # 11 + 10 tokens: a 32-token buffer, 8 token pages; the loops attend over 4, then 8 pages
-    assert decode.table_widths(8, None) == (4, 8)
+    # 11 + 10 tokens: a 32-token buffer of 8 token pages; the loops attend over 4, then 6 of them
+    assert decode.table_widths(8, None) == (4, 6, 8)
     out, logits = decoder.generate_with_logits(PROMPTS, decoder.settings(10, record_logits=True))
     for prompt, generated, step_logits in zip(PROMPTS, out, logits):
         ref = plain_step_logits(params, prompt, generated)

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from grc_jax import evaluate, evaluation, hf, model
+from grc_jax import evaluate, hf, model
+from grc_jax.eval import world as evaluation
 from grc_jax.config import ModelConfig
 from grc_jax.data import demo_world
 from grc_jax.eval import metrics

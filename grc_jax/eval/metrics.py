@@ -1,7 +1,7 @@
 """Metrics: IR figures through pytrec_eval (the trec_eval code BEIR and BRIGHT use), SQuAD
 answer normalisation, exact match, token F1, and GSM8K-style number extraction.
 
-Kept free of model code so the training-time evaluation (grc_jax/evaluation.py) can import it.
+Kept free of model code so the training-time evaluation (grc_jax/eval/world.py) can import it.
 """
 from __future__ import annotations
 

@@ -178,6 +178,9 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
 # --- the loops --------------------------------------------------------------------------
 
 
+WIDTH_STEPS, WIDTH_FLOOR = 4, 4
+
+
 def table_widths(num_tok_pages: int, impl: str | None) -> tuple[int, ...]:
     """Token page-table widths the loops step through as rows grow.
 
@@ -187,7 +190,8 @@ def table_widths(num_tok_pages: int, impl: str | None) -> tuple[int, ...]:
     """
     if (impl or default_impl()) != "reference":
         return (num_tok_pages,)
-    return tuple(sorted({min(num_tok_pages, max(4, num_tok_pages >> j)) for j in range(3)}))
+    return tuple(sorted({min(num_tok_pages, max(WIDTH_FLOOR, -(-num_tok_pages * i // WIDTH_STEPS)))
+                         for i in range(1, WIDTH_STEPS + 1)}))
 
 
 def _phased_loop(cond: Callable, body: Callable, need: Callable, state: DecodeState, impl: str | None) -> DecodeState:
@@ -473,7 +477,9 @@ class Decoder:
         W = length_bucket(max(len(p) + b + extra for p, b in zip(prompts, budgets)), S)
         T = -(-W // S)
         pages_per_mem = -(-K // S)
-        M = bucket(max(len(m) for m in memories) * pages_per_mem)
+        most = max(len(m) for m in memories) * pages_per_mem
+        # No memory at all: an empty memory table, so the reference gathers no memory page.
+        M = bucket(most) if most or (self.impl or default_impl()) != "reference" else 0
         tokens = np.zeros((B, W), np.int32)
         tok_table = np.zeros((B, T), np.int32)
         mem_table = np.zeros((B, M), np.int32)

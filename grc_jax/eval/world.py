@@ -1,4 +1,5 @@
-"""Held-out evaluation on a demo-world style directory: retrieval, memory QA, multi-hop.
+"""Held-out evaluation during training, on a demo-world style directory: retrieval, memory
+QA, multi-hop. (`python -m grc_jax.evaluate` is the general evaluation CLI.)
 
 - retrieval: each held-out query against every held-out document (recall@1, recall@10, nDCG@10);
 - memory QA: the answer read from memories (the right one among distractors) vs no memory,
@@ -27,35 +28,6 @@ NUM_DISTRACTORS = 4
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def embed_segments(config: ModelConfig, params: model.Params, segments: Sequence[Sequence[int]],
-                   latent_ids: Sequence[int], batch_size: int = 64) -> np.ndarray:
-    """One embedding per token segment ([segment][latents], one pass), float32 [N, dim]."""
-    K = config.num_latents
-    out = []
-    for start in range(0, len(segments), batch_size):
-        chunk = [list(s)[: config.max_segment_len] for s in segments[start:start + batch_size]]
-        length = max(len(s) for s in chunk) + K
-        tokens, example, kind = (np.zeros((len(chunk), length), np.int32) for _ in range(3))
-        index = np.zeros((len(chunk), 1, K), np.int32)
-        for i, seg in enumerate(chunk):
-            n = len(seg)
-            tokens[i, :n + K] = list(seg) + list(latent_ids)
-            example[i, :n + K] = 1
-            kind[i, :n] = layout.TEXT
-            kind[i, n:n + K] = layout.LATENT
-            kind[i, n + K:] = layout.READER
-            index[i, 0] = np.arange(n, n + K)
-        out.append(np.asarray(_embed_jit(config, params, *map(jnp.asarray, (tokens, example, kind, index))))[:, 0])
-    return np.concatenate(out)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed_jit(config, params, tokens, example, kind, index):
-    meta = layout.TokenMeta(example, example, kind)
-    out = model.forward(config, params, tokens, meta, compute_logits=False)
-    return model.pool_latents(config, params, out.hidden, index)
 
 
 def retrieval_metrics(queries: np.ndarray, documents: np.ndarray, gold: Sequence[int]) -> dict[str, float]:
@@ -101,48 +73,6 @@ def _argmax_jit(config, params, tokens, example, segment, kind):
     return jnp.argmax(out.logits[..., : config.vocab_size], axis=-1)
 
 
-def greedy_continue(config: ModelConfig, params: model.Params, prompts: Sequence[Sequence[int]], max_new: int,
-                    stop_id: int) -> list[list[int]]:
-    """Greedy continuation of each prompt (plain causal), up to max_new tokens or `stop_id`
-    (excluded). Recomputes the whole prefix each step: a small evaluation helper, not the
-    serving decode loop."""
-    length = max(len(p) for p in prompts) + max_new
-    buffer = np.zeros((len(prompts), length), np.int32)
-    for i, p in enumerate(prompts):
-        buffer[i, :len(p)] = p
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
-    out, final = _greedy_jit(config, params, jnp.asarray(buffer), jnp.asarray(lengths), max_new, stop_id)
-    out, final = np.asarray(out), np.asarray(final)
-    result = []
-    for i, p in enumerate(prompts):
-        new = out[i, len(p):final[i]].tolist()
-        result.append(new[: new.index(stop_id)] if stop_id in new else new)
-    return result
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _greedy_jit(config, params, buffer, lengths, max_new, stop_id):
-    positions = jnp.arange(buffer.shape[1])
-
-    def body(carry):
-        step, buf, lens, done = carry
-        logits = model.forward(config, params, buf, valid=positions[None] < lens[:, None]).logits
-        last = jnp.take_along_axis(logits, (lens - 1)[:, None, None], axis=1)[:, 0, : config.vocab_size]
-        token = jnp.argmax(last, axis=-1).astype(buf.dtype)
-        write = ~done
-        buf = jnp.where(write[:, None] & (positions[None] == lens[:, None]), token[:, None], buf)
-        lens = lens + write
-        done = done | (token == stop_id)
-        return step + 1, buf, lens, done
-
-    def cond(carry):
-        step, _, _, done = carry
-        return (step < max_new) & ~done.all()
-
-    _, buf, lens, _ = jax.lax.while_loop(cond, body, (0, buffer, lengths, jnp.zeros(lengths.shape, bool)))
-    return buf, lens
-
-
 # The segments and readers below are laid out exactly as grc_jax.data.builder lays out training
 # records: each field tokenized on its own, no special tokens added.
 def document_tokens(tok: Any, text: str, max_segment_len: int) -> list[int]:
@@ -163,19 +93,23 @@ def reader_tokens(tok: Any, question: str, answer: str, eos_id: int) -> tuple[li
 
 def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_config: Any) -> dict[str, float]:
     """All held-out figures for a demo-world directory (`setup` from grc_jax.train.prepare)."""
+    from grc_jax.inference import Engine
+
     world = Path(setup.eval_dir)
     tok, b = setup.tokenizer, setup.build
     latent_ids, P = list(b.latent_ids), b.max_segment_len
+    engine = Engine(config, params, tok, eos_token=run_config.data.eos_token, eor_token=run_config.data.eor_token,
+                    max_reason_tokens=run_config.reasoning_max_tokens)
     rng = np.random.default_rng(0)
     limit = run_config.eval_max_queries
     results: dict[str, float] = {}
 
     corpus = read_jsonl(world / "corpus_heldout.jsonl")
     doc_index = {d["text"]: i for i, d in enumerate(corpus)}
-    docs = embed_segments(config, params, [document_tokens(tok, d["text"], P) for d in corpus], latent_ids)
+    docs = engine.embed_tokens([document_tokens(tok, d["text"], P) for d in corpus])
     heldout = read_jsonl(world / "heldout.jsonl")
     retrieval = [r for r in heldout if "query" in r and "positive" in r][:limit]
-    queries = embed_segments(config, params, [query_tokens(tok, r["query"], None, b.eor_id) for r in retrieval], latent_ids)
+    queries = engine.embed_tokens([query_tokens(tok, r["query"], None, b.eor_id) for r in retrieval])
     results.update({f"retrieval/{k}": v for k, v in retrieval_metrics(
         queries, docs, [doc_index[r["positive"]] for r in retrieval]).items()})
 
@@ -196,16 +130,12 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
 
     train_corpus = read_jsonl(world / "corpus_train.jsonl")
     train_index = {d["text"]: i for i, d in enumerate(train_corpus)}
-    train_docs = embed_segments(config, params, [document_tokens(tok, d["text"], P) for d in train_corpus],
-                                latent_ids)
+    train_docs = engine.embed_tokens([document_tokens(tok, d["text"], P) for d in train_corpus])
     hops = [r for r in read_jsonl(world / "multihop_eval.jsonl") if r.get("positive") in train_index][:limit]
     gold = [train_index[r["positive"]] for r in hops]
-    plain = [query_tokens(tok, r["query"], None, b.eor_id) for r in hops]
-    generated = greedy_continue(config, params, [tok.encode(r["query"]) for r in hops],
-                                run_config.reasoning_max_tokens, b.eor_id)
-    reasoned = [query_tokens(tok, r["query"], g, b.eor_id) for r, g in zip(hops, generated)]
-    oracle = [query_tokens(tok, r["query"], r["reasoning"], b.eor_id) for r in hops]
-    for name, segs in (("plain", plain), ("self_reasoning", reasoned), ("gold_reasoning", oracle)):
-        emb = embed_segments(config, params, segs, latent_ids)
+    plain = engine.embed_tokens([query_tokens(tok, r["query"], None, b.eor_id) for r in hops])
+    reasoned, _ = engine.embed_with_reasoning_tokens([tok.encode(r["query"]) for r in hops])
+    oracle = engine.embed_tokens([query_tokens(tok, r["query"], r["reasoning"], b.eor_id) for r in hops])
+    for name, emb in (("plain", plain), ("self_reasoning", reasoned), ("gold_reasoning", oracle)):
         results[f"multihop/recall@1_{name}"] = retrieval_metrics(emb, train_docs, gold)["recall@1"]
     return results

@@ -195,6 +195,8 @@ def test_streaming_yields_the_tokens_of_the_single_call(decoder):
 def test_closing_a_stream_early_frees_its_pages(decoder):
     stream = decoder.stream(PROMPTS, decoder.settings(7), steps_per_chunk=2)
     next(stream)
+    with pytest.raises(RuntimeError, match="the decoder is running another batch"):
+        decoder.generate(PROMPTS, decoder.settings(7))
     stream.close()
     assert decoder.allocator.num_free == 64
 

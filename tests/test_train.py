@@ -189,3 +189,16 @@ def test_mesh_that_does_not_fit_the_devices(world, tmp_path):
     config = config_for(world, **{"mesh.data": 3})
     with pytest.raises(ValueError, match=r"mesh: \{'data': 3, 'fsdp': 1, 'tensor': 1\} needs 3 devices, there are 8"):
         train.train_and_evaluate(config, tmp_path)
+
+
+def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_path):
+    """`python -m grc_jax.train --config=configs/tiny.py`, shortened by overrides."""
+    proc = run_cli(REPO / "configs" / "tiny.py", tmp_path / "run", "--config.train.steps=2",
+                   "--config.data.demo_world_entities=40", "--config.eval_max_queries=4",
+                   "--config.reasoning_max_tokens=4", "--config.log_every=1")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "step 2/2 | loss" in out
+    assert "held-out evaluation: retrieval/recall@1" in out and "memory_qa/exact_match" in out
+    assert "multihop/recall@1_self_reasoning" in out
+    assert (tmp_path / "run" / "demo_world" / "world.json").is_file()

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grc_jax import model
-from grc_jax.config import ModelConfig
+from grc_jax.config import DTYPES, ModelConfig
 from grc_jax.inference.pages import KVPool, PageAllocator, new_pool, write_memories
 from pallas_kernels.hybrid_paged_attention import hybrid_paged_attention
 from pallas_kernels.hybrid_paged_attention.dispatch import default_impl
@@ -128,7 +128,7 @@ def feed(config: ModelConfig, params: model.Params, state: DecodeState, n: jax.A
     new_lengths = state.lengths + n
     tok_table = state.tok_page_table[:, :tok_width]
 
-    dtype = model.DTYPES[config.dtype]
+    dtype = DTYPES[config.dtype]
     x = jnp.take(params["embed"], token, axis=0).astype(dtype)[None]
     cos, sin = model.rope_cos_sin(config, pos[None])
     # All layers' pages as one [L*N, S, kv, d] pool, so a layer is a page offset and the scan
@@ -354,6 +354,7 @@ class Decoder:
                              memories: Sequence[Sequence[Hashable]] | None = None,
                              memory_source: MemorySource | None = None, budgets: Sequence[int] | None = None,
                              seed: int = 0) -> tuple[list[list[int]], list[np.ndarray] | None]:
+        """`generate`, plus each row's per-step logits [new tokens, vocab] with record_logits."""
         batch = self.start(prompts, settings, memories, memory_source, budgets, seed)
         try:
             self.advance(batch, settings.max_new_tokens)
@@ -427,6 +428,8 @@ class Decoder:
         the initial state built. The state owns the pool until `finish`; `extra` reserves
         token slots past the budget (the eor and latents of self-reasoning)."""
         c, S = self.config, self.page_size
+        if self.pool is None:
+            raise RuntimeError("the decoder is running another batch: finish it (or close its stream) first")
         n = len(prompts)
         if n == 0:
             raise ValueError("no prompts")
@@ -468,9 +471,13 @@ class Decoder:
                 self.pool = write_memories(self.pool, [mem_pages[m] for m in new], np.asarray(keys)[order],
                                            np.asarray(values)[order])
         except BaseException:
-            self.allocator.release(ids, wanted)
-            for m in new:
-                self.allocator.evict_memory(m)
+            if self.pool.k.is_deleted():  # consumed by a failed write: start over with an empty pool
+                self.pool = new_pool(c, self.allocator.num_pages, S)
+                self.allocator = PageAllocator(self.allocator.num_pages, S)
+            else:
+                self.allocator.release(ids, wanted)
+                for m in new:
+                    self.allocator.evict_memory(m)
             raise
 
         B = bucket(n)

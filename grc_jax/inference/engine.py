@@ -1,6 +1,6 @@
 """`Engine`: one GRC model serving generation, embeddings, compression and RAG.
 
-Token conventions are the training builder's (grc_jax/evaluation.py): every field is encoded on
+Token conventions are the training builder's (grc_jax/data/builder.py): every field is encoded on
 its own with no special tokens added; a document or query segment is `[text]` (a query with
 self-reasoning `[query][reasoning][eor]`), followed by the K meta latent tokens; a reader is
 `[question]` and the model writes `[answer][eos]`. An instruction or sentence-transformers

@@ -23,7 +23,7 @@ def get_config():
     c.data.max_negatives = 2
     c.data.reader_distractors = 2
     c.loss.temperature = 0.05  # 0.02 collapses early when training from scratch
-    c.train.steps = 600
+    c.train.steps = 480
     c.train.global_batch = 8
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 30

@@ -219,15 +219,6 @@ def config_file(tmp_path: Path, world: Path) -> Path:
     return path
 
 
-def test_local_runs_two_training_processes(world: Path, tmp_path: Path) -> None:
-    config = config_file(tmp_path, world)
-    result = script("local.sh", timeout=240, CONFIG=str(config), WORKDIR=str(tmp_path / "run"), NUM_PROCESSES="2",
-                    PYTHON=sys.executable, TIMEOUT="200")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert (tmp_path / "run" / "result.json").is_file()
-    assert re.search(r"^\[0\] step 2/2 ", result.stdout, re.M) and re.search(r"^\[1\] ", result.stdout, re.M)
-
-
 def test_local_fails_fast_on_a_config_error(world: Path, tmp_path: Path) -> None:
     config = config_file(tmp_path, world)
     start = time.monotonic()

@@ -122,19 +122,17 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_losses(world, tmp_p
 
 
 def test_two_processes_match_one_process(world, tmp_path, reference):
-    import portpicker
+    """launch/local.sh starts two processes on localhost (gloo collectives); two steps give the
+    one-process losses. (This is also launch/local.sh's end-to-end test.)"""
+    import re
 
-    port = portpicker.pick_unused_port()
     config = config_file(tmp_path, world, **{"train.steps": 2, "checkpoint.every": 2})
-    procs = [run_cli(config, tmp_path / "run", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                     f"--process_id={i}") for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    env = {**os.environ, "CONFIG": str(config), "WORKDIR": str(tmp_path / "run"), "NUM_PROCESSES": "2",
+           "PYTHON": sys.executable, "TIMEOUT": "200", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(["bash", str(REPO / "launch" / "local.sh")], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert re.search(r"^\[0\] step 2/2 ", result.stdout, re.M) and re.search(r"^\[1\] ", result.stdout, re.M)
     two = losses_of(tmp_path / "run")
     np.testing.assert_allclose([two[1], two[2]], [reference[1], reference[2]], rtol=1e-5)
 

@@ -6,10 +6,13 @@
 Both sides get the same random Llama weights (made with transformers, loaded with
 grc_jax.hf.load_pretrained), the same prompts (16 random tokens per row) and greedy decoding of
 exactly --new-tokens tokens (no stop token). The timed call is a whole generation, prefill
-included: tokens/s = batch * new_tokens / median seconds over the repetitions, ours and theirs
-interleaved. Each side makes one short warm-up call first (ours: the compile, with the same
-shapes). Both use every core torch/XLA see. The 100M shape gets 1 repetition by default: one
-transformers call takes a minute on a loaded 2-core machine, and the run must stay near 5 min.
+included: tokens/s = batch * new_tokens / the best time of the repetitions (ours and theirs
+interleaved, an idle half second before each call); the ratio of medians is reported too. Each
+side makes a warm-up call first (ours: the compile and a full-length run; torch: a full-length
+run for the tiny shape, a 2-token one for 100M). XLA uses every
+core it sees; torch runs with its default thread count and with one thread (both for the tiny
+shape; for 100M the faster of the two on an 8-token probe). The 100M shape gets two
+repetitions by default, so that the whole run stays near 5 minutes on a loaded 2-core machine.
 """
 from __future__ import annotations
 
@@ -55,6 +58,9 @@ def make_model(shape: str, out_dir: Path):
 
 
 def clock(fn) -> tuple[float, object]:
+    # Idle first: OpenMP (torch) and Eigen (XLA) worker threads spin for a while after a call and
+    # would slow down whichever side runs next on a 2-core machine.
+    time.sleep(0.5)
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
@@ -72,9 +78,7 @@ def bench_shape(shape: str, batches: list[int], new_tokens: int, reps: int) -> l
         pages = batch * -(-(PROMPT_LEN + new_tokens) // 16) + 8
         decoder = Decoder(config, params, num_pages=pages, page_size=16, prefill_chunk=256)
         default_threads = torch.get_num_threads()
-        # torch's OpenMP threads spin-wait, which a loaded machine punishes: the tiny shape is
-        # also measured with one torch thread, the setting that suits it best there.
-        thread_counts = [default_threads] + ([1] if shape == "tiny" and default_threads != 1 else [])
+        candidates = list(dict.fromkeys([default_threads, 1]))
         settings = decoder.settings(new_tokens)
         ids = torch.tensor(prompts)
 
@@ -90,10 +94,20 @@ def bench_shape(shape: str, batches: list[int], new_tokens: int, reps: int) -> l
             finally:
                 torch.set_num_threads(default_threads)
 
-        # Warm-up: the same compiled program (a 1-token budget keeps its shapes), torch's first calls.
-        ours_call(1)
-        for threads in thread_counts:
-            theirs_call(2, threads)
+        # Warm-up with full-length calls: the first long run of a freshly compiled XLA:CPU loop is
+        # up to 2x slower than the next ones, even after a short call with the same program.
+        ours_call()
+        for threads in candidates:
+            theirs_call(new_tokens if shape == "tiny" else 2, threads)
+        # torch's OpenMP threads spin-wait, which a loaded machine punishes, so one thread can beat
+        # two. The tiny shape is measured both ways; the 100M shape (minutes per call) only with
+        # the thread count that wins an 8-token probe.
+        if shape == "tiny":
+            thread_counts = candidates
+        else:
+            probe = {t: clock(lambda: theirs_call(8, t))[0] for t in candidates}
+            thread_counts = [min(probe, key=probe.get)]
+            print(f"{shape}: torch 8-token probe {', '.join(f'{t} thread(s) {v:.2f} s' for t, v in probe.items())}")
         ours_times, theirs_times = [], {t: [] for t in thread_counts}
         for _ in range(reps):  # interleaved, so both sides see the same background load
             t, ours = clock(ours_call)
@@ -101,19 +115,19 @@ def bench_shape(shape: str, batches: list[int], new_tokens: int, reps: int) -> l
             for threads in thread_counts:
                 t, theirs = clock(lambda: theirs_call(threads=threads))
                 theirs_times[threads].append(t)
-        ours_s = statistics.median(ours_times)
+        ours_s, ours_med = min(ours_times), statistics.median(ours_times)
         theirs = theirs[:, PROMPT_LEN:].tolist()
         same = [next((i for i, (a, b) in enumerate(zip(o, t)) if a != b), len(o)) for o, t in zip(ours, theirs)]
         for threads in thread_counts:
-            theirs_s = statistics.median(theirs_times[threads])
+            theirs_s, theirs_med = min(theirs_times[threads]), statistics.median(theirs_times[threads])
             row = dict(shape=shape, params=n_params, batch=batch, new_tokens=new_tokens, reps=reps, threads=threads,
                        ours_tok_s=batch * new_tokens / ours_s, hf_tok_s=batch * new_tokens / theirs_s,
-                       ours_s=ours_s, hf_s=theirs_s, agree=min(same))
+                       ours_s=ours_s, hf_s=theirs_s, agree=min(same), median_speedup=theirs_med / ours_med)
             row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
             print(f"{shape:>5} ({n_params / 1e6:.1f}M) batch {batch}: ours {row['ours_tok_s']:8.1f} tok/s "
                   f"({ours_s:.3f} s), transformers ({threads} threads) {row['hf_tok_s']:8.1f} tok/s "
-                  f"({theirs_s:.3f} s), x{row['speedup']:.2f}; greedy tokens agree for the first {min(same)} "
-                  f"of {new_tokens}", flush=True)
+                  f"({theirs_s:.3f} s), x{row['speedup']:.2f} (medians x{row['median_speedup']:.2f}); "
+                  f"greedy tokens agree for the first {min(same)} of {new_tokens}", flush=True)
             rows.append(row)
     return rows
 
@@ -149,7 +163,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="tiny,100m")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--reps", default="tiny:5,100m:1", help="repetitions per shape (median reported)")
+    parser.add_argument("--reps", default="tiny:3,100m:2", help="repetitions per shape")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -164,19 +178,37 @@ def main() -> None:
              f"--new-tokens {args.new_tokens} --reps {args.reps}`", "",
              f"Machine: {machine()}.", "",
              "Greedy generation of exactly the given number of new tokens after a 16-token prompt, same random "
-             "Llama weights on both sides; time of a whole call (prefill included), median of the repetitions "
-             "(ours and theirs interleaved) after one short warm-up call each. Ours: `grc_jax.inference.Decoder` (one jitted while_loop, paged KV, the "
+             "Llama weights on both sides; time of a whole call (prefill included), best of the repetitions "
+             "(ours and theirs interleaved, half a second idle before each call, so neither side runs while the "
+             "other's worker threads still spin) after a warm-up call each; the ratio of the medians is given too. Ours: `grc_jax.inference.Decoder` (one jitted while_loop, paged KV, the "
              "XLA reference of hybrid paged attention). Theirs: `LlamaForCausalLM.generate` (torch, KV cache, "
-             "SDPA). The machine is shared with other jobs, so absolute figures move by tens of percent between "
-             "runs; both sides of a row were measured back to back in one process.", "",
+             "SDPA), with torch's default thread count and with one thread: on this loaded machine torch's "
+             "spinning OpenMP threads make two threads far slower than one (the 100M shape runs only the "
+             "setting that won an 8-token probe). The machine is shared with other jobs (load average 3-7 "
+             "on its 2 cores while this ran), so absolute figures move by 2x between runs; both sides of a "
+             "row were measured interleaved in one process.", "",
              "| shape | params | batch | reps | ours tok/s | transformers tok/s (torch threads) | ours / transformers | "
-             "target | met | greedy agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio of medians | target | met | greedy agreement |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = targets.get(r["shape"])
         met = "" if target is None else ("yes" if r["speedup"] >= target else "**no**")
         lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['reps']} | {r['ours_tok_s']:.1f} | "
-                     f"{r['hf_tok_s']:.1f} ({r['threads']}) | {r['speedup']:.2f}x | >= {target}x | {met} | "
+                     f"{r['hf_tok_s']:.1f} ({r['threads']}) | {r['speedup']:.2f}x | {r['median_speedup']:.2f}x | "
+                     f">= {target}x | {met} | "
                      f"first {r['agree']} of {r['new_tokens']} tokens |")
+    lines.append("")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for batch in dict.fromkeys(r["batch"] for r in rows if r["shape"] == shape):
+            worst = min((r for r in rows if r["shape"] == shape and r["batch"] == batch), key=lambda r: r["speedup"])
+            verdict = "met" if worst["speedup"] >= targets.get(shape, 0) else "**missed**"
+            lines.append(f"- {shape}, batch {batch}: against transformers' faster setting "
+                         f"({worst['threads']} thread(s)), {worst['speedup']:.2f}x: target {verdict}.")
+    if any(r["shape"] == "100m" and r["batch"] == 1 for r in rows):
+        lines.append("- Why batch 1 at 100M is hard here (measured apart, not by this script): a decode step at batch 1 "
+                     "reads all 400 MB of float32 weights, and XLA:CPU's matrix-vector product on this machine "
+                     "streams a [768, 8192] weight at about 5-6 GB/s where torch's reaches 9-14 GB/s with one "
+                     "thread; our step is that product plus little else. At batch 8 the products become small "
+                     "matrix products and the loop's other savings show.")
     write_section("Decode throughput vs transformers (decode_bench.py)", "\n".join(lines))
 
 

@@ -246,8 +246,9 @@ class Engine:
                                          memory_source=self._memory_source):
             made.extend(t for t in chunk[0] if t not in stops)
             text = self.tokenizer.decode(made)
-            if text != shown:
-                yield text[len(shown):] if text.startswith(shown) else text
+            # A byte-level tokenizer may end mid-character; hold back until the text only grows.
+            if text != shown and text.startswith(shown):
+                yield text[len(shown):]
                 shown = text
 
     def search(self, query: str, top_k: int = 5, reason: bool = False) -> list[Hit]:

@@ -74,6 +74,19 @@ def causal_meta(valid: jax.Array) -> TokenMeta:
     return TokenMeta(example, jnp.zeros_like(example), jnp.full_like(example, READER))
 
 
+def causal_mask(valid: jax.Array) -> jax.Array:
+    """attention_mask(causal_meta(valid)), built directly.
+
+    Not merely shorter: jaxlib 0.10.2's CPU compiler aborts ("Cannot select ... and_or_fusion")
+    on the general rule constant-folded for an all-READER batch of length 8.
+    """
+    valid = jnp.asarray(valid, bool)
+    i = jnp.arange(valid.shape[-1])
+    causal = i[:, None] >= i[None, :]
+    both_valid = valid[:, :, None] & valid[:, None, :]
+    return (causal & both_valid) | (~valid[:, :, None] & (i[:, None] == i[None, :]))
+
+
 # --- host-side builders -------------------------------------------------------------------
 
 

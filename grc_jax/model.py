@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grc_jax.config import DTYPES, ModelConfig
-from grc_jax.layout import TokenMeta, attention_mask, causal_meta, positions
+from grc_jax.layout import TokenMeta, attention_mask, causal_mask, positions
 
 Params = dict[str, Any]
 
@@ -262,8 +262,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenM
         valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
         if valid.shape != tokens.shape:
             raise ValueError(f"valid has shape {valid.shape}, tokens {tokens.shape}")
-        meta = causal_meta(valid)
         pos = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+        mask = causal_mask(valid)
     else:
         if valid is not None:
             raise ValueError("with meta, mark padding as meta.example == 0, not with valid=")
@@ -271,7 +271,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenM
             if jnp.shape(array) != tokens.shape:
                 raise ValueError(f"meta.{name} has shape {jnp.shape(array)}, tokens {tokens.shape}")
         pos = positions(meta, config.max_segment_len, config.num_latents)
-    mask = attention_mask(meta)
+        mask = attention_mask(meta)
     return Transformer(config).apply({"params": params}, tokens, pos, mask, kv_index, compute_logits)
 
 

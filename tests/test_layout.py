@@ -124,3 +124,15 @@ def test_builder_errors():
         layout.example_pieces([[]], [1], [9], P)
     with pytest.raises(ValueError, match=r"example 1 has 9 tokens, more than the row length 8"):
         layout.pack_rows([layout.example_pieces([], [1], [9], P), layout.example_pieces([], [1] * 9, [9], P)], 8)
+
+
+@pytest.mark.parametrize("length", range(1, 18))
+def test_causal_mask_equals_the_rule_for_an_all_reader_batch_under_jit(length):
+    """Also guards a jaxlib 0.10.2 CPU compiler abort seen at length 8 with the general rule."""
+    import jax
+
+    valid = np.ones((2, length), bool)
+    valid[1, length // 2:] = False
+    direct = np.asarray(jax.jit(layout.causal_mask)(valid))
+    rule = np.asarray(layout.attention_mask(layout.causal_meta(valid)))
+    np.testing.assert_array_equal(direct, rule)

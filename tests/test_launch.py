@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from grc_jax.data import demo_world
+from test_train import config_file  # the training tests' tiny run settings
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -31,14 +32,6 @@ SETTINGS |= {k for k in os.environ if k.startswith("SLURM_")}
 TPU = {"TPU_NAME": "grc-test", "ZONE": "us-east5-a", "PROJECT": "my-project", "CONFIG": "configs/tiny.py",
        "ACCELERATOR_TYPE": "v5p-32"}
 JOBSET = {"IMAGE": "example.com/grc:1", "CONFIG": "configs/tiny.py", "WORKDIR_CLAIM": "grc-runs"}
-# The tiny model and data settings of tests/test_train.py, for a run of a few seconds.
-OVERRIDES = {
-    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
-    "model.num_kv_heads": 2, "model.head_dim": 8, "model.num_latents": 4, "model.max_segment_len": 96,
-    "data.row_len": 384, "data.max_segments_per_row": 8, "data.max_negatives": 2, "data.reader_distractors": 2,
-    "train.steps": 2, "train.global_batch": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 2,
-    "checkpoint.every": 2, "log_every": 1,
-}
 
 
 def script(name: str, *args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
@@ -208,15 +201,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("world")
     demo_world.write_demo_world(str(out), seed=0, num_entities=40)
     return out
-
-
-def config_file(tmp_path: Path, world: Path) -> Path:
-    values = {**OVERRIDES, "data.train_files": str(world / "train.jsonl"), "data.tokenizer": str(world)}
-    lines = ["from grc_jax.train_config import defaults", "def get_config():", "    c = defaults()"]
-    lines += [f"    c.{k} = {v!r}" for k, v in values.items()] + ["    return c"]
-    path = tmp_path / "launch_test_config.py"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def test_local_fails_fast_on_a_config_error(world: Path, tmp_path: Path) -> None:

@@ -66,7 +66,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
     if not train_files:
         world = workdir / "demo_world"
         if jax.process_index() == 0 and not (world / "world.json").is_file():
-            demo_world.write_demo_world(str(world), seed=d.demo_world_seed, num_entities=d.demo_world_entities)
+            demo_world.write_demo_world(str(world), seed=d.demo_world_seed, num_entities=d.demo_world_entities,
+                                        num_heldout=d.demo_world_heldout)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("demo_world")
         train_files = [str(world / "train.jsonl")]

@@ -28,7 +28,7 @@ def defaults() -> ml_collections.ConfigDict:
         train_files=config_dict.placeholder(str),  # comma-separated JSONL files; unset: the demo world
         eval_dir=config_dict.placeholder(str),  # a demo-world style directory for held-out evaluation
         tokenizer=config_dict.placeholder(str),  # a directory with tokenizer.json (default: hf_path's)
-        demo_world_seed=0, demo_world_entities=240,
+        demo_world_seed=0, demo_world_entities=960, demo_world_heldout=48,
         row_len=512, max_segments_per_row=16, max_negatives=4, reader_distractors=4,
         reader_task="reconstruction", skip_malformed=False,
         bos_token="<s>", eos_token="</s>", eor_token="<|end_of_reasoning|>", pad_token="<pad>",

@@ -39,7 +39,7 @@ config = tiny.get_config()
 if SMOKE:
     config.model.hidden_size, config.model.intermediate_size, config.model.num_layers = 32, 64, 2
     config.model.head_dim, config.model.num_latents, config.model.max_segment_len = 8, 4, 96
-    config.data.demo_world_entities, config.data.row_len = 40, 448
+    config.data.demo_world_entities, config.data.demo_world_heldout, config.data.row_len = 40, 8, 448
     config.data.max_negatives, config.data.reader_distractors = 2, 2
     config.train.steps, config.log_every, config.checkpoint.every = 4, 2, 4
     config.eval_max_queries, config.reasoning_max_tokens = 8, 4

@@ -169,6 +169,17 @@ def test_duplicate_documents_share_a_doc_id():
     assert (doc[batch["seg_kind"][0] != SEG_DOCUMENT] == -1).all()
 
 
+def test_answers_are_tokenized_as_they_follow_the_question_in_text():
+    # " Quarn" in a document and the answer "Quarn" after "...live?" must be the same token.
+    seen = []
+    encode = lambda texts: seen.extend(texts) or [[1] for _ in texts]  # noqa: E731
+    builder.tokenize_records([Record("f:1", positive="Ana lives in Quarn.", question="Where does Ana live?",
+                                     answer="Quarn")], encode)
+    assert seen == ["Ana lives in Quarn.", "Where does Ana live?", " Quarn"]
+    assert builder.answer_text("Where? ", "Quarn") == "Quarn"
+    assert builder.answer_text("Where?", " Quarn") == " Quarn"
+
+
 def test_records_that_cannot_be_laid_out_name_their_source():
     cfg = config(row_len=12, max_segments_per_row=2)
     with pytest.raises(ValueError, match=r"^f:3: record needs 13 tokens, more than row_len 12"):
@@ -450,7 +461,7 @@ def test_pipeline_skip_malformed_counts_lines_and_oversized_records(tmp_path, ca
 
 def test_demo_world_end_to_end(tmp_path):
     demo_world = pytest.importorskip("grc_jax.data.demo_world")
-    demo_world.write_demo_world(str(tmp_path), seed=0, num_entities=24)
+    demo_world.write_demo_world(str(tmp_path), seed=0, num_entities=24, num_heldout=6)
     tok = Tokenizer.from_dir(tmp_path)
     tok = tok.with_latents(4, len(tok))
     cfg = BuildConfig(max_segment_len=96, num_latents=4, latent_ids=tok.latent_ids(4), row_len=1024,

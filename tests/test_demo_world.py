@@ -83,14 +83,13 @@ def test_world_json(out_dir: Path, files: dict[str, list[dict[str, Any]]]) -> No
     assert meta["special_tokens"] == {"<pad>": 0, "<s>": 1, "</s>": 2, "<|end_of_reasoning|>": 3}
     counts = meta["counts"]
     assert counts["entities_train"] + counts["entities_heldout"] == dw.DEFAULT_NUM_ENTITIES
-    expected_heldout = round(dw.DEFAULT_NUM_ENTITIES * dw.DEFAULT_HELDOUT_FRACTION)
-    assert counts["entities_heldout"] == expected_heldout
+    assert counts["entities_heldout"] == dw.DEFAULT_NUM_HELDOUT
     for key in ("train", "heldout", "multihop_eval"):
         assert counts[key]["records"] == len(files[key])
     assert len(files["corpus_train"]) == counts["entities_train"]
     assert len(files["corpus_heldout"]) == counts["entities_heldout"]
     # Every objective and self-reasoning are fed from train.jsonl.
-    assert all(counts["train"][k] > 0 for k in ("retrieval", "memory_qa", "multihop", "text"))
+    assert all(counts["train"][k] > 0 for k in ("retrieval_qa", "multihop", "text"))
     assert meta["description"]
 
 
@@ -169,8 +168,12 @@ def test_multihop_eval_is_absent_from_train(world: dw.World) -> None:
 def test_direct_queries_identify_exactly_one_person(world: dw.World) -> None:
     for split, records in (("train", world.train), ("heldout", world.heldout)):
         people = world.split(split)
-        direct = [r for r in records if "query" in r and "reasoning" not in r]
-        assert len(direct) == len(people)
+        # Training adds a record per person that looks the person up by name.
+        by_name = [r for r in records if "query" in r and r.get("answer") == r["positive"]]
+        assert all(_mentions({d: n for n, d in world.documents.items()}[r["positive"]], r["query"]) for r in by_name)
+        assert len(by_name) == (len(people) if split == "train" else 0)
+        direct = [r for r in records if "query" in r and "reasoning" not in r and r not in by_name]
+        assert len(direct) == dw.QA_PER_ENTITY * len(people)
         for rec in direct:
             mentioned = {
                 kind: [v for v in values if _mentions(v, rec["query"])]
@@ -185,15 +188,33 @@ def test_direct_queries_identify_exactly_one_person(world: dw.World) -> None:
             assert rec["positive"] == world.documents[matches[0].name]
 
 
-def test_memory_qa_answers_are_in_the_positive(world: dw.World) -> None:
+def test_memory_qa_answers_come_from_the_positive(world: dw.World) -> None:
     by_doc = {doc: name for name, doc in world.documents.items()}
-    qa = [r for r in world.train + world.heldout if "question" in r and "query" not in r]
+    qa = [r for r in world.train + world.heldout if "question" in r and "reasoning" not in r]
     assert qa
+    describe = [r for r in qa if r["answer"] == r["positive"]]
+    assert len(describe) == len(world.split("train"))  # one per training person, none held out
+    assert not [r for r in world.heldout if r["answer"] == r["positive"]]
     for rec in qa:
         name = by_doc[rec["positive"]]
         assert _mentions(name, rec["question"])
-        assert _mentions(rec["answer"], rec["positive"])
-        assert len(rec["answer"].split()) == 1
+        if rec not in describe:
+            assert _mentions(rec["answer"], rec["positive"])
+            assert len(rec["answer"].split()) == 1
+
+
+def test_documents_state_the_mentor_as_the_reasoning_does(world: dw.World) -> None:
+    # Self-reasoning recalls this exact sentence; a reversed phrasing could not be recalled.
+    for e in world.entities:
+        assert dw._REASONING.format(n=e.name, mentor=e.mentor) in world.documents[e.name]
+
+
+def test_multihop_subjects_are_repeated_as_text(world: dw.World) -> None:
+    texts = [r["text"] for r in world.train if "text" in r]
+    subjects = {REASONING_RE.match(r["reasoning"]).group(1) for r in world.train + world.multihop_eval
+                if "reasoning" in r}
+    assert len(subjects) == round(len(world.split("train")) * dw.MULTIHOP_SUBJECT_FRACTION)
+    assert sorted(texts) == sorted(world.documents[s] for s in subjects for _ in range(dw.TEXT_REPEATS))
 
 
 def test_document_token_budget(out_dir: Path, files: dict[str, list[dict[str, Any]]]) -> None:
@@ -243,15 +264,15 @@ def test_template_words_are_not_cut_as_names() -> None:
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError):
-        dw.build_world(seed=0, num_entities=10, heldout_fraction=0.2)
+        dw.build_world(seed=0, num_entities=10, num_heldout=7)
     with pytest.raises(ValueError):
-        dw.build_world(seed=0, heldout_fraction=1.0)
+        dw.build_world(seed=0, num_entities=40, num_heldout=2)
 
 
 def test_cli_writes_the_files(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    args = ["--seed", "3", "--num-entities", "40", "--heldout-fraction", "0.25"]
+    args = ["--seed", "3", "--num-entities", "40", "--num-heldout", "10"]
     proc = subprocess.run(
         [sys.executable, "-m", "grc_jax.data.demo_world", "--out", str(tmp_path / "cli"), *args],
         env=env,
@@ -264,7 +285,7 @@ def test_cli_writes_the_files(tmp_path: Path) -> None:
     assert printed["counts"]["entities_train"] == 30
     assert printed["counts"]["entities_heldout"] == 10
     # Same bytes from another process as from this one (no hash-seed dependence).
-    dw.write_demo_world(str(tmp_path / "lib"), seed=3, num_entities=40, heldout_fraction=0.25)
+    dw.write_demo_world(str(tmp_path / "lib"), seed=3, num_entities=40, num_heldout=10)
     for name in dw.FILES.values():
         cli_file = tmp_path / "cli" / name
         assert cli_file.stat().st_size > 0

@@ -199,7 +199,7 @@ def test_local_dry_run_prints_one_command_per_process() -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("world")
-    demo_world.write_demo_world(str(out), seed=0, num_entities=40)
+    demo_world.write_demo_world(str(out), seed=0, num_entities=40, num_heldout=8)
     return out
 
 

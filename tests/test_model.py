@@ -143,3 +143,11 @@ def test_pooling_last_and_linear_head():
     emb = model.pool_latents(config, params, hidden, jnp.asarray([[[2, 3, 4, 5]]]))
     expected = hidden[0, 5] @ params["embed_head"]
     np.testing.assert_allclose(emb[0, 0], expected / jnp.linalg.norm(expected), atol=1e-6)
+
+
+def test_latents_of_a_model_trained_from_scratch_start_distinct():
+    embed = np.asarray(model.init_params(CONFIG, jax.random.key(1))["embed"])
+    latents = embed[CONFIG.vocab_size:]
+    assert latents.shape[0] == K
+    # Random rows, at the scale of the base rows: not K copies of their near-zero mean.
+    assert np.linalg.norm(latents - latents.mean(0), axis=1).min() > 0.5 * np.linalg.norm(embed[:V], axis=1).mean()

@@ -27,7 +27,7 @@ OVERRIDES = {
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    demo_world.write_demo_world(str(out), seed=0, num_entities=40)
+    demo_world.write_demo_world(str(out), seed=0, num_entities=40, num_heldout=8)
     return out
 
 
@@ -192,7 +192,7 @@ def test_mesh_that_does_not_fit_the_devices(world, tmp_path):
 def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_path):
     """`python -m grc_jax.train --config=configs/tiny.py`, shortened by overrides."""
     proc = run_cli(REPO / "configs" / "tiny.py", tmp_path / "run", "--config.train.steps=2",
-                   "--config.data.demo_world_entities=40", "--config.eval_max_queries=4",
+                   "--config.data.demo_world_entities=40", "--config.data.demo_world_heldout=8", "--config.eval_max_queries=4",
                    "--config.reasoning_max_tokens=4", "--config.log_every=1")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]

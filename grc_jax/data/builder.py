@@ -147,9 +147,23 @@ def tokenize_records(records: Sequence[Record], encode_batch: Callable[[list[str
     return out
 
 
+def answer_text(question: str, answer: str) -> str:
+    """The answer as it follows its question in running text ("Where? Quarn"): after a space.
+
+    Tokenized on its own, "Quarn" is another token than the " Quarn" of the documents; with
+    the space the reader answers with the very tokens its memories hold (and that a pretrained
+    model would write after a question)."""
+    if question[-1:].isspace() or answer[:1].isspace():
+        return answer
+    return " " + answer
+
+
 def _strings(record: Record) -> list[str]:
-    singles = [getattr(record, f) for f in _SINGLE_FIELDS if getattr(record, f) is not None]
-    return singles + list(record.negatives)
+    def text(field: str) -> str:
+        value = getattr(record, field)
+        return answer_text(record.question, value) if field == "answer" and record.question else value
+
+    return [text(f) for f in _SINGLE_FIELDS if getattr(record, f) is not None] + list(record.negatives)
 
 
 def _tokenized(record: Record, ids: Iterator[list[int]]) -> TokenizedRecord:

@@ -30,16 +30,20 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 # Fixed low ids: <pad> must be 0 for the padding masks downstream.
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<|end_of_reasoning|>")
-# Inclusive bounds on a document's token count (no special tokens): a 96-token segment fits.
-DOC_TOKEN_BUDGET: tuple[int, int] = (64, 96)
-DEFAULT_NUM_ENTITIES = 240
-DEFAULT_HELDOUT_FRACTION = 0.2
+# Inclusive bounds on a document's token count (no special tokens). Short documents keep a
+# record (query, three documents, question) near 200 tokens, so CPU training steps stay cheap.
+DOC_TOKEN_BUDGET: tuple[int, int] = (24, 56)
+DEFAULT_NUM_ENTITIES = 960
+DEFAULT_NUM_HELDOUT = 48  # the held-out people every figure of the tiny demo is measured on
 DEFAULT_VOCAB_SIZE = 640
-# Share of train people whose multi-hop queries go to multihop_eval.jsonl instead of train.
+# Share of train people who are subjects of multi-hop queries, and share of those whose
+# multi-hop queries go to multihop_eval.jsonl instead of train.
+MULTIHOP_SUBJECT_FRACTION = 0.15
 MULTIHOP_EVAL_FRACTION = 0.2
+TEXT_REPEATS = 16
 MIN_SPLIT_SIZE = 4  # every record needs at least 3 other documents of its split as negatives
 NEGATIVES_RANGE = (3, 7)
-MEMORY_QA_PER_ENTITY = 2
+QA_PER_ENTITY = 2  # records with a direct query and a question, per person
 MULTIHOP_PER_ENTITY = 2
 
 FILES: dict[str, str] = {
@@ -83,46 +87,27 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
 
 # Document sentences: several phrasings per fact, so documents differ in shape and not only in
 # their slot values. Names are repeated instead of pronouns: a tiny model should not need
-# coreference to learn the facts.
+# coreference to learn the facts. The mentor sentence has one phrasing only, the same as the
+# multi-hop reasoning: self-reasoning then recalls a sentence the model has read, instead of
+# inverting "X is the mentor of Y" (which language models notoriously fail to do).
 _INTRO = (
     "{n} is {a_profession} from {city}.",
     "Meet {n}, {a_profession} from {city}.",
-    "This is {n}, {a_profession} of {city}.",
+    "{n} works as {a_profession} in {city}.",
 )
 _FACTS: dict[str, tuple[str, ...]] = {
-    "city": (
-        "{n} lives in the city of {city}.",
-        "The home city of {n} is {city}.",
-        "{n} has a small house in {city}.",
-    ),
-    "profession": (
-        "{n} works as {a_profession}.",
-        "By trade, {n} is {a_profession}.",
-        "{n} earns a living as {a_profession}.",
-    ),
     "colour": (
         "The favourite colour of {n} is {colour}.",
-        "{n} likes {colour} more than any other colour.",
-        "Of all colours, {n} likes {colour} best.",
+        "{n} likes {colour} best.",
+        "{n} loves the colour {colour}.",
     ),
     "pet": (
         "{n} keeps {a_pet} as a pet.",
-        "At home, {n} looks after a pet {pet}.",
         "The pet of {n} is {a_pet}.",
+        "At home, {n} has {a_pet}.",
     ),
-    "mentor": (
-        "The mentor of {n} is {mentor}.",
-        "{mentor} is the mentor of {n}.",
-        "{n} was taught by {mentor}, a wise mentor.",
-    ),
+    "mentor": ("The mentor of {n} is {mentor}.",),
 }
-# Closing sentences only restate facts; 0-2 of them are used to bring a document into budget.
-_OUTROS = (
-    "In {city}, people know {n} as the {profession} with {a_pet}.",
-    "On market days, {n} wears something {colour}.",
-    "{n} and the {pet} are a familiar sight in {city}.",
-)
-_MAX_OUTROS = 2
 
 # Questions about one attribute of a named person (memory QA, and the resolved multi-hop step).
 _QUESTIONS: dict[str, tuple[str, ...]] = {
@@ -130,8 +115,9 @@ _QUESTIONS: dict[str, tuple[str, ...]] = {
     "profession": ("What does {n} do for a living?", "What is the profession of {n}?"),
     "colour": ("What is the favourite colour of {n}?", "Which colour does {n} like best?"),
     "pet": ("What pet does {n} keep?", "What kind of pet does {n} have?"),
-    "mentor": ("Who is the mentor of {n}?", "Who taught {n}?"),
 }
+_DESCRIBE = ("Tell me about {n}.", "What do you know about {n}?")
+_NAME_QUERIES = ("Who is {n}?", "Find {n}.")
 # Multi-hop queries name only the subject; the bridge (the mentor) must be found by reasoning.
 _MULTIHOP_QUERIES: dict[str, tuple[str, ...]] = {
     "city": ("Where does the mentor of {n} live?", "What is the home city of the mentor of {n}?"),
@@ -193,7 +179,7 @@ class World:
     """Everything `write_demo_world` writes, as Python objects."""
 
     seed: int
-    heldout_fraction: float
+    num_heldout: int
     entities: list[Entity]
     documents: dict[str, str]  # person name -> document
     train: list[dict[str, Any]]
@@ -206,13 +192,12 @@ class World:
 
 
 def record_kind(record: dict[str, Any]) -> str:
-    """The shape of a demo-world record: multihop, retrieval, memory_qa or text."""
+    """The shape of a demo-world record: multihop, retrieval_qa (a direct query and a question
+    about its positive) or text."""
     if "reasoning" in record:
         return "multihop"
     if "query" in record:
-        return "retrieval"
-    if "question" in record:
-        return "memory_qa"
+        return "retrieval_qa"
     return "text"
 
 
@@ -263,7 +248,7 @@ def name_pieces(name: str, pre: pre_tokenizers.PreTokenizer | None = None) -> li
 
 def _template_words() -> list[str]:
     # Everything but the names: templates, direct-query pieces and attribute values.
-    texts = [*_INTRO, *_OUTROS, _REASONING, "Who is Find the person from who keeps whose and"]
+    texts = [*_INTRO, *_DESCRIBE, *_NAME_QUERIES, _REASONING, "Who is Find the person from who keeps whose and"]
     for group in (_FACTS, _QUESTIONS, _MULTIHOP_QUERIES):
         texts += [t for ts in group.values() for t in ts]
     texts += [v for values in ATTRIBUTE_VALUES.values() for v in values]
@@ -339,43 +324,12 @@ def _make_entities(
     return entities
 
 
-@dataclasses.dataclass
-class _DocPlan:
-    """A document as core sentences plus optional closing sentences, `num_outros` of them used."""
-
-    core: list[str]
-    outros: list[str]
-    num_outros: int = 1
-
-    def text(self, num_outros: int | None = None) -> str:
-        k = self.num_outros if num_outros is None else num_outros
-        return " ".join(self.core + self.outros[:k])
-
-
-def _plan_document(rng: random.Random, e: Entity) -> _DocPlan:
-    slots = _slots(e)
+def _document(rng: random.Random, e: Entity) -> str:
+    """The intro (name, profession, city), then the other facts in a random order."""
     facts = list(_FACTS)
     rng.shuffle(facts)
-    core = [rng.choice(_INTRO)] + [rng.choice(_FACTS[f]) for f in facts]
-    outros = rng.sample(_OUTROS, _MAX_OUTROS)
-    return _DocPlan([s.format(**slots) for s in core], [s.format(**slots) for s in outros])
-
-
-def _fit_to_budget(plans: Iterable[_DocPlan], tok: Tokenizer) -> bool:
-    """For each document, picks the number of closing sentences that brings it nearest the
-    middle of the token budget, which keeps documents in budget whatever their names' lengths.
-    Returns True if any document changed."""
-    plans = list(plans)
-    options = range(_MAX_OUTROS + 1)
-    encoded = tok.encode_batch([plan.text(k) for plan in plans for k in options])
-    target = sum(DOC_TOKEN_BUDGET) / 2
-    changed = False
-    for i, plan in enumerate(plans):
-        lengths = [len(enc.ids) for enc in encoded[i * len(options) : (i + 1) * len(options)]]
-        best = min(options, key=lambda k: (abs(lengths[k] - target), k))
-        changed |= best != plan.num_outros
-        plan.num_outros = best
-    return changed
+    sentences = [rng.choice(_INTRO)] + [rng.choice(_FACTS[f]) for f in facts]
+    return " ".join(s.format(**_slots(e)) for s in sentences)
 
 
 class _Population:
@@ -447,21 +401,34 @@ def _record(**fields: Any) -> dict[str, Any]:
 
 # Records are first built with person names in place of documents (positive, negatives, text),
 # because documents are only final once the tokenizer has fitted them to the token budget.
-def _retrieval_and_qa(rng: random.Random, e: Entity, pop: _Population) -> list[dict[str, Any]]:
+def _retrieval_and_qa(
+    rng: random.Random, e: Entity, pop: _Population, documents: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Records that feed all three losses at once: a direct query for `e`, its document with
+    hard negatives, and a question about one attribute, answered from the document's memory.
+
+    With `documents` (training), one more record looks `e` up by name and asks the reader to
+    tell everything about `e`: its answer is the whole document, a reconstruction from the
+    right memory among distractors. It teaches embeddings and memories to keep the name, which
+    multi-hop retrieval (reasoning names the bridge) and answering among distractors need."""
     out = [
         _record(
             query=_direct_query(rng, e, pop),
             positive=e.name,
             negatives=pop.hard_negatives(rng, e),
+            question=rng.choice(_QUESTIONS[kind]).format(n=e.name),
+            answer=e.attribute(kind),
         )
+        for kind in rng.sample(list(_QUESTIONS), QA_PER_ENTITY)
     ]
-    for kind in rng.sample(list(_QUESTIONS), MEMORY_QA_PER_ENTITY):
+    if documents is not None:
         out.append(
             _record(
+                query=rng.choice(_NAME_QUERIES).format(n=e.name),
                 positive=e.name,
                 negatives=pop.hard_negatives(rng, e),
-                question=rng.choice(_QUESTIONS[kind]).format(n=e.name),
-                answer=e.attribute(kind),
+                question=rng.choice(_DESCRIBE).format(n=e.name),
+                answer=documents[e.name],
             )
         )
     return out
@@ -539,17 +506,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
 def build_world(
     seed: int = 0,
     num_entities: int = DEFAULT_NUM_ENTITIES,
-    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+    num_heldout: int = DEFAULT_NUM_HELDOUT,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> World:
     """Generates the world, its records and its tokenizer in memory (deterministic)."""
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    num_heldout = round(num_entities * heldout_fraction)
     num_train = num_entities - num_heldout
     if min(num_heldout, num_train) < MIN_SPLIT_SIZE:
         raise ValueError(
-            f"num_entities={num_entities} with heldout_fraction={heldout_fraction} leaves a split "
+            f"num_entities={num_entities} with num_heldout={num_heldout} leaves a split "
             f"with fewer than {MIN_SPLIT_SIZE} people"
         )
     rng = random.Random(seed)
@@ -563,30 +527,29 @@ def build_world(
     heldout_names = _make_names(rng, num_heldout, taken, train_pieces)
     train_people = _make_entities(rng, train_names, attrs[:num_train], "train")
     heldout_people = _make_entities(rng, heldout_names, attrs[num_train:], "heldout")
-    plans = {e.name: _plan_document(rng, e) for e in train_people + heldout_people}
+    documents = {e.name: _document(rng, e) for e in train_people + heldout_people}
 
     train_pop, heldout_pop = _Population(train_people), _Population(heldout_people)
-    num_eval = max(1, round(num_train * MULTIHOP_EVAL_FRACTION))
-    eval_subjects = {e.name for e in rng.sample(train_people, num_eval)}
+    # Multi-hop is about a few "well-known" people: their documents also come as plain text,
+    # TEXT_REPEATS times, so the model learns their mentors by heart (self-reasoning recalls
+    # them). Everyone else is seen a few times only, so that answering from memory and
+    # retrieval cannot lean on facts memorised about the training people.
+    subjects = rng.sample(train_people, max(2, round(num_train * MULTIHOP_SUBJECT_FRACTION)))
+    num_eval = max(1, round(len(subjects) * MULTIHOP_EVAL_FRACTION))
+    eval_subjects = {e.name for e in subjects[:num_eval]}
     train: list[dict[str, Any]] = []
     multihop_eval: list[dict[str, Any]] = []
     for e in train_people:
-        train += _retrieval_and_qa(rng, e, train_pop)
+        train += _retrieval_and_qa(rng, e, train_pop, documents)
+    for e in subjects:
         hops = _multihop(rng, e, train_pop)
         (multihop_eval if e.name in eval_subjects else train).extend(hops)
-        train.append(_record(text=e.name))
+        train += [_record(text=e.name)] * TEXT_REPEATS
     heldout: list[dict[str, Any]] = []
     for e in heldout_people:
         heldout += _retrieval_and_qa(rng, e, heldout_pop)
 
-    # Fitting documents to the budget changes the tokenizer's corpus, so alternate until nothing
-    # changes; after the first round only a few borderline documents move, if any.
-    all_records = train + multihop_eval + heldout
-    for _ in range(8):
-        documents = {name: plan.text() for name, plan in plans.items()}
-        tok = train_tokenizer(_record_strings(all_records, documents), vocab_size)
-        if not _fit_to_budget(plans.values(), tok):
-            break
+    tok = train_tokenizer(_record_strings(train + multihop_eval + heldout, documents), vocab_size)
     lengths = [len(tok.encode(d).ids) for d in documents.values()]
     lo, hi = DOC_TOKEN_BUDGET
     if not lo <= min(lengths) <= max(lengths) <= hi:
@@ -599,7 +562,7 @@ def build_world(
         rng.shuffle(records)
     return World(
         seed=seed,
-        heldout_fraction=heldout_fraction,
+        num_heldout=num_heldout,
         entities=train_people + heldout_people,
         documents=documents,
         train=_resolve(train, documents),
@@ -619,11 +582,11 @@ def write_demo_world(
     out_dir: str,
     seed: int = 0,
     num_entities: int = DEFAULT_NUM_ENTITIES,
-    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+    num_heldout: int = DEFAULT_NUM_HELDOUT,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> dict[str, Any]:
     """Builds the demo world and writes its files into `out_dir`; returns paths and counts."""
-    return write_world(build_world(seed, num_entities, heldout_fraction, vocab_size), out_dir)
+    return write_world(build_world(seed, num_entities, num_heldout, vocab_size), out_dir)
 
 
 def write_world(world: World, out_dir: str) -> dict[str, Any]:
@@ -659,7 +622,7 @@ def write_world(world: World, out_dir: str) -> dict[str, Any]:
         "generator": "grc_jax.data.demo_world",
         "seed": world.seed,
         "num_entities": len(world.entities),
-        "heldout_fraction": world.heldout_fraction,
+        "num_heldout": world.num_heldout,
         "multihop_eval_fraction": MULTIHOP_EVAL_FRACTION,
         "counts": counts,
         "special_tokens": {t: i for i, t in enumerate(SPECIAL_TOKENS)},
@@ -680,11 +643,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-entities", type=int, default=DEFAULT_NUM_ENTITIES)
-    parser.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION)
+    parser.add_argument("--num-heldout", type=int, default=DEFAULT_NUM_HELDOUT)
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     args = parser.parse_args(argv)
     info = write_demo_world(
-        args.out, args.seed, args.num_entities, args.heldout_fraction, args.vocab_size
+        args.out, args.seed, args.num_entities, args.num_heldout, args.vocab_size
     )
     print(json.dumps({k: info[k] for k in ("out_dir", "counts", "doc_tokens")}, indent=2))
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from grc_jax import layout, model
 from grc_jax.config import ModelConfig
+from grc_jax.data.builder import answer_text
 
 NUM_DISTRACTORS = 4
 
@@ -88,7 +89,7 @@ def query_tokens(tok: Any, query: str, reasoning: str | list[int] | None, eor_id
 
 
 def reader_tokens(tok: Any, question: str, answer: str, eos_id: int) -> tuple[list[int], list[int]]:
-    return tok.encode(question), tok.encode(answer) + [eos_id]
+    return tok.encode(question), tok.encode(answer_text(question, answer)) + [eos_id]
 
 
 def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_config: Any) -> dict[str, float]:

@@ -32,7 +32,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<|end_of_reasoning|>")
 # Inclusive bounds on a document's token count (no special tokens). Short documents keep a
 # record (query, three documents, question) near 200 tokens, so CPU training steps stay cheap.
-DOC_TOKEN_BUDGET: tuple[int, int] = (24, 56)
+DOC_TOKEN_BUDGET: tuple[int, int] = (16, 48)
 DEFAULT_NUM_ENTITIES = 960
 DEFAULT_NUM_HELDOUT = 48  # the held-out people every figure of the tiny demo is measured on
 DEFAULT_VOCAB_SIZE = 640
@@ -86,26 +86,20 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
 }
 
 # Document sentences: several phrasings per fact, so documents differ in shape and not only in
-# their slot values. Names are repeated instead of pronouns: a tiny model should not need
-# coreference to learn the facts. The mentor sentence has one phrasing only, the same as the
-# multi-hop reasoning: self-reasoning then recalls a sentence the model has read, instead of
-# inverting "X is the mentor of Y" (which language models notoriously fail to do).
+# their slot values. Documents are short and name their person twice only: a memory of K
+# latents is read faster when the attribute words are a large share of its text (answering
+# from memory learned about twice as fast as with 40-token documents that repeat the name).
+# The mentor sentence has one phrasing only, the same as the multi-hop reasoning:
+# self-reasoning then recalls a sentence the model has read, instead of inverting
+# "X is the mentor of Y" (which language models notoriously fail to do).
 _INTRO = (
     "{n} is {a_profession} from {city}.",
     "Meet {n}, {a_profession} from {city}.",
     "{n} works as {a_profession} in {city}.",
 )
 _FACTS: dict[str, tuple[str, ...]] = {
-    "colour": (
-        "The favourite colour of {n} is {colour}.",
-        "{n} likes {colour} best.",
-        "{n} loves the colour {colour}.",
-    ),
-    "pet": (
-        "{n} keeps {a_pet} as a pet.",
-        "The pet of {n} is {a_pet}.",
-        "At home, {n} has {a_pet}.",
-    ),
+    "colour": ("Favourite colour: {colour}.", "Likes {colour} best.", "Loves the colour {colour}."),
+    "pet": ("Keeps {a_pet} as a pet.", "Has {a_pet} at home.", "Pet: {a_pet}."),
     "mentor": ("The mentor of {n} is {mentor}.",),
 }
 
@@ -140,16 +134,19 @@ DESCRIPTION = (
     "A synthetic world of invented people whose names are built from a fixed syllable "
     "inventory. Each person has a home city, a profession, a favourite colour, a pet and a "
     "mentor (another person of the same split), stated in one short document per person. "
-    "train.jsonl mixes direct attribute queries that identify one person (query, positive, "
-    "hard negatives), memory-QA records (a question and short answer about the positive "
-    "document, negatives as distractor memories), multi-hop records (a query about the mentor "
-    "of a person, reasoning that names the mentor, the mentor's document as positive and the "
-    "resolved question/answer) and text records holding the documents. heldout.jsonl holds "
-    "retrieval and memory-QA records over held-out people, who appear in no train file and "
-    "relate only to each other. multihop_eval.jsonl holds the multi-hop queries of 20% of the "
-    "train people, kept out of train.jsonl. The tokenizer is a byte-level BPE whose "
-    "pre-tokenizer cuts names into syllables; held-out names use only syllables seen in train "
-    "names, so every token of the held-out files also occurs in train.jsonl."
+    "Every train.jsonl record but the text ones feeds all three losses: a query (a direct "
+    "attribute query that identifies one person, or the person's name), the positive document "
+    "with hard negatives (also the reader's distractor memories), and a question answered "
+    "from the positive's memory (one attribute, or the whole document for a by-name query). "
+    "Multi-hop records (a query about the mentor of a person, reasoning that names the "
+    "mentor, the mentor's document as positive and the resolved question/answer) cover 15% "
+    "of the train people, whose documents also come as repeated text records so that their "
+    "mentors are learned by heart. heldout.jsonl holds attribute queries and questions over "
+    "held-out people, who appear in no train file and relate only to each other. "
+    "multihop_eval.jsonl holds the multi-hop queries of 20% of the multi-hop subjects, kept "
+    "out of train.jsonl. The tokenizer is a byte-level BPE whose pre-tokenizer cuts names into "
+    "syllables; held-out names use only syllables seen in train names, so every token of the "
+    "held-out files also occurs in train.jsonl."
 )
 
 

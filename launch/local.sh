@@ -10,15 +10,7 @@ set -uo pipefail  # no -e: the exit statuses of the processes are handled below
 
 DRY_RUN=${DRY_RUN:-0}
 die() { echo "local.sh: $*" >&2; exit 2; }
-quote() {
-  local s=$1
-  if [[ $s =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$s"; else s=${s//\'/\'\\\'\'}; printf "'%s'" "$s"; fi
-}
-show() {
-  local line="+" a
-  for a in "$@"; do line+=" $(quote "$a")"; done
-  printf '%s\n' "$line"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 [[ -n ${CONFIG:-} ]] || die "CONFIG is not set: the config file to train, e.g. CONFIG=configs/tiny.py launch/local.sh"
 NUM_PROCESSES=${NUM_PROCESSES:-2}

@@ -15,16 +15,7 @@ DRY_RUN=${DRY_RUN:-0}
 
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
-# A command as it could be pasted into a shell: plain words bare, anything else single-quoted.
-quote() {
-  local s=$1
-  if [[ $s =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$s"; else s=${s//\'/\'\\\'\'}; printf "'%s'" "$s"; fi
-}
-show() {
-  local line="+" a
-  for a in "$@"; do line+=" $(quote "$a")"; done
-  printf '%s\n' "$line"
-}
+source "$HERE/common.sh"
 run() { show "$@"; [[ $DRY_RUN == 1 ]] || "$@"; }
 
 hint() {
@@ -134,18 +125,25 @@ each_node() {
 }
 ssh_all() { local node=$1; shift; run gcloud compute tpus tpu-vm ssh "$node" "${where[@]}" --worker=all ${ssh_flags[@]+"${ssh_flags[@]}"} --command="$*"; }
 
+# describe_state VAR CMD...: sets VAR to what the describe command CMD prints, or to "" when the
+# resource does not exist (and always in a dry run, which only shows CMD).
+describe_state() {
+  local var=$1; shift
+  show "$@"
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "# if it does not exist:"
+    printf -v "$var" '%s' ""
+  else
+    printf -v "$var" '%s' "$("$@" 2>/dev/null || true)"
+  fi
+}
+
 stage_create() {
   if (( NUM_SLICES > 1 )); then
     # Multislice: one queued resource holds all slices; GCP then writes MEGASCALE_COORDINATOR_ADDRESS,
     # MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID and MEGASCALE_PORT into every worker's tpu-env metadata.
     local state
-    show gcloud compute tpus queued-resources describe "$QR_NAME" "${where[@]}" --format='value(state.state)'
-    if [[ $DRY_RUN == 1 ]]; then
-      echo "# if it does not exist:"
-      state=""
-    else
-      state=$(gcloud compute tpus queued-resources describe "$QR_NAME" "${where[@]}" --format='value(state.state)' 2>/dev/null || true)
-    fi
+    describe_state state gcloud compute tpus queued-resources describe "$QR_NAME" "${where[@]}" --format='value(state.state)'
     if [[ -z $state ]]; then
       require ACCELERATOR_TYPE
       run gcloud compute tpus queued-resources create "$QR_NAME" "${where[@]}" --node-prefix="$TPU_NAME" \
@@ -164,13 +162,7 @@ stage_create() {
     done
   else
     local state
-    show gcloud compute tpus tpu-vm describe "$TPU_NAME" "${where[@]}" --format='value(state)'
-    if [[ $DRY_RUN == 1 ]]; then
-      echo "# if it does not exist:"
-      state=""
-    else
-      state=$(gcloud compute tpus tpu-vm describe "$TPU_NAME" "${where[@]}" --format='value(state)' 2>/dev/null || true)
-    fi
+    describe_state state gcloud compute tpus tpu-vm describe "$TPU_NAME" "${where[@]}" --format='value(state)'
     if [[ -z $state ]]; then
       require ACCELERATOR_TYPE
       run gcloud compute tpus tpu-vm create "$TPU_NAME" "${where[@]}" --accelerator-type="$ACCELERATOR_TYPE" \

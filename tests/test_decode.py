@@ -80,7 +80,12 @@ def memory_kv(params, segment):
     return np.asarray(keys), np.asarray(values)
 
 
-def test_greedy_decode_equals_uncached_forward(decoder, params):
+@pytest.mark.parametrize("per_layer_weights", [True, False], ids=["per-layer", "stacked"])
+def test_greedy_decode_equals_uncached_forward(params, per_layer_weights):
+    # per-layer: the CPU default (an unrolled loop over separate arrays); stacked: the scan that
+    # accelerators run.
+    decoder = Decoder(CONFIG, params, num_pages=64, page_size=4, prefill_chunk=8, per_layer_weights=per_layer_weights)
+    assert isinstance(decoder.params["layers"], tuple) == per_layer_weights
     # 11 + 10 tokens: a 32-token buffer of 8 token pages; the loops attend over 4, then 6 of them
     assert decode.table_widths(8, None) == (4, 6, 8)
     out, logits = decoder.generate_with_logits(PROMPTS, decoder.settings(10, record_logits=True))

@@ -242,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                                        data=ocp.args.JsonSave(iterator.get_state())), force=True)
 
         history: list[dict[str, float]] = []
+        evals: list[dict[str, float]] = []  # the periodic held-out evaluations, the final one apart
         window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
         for step in range(start, t.steps):
             batch = _to_global(next(iterator), batch_sharding)
@@ -261,7 +262,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 _report(done, t.steps, metrics, eta=(t.steps - done) * step_time)
                 window_start, window_steps = time.perf_counter(), 0
             if config.eval_every and done % config.eval_every == 0 and done != t.steps and setup.eval_dir:
-                writer.write(done, evaluation.evaluate_world(mc, state["params"], setup, config))
+                figures = evaluation.evaluate_world(mc, state["params"], setup, config)
+                writer.write(done, figures)
+                evals.append({"step": done, **figures})
+                _print_eval(done, figures)
             if done % config.checkpoint.every == 0 or done == t.steps:
                 save(done)
             if preemption.requested or manager.reached_preemption(done):
@@ -271,10 +275,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 return {"preempted_at": done, "history": history}
         manager.wait_until_finished()
         result: dict[str, Any] = {"history": history, "train_seconds": time.perf_counter() - run_start}
+        if evals:
+            result["evals"] = evals
         if setup.eval_dir and start < t.steps:
             result["eval"] = evaluation.evaluate_world(mc, state["params"], setup, config)
             writer.write(t.steps, result["eval"])
-            print("held-out evaluation: " + ", ".join(f"{k} {v:.3f}" for k, v in result["eval"].items()), flush=True)
+            _print_eval(t.steps, result["eval"])
         writer.close()
         if jax.process_index() == 0:
             (workdir / "result.json").write_text(json.dumps(result, indent=2))
@@ -300,6 +306,10 @@ def _report(step: int, total: int, m: dict[str, float], eta: float) -> None:
           f"comp {m['loss_comp']:.3f}) | rep acc {m['rep_accuracy']:.2f} | lr {m['learning_rate']:.2e} "
           f"| gnorm {m['grad_norm']:.2f} | {m['tokens_per_second']:,.0f} tok/s | {m['step_time']:.2f} s/step"
           f"{mfu} | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+
+
+def _print_eval(step: int, figures: dict[str, float]) -> None:
+    print(f"held-out evaluation at step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
 
 
 def main(argv: list[str]) -> None:

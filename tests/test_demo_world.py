@@ -203,6 +203,14 @@ def test_memory_qa_answers_come_from_the_positive(world: dw.World) -> None:
             assert len(rec["answer"].split()) == 1
 
 
+def test_mentors_are_a_few_senior_people_of_each_split(world: dw.World) -> None:
+    for split in ("train", "heldout"):
+        people = world.split(split)
+        mentors = {e.mentor for e in people}
+        assert len(mentors) == max(2, round(len(people) / dw.MENTEES_PER_MENTOR))
+        assert mentors <= {e.name for e in people}
+
+
 def test_documents_state_the_mentor_as_the_reasoning_does(world: dw.World) -> None:
     # Self-reasoning recalls this exact sentence; a reversed phrasing could not be recalled.
     for e in world.entities:

@@ -193,10 +193,14 @@ def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_pat
     """`python -m grc_jax.train --config=configs/tiny.py`, shortened by overrides."""
     proc = run_cli(REPO / "configs" / "tiny.py", tmp_path / "run", "--config.train.steps=2",
                    "--config.data.demo_world_entities=40", "--config.data.demo_world_heldout=8", "--config.eval_max_queries=4",
-                   "--config.reasoning_max_tokens=4", "--config.log_every=1")
+                   "--config.reasoning_max_tokens=4", "--config.log_every=1", "--config.eval_every=1")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "step 2/2 | loss" in out
-    assert "held-out evaluation: retrieval/recall@1" in out and "memory_qa/exact_match" in out
+    # eval_every=1: a periodic evaluation after step 1, then the final one
+    assert "held-out evaluation at step 1: retrieval/recall@1" in out
+    assert "held-out evaluation at step 2: retrieval/recall@1" in out and "memory_qa/exact_match" in out
     assert "multihop/recall@1_self_reasoning" in out
     assert (tmp_path / "run" / "demo_world" / "world.json").is_file()
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert [e["step"] for e in result["evals"]] == [1] and "retrieval/recall@1" in result["eval"]

@@ -1,7 +1,7 @@
 """The built-in demo world: a small synthetic world of invented people for end-to-end GRC runs.
 
-Every person has a home city, a profession, a favourite colour, a pet and a mentor (another
-person of the same split). One short document per person states these facts. From the world we
+Every person has a home city, a profession, a favourite colour, a pet and a mentor (one of
+a few senior people of the same split). One short document per person states these facts. From the world we
 write training records for all three GRC objectives (generative, representative, compressive)
 and for self-reasoning (multi-hop queries whose reasoning names the bridge person), a held-out
 split whose people never appear in any train file, multi-hop evaluation queries, retrieval
@@ -41,6 +41,10 @@ DEFAULT_VOCAB_SIZE = 640
 MULTIHOP_SUBJECT_FRACTION = 0.15
 MULTIHOP_EVAL_FRACTION = 0.2
 TEXT_REPEATS = 16
+# Mentors are a few senior people of each split, each mentoring about this many: a multi-hop
+# bridge is then one of a few dozen well-known names, and recalling it means learning which
+# one, not spelling out one of hundreds of random names.
+MENTEES_PER_MENTOR = 24
 MIN_SPLIT_SIZE = 4  # every record needs at least 3 other documents of its split as negatives
 NEGATIVES_RANGE = (3, 7)
 QA_PER_ENTITY = 2  # records with a direct query and a question, per person
@@ -133,7 +137,8 @@ _REASONING = "The mentor of {n} is {mentor}."
 DESCRIPTION = (
     "A synthetic world of invented people whose names are built from a fixed syllable "
     "inventory. Each person has a home city, a profession, a favourite colour, a pet and a "
-    "mentor (another person of the same split), stated in one short document per person. "
+    "mentor (one of a few senior people of the same split, each mentoring about 24), stated "
+    "in one short document per person. "
     "Every train.jsonl record but the text ones feeds all three losses: a query (a direct "
     "attribute query that identifies one person, or the person's name), the positive document "
     "with hard negatives (also the reader's distractor memories), and a question answered "
@@ -314,9 +319,11 @@ def _make_entities(
     rng: random.Random, names: Sequence[str], attrs: Sequence[tuple[str, ...]], split: str
 ) -> list[Entity]:
     entities = []
+    # Mentors come from the same split (held-out people relate only to held-out people), from
+    # its first people: names are drawn in random order, so that is a random few.
+    mentors = range(max(2, round(len(names) / MENTEES_PER_MENTOR)))
     for i, name in enumerate(names):
-        # Mentors come from the same split: held-out people relate only to held-out people.
-        mentor = names[rng.choice([j for j in range(len(names)) if j != i])]
+        mentor = names[rng.choice([j for j in mentors if j != i])]
         entities.append(Entity(name, split, *attrs[i], mentor=mentor))
     return entities
 

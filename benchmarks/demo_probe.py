@@ -1,12 +1,17 @@
-"""Does a trained model recall the bridge of a multi-hop query? Reads a `grc_jax.train` workdir
-that trained on the demo world and prints, for held-out and for trained multi-hop queries:
+"""Where a tiny demo run falls short. Reads a `grc_jax.train` workdir that trained on the demo
+world and prints:
+
+- memory QA exact match on the held-out questions with 0, 1, 2 and 4 distractor memories (the
+  hardest negatives first, as the evaluation draws them): reading a memory vs picking one;
+
+and, for held-out and for trained multi-hop queries:
 
 - how often the greedy self-reasoning trace (as `Engine.embed(..., reason=True)` makes it)
   equals the gold reasoning, and how often it names the gold bridge;
 - how often the bare text prefix of the gold reasoning ("The mentor of X is") is completed
   with the bridge's name: the fact as plain language modelling, without the query.
 
-    python benchmarks/reasoning_probe.py /tmp/official/run2 [--queries 30]
+    python benchmarks/demo_probe.py /tmp/official/run2 [--queries 30]
 """
 from __future__ import annotations
 
@@ -15,8 +20,33 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grc_jax.eval.world import read_jsonl  # noqa: E402
+import numpy as np  # noqa: E402
+
+from grc_jax.eval.world import answer_exact_match, document_tokens, read_jsonl, reader_tokens  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
+
+
+def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4)) -> dict[int, float]:
+    """Exact match with each number of distractors, drawn as `grc_jax.eval.world` draws them."""
+    tok, config = engine.tokenizer, engine.config
+    corpus = [d["text"] for d in read_jsonl(world / "corpus_heldout.jsonl")]
+    qa = [r for r in read_jsonl(world / "heldout.jsonl") if {"question", "answer", "positive"} <= r.keys()]
+    readers = [reader_tokens(tok, r["question"], r["answer"], engine.eos_id) for r in qa]
+    out = {}
+    for count in counts:
+        rng = np.random.default_rng(0)
+        memories = []
+        for r in qa:
+            texts = [d for d in r.get("negatives", []) if d != r["positive"]][:count]
+            while len(texts) < count:
+                extra = corpus[int(rng.integers(len(corpus)))]
+                if extra != r["positive"] and extra not in texts:
+                    texts.append(extra)
+            texts.append(r["positive"])
+            rng.shuffle(texts)
+            memories.append([document_tokens(tok, t, config.max_segment_len) for t in texts])
+        out[count] = answer_exact_match(config, engine.params, memories, readers, list(config.latent_token_ids))
+    return out
 
 
 def probe(engine: Engine, records: list[dict]) -> dict[str, float]:
@@ -43,6 +73,9 @@ def main() -> None:
     args = parser.parse_args()
     world = Path(args.workdir) / "demo_world"
     engine = Engine.from_pretrained(args.workdir)
+    figures = memory_qa_by_distractors(engine, world)
+    print(f"memory QA exact match, {len(figures)} settings: "
+          + ", ".join(f"{n} distractors {v:.3f}" for n, v in figures.items()))
     splits = {
         "held-out (multihop_eval.jsonl)": read_jsonl(world / "multihop_eval.jsonl")[: args.queries],
         "trained (train.jsonl)": [r for r in read_jsonl(world / "train.jsonl") if "reasoning" in r][: args.queries],

@@ -204,10 +204,9 @@ def main() -> None:
             lines.append(f"- {shape}, batch {batch}: against transformers' faster setting "
                          f"({worst['threads']} thread(s)), {worst['speedup']:.2f}x: target {verdict}.")
     if any(r["shape"] == "100m" for r in rows):
-        lines.append("- What made 100M fast enough (measured apart, not by this script): XLA:CPU copies a layer's "
-                     "weights out of the stacked [layers, ...] arrays on every step of a `lax.scan` over them, so a "
-                     "batch-1 step moved the 400 MB of weights twice (layers and head alone, in a bare loop: 32 ms "
-                     "per step scanned, 19 ms with separate per-layer arrays). On the CPU the Decoder now keeps the "
+        lines.append("- What made 100M fast enough (`python benchmarks/layer_loop_bench.py`): XLA:CPU copies a "
+                     "layer's weights out of the stacked [layers, ...] arrays on every step of a `lax.scan` over "
+                     "them, so a batch-1 step moved the 400 MB of weights twice. On the CPU the Decoder keeps the "
                      "layer weights as per-layer arrays and unrolls the layer loop (`decode.unstack_layers`), at "
                      "the cost of a second copy of the layer weights.")
     write_section("Decode throughput vs transformers (decode_bench.py)", "\n".join(lines))

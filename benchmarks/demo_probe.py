@@ -1,8 +1,9 @@
 """Where a tiny demo run falls short. Reads a `grc_jax.train` workdir that trained on the demo
 world and prints:
 
-- memory QA exact match on the held-out questions with 0, 1, 2 and 4 distractor memories (the
-  hardest negatives first, as the evaluation draws them): reading a memory vs picking one;
+- memory QA exact match on the held-out questions with 0, 1, 2 and 4 distractor memories, drawn
+  as the evaluation draws them (the hardest negatives first) and at random: reading a memory,
+  picking one by name, or blending them;
 
 and, for held-out and for trained multi-hop queries:
 
@@ -26,8 +27,10 @@ from grc_jax.eval.world import answer_exact_match, document_tokens, read_jsonl, 
 from grc_jax.inference import Engine  # noqa: E402
 
 
-def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4)) -> dict[int, float]:
-    """Exact match with each number of distractors, drawn as `grc_jax.eval.world` draws them."""
+def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4),
+                             look_alikes: bool = True) -> dict[int, float]:
+    """Exact match with each number of distractors: the record's negatives first, as
+    `grc_jax.eval.world` draws them (look-alikes in the demo world), or random documents only."""
     tok, config = engine.tokenizer, engine.config
     corpus = [d["text"] for d in read_jsonl(world / "corpus_heldout.jsonl")]
     qa = [r for r in read_jsonl(world / "heldout.jsonl") if {"question", "answer", "positive"} <= r.keys()]
@@ -37,7 +40,7 @@ def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...
         rng = np.random.default_rng(0)
         memories = []
         for r in qa:
-            texts = [d for d in r.get("negatives", []) if d != r["positive"]][:count]
+            texts = [d for d in r.get("negatives", []) if d != r["positive"]][:count] if look_alikes else []
             while len(texts) < count:
                 extra = corpus[int(rng.integers(len(corpus)))]
                 if extra != r["positive"] and extra not in texts:
@@ -73,18 +76,23 @@ def main() -> None:
     args = parser.parse_args()
     world = Path(args.workdir) / "demo_world"
     engine = Engine.from_pretrained(args.workdir)
-    figures = memory_qa_by_distractors(engine, world)
-    print(f"memory QA exact match, {len(figures)} settings: "
-          + ", ".join(f"{n} distractors {v:.3f}" for n, v in figures.items()))
+    for look_alikes in (True, False):
+        figures = memory_qa_by_distractors(engine, world, look_alikes=look_alikes)
+        print(f"memory QA exact match, {'look-alike' if look_alikes else 'random'} distractors: "
+              + ", ".join(f"{n}: {v:.3f}" for n, v in figures.items()))
     splits = {
         "held-out (multihop_eval.jsonl)": read_jsonl(world / "multihop_eval.jsonl")[: args.queries],
         "trained (train.jsonl)": [r for r in read_jsonl(world / "train.jsonl") if "reasoning" in r][: args.queries],
     }
     for name, records in splits.items():
+        if not records:
+            continue
         figures = probe(engine, records)
         print(f"{name}, {len(records)} queries: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
     tok = engine.tokenizer
     shown = splits["held-out (multihop_eval.jsonl)"][: args.show]
+    if not shown:
+        return
     _, traces = engine.embed_with_reasoning_tokens([tok.encode(r["query"]) for r in shown])
     for r, ids in zip(shown, traces):
         print(f"  gold {r['reasoning']!r} | model {tok.decode([t for t in ids if t != engine.eor_id]).strip()!r}")

@@ -182,11 +182,10 @@ def main() -> None:
              "(ours and theirs interleaved, half a second idle before each call, so neither side runs while the "
              "other's worker threads still spin) after a warm-up call each; the ratio of the medians is given too. Ours: `grc_jax.inference.Decoder` (one jitted while_loop, paged KV, the "
              "XLA reference of hybrid paged attention). Theirs: `LlamaForCausalLM.generate` (torch, KV cache, "
-             "SDPA), with torch's default thread count and with one thread: on this loaded machine torch's "
-             "spinning OpenMP threads make two threads far slower than one (the 100M shape runs only the "
-             "setting that won an 8-token probe). The machine is shared with other jobs (load average 3-7 "
-             "on its 2 cores while this ran), so absolute figures move by 2x between runs; both sides of a "
-             "row were measured interleaved in one process.", "",
+             "SDPA), with torch's default thread count and with one thread: on a loaded machine torch's "
+             "spinning OpenMP threads can make two threads slower than one (the 100M shape runs only the "
+             "setting that won an 8-token probe). On a machine shared with other jobs absolute figures "
+             "move by up to 2x between runs; both sides of a row were measured interleaved in one process.", "",
              "| shape | params | batch | reps | ours tok/s | transformers tok/s (torch threads) | ours / transformers | "
              "ratio of medians | target | met | greedy agreement |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

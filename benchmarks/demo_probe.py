@@ -52,7 +52,8 @@ def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...
     return out
 
 
-def probe(engine: Engine, records: list[dict]) -> dict[str, float]:
+def probe(engine: Engine, records: list[dict]) -> tuple[dict[str, float], list[str]]:
+    """The figures for these multi-hop records, and the model's trace for each."""
     tok = engine.tokenizer
     _, traces = engine.embed_with_reasoning_tokens([tok.encode(r["query"]) for r in records])
     texts = [tok.decode([t for t in ids if t != engine.eor_id]).strip() for ids in traces]
@@ -65,7 +66,7 @@ def probe(engine: Engine, records: list[dict]) -> dict[str, float]:
         "trace names the bridge": sum(t.endswith(f" is {b}.") for t, b in zip(texts, bridges)) / n,
         "text prefix completed with the bridge": sum(
             tok.decode(c).strip().startswith(b + ".") for c, b in zip(completions, bridges)) / n,
-    }
+    }, texts
 
 
 def main() -> None:
@@ -87,15 +88,11 @@ def main() -> None:
     for name, records in splits.items():
         if not records:
             continue
-        figures = probe(engine, records)
+        figures, traces = probe(engine, records)
         print(f"{name}, {len(records)} queries: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
-    tok = engine.tokenizer
-    shown = splits["held-out (multihop_eval.jsonl)"][: args.show]
-    if not shown:
-        return
-    _, traces = engine.embed_with_reasoning_tokens([tok.encode(r["query"]) for r in shown])
-    for r, ids in zip(shown, traces):
-        print(f"  gold {r['reasoning']!r} | model {tok.decode([t for t in ids if t != engine.eor_id]).strip()!r}")
+        if name.startswith("held-out"):
+            for r, trace in list(zip(records, traces))[: args.show]:
+                print(f"  gold {r['reasoning']!r} | model {trace!r}")
 
 
 if __name__ == "__main__":

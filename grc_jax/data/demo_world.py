@@ -1,11 +1,11 @@
 """The built-in demo world: a small synthetic world of invented people for end-to-end GRC runs.
 
 Every person has a home city, a profession, a favourite colour, a pet and a mentor (one of
-a few senior people of the same split). One short document per person states these facts. From the world we
-write training records for all three GRC objectives (generative, representative, compressive)
-and for self-reasoning (multi-hop queries whose reasoning names the bridge person), a held-out
-split whose people never appear in any train file, multi-hop evaluation queries, retrieval
-corpora and a small byte-level BPE tokenizer.
+a few senior people of the same split). One short document per person states these facts.
+From the world we write training records for all three GRC objectives (generative,
+representative, compressive) and for self-reasoning (multi-hop queries whose reasoning names
+the bridge person), a held-out split whose people never appear in any train file, multi-hop
+evaluation queries, retrieval corpora and a small byte-level BPE tokenizer.
 
     python -m grc_jax.data.demo_world --out /tmp/demo_world --seed 0
 

@@ -165,9 +165,9 @@ def unstack_layers(params: model.Params) -> model.Params:
     XLA:CPU copies a layer's weights out of the stacked arrays on every step of a scan over
     them, which at batch 1 doubles the bytes a decode step moves (100M model, layers and head
     alone: 34 ms per step scanned, 20 ms unstacked; benchmarks/layer_loop_bench.py); separate
-    arrays are read in place. The
-    Decoder does this on the CPU only (`per_layer_weights`): it costs a second copy of the layer
-    weights, which device memory can seldom spare, and has not been measured on accelerators."""
+    arrays are read in place. The Decoder does this on the CPU only (`per_layer_weights`): it
+    costs a second copy of the layer weights, which device memory can seldom spare, and has not
+    been measured on accelerators."""
     layers = params["layers"]
     count = jax.tree.leaves(layers)[0].shape[0]
     return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count))}

@@ -4,6 +4,9 @@ world and prints:
 - memory QA exact match on the held-out questions with 0, 1, 2 and 4 distractor memories, drawn
   as the evaluation draws them (the hardest negatives first) and at random: reading a memory,
   picking one by name, or blending them;
+- where the reader looks: in every layer past the first (the first sees the same latent K/V
+  for every memory), the share of each head's attention to memories that goes to the right
+  one, at the position that predicts the answer;
 
 and, for held-out and for trained multi-hop queries:
 
@@ -17,12 +20,16 @@ and, for held-out and for trained multi-hop queries:
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from grc_jax import layout, model  # noqa: E402
 from grc_jax.eval.world import answer_exact_match, document_tokens, read_jsonl, reader_tokens  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
 
@@ -38,18 +45,64 @@ def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...
     out = {}
     for count in counts:
         rng = np.random.default_rng(0)
-        memories = []
-        for r in qa:
-            texts = [d for d in r.get("negatives", []) if d != r["positive"]][:count] if look_alikes else []
-            while len(texts) < count:
-                extra = corpus[int(rng.integers(len(corpus)))]
-                if extra != r["positive"] and extra not in texts:
-                    texts.append(extra)
-            texts.append(r["positive"])
-            rng.shuffle(texts)
-            memories.append([document_tokens(tok, t, config.max_segment_len) for t in texts])
+        memories = [[document_tokens(tok, t, config.max_segment_len)
+                     for t in _draw_memories(r, count, look_alikes, corpus, rng)] for r in qa]
         out[count] = answer_exact_match(config, engine.params, memories, readers, list(config.latent_token_ids))
     return out
+
+
+def _draw_memories(r: dict, count: int, look_alikes: bool, corpus: list[str], rng: np.random.Generator) -> list[str]:
+    """The positive and `count` distractors, shuffled; `memory_qa_by_distractors` documents the draw."""
+    texts = [d for d in r.get("negatives", []) if d != r["positive"]][:count] if look_alikes else []
+    while len(texts) < count:
+        extra = corpus[int(rng.integers(len(corpus)))]
+        if extra != r["positive"] and extra not in texts:
+            texts.append(extra)
+    texts.append(r["positive"])
+    rng.shuffle(texts)
+    return texts
+
+
+def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alikes: bool = True) -> np.ndarray:
+    """[layers - 1, heads]: mean over held-out questions of the share of the attention to memory
+    latents that goes to the right memory's latents, at the position predicting the answer."""
+    tok, config, params = engine.tokenizer, engine.config, engine.params
+    corpus = [d["text"] for d in read_jsonl(world / "corpus_heldout.jsonl")]
+    qa = [r for r in read_jsonl(world / "heldout.jsonl") if {"question", "answer", "positive"} <= r.keys()]
+    rng = np.random.default_rng(0)
+    shares = []
+    for r in qa:
+        texts = _draw_memories(r, count, look_alikes, corpus, rng)
+        question, answer = reader_tokens(tok, r["question"], r["answer"], engine.eos_id)
+        pieces = layout.example_pieces([document_tokens(tok, t, config.max_segment_len) for t in texts],
+                                       question + answer, list(config.latent_token_ids), config.max_segment_len)
+        row = layout.pack_rows([pieces], sum(len(t) for _, _, t in pieces))[0]
+        at = len(row.tokens) - len(answer) - 1  # the last question token predicts the answer
+        probs = np.asarray(_attention_probs(config, params, *(jnp.asarray(a[None]) for a in
+                                                             (row.tokens, row.example, row.segment, row.kind))))
+        right = row.latent_index[texts.index(r["positive"])]
+        latents = row.latent_index.reshape(-1)
+        weights = probs[1:, 0, :, at, :]  # [layers - 1, heads, keys]
+        shares.append(weights[..., right].sum(-1) / weights[..., latents].sum(-1))
+    return np.mean(shares, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_probs(config, params, tokens, example, segment, kind):
+    """float32 [layers, batch, heads, length, length]: every layer's attention probabilities."""
+    meta = layout.TokenMeta(example, segment, kind)
+    mask = layout.attention_mask(meta)
+    cos, sin = model.rope_cos_sin(config, layout.positions(meta, config.max_segment_len, config.num_latents))
+    x = jnp.take(params["embed"], tokens, axis=0)
+    probs = []
+    for i in range(config.num_layers):
+        p = jax.tree.map(lambda a: a[i], params["layers"])
+        q, k, v = model.attention_inputs(config, p, x, cos, sin)
+        expanded = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+        scores = jnp.einsum("bthd,bshd->bhts", q, expanded) / np.sqrt(q.shape[-1])
+        probs.append(jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1))
+        x = model.layer_output(config, p, x, model.attend(q, k, v, mask))
+    return jnp.stack(probs)
 
 
 def probe(engine: Engine, records: list[dict]) -> tuple[dict[str, float], list[str]]:
@@ -81,6 +134,11 @@ def main() -> None:
         figures = memory_qa_by_distractors(engine, world, look_alikes=look_alikes)
         print(f"memory QA exact match, {'look-alike' if look_alikes else 'random'} distractors: "
               + ", ".join(f"{n}: {v:.3f}" for n, v in figures.items()))
+    for count in (1, 4):
+        shares = attention_on_right_memory(engine, world, count)
+        print(f"share of attention to memories on the right one, {count} look-alike distractor(s) "
+              f"(chance {1 / (count + 1):.2f}), per layer past the first, per head: "
+              + "; ".join(" ".join(f"{v:.2f}" for v in layer) for layer in shares))
     splits = {
         "held-out (multihop_eval.jsonl)": read_jsonl(world / "multihop_eval.jsonl")[: args.queries],
         "trained (train.jsonl)": [r for r in read_jsonl(world / "train.jsonl") if "reasoning" in r][: args.queries],

@@ -3,15 +3,18 @@
     python benchmarks/memory_probe.py --world /tmp/demo_world --layers 2 --steps 1000
 
 Trains a tiny GRC model (hidden 128, K = 8 latents) on the demo world's one-word questions only:
-each reader sees the positive's memory and --distractors of its hard negatives, and the loss is
-on the answer word. Every 50 steps it prints the answer-word accuracy on a training batch and on
-the held-out questions (people never trained on). This is the skill the tiny demo's memory-QA
-figure needs, measured without the other two losses competing for the steps. The world is
-written with `grc_jax.data.demo_world` defaults if --world does not hold one.
+each reader sees the positive's memory and --distractors others (--kind: the record's hard
+negatives, those of them without the answer word, or random people), and the loss is on the
+answer word. Every 50 steps it prints the answer-word accuracy on a training batch and on the
+held-out questions (people never trained on), with 4 look-alike and with 4 random distractors.
+This is the skill the tiny demo's memory-QA figure needs, measured without the other two losses
+competing for the steps. The world is written with `grc_jax.data.demo_world` defaults if
+--world does not hold one.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -36,15 +39,37 @@ def one_word_questions(path: Path) -> list[dict]:
             if "question" in r and "reasoning" not in r and len(r["answer"].split()) == 1]
 
 
+@functools.cache
+def _document_tokens(tok: Tokenizer, text: str) -> list[int]:
+    return document_tokens(tok, text, P)
+
+
+def pick_distractors(r: dict, how: str, count: int, pool: list[str], rng: np.random.Generator) -> list[str]:
+    """`count` distractor documents: the record's hard negatives ("lookalike"), those of them
+    that do not contain the answer word ("differing"), or other people's documents ("random")."""
+    if how == "lookalike":
+        return r["negatives"][:count]
+    if how == "differing":
+        differing = [n for n in r["negatives"] if r["answer"] not in n.split(" ")
+                     and r["answer"] + "." not in n.split(" ")]
+        return (differing + [n for n in r["negatives"] if n not in differing])[:count]
+    out: list[str] = []
+    while len(out) < count:
+        d = pool[rng.integers(len(pool))]
+        if d != r["positive"] and d not in out:
+            out.append(d)
+    return out
+
+
 def batch(records: list[dict], tok: Tokenizer, latent_ids: list[int], distractors: int, length: int,
-          rng: np.random.Generator) -> tuple[jax.Array, ...]:
+          rng: np.random.Generator, how: str = "lookalike", pool: list[str] = ()) -> tuple[jax.Array, ...]:
     """Packed rows (one reader example each) and a weight on each row's answer word."""
     rows, weights = [], []
     for r in records:
         question, answer = reader_tokens(tok, r["question"], r["answer"], EOS)
-        texts = [r["positive"]] + r["negatives"][:distractors]
+        texts = [r["positive"]] + pick_distractors(r, how, distractors, list(pool), rng)
         rng.shuffle(texts)
-        pieces = layout.example_pieces([document_tokens(tok, t, P) for t in texts], question + answer, latent_ids, P)
+        pieces = layout.example_pieces([_document_tokens(tok, t) for t in texts], question + answer, latent_ids, P)
         rows.append(layout.pack_rows([pieces], length)[0])
         end = sum(len(t) for _, _, t in pieces)
         weight = np.zeros(length, np.float32)
@@ -64,6 +89,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--distractors", type=int, default=0)
+    parser.add_argument("--kind", choices=("lookalike", "differing", "random"), default="lookalike",
+                        help="which distractor memories training readers see")
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
 
@@ -78,6 +105,9 @@ def main() -> None:
     latent_ids = list(config.latent_token_ids)
     doc_len = max(len(document_tokens(tok, r["positive"], P)) for r in train + heldout)
     length = (args.distractors + 1) * (doc_len + K) + 32
+    held_length = 5 * (doc_len + K) + 32
+    train_pool = sorted({r["positive"] for r in train})
+    held_pool = sorted({r["positive"] for r in heldout})
     optimizer = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.01)
 
     def loss_fn(params, tokens, example, segment, kind, targets, weight):
@@ -97,19 +127,20 @@ def main() -> None:
     params = model.init_params(config, jax.random.key(0))
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(0)
-    held = batch(heldout, tok, latent_ids, args.distractors, length, np.random.default_rng(1))
-    print(f"{args.layers} layers, lr {args.lr}, {args.distractors} distractor(s), {args.batch} questions/step, "
+    held = {how: batch(heldout, tok, latent_ids, 4, held_length, np.random.default_rng(1), how, held_pool)
+            for how in ("lookalike", "random")}
+    print(f"{args.layers} layers, lr {args.lr}, {args.distractors} {args.kind} distractor(s), {args.batch} questions/step, "
           f"documents up to {doc_len} tokens; {len(train)} training and {len(heldout)} held-out questions")
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
         rows = batch([train[j] for j in rng.integers(len(train), size=args.batch)], tok, latent_ids,
-                     args.distractors, length, rng)
+                     args.distractors, length, rng, args.kind, train_pool)
         params, opt_state, loss, accuracy = step(params, opt_state, *rows)
         if i % 50 == 0:
-            held_loss, held_accuracy = evaluate(params, *held)
-            print(f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out loss "
-                  f"{float(held_loss):.2f} accuracy {float(held_accuracy):.2f} | {time.perf_counter() - start:.0f} s",
-                  flush=True)
+            held_accuracy = {how: float(evaluate(params, *held_rows)[1]) for how, held_rows in held.items()}
+            print(f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
+                  f"with 4 look-alike / 4 random distractors {held_accuracy['lookalike']:.2f} / "
+                  f"{held_accuracy['random']:.2f} | {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ and, for held-out and for trained multi-hop queries:
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -78,8 +77,8 @@ def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alik
                                        question + answer, list(config.latent_token_ids), config.max_segment_len)
         row = layout.pack_rows([pieces], sum(len(t) for _, _, t in pieces))[0]
         at = len(row.tokens) - len(answer) - 1  # the last question token predicts the answer
-        probs = np.asarray(_attention_probs(config, params, *(jnp.asarray(a[None]) for a in
-                                                             (row.tokens, row.example, row.segment, row.kind))))
+        meta = layout.TokenMeta(*(jnp.asarray(a[None]) for a in (row.example, row.segment, row.kind)))
+        probs = np.asarray(_attention_probs(config, params, jnp.asarray(row.tokens[None]), meta))
         right = row.latent_index[texts.index(r["positive"])]
         latents = row.latent_index.reshape(-1)
         weights = probs[1:, 0, :, at, :]  # [layers - 1, heads, keys]
@@ -87,22 +86,7 @@ def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alik
     return np.mean(shares, axis=0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _attention_probs(config, params, tokens, example, segment, kind):
-    """float32 [layers, batch, heads, length, length]: every layer's attention probabilities."""
-    meta = layout.TokenMeta(example, segment, kind)
-    mask = layout.attention_mask(meta)
-    cos, sin = model.rope_cos_sin(config, layout.positions(meta, config.max_segment_len, config.num_latents))
-    x = jnp.take(params["embed"], tokens, axis=0)
-    probs = []
-    for i in range(config.num_layers):
-        p = jax.tree.map(lambda a: a[i], params["layers"])
-        q, k, v = model.attention_inputs(config, p, x, cos, sin)
-        expanded = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
-        scores = jnp.einsum("bthd,bshd->bhts", q, expanded) / np.sqrt(q.shape[-1])
-        probs.append(jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1))
-        x = model.layer_output(config, p, x, model.attend(q, k, v, mask))
-    return jnp.stack(probs)
+_attention_probs = jax.jit(model.attention_probabilities, static_argnums=0)
 
 
 def probe(engine: Engine, records: list[dict]) -> tuple[dict[str, float], list[str]]:

@@ -278,6 +278,25 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenM
     return Transformer(config).apply({"params": params}, tokens, pos, mask, kv_index, compute_logits)
 
 
+def attention_probabilities(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenMeta) -> jax.Array:
+    """float32 [layers, batch, q_heads, length, length]: every layer's attention probabilities
+    under the GRC rule, for inspecting what a reader attends to (a layer loop outside the
+    model's scan, so slow for long rows; the forward pass never computes these)."""
+    c = config
+    mask = attention_mask(meta)
+    cos, sin = rope_cos_sin(c, positions(meta, c.max_segment_len, c.num_latents))
+    x = jnp.take(params["embed"], tokens, axis=0).astype(DTYPES[c.dtype])
+    probs = []
+    for i in range(c.num_layers):
+        p = jax.tree.map(lambda a: a[i], params["layers"])
+        q, k, v = attention_inputs(c, p, x, cos, sin)
+        k_per_q_head = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k_per_q_head).astype(jnp.float32) / np.sqrt(q.shape[-1])
+        probs.append(jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1))
+        x = layer_output(c, p, x, attend(q, k, v, mask))
+    return jnp.stack(probs)
+
+
 def pool_latents(config: ModelConfig, params: Params, hidden: jax.Array, latent_index: jax.Array) -> jax.Array:
     """The representation readout: float32 [batch, segments, dim], L2-normalised.
 

@@ -75,6 +75,29 @@ def test_reader_sees_segments_only_through_memory():
     assert np.abs(np.asarray(out2.logits)[0, reader] - np.asarray(out.logits)[0, reader]).max() > 1e-3
 
 
+def test_attention_probabilities_are_the_forward_pass_attention():
+    *_, out, row = run([([DOC, [12, 13, 14]], [20, 21, 22]), ([[30, 31]], [32, 33])])
+    meta = layout.TokenMeta(row.example[None], row.segment[None], row.kind[None])
+    probs = np.asarray(model.attention_probabilities(CONFIG, PARAMS, jnp.asarray(row.tokens[None]), meta))
+    assert probs.shape == (CONFIG.num_layers, 1, CONFIG.num_heads, len(row.tokens), len(row.tokens))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    allowed = np.asarray(layout.attention_mask(meta))[0]
+    assert np.all(probs[..., ~allowed] == 0)
+    # A reader's attention over the first example's latents: both segments get some of it.
+    reader = np.flatnonzero((row.kind == layout.READER) & (row.example == 1))[-1]
+    assert all(probs[:, 0, :, reader, row.latent_index[s]].sum() > 0 for s in (0, 1))
+    # Replaying the layers with these probabilities gives the forward pass's hidden states.
+    x = jnp.take(PARAMS["embed"], jnp.asarray(row.tokens[None]), axis=0)
+    cos, sin = model.rope_cos_sin(CONFIG, layout.positions(meta, P, K))
+    for i in range(CONFIG.num_layers):
+        p = jax.tree.map(lambda a: a[i], PARAMS["layers"])
+        q, k, v = model.attention_inputs(CONFIG, p, x, cos, sin)
+        v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
+        x = model.layer_output(CONFIG, p, x, jnp.einsum("bhts,bshd->bthd", probs[i], v))
+    hidden = model.rms_norm(x, PARAMS["final_norm"], CONFIG.rms_norm_eps)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(out.hidden), atol=1e-4)
+
+
 @pytest.mark.parametrize("change", [dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots")])
 def test_scan_unroll_and_remat_give_the_same_outputs_and_grads(change):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 12)), jnp.int32)

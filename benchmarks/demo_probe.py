@@ -38,8 +38,7 @@ def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...
     """Exact match with each number of distractors: the record's negatives first, as
     `grc_jax.eval.world` draws them (look-alikes in the demo world), or random documents only."""
     tok, config = engine.tokenizer, engine.config
-    corpus = [d["text"] for d in read_jsonl(world / "corpus_heldout.jsonl")]
-    qa = [r for r in read_jsonl(world / "heldout.jsonl") if {"question", "answer", "positive"} <= r.keys()]
+    qa, corpus = _heldout_questions(world)
     readers = [reader_tokens(tok, r["question"], r["answer"], engine.eos_id) for r in qa]
     out = {}
     for count in counts:
@@ -48,6 +47,12 @@ def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...
                      for t in _draw_memories(r, count, look_alikes, corpus, rng)] for r in qa]
         out[count] = answer_exact_match(config, engine.params, memories, readers, list(config.latent_token_ids))
     return out
+
+
+def _heldout_questions(world: Path) -> tuple[list[dict], list[str]]:
+    """The held-out memory-QA records and the held-out documents random distractors come from."""
+    qa = [r for r in read_jsonl(world / "heldout.jsonl") if {"question", "answer", "positive"} <= r.keys()]
+    return qa, [d["text"] for d in read_jsonl(world / "corpus_heldout.jsonl")]
 
 
 def _draw_memories(r: dict, count: int, look_alikes: bool, corpus: list[str], rng: np.random.Generator) -> list[str]:
@@ -62,12 +67,14 @@ def _draw_memories(r: dict, count: int, look_alikes: bool, corpus: list[str], rn
     return texts
 
 
+_attention_probs = jax.jit(model.attention_probabilities, static_argnums=0)
+
+
 def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alikes: bool = True) -> np.ndarray:
     """[layers - 1, heads]: mean over held-out questions of the share of the attention to memory
     latents that goes to the right memory's latents, at the position predicting the answer."""
     tok, config, params = engine.tokenizer, engine.config, engine.params
-    corpus = [d["text"] for d in read_jsonl(world / "corpus_heldout.jsonl")]
-    qa = [r for r in read_jsonl(world / "heldout.jsonl") if {"question", "answer", "positive"} <= r.keys()]
+    qa, corpus = _heldout_questions(world)
     rng = np.random.default_rng(0)
     shares = []
     for r in qa:
@@ -84,9 +91,6 @@ def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alik
         weights = probs[1:, 0, :, at, :]  # [layers - 1, heads, keys]
         shares.append(weights[..., right].sum(-1) / weights[..., latents].sum(-1))
     return np.mean(shares, axis=0)
-
-
-_attention_probs = jax.jit(model.attention_probabilities, static_argnums=0)
 
 
 def probe(engine: Engine, records: list[dict]) -> tuple[dict[str, float], list[str]]:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -44,15 +46,14 @@ def _document_tokens(tok: Tokenizer, text: str) -> list[int]:
     return document_tokens(tok, text, P)
 
 
-def pick_distractors(r: dict, how: str, count: int, pool: list[str], rng: np.random.Generator) -> list[str]:
+def pick_distractors(r: dict, how: str, count: int, pool: Sequence[str], rng: np.random.Generator) -> list[str]:
     """`count` distractor documents: the record's hard negatives ("lookalike"), those of them
     that do not contain the answer word ("differing"), or other people's documents ("random")."""
     if how == "lookalike":
         return r["negatives"][:count]
     if how == "differing":
-        differing = [n for n in r["negatives"] if r["answer"] not in n.split(" ")
-                     and r["answer"] + "." not in n.split(" ")]
-        return (differing + [n for n in r["negatives"] if n not in differing])[:count]
+        has_answer = [re.search(rf"\b{re.escape(r['answer'])}\b", n) is not None for n in r["negatives"]]
+        return [n for _, n in sorted(zip(has_answer, r["negatives"]), key=lambda pair: pair[0])][:count]
     out: list[str] = []
     while len(out) < count:
         d = pool[rng.integers(len(pool))]
@@ -62,12 +63,12 @@ def pick_distractors(r: dict, how: str, count: int, pool: list[str], rng: np.ran
 
 
 def batch(records: list[dict], tok: Tokenizer, latent_ids: list[int], distractors: int, length: int,
-          rng: np.random.Generator, how: str = "lookalike", pool: list[str] = ()) -> tuple[jax.Array, ...]:
+          rng: np.random.Generator, how: str = "lookalike", pool: Sequence[str] = ()) -> tuple[jax.Array, ...]:
     """Packed rows (one reader example each) and a weight on each row's answer word."""
     rows, weights = [], []
     for r in records:
         question, answer = reader_tokens(tok, r["question"], r["answer"], EOS)
-        texts = [r["positive"]] + pick_distractors(r, how, distractors, list(pool), rng)
+        texts = [r["positive"]] + pick_distractors(r, how, distractors, pool, rng)
         rng.shuffle(texts)
         pieces = layout.example_pieces([_document_tokens(tok, t) for t in texts], question + answer, latent_ids, P)
         rows.append(layout.pack_rows([pieces], length)[0])

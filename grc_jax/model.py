@@ -293,6 +293,7 @@ def attention_probabilities(config: ModelConfig, params: Params, tokens: jax.Arr
         k_per_q_head = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
         scores = jnp.einsum("bthd,bshd->bhts", q, k_per_q_head).astype(jnp.float32) / np.sqrt(q.shape[-1])
         probs.append(jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1))
+        # The next layer's input exactly as the forward pass computes it, not rebuilt from probs.
         x = layer_output(c, p, x, attend(q, k, v, mask))
     return jnp.stack(probs)
 

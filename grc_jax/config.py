@@ -52,6 +52,14 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(self.architecture in ARCHITECTURES, f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
+        # The architecture fixes which attention weights transformers builds: a model that has
+        # other ones would export to a checkpoint transformers loads wrongly.
+        _check(self.qk_norm == (self.architecture == "Qwen3ForCausalLM"),
+               f"qk_norm={self.qk_norm} does not fit architecture {self.architecture!r}: "
+               "Qwen3ForCausalLM has q/k norms, the others do not")
+        _check(self.qkv_bias == (self.architecture == "Qwen2ForCausalLM"),
+               f"qkv_bias={self.qkv_bias} does not fit architecture {self.architecture!r}: "
+               "Qwen2ForCausalLM has q/k/v biases, the others do not")
         _check(self.num_heads % self.num_kv_heads == 0,
                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         _check(self.num_latents >= 1, f"num_latents must be >= 1, got {self.num_latents}")
@@ -103,6 +111,8 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **grc: An
         raise ValueError(f"{source}: mlp_bias=true is not supported")
     if hf.get("use_sliding_window"):
         raise ValueError(f"{source}: use_sliding_window=true is not supported")
+    if hf.get("attention_bias") and arch != "Qwen2ForCausalLM":
+        raise ValueError(f"{source}: attention_bias=true is not supported for {arch} (it biases o_proj too)")
     num_heads = need("num_attention_heads")
     rope = dict(hf.get("rope_parameters") or {})  # transformers 5.x
     rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -125,7 +135,7 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **grc: An
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        qkv_bias=arch == "Qwen2ForCausalLM",
         qk_norm=arch == "Qwen3ForCausalLM",
         **grc,
     )
@@ -157,11 +167,10 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
     }
     if config.rope_scaling:
         hf["rope_scaling"] = dict(rope)
-    if config.architecture == "LlamaForCausalLM":
-        hf["attention_bias"] = config.qkv_bias
-        hf["mlp_bias"] = False
-    if config.architecture == "Qwen3ForCausalLM":
+    if config.architecture != "Qwen2ForCausalLM":
         hf["attention_bias"] = False
+    if config.architecture == "LlamaForCausalLM":
+        hf["mlp_bias"] = False
     return hf
 
 

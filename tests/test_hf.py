@@ -149,6 +149,15 @@ def test_unsupported_architecture(tmp_path):
         hf.load_pretrained(d)
 
 
+def test_attention_bias_outside_qwen2_is_refused(tmp_path):
+    d = _saved_llama(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["attention_bias"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: attention_bias=true is not supported for LlamaForCausalLM"):
+        hf.load_pretrained(d)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json: file not found"):
         hf.load_pretrained(tmp_path)

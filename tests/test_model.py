@@ -156,6 +156,12 @@ def test_config_errors():
         ModelConfig(pooling="max")
     with pytest.raises(ValueError, match=r"remat_policy 'some' is not one of"):
         ModelConfig(remat_policy="some")
+    with pytest.raises(ValueError, match=r"qk_norm=True does not fit architecture 'LlamaForCausalLM'"):
+        ModelConfig(qk_norm=True)
+    with pytest.raises(ValueError, match=r"qk_norm=False does not fit architecture 'Qwen3ForCausalLM'"):
+        ModelConfig(architecture="Qwen3ForCausalLM")
+    with pytest.raises(ValueError, match=r"qkv_bias=False does not fit architecture 'Qwen2ForCausalLM'"):
+        ModelConfig(architecture="Qwen2ForCausalLM")
 
 
 def test_pooling_last_and_linear_head():

@@ -66,7 +66,7 @@ print("".join(engine.stream("Where does", memories=first, max_new_tokens=8)))"""
     ("code", """answer = engine.rag(question.get("question") or question["query"], top_k=3, max_new_tokens=8)
 print(answer)"""),
     ("markdown", """## Export to Hugging Face
-The export is a plain `LlamaForCausalLM` directory with the meta latent tokens in its
+The export is a plain `Qwen3ForCausalLM` directory with the meta latent tokens in its
 vocabulary and tokenizer; `grc_config.json` keeps the GRC settings."""),
     ("code", """from grc_jax import hf
 export_dir = os.path.join(WORKDIR, "hf_export")

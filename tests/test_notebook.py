@@ -30,5 +30,5 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "backend: cpu" in outputs
     assert "memories of 4 slots" in outputs
-    assert "LlamaForCausalLM loaded with" in outputs
+    assert "Qwen3ForCausalLM loaded with" in outputs
     assert (tmp_path / "run" / "hf_export" / "grc_config.json").is_file()

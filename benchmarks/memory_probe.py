@@ -2,11 +2,12 @@
 
     python benchmarks/memory_probe.py --world /tmp/demo_world --layers 2 --steps 1000
 
-Trains a tiny GRC model (hidden 128, K = 8 latents) on the demo world's one-word questions only:
+Trains a tiny GRC model (hidden 128, --latents K, default 8) on the demo world's one-word questions only:
 each reader sees the positive's memory and --distractors others (--kind: the record's hard
 negatives, those of them without the answer word, or random people), and the loss is on the
 answer word. Every 50 steps it prints the answer-word accuracy on a training batch and on the
-held-out questions (people never trained on), with 4 look-alike and with 4 random distractors.
+held-out questions (people never trained on), with the right memory alone, with 4 look-alike and
+with 4 random distractors.
 This is the skill the tiny demo's memory-QA figure needs, measured without the other two losses
 competing for the steps. The world is written with `grc_jax.data.demo_world` defaults if
 --world does not hold one.
@@ -33,7 +34,7 @@ from grc_jax.data import demo_world  # noqa: E402
 from grc_jax.eval.world import document_tokens, read_jsonl, reader_tokens  # noqa: E402
 from grc_jax.tokenizer import Tokenizer  # noqa: E402
 
-P, K, EOS = 64, 8, 2
+P, EOS = 64, 2
 
 
 def one_word_questions(path: Path) -> list[dict]:
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--kind", choices=("lookalike", "differing", "random"), default="lookalike",
                         help="which distractor memories training readers see")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--latents", type=int, default=8, help="meta latent tokens per memory (K)")
+    parser.add_argument("--qk-norm", action="store_true", help="Qwen3's q/k norms, as configs/tiny.py")
     args = parser.parse_args()
 
     world = Path(args.world)
@@ -102,7 +105,9 @@ def main() -> None:
     train = one_word_questions(world / "train.jsonl")
     heldout = one_word_questions(world / "heldout.jsonl")
     config = ModelConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_layers=args.layers,
-                         num_heads=4, num_kv_heads=2, head_dim=32, num_latents=K, max_segment_len=P)
+                         num_heads=4, num_kv_heads=2, head_dim=32, num_latents=args.latents, max_segment_len=P,
+                         architecture="Qwen3ForCausalLM" if args.qk_norm else "LlamaForCausalLM", qk_norm=args.qk_norm)
+    K = config.num_latents
     latent_ids = list(config.latent_token_ids)
     doc_len = max(len(document_tokens(tok, r["positive"], P)) for r in train + heldout)
     length = (args.distractors + 1) * (doc_len + K) + 32
@@ -130,7 +135,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     held = {how: batch(heldout, tok, latent_ids, 4, held_length, np.random.default_rng(1), how, held_pool)
             for how in ("lookalike", "random")}
-    print(f"{args.layers} layers, lr {args.lr}, {args.distractors} {args.kind} distractor(s), {args.batch} questions/step, "
+    held["alone"] = batch(heldout, tok, latent_ids, 0, held_length, np.random.default_rng(1))
+    print(f"{args.layers} layers, K = {K}, {'q/k norms, ' if args.qk_norm else ''}lr {args.lr}, {args.distractors} {args.kind} distractor(s), {args.batch} questions/step, "
           f"documents up to {doc_len} tokens; {len(train)} training and {len(heldout)} held-out questions")
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
@@ -140,8 +146,8 @@ def main() -> None:
         if i % 50 == 0:
             held_accuracy = {how: float(evaluate(params, *held_rows)[1]) for how, held_rows in held.items()}
             print(f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
-                  f"with 4 look-alike / 4 random distractors {held_accuracy['lookalike']:.2f} / "
-                  f"{held_accuracy['random']:.2f} | {time.perf_counter() - start:.0f} s", flush=True)
+                  f"with the right memory alone / 4 look-alike / 4 random distractors {held_accuracy['alone']:.2f} / "
+                  f"{held_accuracy['lookalike']:.2f} / {held_accuracy['random']:.2f} | {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

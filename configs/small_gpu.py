@@ -8,6 +8,8 @@ from grc_jax.train_config import defaults
 
 def get_config():
     c = defaults()
+    c.model.architecture = "Qwen3ForCausalLM"  # q/k norms, as configs/tiny.py
+    c.model.qk_norm = True
     c.model.hidden_size = 768
     c.model.intermediate_size = 2048
     c.model.num_layers = 12

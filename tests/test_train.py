@@ -174,6 +174,20 @@ def test_unknown_key_in_a_config_file_fails_at_once():
         c.train.stpes = 3
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.stem)
+def test_every_config_file_gives_a_valid_model(path):
+    """Mistakes a config file can make that only show when the model is built (qk_norm on an
+    architecture without it, heads that do not divide) fail here, not at the start of a GPU job."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    train_config.check_keys(c)
+    if not c.model.hf_path:  # the others take their model from the checkpoint's config.json
+        assert train_config.model_config(c, vocab_size=1000).num_latents == c.model.num_latents
+
+
 def test_malformed_data_line_names_file_and_line(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = (world / "train.jsonl").read_text().splitlines()[:5]

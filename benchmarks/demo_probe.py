@@ -3,7 +3,8 @@ world and prints:
 
 - memory QA exact match on the held-out questions with 0, 1, 2 and 4 distractor memories, drawn
   as the evaluation draws them (the hardest negatives first) and at random: reading a memory,
-  picking one by name, or blending them;
+  picking one by name, or blending them; and the same on 96 trained people's questions, where a
+  reader may pick memories by names it has learnt;
 - where the reader looks: in every layer past the first (the first sees the same latent K/V
   for every memory), the share of each head's attention to memories that goes to the right
   one, at the position that predicts the answer;
@@ -34,11 +35,11 @@ from grc_jax.inference import Engine  # noqa: E402
 
 
 def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4),
-                             look_alikes: bool = True) -> dict[int, float]:
+                             look_alikes: bool = True, split: str = "heldout") -> dict[int, float]:
     """Exact match with each number of distractors: the record's negatives first, as
     `grc_jax.eval.world` draws them (look-alikes in the demo world), or random documents only."""
     tok, config = engine.tokenizer, engine.config
-    qa, corpus = _heldout_questions(world)
+    qa, corpus = _questions(world, split)
     readers = [reader_tokens(tok, r["question"], r["answer"], engine.eos_id) for r in qa]
     out = {}
     for count in counts:
@@ -49,10 +50,12 @@ def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...
     return out
 
 
-def _heldout_questions(world: Path) -> tuple[list[dict], list[str]]:
-    """The held-out memory-QA records and the held-out documents random distractors come from."""
-    qa = [r for r in read_jsonl(world / "heldout.jsonl") if {"question", "answer", "positive"} <= r.keys()]
-    return qa, [d["text"] for d in read_jsonl(world / "corpus_heldout.jsonl")]
+def _questions(world: Path, split: str = "heldout", limit: int = 96) -> tuple[list[dict], list[str]]:
+    """A split's first `limit` direct memory-QA records (no multi-hop ones) with a one-word answer:
+    all of the held-out ones. And the split's documents, which random distractors come from."""
+    qa = [r for r in read_jsonl(world / f"{split}.jsonl") if {"question", "answer", "positive"} <= r.keys()
+          and "reasoning" not in r and len(r["answer"].split()) == 1]
+    return qa[:limit], [d["text"] for d in read_jsonl(world / f"corpus_{split}.jsonl")]
 
 
 def _draw_memories(r: dict, count: int, look_alikes: bool, corpus: list[str], rng: np.random.Generator) -> list[str]:
@@ -74,7 +77,7 @@ def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alik
     """[layers - 1, heads]: mean over held-out questions of the share of the attention to memory
     latents that goes to the right memory's latents, at the position predicting the answer."""
     tok, config, params = engine.tokenizer, engine.config, engine.params
-    qa, corpus = _heldout_questions(world)
+    qa, corpus = _questions(world)
     rng = np.random.default_rng(0)
     shares = []
     for r in qa:
@@ -121,6 +124,9 @@ def main() -> None:
     for look_alikes in (True, False):
         figures = memory_qa_by_distractors(engine, world, look_alikes=look_alikes)
         print(f"memory QA exact match, {'look-alike' if look_alikes else 'random'} distractors: "
+              + ", ".join(f"{n}: {v:.3f}" for n, v in figures.items()))
+        figures = memory_qa_by_distractors(engine, world, (0, 4), look_alikes, split="train")
+        print(f"  trained people, {'look-alike' if look_alikes else 'random'} distractors: "
               + ", ".join(f"{n}: {v:.3f}" for n, v in figures.items()))
     for count in (1, 4):
         shares = attention_on_right_memory(engine, world, count)

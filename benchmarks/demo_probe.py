@@ -37,7 +37,8 @@ from grc_jax.inference import Engine  # noqa: E402
 def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4),
                              look_alikes: bool = True, split: str = "heldout") -> dict[int, float]:
     """Exact match with each number of distractors: the record's negatives first, as
-    `grc_jax.eval.world` draws them (look-alikes in the demo world), or random documents only."""
+    `grc_jax.eval.world` draws them (look-alikes in the demo world), or random documents only.
+    A count of -1 gives the reader no memory at all."""
     tok, config = engine.tokenizer, engine.config
     qa, corpus = _questions(world, split)
     readers = [reader_tokens(tok, r["question"], r["answer"], engine.eos_id) for r in qa]
@@ -45,7 +46,7 @@ def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...
     for count in counts:
         rng = np.random.default_rng(0)
         memories = [[document_tokens(tok, t, config.max_segment_len)
-                     for t in _draw_memories(r, count, look_alikes, corpus, rng)] for r in qa]
+                     for t in _draw_memories(r, count, look_alikes, corpus, rng)] if count >= 0 else [] for r in qa]
         out[count] = answer_exact_match(config, engine.params, memories, readers, list(config.latent_token_ids))
     return out
 
@@ -125,9 +126,9 @@ def main() -> None:
         figures = memory_qa_by_distractors(engine, world, look_alikes=look_alikes)
         print(f"memory QA exact match, {'look-alike' if look_alikes else 'random'} distractors: "
               + ", ".join(f"{n}: {v:.3f}" for n, v in figures.items()))
-        figures = memory_qa_by_distractors(engine, world, (0, 4), look_alikes, split="train")
+        figures = memory_qa_by_distractors(engine, world, (-1, 0, 4) if look_alikes else (0, 4), look_alikes, split="train")
         print(f"  trained people, {'look-alike' if look_alikes else 'random'} distractors: "
-              + ", ".join(f"{n}: {v:.3f}" for n, v in figures.items()))
+              + ", ".join(f"{'no memory' if n < 0 else n}: {v:.3f}" for n, v in figures.items()))
     for count in (1, 4):
         shares = attention_on_right_memory(engine, world, count)
         print(f"share of attention to memories on the right one, {count} look-alike distractor(s) "

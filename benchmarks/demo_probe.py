@@ -3,8 +3,8 @@ world and prints:
 
 - memory QA exact match on the held-out questions with 0, 1, 2 and 4 distractor memories, drawn
   as the evaluation draws them (the hardest negatives first) and at random: reading a memory,
-  picking one by name, or blending them; and the same on 96 trained people's questions, where a
-  reader may pick memories by names it has learnt;
+  picking one by name, or blending them; and the same on 96 trained people's questions (and with
+  no memory), where a reader may pick memories by names it has learnt;
 - where the reader looks: in every layer past the first (the first sees the same latent K/V
   for every memory), the share of each head's attention to memories that goes to the right
   one, at the position that predicts the answer;
@@ -51,12 +51,16 @@ def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...
     return out
 
 
-def _questions(world: Path, split: str = "heldout", limit: int = 96) -> tuple[list[dict], list[str]]:
-    """A split's first `limit` direct memory-QA records (no multi-hop ones) with a one-word answer:
-    all of the held-out ones. And the split's documents, which random distractors come from."""
+TRAINED_QUESTIONS = 96
+
+
+def _questions(world: Path, split: str = "heldout") -> tuple[list[dict], list[str]]:
+    """A split's direct memory-QA records (no multi-hop ones) with a one-word answer, the first
+    TRAINED_QUESTIONS of them for "train"; and the split's documents, which random distractors
+    come from."""
     qa = [r for r in read_jsonl(world / f"{split}.jsonl") if {"question", "answer", "positive"} <= r.keys()
           and "reasoning" not in r and len(r["answer"].split()) == 1]
-    return qa[:limit], [d["text"] for d in read_jsonl(world / f"corpus_{split}.jsonl")]
+    return qa[:TRAINED_QUESTIONS] if split == "train" else qa, [d["text"] for d in read_jsonl(world / f"corpus_{split}.jsonl")]
 
 
 def _draw_memories(r: dict, count: int, look_alikes: bool, corpus: list[str], rng: np.random.Generator) -> list[str]:

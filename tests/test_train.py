@@ -1,4 +1,5 @@
 """The training job: losses fall, kill-and-resume is exact, meshes and processes agree, errors are clear."""
+import importlib.util
 import json
 import os
 import random
@@ -178,7 +179,6 @@ def test_unknown_key_in_a_config_file_fails_at_once():
 def test_every_config_file_gives_a_valid_model(path):
     """Mistakes a config file can make that only show when the model is built (qk_norm on an
     architecture without it, heads that do not divide) fail here, not at the start of a GPU job."""
-    import importlib.util
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 from grc_jax import hf, losses, model, sharding, train_config
 from grc_jax.config import ModelConfig
-from grc_jax.data import demo_world, pipeline
+from grc_jax.data import demo_world, pipeline, seqio_source
 from grc_jax.data.builder import BuildConfig
 from grc_jax.metrics import MetricWriter, model_flops_per_token, peak_flops_per_device
 from grc_jax.tokenizer import Tokenizer
@@ -61,6 +61,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
     """Resolves data, tokenizer and model config; returns HF params when starting from HF."""
     d = config.data
     train_files = [f for f in (d.train_files or "").split(",") if f]
+    seqio_source.import_task_modules(d.seqio_modules)
     eval_dir = d.eval_dir
     tokenizer_dir = d.tokenizer or config.model.hf_path
     if not train_files:

@@ -25,7 +25,8 @@ def defaults() -> ml_collections.ConfigDict:
         param_dtype="float32", dtype="float32", scan_layers=True, remat_policy="none",
     ))
     c.data = ml_collections.ConfigDict(dict(
-        train_files=config_dict.placeholder(str),  # comma-separated JSONL files; unset: the demo world
+        train_files=config_dict.placeholder(str),  # comma-separated JSONL files or seqio:TASK[:SPLIT]; unset: the demo world
+        seqio_modules="",  # comma-separated modules whose import registers the seqio tasks of train_files
         eval_dir=config_dict.placeholder(str),  # a demo-world style directory for held-out evaluation
         tokenizer=config_dict.placeholder(str),  # a directory with tokenizer.json (default: hf_path's)
         demo_world_seed=0, demo_world_entities=960, demo_world_heldout=48,

@@ -13,6 +13,8 @@ errors rather than silently dropped, because they almost always mean a broken co
 (or the reverse), `question`/`answer` without `positive`, `query` with neither `positive`
 nor `reasoning`, `positive` with no query and no question. A JSON `null` counts as absent.
 
+An entry `seqio:TASK[:SPLIT]` of `files` reads a seqio Task's examples as lines (`seqio_source.py`).
+
 A malformed line raises `ValueError("{file}:{line}: {why}")`; with `skip_malformed=True`
 it is logged as a warning and counted instead. Blank lines are ignored.
 """
@@ -76,7 +78,12 @@ class _Malformed(Exception):
 
 def _numbered_lines(files: Iterable[str | Path]) -> Iterator[tuple[str, bytes]]:
     # Bytes, decoded line by line, so that one bad byte makes one malformed line, not a failed file.
+    from grc_jax.data import seqio_source  # it imports this module
+
     for file in files:
+        if seqio_source.is_seqio_source(file):
+            yield from seqio_source.example_lines(file)
+            continue
         with open(file, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 if raw.strip():

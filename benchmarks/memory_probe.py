@@ -8,6 +8,9 @@ negatives, those of them without the answer word, or random people), and the los
 answer word. Every 50 steps it prints the answer-word accuracy on a training batch and on the
 held-out questions (people never trained on), with the right memory alone, with 4 look-alike and
 with 4 random distractors.
+With --fresh, training questions are about people drawn anew for every question instead (half
+the distractors look-alikes, half random), so no name can be learnt by heart; --alone-steps N
+shows the right memory alone for the first N steps (a curriculum).
 This is the skill the tiny demo's memory-QA figure needs, measured without the other two losses
 competing for the steps. The world is written with `grc_jax.data.demo_world` defaults if
 --world does not hold one.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import random
 import re
 import sys
 import time
@@ -63,6 +68,40 @@ def pick_distractors(r: dict, how: str, count: int, pool: Sequence[str], rng: np
     return out
 
 
+def fresh_records(count: int, distractors: int, rng: np.random.Generator, pieces: set[str],
+                  avoid: set[str]) -> list[dict]:
+    """`count` one-word question records about people drawn now (seen once, never again), each
+    with `distractors` other new people: every other one a look-alike (all attributes but one or
+    two the same), the rest random. Names use only the world's name tokens (`pieces`) and none of
+    its names (`avoid`)."""
+    r = random.Random(int(rng.integers(2**63)))
+    pre = demo_world.pre_tokenizer()
+
+    def attributes() -> list[str]:
+        return [r.choice(demo_world.ATTRIBUTE_VALUES[kind]) for kind in demo_world.ATTRIBUTES]
+
+    out = []
+    for _ in range(count):
+        names: list[str] = []
+        while len(names) < distractors + 2:  # the person, the distractors and their mentor
+            n = demo_world._new_name(r, [m.lower() for m in names], pre, pieces)
+            if n is not None and n.lower() not in avoid:
+                names.append(n)
+        values = attributes()
+        people = [demo_world.Entity(names[0], "train", *values, mentor=names[-1])]
+        for i, name in enumerate(names[1:-1]):
+            other = list(values) if i % 2 == 0 else attributes()
+            for j in r.sample(range(len(other)), r.choice((1, 2))):
+                other[j] = r.choice(demo_world.ATTRIBUTE_VALUES[demo_world.ATTRIBUTES[j]])
+            people.append(demo_world.Entity(name, "train", *other, mentor=names[-1]))
+        kind = r.choice(demo_world.ATTRIBUTES)
+        documents = [demo_world._document(r, e) for e in people]
+        out.append({"positive": documents[0], "negatives": documents[1:],
+                    "question": r.choice(demo_world._QUESTIONS[kind]).format(n=names[0]),
+                    "answer": people[0].attribute(kind)})
+    return out
+
+
 def batch(records: list[dict], tok: Tokenizer, latent_ids: list[int], distractors: int, length: int,
           rng: np.random.Generator, how: str = "lookalike", pool: Sequence[str] = ()) -> tuple[jax.Array, ...]:
     """Packed rows (one reader example each) and a weight on each row's answer word."""
@@ -95,6 +134,10 @@ def main() -> None:
                         help="which distractor memories training readers see")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--latents", type=int, default=8, help="meta latent tokens per memory (K)")
+    parser.add_argument("--alone-steps", type=int, default=0,
+                        help="for this many first steps readers see the right memory alone (a curriculum)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="train on people drawn anew for every question instead of the world's train people")
     parser.add_argument("--qk-norm", action="store_true", help="Qwen3's q/k norms, as configs/tiny.py")
     args = parser.parse_args()
 
@@ -110,10 +153,15 @@ def main() -> None:
     K = config.num_latents
     latent_ids = list(config.latent_token_ids)
     doc_len = max(len(document_tokens(tok, r["positive"], P)) for r in train + heldout)
-    length = (args.distractors + 1) * (doc_len + K) + 32
+    length = (args.distractors + 1) * (doc_len + 8 + K) + 32  # + 8: new people's documents may be longer
     held_length = 5 * (doc_len + K) + 32
     train_pool = sorted({r["positive"] for r in train})
     held_pool = sorted({r["positive"] for r in heldout})
+    world_names = [json.loads(line)["id"] for f in ("corpus_train.jsonl", "corpus_heldout.jsonl")
+                   for line in open(world / f)]
+    pre = demo_world.pre_tokenizer()
+    pieces = {p for n in world_names for p in demo_world.name_pieces(n, pre)}
+    avoid = {n.lower() for n in world_names}
     optimizer = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.01)
 
     def loss_fn(params, tokens, example, segment, kind, targets, weight):
@@ -140,8 +188,13 @@ def main() -> None:
           f"documents up to {doc_len} tokens; {len(train)} training and {len(heldout)} held-out questions")
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
-        rows = batch([train[j] for j in rng.integers(len(train), size=args.batch)], tok, latent_ids,
-                     args.distractors, length, rng, args.kind, train_pool)
+        distractors = 0 if i <= args.alone_steps else args.distractors
+        if args.fresh:
+            records = fresh_records(args.batch, distractors, rng, pieces, avoid)
+            kind = "lookalike"
+        else:
+            records, kind = [train[j] for j in rng.integers(len(train), size=args.batch)], args.kind
+        rows = batch(records, tok, latent_ids, distractors, length, rng, kind, train_pool)
         params, opt_state, loss, accuracy = step(params, opt_state, *rows)
         if i % 50 == 0:
             held_accuracy = {how: float(evaluate(params, *held_rows)[1]) for how, held_rows in held.items()}

@@ -9,7 +9,8 @@ value. The loss is on the value tokens only. With --plain the documents are ordi
 (all READER tokens, a plain causal LM) instead of memories, to tell the memory layout apart from
 the skill itself.
 
-The model is the tiny demo's shape (hidden 128, 4 heads, 2 KV heads, --layers, Qwen3 layout, K = 8).
+The model is the tiny demo's shape by default (hidden 128, 4 heads, 2 KV heads, --layers, Qwen3
+layout, K = 8); --hidden H gives H/32 heads and H/64 KV heads.
 Every 100 steps it prints the value accuracy on a training batch and on 256 fixed held-out
 examples. A reader that cannot match names can still answer a later query of the same example
 by elimination (values are distinct), so with Q = M queries its ceiling without matching is the
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1)
     parser.add_argument("--syllables", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size; heads of 32, MLP 3x")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=32)
@@ -85,8 +87,9 @@ def main() -> None:
     if not 1 <= args.queries <= args.memories:
         parser.error(f"--queries must be in 1..--memories={args.memories}, got {args.queries}")
 
-    config = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_layers=args.layers,
-                         num_heads=4, num_kv_heads=2, head_dim=32, num_latents=8, max_segment_len=P,
+    config = ModelConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                         num_layers=args.layers, num_heads=args.hidden // 32, num_kv_heads=args.hidden // 64, head_dim=32,
+                         num_latents=8, max_segment_len=P,
                          architecture="Qwen3ForCausalLM", qk_norm=True)
     latent_ids = list(config.latent_token_ids)
     length = args.memories * (args.syllables + 2 + config.num_latents) + args.queries * (args.syllables + 2) + 8
@@ -111,7 +114,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     held = batch(np.random.default_rng(1), 256, length, latent_ids, args)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
-    print(f"{'plain context' if args.plain else 'memories'}: {args.layers} layers, {args.memories} documents, "
+    print(f"{'plain context' if args.plain else 'memories'}: hidden {args.hidden}, {args.layers} layers, "
+          f"{args.memories} documents, "
           f"{args.queries} queries each, {args.syllables}-syllable names; without matching at most {no_matching:.2f}")
     start = time.perf_counter()
     for i in range(1, args.steps + 1):

@@ -24,7 +24,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -123,6 +123,27 @@ def batch(records: list[dict], tok: Tokenizer, latent_ids: list[int], distractor
     return tuple(jnp.asarray(a) for a in (tokens, *meta, targets, np.stack(weights)))
 
 
+def reader_training(config: ModelConfig, lr: float) -> tuple[Callable, Callable, optax.GradientTransformation]:
+    """A jitted training step and evaluation for a loss on weighted positions only (the readers'
+    answers), returning (loss, accuracy) on them; and the AdamW optimizer the step uses."""
+    optimizer = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=0.01)
+
+    def loss_fn(params, tokens, example, segment, kind, targets, weight):
+        out = model.forward(config, params, tokens, layout.TokenMeta(example, segment, kind))
+        logp = jax.nn.log_softmax(out.logits, axis=-1)  # all rows: targets include latent ids (weight 0)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        hits = jnp.argmax(logp, axis=-1) == targets
+        return (nll * weight).sum() / weight.sum(), (hits * weight).sum() / weight.sum()
+
+    @jax.jit
+    def step(params, opt_state, *rows):
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *rows)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+    return step, jax.jit(loss_fn), optimizer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", default="/tmp/demo_world")
@@ -162,22 +183,7 @@ def main() -> None:
     pre = demo_world.pre_tokenizer()
     pieces = {p for n in world_names for p in demo_world.name_pieces(n, pre)}
     avoid = {n.lower() for n in world_names}
-    optimizer = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.01)
-
-    def loss_fn(params, tokens, example, segment, kind, targets, weight):
-        out = model.forward(config, params, tokens, layout.TokenMeta(example, segment, kind))
-        logp = jax.nn.log_softmax(out.logits, axis=-1)  # all rows: targets include latent ids (weight 0)
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        hits = jnp.argmax(logp, axis=-1) == targets
-        return (nll * weight).sum() / weight.sum(), (hits * weight).sum() / weight.sum()
-
-    @jax.jit
-    def step(params, opt_state, *rows):
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *rows)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, accuracy
-
-    evaluate = jax.jit(loss_fn)
+    step, evaluate, optimizer = reader_training(config, args.lr)
     params = model.init_params(config, jax.random.key(0))
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(0)

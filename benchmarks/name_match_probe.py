@@ -26,11 +26,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grc_jax import layout, model  # noqa: E402
 from grc_jax.config import ModelConfig  # noqa: E402
+from memory_probe import reader_training  # noqa: E402  (this folder)
 
 SYLLABLES = range(100, 180)
 VALUES = range(200, 240)
@@ -93,22 +93,7 @@ def main() -> None:
                          architecture="Qwen3ForCausalLM", qk_norm=True)
     latent_ids = list(config.latent_token_ids)
     length = args.memories * (args.syllables + 2 + config.num_latents) + args.queries * (args.syllables + 2) + 8
-    optimizer = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.01)
-
-    def loss_fn(params, tokens, example_ids, segment, kind, targets, weight):
-        out = model.forward(config, params, tokens, layout.TokenMeta(example_ids, segment, kind))
-        logp = jax.nn.log_softmax(out.logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        hits = jnp.argmax(logp, axis=-1) == targets
-        return (nll * weight).sum() / weight.sum(), (hits * weight).sum() / weight.sum()
-
-    @jax.jit
-    def step(params, opt_state, *rows):
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *rows)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, accuracy
-
-    evaluate = jax.jit(loss_fn)
+    step, evaluate, optimizer = reader_training(config, args.lr)
     params = model.init_params(config, jax.random.key(0))
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(0)

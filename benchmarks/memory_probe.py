@@ -102,6 +102,16 @@ def fresh_records(count: int, distractors: int, rng: np.random.Generator, pieces
     return out
 
 
+def stack_rows(rows: Sequence[layout.Row], weights: Sequence[np.ndarray]) -> tuple[jax.Array, ...]:
+    """Packed rows as the arguments of `reader_training`'s step: tokens, example, segment, kind,
+    next-token targets and the loss weight of each position."""
+    tokens = np.stack([row.tokens for row in rows])
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    meta = [np.stack([getattr(row, f) for row in rows]) for f in ("example", "segment", "kind")]
+    return tuple(jnp.asarray(a) for a in (tokens, *meta, targets, np.stack(weights)))
+
+
 def batch(records: list[dict], tok: Tokenizer, latent_ids: list[int], distractors: int, length: int,
           rng: np.random.Generator, how: str = "lookalike", pool: Sequence[str] = ()) -> tuple[jax.Array, ...]:
     """Packed rows (one reader example each) and a weight on each row's answer word."""
@@ -116,11 +126,7 @@ def batch(records: list[dict], tok: Tokenizer, latent_ids: list[int], distractor
         weight = np.zeros(length, np.float32)
         weight[end - len(answer) - 1:end - 2] = 1.0  # the positions predicting the answer word, not eos
         weights.append(weight)
-    tokens = np.stack([row.tokens for row in rows])
-    targets = np.zeros_like(tokens)
-    targets[:, :-1] = tokens[:, 1:]
-    meta = [np.stack([getattr(row, f) for row in rows]) for f in ("example", "segment", "kind")]
-    return tuple(jnp.asarray(a) for a in (tokens, *meta, targets, np.stack(weights)))
+    return stack_rows(rows, weights)
 
 
 def reader_training(config: ModelConfig, lr: float) -> tuple[Callable, Callable, optax.GradientTransformation]:

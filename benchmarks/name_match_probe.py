@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grc_jax import layout, model  # noqa: E402
 from grc_jax.config import ModelConfig  # noqa: E402
-from memory_probe import reader_training  # noqa: E402  (this folder)
+from memory_probe import reader_training, stack_rows  # noqa: E402  (this folder)
 
 SYLLABLES = range(100, 180)
 VALUES = range(200, 240)
@@ -65,11 +64,7 @@ def batch(rng: np.random.Generator, size: int, length: int, latent_ids: list[int
         weight = np.zeros(length, np.float32)
         weight[[start + a - 1 for a in answers]] = 1.0  # the positions that predict each value
         weights.append(weight)
-    tokens = np.stack([row.tokens for row in rows])
-    targets = np.zeros_like(tokens)
-    targets[:, :-1] = tokens[:, 1:]
-    meta = [np.stack([getattr(row, f) for row in rows]) for f in ("example", "segment", "kind")]
-    return tuple(jnp.asarray(a) for a in (tokens, *meta, targets, np.stack(weights)))
+    return stack_rows(rows, weights)
 
 
 def main() -> None:

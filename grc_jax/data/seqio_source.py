@@ -69,6 +69,9 @@ def example_lines(entry: str) -> Iterator[tuple[str, bytes]]:
 
 def example_record(example: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The record fields of one seqio example, as JSON values (not yet checked: `records.py` does that)."""
+    if not any(f in example or f"{f}_pretokenized" in example for f in FIELDS):
+        raise ValueError(f"{source}: the example has none of the features {', '.join(FIELDS)} "
+                         f"(or <field>_pretokenized); its features: {', '.join(sorted(example))}")
     record: dict[str, Any] = {}
     for field in FIELDS:
         key = next((k for k in (f"{field}_pretokenized", field) if k in example), None)
@@ -76,9 +79,6 @@ def example_record(example: Mapping[str, Any], source: str) -> dict[str, Any]:
             value = _texts(example[key], source, key) if field == "negatives" else _text(example[key], source, key)
             if value:  # tf.data gives every example the same features: an empty one stands for an absent field
                 record[field] = value
-    if not any(f in example or f"{f}_pretokenized" in example for f in FIELDS):
-        raise ValueError(f"{source}: the example has none of the features {', '.join(FIELDS)} "
-                         f"(or <field>_pretokenized); its features: {', '.join(sorted(example))}")
     return record
 
 

@@ -164,7 +164,8 @@ def main() -> None:
     parser.add_argument("--alone-steps", type=int, default=0,
                         help="for this many first steps readers see the right memory alone (a curriculum)")
     parser.add_argument("--fresh", action="store_true",
-                        help="train on people drawn anew for every question instead of the world's train people")
+                        help="train on people drawn anew for every question instead of the world's train people "
+                             "(their distractors are half look-alikes, half random: --kind does not apply)")
     parser.add_argument("--qk-norm", action="store_true", help="Qwen3's q/k norms, as configs/tiny.py")
     args = parser.parse_args()
 

@@ -10,10 +10,10 @@ shuffles), and treats each as one JSONL line, so the checks and `data.skip_malfo
 Each record field is taken from the example's feature `<field>_pretokenized` (what
 `seqio.preprocessors.tokenize` keeps of the raw text) or else `<field>`; the fields are those of
 GRC_DESIGN.md section 4 (`query`, `reasoning`, `positive`, `negatives`, `question`, `answer`,
-`text`) and other features are ignored. As a tf.data example has the same features as every other,
-an empty string (or an empty `negatives`) stands for an absent field. Text is needed, not token ids: grc_jax tokenizes with
-the model's tokenizer. `data.seqio_modules` names the modules to import first, those that
-register the tasks.
+`text`) and other features are ignored. As a tf.data example has the same features as every
+other, an empty string (or an empty `negatives`) stands for an absent field. Text is needed, not
+token ids: grc_jax tokenizes with the model's tokenizer. `data.seqio_modules` names the modules
+to import first, those that register the tasks.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def is_seqio_source(entry: Any) -> bool:
 
 def parse_source(entry: str) -> tuple[str, str]:
     """`seqio:NAME[:SPLIT]` -> (NAME, SPLIT)."""
-    name, _, split = entry[len(PREFIX):].partition(":")
-    if not name or (_ and not split):
+    name, colon, split = entry[len(PREFIX):].partition(":")
+    if not name or (colon and not split):
         raise ValueError(f"data.train_files entry {entry!r}: expected seqio:TASK_NAME or seqio:TASK_NAME:SPLIT")
     return name, split or "train"
 

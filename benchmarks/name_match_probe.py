@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--init", type=float, default=0.02, help="std of the random init (initializer_range)")
     parser.add_argument("--plain", action="store_true", help="documents as plain context, not memories")
     args = parser.parse_args()
     if not 1 <= args.queries <= args.memories:
@@ -85,7 +86,7 @@ def main() -> None:
     config = ModelConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                          num_layers=args.layers, num_heads=args.hidden // 32, num_kv_heads=args.hidden // 64, head_dim=32,
                          num_latents=8, max_segment_len=P,
-                         architecture="Qwen3ForCausalLM", qk_norm=True)
+                         architecture="Qwen3ForCausalLM", qk_norm=True, initializer_range=args.init)
     latent_ids = list(config.latent_token_ids)
     length = args.memories * (args.syllables + 2 + config.num_latents) + args.queries * (args.syllables + 2) + 8
     step, evaluate, optimizer = reader_training(config, args.lr)
@@ -95,6 +96,7 @@ def main() -> None:
     held = batch(np.random.default_rng(1), 256, length, latent_ids, args)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
     print(f"{'plain context' if args.plain else 'memories'}: hidden {args.hidden}, {args.layers} layers, "
+          f"init std {args.init}, "
           f"{args.memories} documents, "
           f"{args.queries} queries each, {args.syllables}-syllable names; without matching at most {no_matching:.2f}")
     start = time.perf_counter()

@@ -34,6 +34,7 @@ class ModelConfig:
     num_kv_heads: int = 2
     head_dim: int = 16
     rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02  # std of the random init; HF's name and default
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted (key, value) pairs; hashable
     tie_word_embeddings: bool = False
@@ -62,6 +63,7 @@ class ModelConfig:
                "Qwen2ForCausalLM has q/k/v biases, the others do not")
         _check(self.num_heads % self.num_kv_heads == 0,
                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        _check(self.initializer_range > 0, f"initializer_range must be > 0, got {self.initializer_range}")
         _check(self.num_latents >= 1, f"num_latents must be >= 1, got {self.num_latents}")
         _check(self.max_segment_len >= 1, f"max_segment_len must be >= 1, got {self.max_segment_len}")
         _check(self.pooling in POOLINGS, f"pooling {self.pooling!r} is not one of {POOLINGS}")
@@ -132,6 +134,7 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **grc: An
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=hf.get("head_dim") or need("hidden_size") // num_heads,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        initializer_range=hf.get("initializer_range", 0.02),
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -158,6 +161,7 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
         "head_dim": config.head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": config.rms_norm_eps,
+        "initializer_range": config.initializer_range,
         "rope_theta": config.rope_theta,
         "rope_parameters": rope,
         "tie_word_embeddings": config.tie_word_embeddings,

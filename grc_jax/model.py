@@ -20,9 +20,6 @@ from grc_jax.layout import TokenMeta, attention_mask, causal_mask, positions
 
 Params = dict[str, Any]
 
-_init = nn.initializers.normal(0.02)
-
-
 class ForwardOutput(NamedTuple):
     logits: jax.Array | None  # [batch, length, total_vocab] (float32)
     hidden: jax.Array  # [batch, length, hidden]: final, post-norm
@@ -76,17 +73,17 @@ def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], t
     """name -> (logical axes, shape, initializer) of one decoder layer's parameters."""
     c = config
     D, H, KV, Dh, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-    ones, zeros = nn.initializers.ones, nn.initializers.zeros
+    ones, zeros, normal = nn.initializers.ones, nn.initializers.zeros, nn.initializers.normal(c.initializer_range)
     specs = {
         "input_norm": (("norm",), (D,), ones),
-        "q_proj": (("embed", "q_heads", "head_dim"), (D, H, Dh), _init),
-        "k_proj": (("embed", "kv_heads", "head_dim"), (D, KV, Dh), _init),
-        "v_proj": (("embed", "kv_heads", "head_dim"), (D, KV, Dh), _init),
-        "o_proj": (("q_heads", "head_dim", "embed"), (H, Dh, D), _init),
+        "q_proj": (("embed", "q_heads", "head_dim"), (D, H, Dh), normal),
+        "k_proj": (("embed", "kv_heads", "head_dim"), (D, KV, Dh), normal),
+        "v_proj": (("embed", "kv_heads", "head_dim"), (D, KV, Dh), normal),
+        "o_proj": (("q_heads", "head_dim", "embed"), (H, Dh, D), normal),
         "post_attention_norm": (("norm",), (D,), ones),
-        "gate_proj": (("embed", "mlp"), (D, F), _init),
-        "up_proj": (("embed", "mlp"), (D, F), _init),
-        "down_proj": (("mlp", "embed"), (F, D), _init),
+        "gate_proj": (("embed", "mlp"), (D, F), normal),
+        "up_proj": (("embed", "mlp"), (D, F), normal),
+        "down_proj": (("mlp", "embed"), (F, D), normal),
     }
     if c.qkv_bias:
         specs.update(q_bias=(("q_heads", "head_dim"), (H, Dh), zeros), k_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros),
@@ -126,7 +123,8 @@ def layer_output(config: ModelConfig, p: Params, x: jax.Array, attention: jax.Ar
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
-def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init=_init):
+def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init: Any = None):
+    init = init or nn.initializers.normal(module.config.initializer_range)
     dtype = DTYPES[module.config.param_dtype]
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 

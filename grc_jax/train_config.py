@@ -19,7 +19,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         hf_path=config_dict.placeholder(str),  # start from a local HF checkpoint directory
         architecture="LlamaForCausalLM", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-        num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+        num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, initializer_range=0.02, rope_theta=10000.0, tie_word_embeddings=True,
         qkv_bias=False, qk_norm=False,
         num_latents=8, max_segment_len=128, pooling="mean", embed_dim=config_dict.placeholder(int),
         param_dtype="float32", dtype="float32", scan_layers=True, remat_policy="none",

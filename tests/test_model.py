@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from grc_jax import layout, model
-from grc_jax.config import ModelConfig
+from grc_jax.config import ModelConfig, from_hf_config, to_hf_config
 
 P, K, V = 16, 4, 64
 CONFIG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -180,3 +180,23 @@ def test_latents_of_a_model_trained_from_scratch_start_distinct():
     assert latents.shape[0] == K
     # Random rows, at the scale of the base rows: not K copies of their near-zero mean.
     assert np.linalg.norm(latents - latents.mean(0), axis=1).min() > 0.5 * np.linalg.norm(embed[:V], axis=1).mean()
+
+
+def test_random_init_std_is_initializer_range():
+    wide = CONFIG.replace(hidden_size=256, intermediate_size=512, initializer_range=0.0625)
+    for config in (wide, wide.replace(initializer_range=0.02)):
+        params = model.init_params(config, jax.random.key(2))
+        for name in ("embed", "layers/q_proj", "layers/down_proj"):
+            weights = params
+            for key in name.split("/"):
+                weights = weights[key]
+            assert abs(float(np.std(np.asarray(weights))) / config.initializer_range - 1) < 0.05, name
+        assert np.all(np.asarray(params["layers"]["input_norm"]) == 1.0)
+
+
+def test_initializer_range_round_trips_through_the_hf_config():
+    config = CONFIG.replace(initializer_range=0.09)
+    assert to_hf_config(config)["initializer_range"] == 0.09
+    assert from_hf_config(to_hf_config(config), num_latents=K, max_segment_len=P).initializer_range == 0.09
+    with pytest.raises(ValueError, match=r"initializer_range must be > 0, got 0"):
+        ModelConfig(initializer_range=0)

@@ -9,8 +9,8 @@ value. The loss is on the value tokens only. With --plain the documents are ordi
 (all READER tokens, a plain causal LM) instead of memories, to tell the memory layout apart from
 the skill itself.
 
-The model is the tiny demo's shape by default (hidden 128, 4 heads, 2 KV heads, --layers, Qwen3
-layout, K = 8); --hidden H gives H/32 heads and H/64 KV heads.
+The model is the tiny demo's shape by default (hidden 128, 4 heads, 2 KV heads, --layers,
+--architecture Qwen3, K = 8); --hidden H gives H/32 heads and H/64 KV heads.
 Every 100 steps it prints the value accuracy on a training batch and on 256 fixed held-out
 examples. A reader that cannot match names can still answer a later query of the same example
 by elimination (values are distinct), so with Q = M queries its ceiling without matching is the
@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--architecture", choices=("Qwen3ForCausalLM", "LlamaForCausalLM"), default="Qwen3ForCausalLM",
+                        help="Qwen3 has q/k norms, Llama does not")
     parser.add_argument("--init", type=float, default=0.02, help="std of the random init (initializer_range)")
     parser.add_argument("--plain", action="store_true", help="documents as plain context, not memories")
     args = parser.parse_args()
@@ -86,7 +88,8 @@ def main() -> None:
     config = ModelConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                          num_layers=args.layers, num_heads=args.hidden // 32, num_kv_heads=args.hidden // 64, head_dim=32,
                          num_latents=8, max_segment_len=P,
-                         architecture="Qwen3ForCausalLM", qk_norm=True, initializer_range=args.init)
+                         architecture=args.architecture, qk_norm=args.architecture == "Qwen3ForCausalLM",
+                         initializer_range=args.init)
     latent_ids = list(config.latent_token_ids)
     length = args.memories * (args.syllables + 2 + config.num_latents) + args.queries * (args.syllables + 2) + 8
     step, evaluate, optimizer = reader_training(config, args.lr)
@@ -96,7 +99,7 @@ def main() -> None:
     held = batch(np.random.default_rng(1), 256, length, latent_ids, args)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
     print(f"{'plain context' if args.plain else 'memories'}: hidden {args.hidden}, {args.layers} layers, "
-          f"init std {args.init}, "
+          f"{args.architecture}, init std {args.init}, "
           f"{args.memories} documents, "
           f"{args.queries} queries each, {args.syllables}-syllable names; without matching at most {no_matching:.2f}")
     start = time.perf_counter()

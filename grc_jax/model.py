@@ -20,6 +20,7 @@ from grc_jax.layout import TokenMeta, attention_mask, causal_mask, positions
 
 Params = dict[str, Any]
 
+
 class ForwardOutput(NamedTuple):
     logits: jax.Array | None  # [batch, length, total_vocab] (float32)
     hidden: jax.Array  # [batch, length, hidden]: final, post-norm

@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--architecture", choices=("Qwen3ForCausalLM", "LlamaForCausalLM"), default="Qwen3ForCausalLM",
                         help="Qwen3 has q/k norms, Llama does not")
+    parser.add_argument("--tie", action="store_true", help="tied input and output embeddings, as the training defaults")
     parser.add_argument("--init", type=float, default=0.02, help="std of the random init (initializer_range)")
     parser.add_argument("--plain", action="store_true", help="documents as plain context, not memories")
     args = parser.parse_args()
@@ -89,7 +90,7 @@ def main() -> None:
                          num_layers=args.layers, num_heads=args.hidden // 32, num_kv_heads=args.hidden // 64, head_dim=32,
                          num_latents=8, max_segment_len=P,
                          architecture=args.architecture, qk_norm=args.architecture == "Qwen3ForCausalLM",
-                         initializer_range=args.init)
+                         initializer_range=args.init, tie_word_embeddings=args.tie)
     latent_ids = list(config.latent_token_ids)
     length = args.memories * (args.syllables + 2 + config.num_latents) + args.queries * (args.syllables + 2) + 8
     step, evaluate, optimizer = reader_training(config, args.lr)
@@ -99,7 +100,7 @@ def main() -> None:
     held = batch(np.random.default_rng(1), 256, length, latent_ids, args)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
     print(f"{'plain context' if args.plain else 'memories'}: hidden {args.hidden}, {args.layers} layers, "
-          f"{args.architecture}, init std {args.init}, "
+          f"{args.architecture}, {'tied' if args.tie else 'untied'} embeddings, init std {args.init}, "
           f"{args.memories} documents, "
           f"{args.queries} queries each, {args.syllables}-syllable names; without matching at most {no_matching:.2f}")
     start = time.perf_counter()

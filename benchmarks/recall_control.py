@@ -5,14 +5,15 @@
 Each example is plain context: --memories pairs `[name] = [value]` (one-token names from 80,
 values from 40, both drawn anew for every example), then --queries questions `[name] ?` each
 followed by its value (distinct names, so later questions can be answered by elimination). The
-model is a 2-layer pre-norm transformer of width --hidden with 4 heads, learned positions, a GELU
-MLP and tied embeddings; every weight starts as normal(0, --init). Every 100 steps it prints the
+model is a 2-layer pre-norm transformer of width --hidden with 4 heads, learned positions (or
+--rope), a GELU MLP and tied embeddings; every weight starts as normal(0, --init). Every 100 steps it prints the
 value accuracy on a training batch and on 256 fixed held-out examples. Without matching names the
 ceiling is the mean of 1/M, 1/(M-1), ..., for the queries asked.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -55,13 +56,24 @@ def rms_norm(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
-def logits(params: dict, tokens: jax.Array) -> jax.Array:
+def rotate(x: jax.Array) -> jax.Array:
+    """Rotary position embedding over [batch, length, heads, dim], half-split pairs, base 10000."""
+    half = x.shape[-1] // 2
+    angles = jnp.arange(x.shape[1])[:, None] * 10000.0 ** (-jnp.arange(half) / half)
+    cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
+    a, b = x[..., :half], x[..., half:]
+    return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
+
+
+def logits(params: dict, tokens: jax.Array, rope: bool = False) -> jax.Array:
     batch_size, length = tokens.shape
-    x = params["embed"][tokens] + params["position"][None]
+    x = params["embed"][tokens] + (0.0 if rope else params["position"][None])
     causal = jnp.tril(jnp.ones((length, length), bool))
     for p in params["layers"]:
         h = rms_norm(x)
         q, k, v = (jnp.reshape(h @ p[n], (batch_size, length, HEADS, -1)) for n in "qkv")
+        if rope:
+            q, k = rotate(q), rotate(k)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
         probs = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
         x = x + jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape) @ p["o"]
@@ -69,8 +81,8 @@ def logits(params: dict, tokens: jax.Array) -> jax.Array:
     return rms_norm(x) @ params["embed"].T
 
 
-def loss_fn(params: dict, tokens: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logp = jax.nn.log_softmax(logits(params, tokens))
+def loss_fn(params: dict, tokens: jax.Array, weight: jax.Array, rope: bool = False) -> tuple[jax.Array, jax.Array]:
+    logp = jax.nn.log_softmax(logits(params, tokens, rope))
     targets = jnp.roll(tokens, -1, axis=1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     hits = jnp.argmax(logp, axis=-1) == targets
@@ -87,6 +99,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rope", action="store_true", help="rotary positions on q and k instead of learned positions")
     args = parser.parse_args()
     if not 1 <= args.queries <= args.memories:
         parser.error(f"--queries must be in 1..--memories={args.memories}, got {args.queries}")
@@ -95,17 +108,17 @@ def main() -> None:
 
     @jax.jit
     def step(params, opt_state, tokens, weight):
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, weight)
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, weight, args.rope)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
-    evaluate = jax.jit(loss_fn)
+    evaluate = jax.jit(functools.partial(loss_fn, rope=args.rope))
     params = init(jax.random.key(args.seed), args.hidden, 3 * (args.memories + args.queries), args.init)
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(args.seed)
     held = batch(np.random.default_rng(10_000 + args.seed), 256, args.memories, args.queries)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
-    print(f"vanilla transformer: hidden {args.hidden}, init std {args.init}, lr {args.lr}, {args.memories} pairs, "
+    print(f"vanilla transformer: {'RoPE' if args.rope else 'learned positions'}, hidden {args.hidden}, init std {args.init}, lr {args.lr}, {args.memories} pairs, "
           f"{args.queries} queries; without matching at most {no_matching:.2f}")
     start = time.perf_counter()
     for i in range(1, args.steps + 1):

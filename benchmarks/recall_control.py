@@ -6,9 +6,9 @@ Each example is plain context: --memories pairs `[name] = [value]` (one-token na
 values from 40, both drawn anew for every example), then --queries questions `[name] ?` each
 followed by its value (distinct names, so later questions can be answered by elimination). The
 model is a 2-layer pre-norm transformer of width --hidden with 4 heads, learned positions (or
---rope), a GELU MLP and tied embeddings; every weight starts as normal(0, --init). Every 100 steps it prints the
-value accuracy on a training batch and on 256 fixed held-out examples. Without matching names the
-ceiling is the mean of 1/M, 1/(M-1), ..., for the queries asked.
+--rope), a GELU MLP and tied embeddings; every weight starts as normal(0, --init). Every 100
+steps it prints the value accuracy on a training batch and on 256 fixed held-out examples.
+Without matching names the ceiling is the mean of 1/M, 1/(M-1), ..., for the queries asked.
 """
 from __future__ import annotations
 
@@ -106,20 +106,23 @@ def main() -> None:
 
     optimizer = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.01)
 
+    loss_and_accuracy = functools.partial(loss_fn, rope=args.rope)
+
     @jax.jit
     def step(params, opt_state, tokens, weight):
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, weight, args.rope)
+        (loss, accuracy), grads = jax.value_and_grad(loss_and_accuracy, has_aux=True)(params, tokens, weight)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
-    evaluate = jax.jit(functools.partial(loss_fn, rope=args.rope))
+    evaluate = jax.jit(loss_and_accuracy)
     params = init(jax.random.key(args.seed), args.hidden, 3 * (args.memories + args.queries), args.init)
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(args.seed)
     held = batch(np.random.default_rng(10_000 + args.seed), 256, args.memories, args.queries)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
-    print(f"vanilla transformer: {'RoPE' if args.rope else 'learned positions'}, hidden {args.hidden}, init std {args.init}, lr {args.lr}, {args.memories} pairs, "
-          f"{args.queries} queries; without matching at most {no_matching:.2f}")
+    print(f"vanilla transformer: {'RoPE' if args.rope else 'learned positions'}, hidden {args.hidden}, "
+          f"init std {args.init}, lr {args.lr}, {args.memories} pairs, {args.queries} queries; "
+          f"without matching at most {no_matching:.2f}")
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
         params, opt_state, loss, accuracy = step(params, opt_state, *batch(rng, args.batch, args.memories, args.queries))

@@ -108,15 +108,13 @@ _FACTS: dict[str, tuple[str, ...]] = {
 }
 
 # Questions about one attribute of a named person (memory QA, and the resolved multi-hop step).
-# Session-8 experiment: each ends with the name, so the token that predicts the answer is the
-# name itself and need not gather it from earlier in the question.
 _QUESTIONS: dict[str, tuple[str, ...]] = {
-    "city": ("Home city of {n}", "City of residence of {n}"),
-    "profession": ("Profession of {n}", "Job of {n}"),
-    "colour": ("Favourite colour of {n}", "Colour liked best by {n}"),
-    "pet": ("Pet of {n}", "Kind of pet kept by {n}"),
+    "city": ("Where does {n} live?", "What is the home city of {n}?"),
+    "profession": ("What does {n} do for a living?", "What is the profession of {n}?"),
+    "colour": ("What is the favourite colour of {n}?", "Which colour does {n} like best?"),
+    "pet": ("What pet does {n} keep?", "What kind of pet does {n} have?"),
 }
-_DESCRIBE = ("All about {n}", "Everything known about {n}")
+_DESCRIBE = ("Tell me about {n}.", "What do you know about {n}?")
 _NAME_QUERIES = ("Who is {n}?", "Find {n}.")
 # Multi-hop queries name only the subject; the bridge (the mentor) must be found by reasoning.
 _MULTIHOP_QUERIES: dict[str, tuple[str, ...]] = {

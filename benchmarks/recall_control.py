@@ -6,8 +6,9 @@ Each example is plain context: --memories pairs `[name] = [value]` (one-token na
 values from 40, both drawn anew for every example), then --queries questions `[name] ?` each
 followed by its value (distinct names, so later questions can be answered by elimination). The
 model is a 2-layer pre-norm transformer of width --hidden with 4 heads, learned positions (or
---rope), a GELU MLP and tied embeddings; every weight starts as normal(0, --init). Every 100
-steps it prints the value accuracy on a training batch and on 256 fixed held-out examples.
+--rope, of base --rope-theta), a GELU MLP and tied embeddings; every weight starts as
+normal(0, --init). Every 100 steps it prints the value accuracy on a training batch and on 256
+fixed held-out examples.
 Without matching names the ceiling is the mean of 1/M, 1/(M-1), ..., for the queries asked.
 """
 from __future__ import annotations
@@ -56,24 +57,25 @@ def rms_norm(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
-def rotate(x: jax.Array) -> jax.Array:
-    """Rotary position embedding over [batch, length, heads, dim], half-split pairs, base 10000."""
+def rotate(x: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding over [batch, length, heads, dim], half-split pairs, base `theta`."""
     half = x.shape[-1] // 2
-    angles = jnp.arange(x.shape[1])[:, None] * 10000.0 ** (-jnp.arange(half) / half)
+    angles = jnp.arange(x.shape[1])[:, None] * theta ** (-jnp.arange(half) / half)
     cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
     a, b = x[..., :half], x[..., half:]
     return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
 
 
-def logits(params: dict, tokens: jax.Array, rope: bool = False) -> jax.Array:
+def logits(params: dict, tokens: jax.Array, rope_theta: float | None = None) -> jax.Array:
+    """With `rope_theta`, rotary positions of that base instead of the learned position table."""
     batch_size, length = tokens.shape
-    x = params["embed"][tokens] + (0.0 if rope else params["position"][None])
+    x = params["embed"][tokens] + (0.0 if rope_theta is not None else params["position"][None])
     causal = jnp.tril(jnp.ones((length, length), bool))
     for p in params["layers"]:
         h = rms_norm(x)
         q, k, v = (jnp.reshape(h @ p[n], (batch_size, length, HEADS, -1)) for n in "qkv")
-        if rope:
-            q, k = rotate(q), rotate(k)
+        if rope_theta is not None:
+            q, k = rotate(q, rope_theta), rotate(k, rope_theta)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
         probs = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
         x = x + jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape) @ p["o"]
@@ -81,8 +83,9 @@ def logits(params: dict, tokens: jax.Array, rope: bool = False) -> jax.Array:
     return rms_norm(x) @ params["embed"].T
 
 
-def loss_fn(params: dict, tokens: jax.Array, weight: jax.Array, rope: bool = False) -> tuple[jax.Array, jax.Array]:
-    logp = jax.nn.log_softmax(logits(params, tokens, rope))
+def loss_fn(params: dict, tokens: jax.Array, weight: jax.Array,
+            rope_theta: float | None = None) -> tuple[jax.Array, jax.Array]:
+    logp = jax.nn.log_softmax(logits(params, tokens, rope_theta))
     targets = jnp.roll(tokens, -1, axis=1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     hits = jnp.argmax(logp, axis=-1) == targets
@@ -100,13 +103,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rope", action="store_true", help="rotary positions on q and k instead of learned positions")
+    parser.add_argument("--rope-theta", type=float, default=10000.0, help="the rotary base, with --rope")
     args = parser.parse_args()
     if not 1 <= args.queries <= args.memories:
         parser.error(f"--queries must be in 1..--memories={args.memories}, got {args.queries}")
+    if args.rope_theta <= 0:
+        parser.error(f"--rope-theta must be > 0, got {args.rope_theta}")
 
     optimizer = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.01)
 
-    loss_and_accuracy = functools.partial(loss_fn, rope=args.rope)
+    loss_and_accuracy = functools.partial(loss_fn, rope_theta=args.rope_theta if args.rope else None)
 
     @jax.jit
     def step(params, opt_state, tokens, weight):
@@ -120,7 +126,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     held = batch(np.random.default_rng(10_000 + args.seed), 256, args.memories, args.queries)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
-    print(f"vanilla transformer: {'RoPE' if args.rope else 'learned positions'}, hidden {args.hidden}, "
+    positions = f"RoPE base {args.rope_theta:g}" if args.rope else "learned positions"
+    print(f"vanilla transformer: {positions}, hidden {args.hidden}, "
           f"init std {args.init}, lr {args.lr}, {args.memories} pairs, {args.queries} queries; "
           f"without matching at most {no_matching:.2f}")
     start = time.perf_counter()

@@ -6,7 +6,7 @@ Each example has --memories one-line documents `[name] = [value]`, each followed
 random tokens (a name is --syllables tokens drawn from 80, a value one of 40 tokens, all drawn
 anew for every example, so nothing can be learnt by heart), and a reader that asks `[name] ?`
 (or `? [name]` with --name-last) for --queries of them, each followed by the value. The loss is
-on the value tokens only. With --plain the documents are ordinary context (all READER tokens, a
+on the answer tokens only (the values, or the name for --name-task examples). With --plain the documents are ordinary context (all READER tokens, a
 plain causal LM) instead of memories, to tell the memory layout apart from the skill itself.
 With --name-task F, a share F of the training examples (none held out) ask a lone memory
 `[WHO]` and are answered with its name, so that the memories learn to hold names; the training
@@ -105,6 +105,8 @@ def main() -> None:
         parser.error(f"--queries must be in 1..--memories={args.memories}, got {args.queries}")
     if not 0 <= args.name_task < 1:
         parser.error(f"--name-task must be in [0, 1), got {args.name_task}")
+    if args.name_task and args.plain:
+        parser.error("--name-task needs memories: with --plain the name is in the reader's context")
     if args.filler < 0:
         parser.error(f"--filler must be >= 0, got {args.filler}")
     if args.syllables + 2 + args.filler > P:

@@ -107,8 +107,10 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.queries <= args.memories:
         parser.error(f"--queries must be in 1..--memories={args.memories}, got {args.queries}")
-    if args.rope_theta <= 0:
+    if not args.rope_theta > 0:
         parser.error(f"--rope-theta must be > 0, got {args.rope_theta}")
+    if args.rope_theta != parser.get_default("rope_theta") and not args.rope:
+        parser.error("--rope-theta needs --rope")
 
     optimizer = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.01)
 

@@ -6,11 +6,11 @@ Each example has --memories one-line documents `[name] = [value]`, each followed
 random tokens (a name is --syllables tokens drawn from 80, a value one of 40 tokens, all drawn
 anew for every example, so nothing can be learnt by heart), and a reader that asks `[name] ?`
 (or `? [name]` with --name-last) for --queries of them, each followed by the value. The loss is
-on the answer tokens only (the values, or the name for --name-task examples). With --plain the documents are ordinary context (all READER tokens, a
-plain causal LM) instead of memories, to tell the memory layout apart from the skill itself.
-With --name-task F, a share F of the training examples (none held out) ask a lone memory
-`[WHO]` and are answered with its name, so that the memories learn to hold names; the training
-accuracy then counts both kinds.
+on the answer tokens only (the values, or the name for --name-task examples). With --plain the
+documents are ordinary context (all READER tokens, a plain causal LM) instead of memories, to
+tell the memory layout apart from the skill itself. With --name-task F, a share F of the
+training examples (none held out) ask a lone memory `[WHO]` and are answered with its name, so
+that the memories learn to hold names; the training accuracy then counts both kinds.
 
 The model is the tiny demo's shape by default (hidden 128, 4 heads, 2 KV heads, --layers,
 --architecture Qwen3, K = 8); --hidden H gives H/32 heads and H/64 KV heads.

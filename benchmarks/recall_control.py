@@ -6,9 +6,8 @@ Each example is plain context: --memories pairs `[name] = [value]` (one-token na
 values from 40, both drawn anew for every example), then --queries questions `[name] ?` each
 followed by its value (distinct names, so later questions can be answered by elimination). The
 model is a 2-layer pre-norm transformer of width --hidden with 4 heads, learned positions (or
---rope, of base --rope-theta), a GELU MLP and tied embeddings; every weight starts as
-normal(0, --init). Every 100 steps it prints the value accuracy on a training batch and on 256
-fixed held-out examples.
+--rope [BASE]), a GELU MLP and tied embeddings; every weight starts as normal(0, --init). Every
+100 steps it prints the value accuracy on a training batch and on 256 fixed held-out examples.
 Without matching names the ceiling is the mean of 1/M, 1/(M-1), ..., for the queries asked.
 """
 from __future__ import annotations
@@ -102,19 +101,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rope", action="store_true", help="rotary positions on q and k instead of learned positions")
-    parser.add_argument("--rope-theta", type=float, default=10000.0, help="the rotary base, with --rope")
+    parser.add_argument("--rope", type=float, nargs="?", const=10000.0, metavar="BASE",
+                        help="rotary positions on q and k (base 10000 unless given) instead of learned positions")
     args = parser.parse_args()
     if not 1 <= args.queries <= args.memories:
         parser.error(f"--queries must be in 1..--memories={args.memories}, got {args.queries}")
-    if not args.rope_theta > 0:
-        parser.error(f"--rope-theta must be > 0, got {args.rope_theta}")
-    if args.rope_theta != parser.get_default("rope_theta") and not args.rope:
-        parser.error("--rope-theta needs --rope")
+    if args.rope is not None and not args.rope > 0:
+        parser.error(f"--rope BASE must be > 0, got {args.rope}")
 
     optimizer = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.01)
 
-    loss_and_accuracy = functools.partial(loss_fn, rope_theta=args.rope_theta if args.rope else None)
+    loss_and_accuracy = functools.partial(loss_fn, rope_theta=args.rope)
 
     @jax.jit
     def step(params, opt_state, tokens, weight):
@@ -128,7 +125,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     held = batch(np.random.default_rng(10_000 + args.seed), 256, args.memories, args.queries)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
-    positions = f"RoPE base {args.rope_theta:g}" if args.rope else "learned positions"
+    positions = "learned positions" if args.rope is None else f"RoPE base {args.rope:g}"
     print(f"vanilla transformer: {positions}, hidden {args.hidden}, "
           f"init std {args.init}, lr {args.lr}, {args.memories} pairs, {args.queries} queries; "
           f"without matching at most {no_matching:.2f}")

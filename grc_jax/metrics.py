@@ -31,8 +31,14 @@ def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params + 3 * attention
 
 
+def tensorboard_tag(name: str) -> str:
+    """'recall@1' becomes 'recall_at_1' (MTEB's spelling): TensorBoard would turn '@' into '_'."""
+    return name.replace("@", "_at_")
+
+
 class MetricWriter:
-    """Scalars to TensorBoard event files through tensorboardX; a no-op off process 0."""
+    """Scalars to TensorBoard event files through tensorboardX (tags by `tensorboard_tag`); a no-op
+    off process 0."""
 
     def __init__(self, logdir: str | Path, enabled: bool = True):
         self._writer = None
@@ -45,7 +51,7 @@ class MetricWriter:
         if self._writer is None:
             return
         for name, value in scalars.items():
-            self._writer.add_scalar(name, float(value), step)
+            self._writer.add_scalar(tensorboard_tag(name), float(value), step)
         self._writer.flush()
 
     def close(self) -> None:

@@ -218,3 +218,9 @@ def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_pat
     assert (tmp_path / "run" / "demo_world" / "world.json").is_file()
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert [e["step"] for e in result["evals"]] == [1] and "retrieval/recall@1" in result["eval"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("retrieval/recall_at_1")] == [1, 2]
+    assert [e.step for e in events.Scalars("multihop/recall_at_1_self_reasoning")] == [1, 2]

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from grc_jax.metrics import tensorboard_tag
+
 REPORT_FILE = "report.json"
 CHART_FILE = "summary.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -20,11 +22,6 @@ def write_json(out_dir: Path, report: Mapping[str, Any]) -> Path:
     return path
 
 
-def tensorboard_tag(name: str) -> str:
-    """TensorBoard would silently turn '@' into '_'; 'ndcg_at_10' reads better (MTEB's spelling)."""
-    return "eval/" + name.replace("@", "_at_")
-
-
 def write_tensorboard(out_dir: Path, metrics: Mapping[str, float], step: int) -> Path:
     from tensorboardX import SummaryWriter
 
@@ -33,7 +30,7 @@ def write_tensorboard(out_dir: Path, metrics: Mapping[str, float], step: int) ->
     try:
         for name, value in metrics.items():
             if math.isfinite(value):
-                writer.add_scalar(tensorboard_tag(name), value, step)
+                writer.add_scalar("eval/" + tensorboard_tag(name), value, step)
     finally:
         writer.close()
     return log_dir

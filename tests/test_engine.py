@@ -184,6 +184,15 @@ def test_stream_yields_the_text_of_generate(fresh):
     assert "".join(pieces) == e.generate(QUESTION, memories=ids, max_new_tokens=6)
 
 
+def test_stream_holds_back_a_character_cut_between_chunks(fresh, monkeypatch):
+    e = fresh
+    ids = e.tokenizer.encode("café au lait")
+    cut = next(i for i in range(1, len(ids)) if e.tokenizer.decode(ids[:i]).endswith("\ufffd"))  # inside 'é'
+    monkeypatch.setattr(e.decoder, "stream", lambda *args, **kwargs: iter([[ids[:cut]], [ids[cut:]]]))
+    pieces = list(e.stream(QUESTION, max_new_tokens=len(ids)))
+    assert "".join(pieces) == "café au lait" and not any("\ufffd" in p for p in pieces)
+
+
 def test_search_and_rag(fresh):
     e = fresh
     with pytest.raises(ValueError, match="the memory bank is empty"):

@@ -246,10 +246,13 @@ class Engine:
                                          memory_source=self._memory_source):
             made.extend(t for t in chunk[0] if t not in stops)
             text = self.tokenizer.decode(made)
-            # A byte-level tokenizer may end mid-character; hold back until the text only grows.
-            if text != shown and text.startswith(shown):
+            # A byte-level tokenizer's chunk may end mid-character (decoded as U+FFFD): hold it back.
+            if text != shown and text.startswith(shown) and not text.endswith("\ufffd"):
                 yield text[len(shown):]
                 shown = text
+        text = self.tokenizer.decode(made)
+        if text != shown and text.startswith(shown):
+            yield text[len(shown):]
 
     def search(self, query: str, top_k: int = 5, reason: bool = False) -> list[Hit]:
         """The bank's top_k memories for a query, best first."""

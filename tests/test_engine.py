@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import stat
 from pathlib import Path
 
 import jax
@@ -55,7 +57,7 @@ def engine(config, params, tokenizer):
 @pytest.fixture
 def fresh(engine):
     """The module's engine with an empty bank (compiled programs are shared)."""
-    engine.bank = MemoryBank.for_model(engine.config)
+    engine.bank = MemoryBank.for_model(engine.config, engine.params)
     engine.prompts = {"query": "", "document": ""}
     return engine
 
@@ -362,7 +364,69 @@ def test_bank_bad_input_and_mismatch_errors(tmp_path, fresh):
     with pytest.raises(ValueError, match=r"memory bank does not match the model: num_latents=8 vs 4"):
         Engine(fresh.config, fresh.params, fresh.tokenizer, bank=MemoryBank(dataclasses.replace(SPEC, num_latents=8)))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a memory bank file"):
+    with pytest.raises(ValueError, match="junk.npz: not a memory bank file"):
         MemoryBank.load(tmp_path / "junk.npz")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:200])  # a zip cut short
+    with pytest.raises(ValueError, match="cut.npz: not a memory bank file"):
+        MemoryBank.load(tmp_path / "cut.npz")
+    with np.load(path) as data:
+        arrays = dict(data)
+    np.savez(tmp_path / "list_meta.npz", **{**arrays, "meta": np.asarray("[1, 2]")})
+    with pytest.raises(ValueError, match=r"list_meta.npz: not a memory bank file \(bad meta"):
+        MemoryBank.load(tmp_path / "list_meta.npz")
     with pytest.raises(FileNotFoundError, match="no memory bank file"):
         MemoryBank.load(tmp_path / "missing.npz")
+
+
+def test_a_bank_of_another_model_is_refused(tmp_path, fresh, config, params, tokenizer):
+    fresh.compress(DOCS[:2])
+    path = fresh.bank.save(tmp_path / "bank.npz")
+    other_weights = jax.tree.map(lambda x: x * 1.01, params)
+    with pytest.raises(ValueError, match=r"bank.npz does not match the model: weights=\w+ vs \w+"):
+        Engine(config, other_weights, tokenizer, **ENGINE_OPTIONS).load_bank(path)
+    longer = dataclasses.replace(config, max_segment_len=2 * config.max_segment_len)
+    with pytest.raises(ValueError, match=rf"max_segment_len={config.max_segment_len} vs {2 * config.max_segment_len}"):
+        MemoryBank.load(path, expect=BankSpec.of(longer, params))
+    with pytest.raises(ValueError, match=r"rope=.*10000.* vs .*500000"):
+        MemoryBank.load(path, expect=BankSpec.of(dataclasses.replace(config, rope_theta=500000.0), params))
+    fresh.load_bank(path)  # its own model reads it
+    assert len(fresh.bank) == 2
+
+
+def test_a_format_1_bank_still_loads(tmp_path):
+    bank = MemoryBank(SPEC)
+    bank.add(*_memories(2), texts=["a", "b"])
+    path = bank.save(tmp_path / "bank.npz")
+    with np.load(path) as data:
+        arrays = dict(data)
+    meta = json.loads(str(arrays["meta"]))
+    meta["format_version"] = 1
+    meta["spec"] = {k: meta["spec"][k] for k in ("num_layers", "num_latents", "num_kv_heads", "head_dim", "embed_dim",
+                                                 "dtype")}
+    np.savez(tmp_path / "v1.npz", **{**arrays, "meta": np.asarray(json.dumps(meta))})
+    full = dataclasses.replace(SPEC, max_segment_len=16, pooling="mean", weights="0123456789abcdef")
+    _assert_same_bank(bank, MemoryBank.load(tmp_path / "v1.npz", expect=full))
+
+
+def test_bank_search_is_cosine_for_embeddings_of_any_length():
+    bank = MemoryBank(SPEC)
+    keys, values, _ = _memories(2)
+    query = np.eye(SPEC.embed_dim, dtype=np.float32)[:1]
+    far = 10 * np.eye(SPEC.embed_dim, dtype=np.float32)[1] + 3 * query[0]  # long, cosine 0.29
+    near = query[0] + 0.1 * np.eye(SPEC.embed_dim, dtype=np.float32)[2]  # short, cosine 0.995
+    bank.add(keys, values, np.stack([near, far]))
+    ids, scores = bank.search(query, top_k=2)
+    assert ids[0].tolist() == [0, 1]
+    np.testing.assert_allclose(scores[0], [1 / np.sqrt(1.01), 3 / np.sqrt(109)], rtol=1e-6)
+
+
+def test_a_saved_bank_gets_the_usual_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = MemoryBank(SPEC).save(tmp_path / "bank.npz")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        path.chmod(0o640)
+        MemoryBank(SPEC).save(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640  # an existing file keeps its mode
+    finally:
+        os.umask(old)

@@ -10,10 +10,12 @@ On disk a bank is one `.npz` file, written to a temporary file beside it and mov
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Hashable, Sequence
 
@@ -22,13 +24,18 @@ import numpy as np
 
 from grc_jax.config import ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 records the model fields of BankSpec; format-1 banks still load
 _ARRAY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
 class BankSpec:
-    """What a memory must look like to be read by a model."""
+    """What a memory must look like to be read by a model, and which model made it.
+
+    Memories with the right shapes can still belong to another model: other weights, or keys
+    rotated at other positions (P) or frequencies. The fields from `max_segment_len` on record
+    that; None means unrecorded (a format-1 bank, or a spec built by hand) and is not compared.
+    """
 
     num_layers: int
     num_latents: int
@@ -36,11 +43,18 @@ class BankSpec:
     head_dim: int
     embed_dim: int
     dtype: str = "float32"
+    max_segment_len: int | None = None
+    rope: str | None = None  # rope_theta and rope_scaling, as JSON
+    pooling: str | None = None
+    weights: str | None = None  # `weights_fingerprint` of the model
 
     @classmethod
-    def of(cls, config: ModelConfig) -> "BankSpec":
+    def of(cls, config: ModelConfig, params: Any = None) -> "BankSpec":
+        """The spec of `config`'s memories; with `params`, tied to those weights too."""
+        rope = json.dumps({"rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling_dict}, sort_keys=True)
         return cls(config.num_layers, config.num_latents, config.num_kv_heads, config.head_dim,
-                   config.embed_dim or config.hidden_size, config.dtype)
+                   config.embed_dim or config.hidden_size, config.dtype, config.max_segment_len, rope,
+                   config.pooling, weights_fingerprint(config, params) if params is not None else None)
 
     @property
     def memory_shape(self) -> tuple[int, int, int, int]:
@@ -49,9 +63,20 @@ class BankSpec:
     def check_same(self, other: "BankSpec", what: str) -> None:
         """Raises ValueError naming every field where `other` (the model) differs."""
         diffs = [f"{f.name}={getattr(self, f.name)} vs {getattr(other, f.name)}" for f in dataclasses.fields(self)
-                 if getattr(self, f.name) != getattr(other, f.name)]
+                 if None not in (getattr(self, f.name), getattr(other, f.name))
+                 and getattr(self, f.name) != getattr(other, f.name)]
         if diffs:
-            raise ValueError(f"{what} does not match the model: {', '.join(diffs)} (bank vs model)")
+            raise ValueError(f"{what} does not match the model: {', '.join(diffs)} (bank vs model); "
+                             "recompress its documents with this model")
+
+
+def weights_fingerprint(config: ModelConfig, params: Any) -> str:
+    """A short hash of the weights a memory starts from: the meta latent rows of the embedding
+    and the first layer's key and value projections (cheap to read, and changed by any training)."""
+    digest = hashlib.sha256()
+    for array in (params["embed"][config.vocab_size:], params["layers"]["k_proj"][0], params["layers"]["v_proj"][0]):
+        digest.update(np.ascontiguousarray(np.asarray(array, np.float32)).tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclasses.dataclass
@@ -74,8 +99,8 @@ class MemoryBank:
         self._matrix: tuple[np.ndarray, np.ndarray] | None = None  # (ids, embeddings), rebuilt on change
 
     @classmethod
-    def for_model(cls, config: ModelConfig) -> "MemoryBank":
-        return cls(BankSpec.of(config))
+    def for_model(cls, config: ModelConfig, params: Any = None) -> "MemoryBank":
+        return cls(BankSpec.of(config, params))
 
     def __len__(self) -> int:
         return len(self._memories)
@@ -156,8 +181,8 @@ class MemoryBank:
         if queries.ndim != 2 or queries.shape[1] != self.spec.embed_dim:
             raise ValueError(f"queries must be [n, {self.spec.embed_dim}], got shape {list(queries.shape)}")
         ids, matrix = self.embeddings()
-        queries = queries / np.maximum(np.linalg.norm(queries, axis=-1, keepdims=True), 1e-12)
-        scores = queries @ matrix.T
+        unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        scores = unit(queries) @ unit(matrix).T
         k = min(top_k, len(ids))
         order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
         return ids[order], np.take_along_axis(scores, order, axis=-1)
@@ -180,6 +205,7 @@ class MemoryBank:
                   "embeddings": self.embeddings()[1]}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())  # not mkstemp's 0600
             with os.fdopen(fd, "wb") as f:
                 _write_npz(f, arrays)
                 f.flush()
@@ -199,24 +225,28 @@ class MemoryBank:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
             raise ValueError(f"{path}: not a memory bank file: {e}") from None
         missing = {"meta", "ids", "keys", "values", "embeddings"} - set(arrays)
         if missing:
             raise ValueError(f"{path}: not a memory bank file (missing {sorted(missing)})")
-        meta = json.loads(str(arrays["meta"]))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: memory bank format {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
-        spec = BankSpec(**meta["spec"])
+        try:
+            meta = json.loads(str(arrays["meta"]))
+            version = meta["format_version"]
+            if version not in (1, FORMAT_VERSION):
+                raise ValueError(f"{path}: memory bank format {version}, this code reads 1 and {FORMAT_VERSION}")
+            spec = BankSpec(**meta["spec"])
+            texts, versions, next_id = meta["texts"], meta["versions"], meta["next_id"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}: not a memory bank file (bad meta: {e!r})") from None
         if expect is not None:
             spec.check_same(expect, f"memory bank {path}")
         bank = cls(spec)
         dtype = _ARRAY_DTYPES[spec.dtype]
         keys, values = arrays["keys"].view(dtype), arrays["values"].view(dtype)
         for n, memory_id in enumerate(arrays["ids"].tolist()):
-            bank._memories[memory_id] = Memory(keys[n], values[n], arrays["embeddings"][n], meta["texts"][n],
-                                               meta["versions"][n])
-        bank._next_id = meta["next_id"]
+            bank._memories[memory_id] = Memory(keys[n], values[n], arrays["embeddings"][n], texts[n], versions[n])
+        bank._next_id = next_id
         return bank
 
     # --- internals -------------------------------------------------------------------------
@@ -252,3 +282,9 @@ def _to_bits(array: np.ndarray) -> np.ndarray:
 
 def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
     np.savez(file, **arrays)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -150,10 +150,12 @@ def test_sampling_supports_and_greedy_limits():
                                   sample_logits(random_logits, key, Sampling()))
     with pytest.raises(ValueError, match="top_p must be in"):
         Sampling(temperature=1.0, top_p=0.0)
-    with pytest.raises(ValueError, match="top_k must be >= 1"):
-        Sampling(temperature=1.0, top_k=0)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        Sampling(temperature=-1.0)
+    for bad_k in (0, 2.5):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+            Sampling(temperature=1.0, top_k=bad_k)
+    for bad_t in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            Sampling(temperature=bad_t)
 
 
 SAMPLED = Sampling(temperature=3.0, top_k=3)
@@ -236,7 +238,8 @@ def test_reason_embed_matches_the_segment_embedding_of_its_own_trace(decoder, pa
 def test_out_of_pages_leaves_the_decoder_usable(decoder):
     want = decoder.generate(PROMPTS, decoder.settings(6))
     before = decoder.allocator.snapshot()
-    with pytest.raises(OutOfPages, match=r"request \d+ \(201 tokens\) needs 51 page\(s\) of 4 slots, 11 of 64 are free"):
+    with pytest.raises(OutOfPages, match=r"out of KV pages: prompt 1 \(201 tokens\) needs 51 page\(s\) of 4 slots, 11 of "
+                                         r"64 are free .*; this batch's prompts need \[53, 51, 51\] token pages"):
         # the first row (11 + 200 tokens) takes 53 of the 64 pages; the second cannot fit
         decoder.generate(PROMPTS, decoder.settings(200))
     after = decoder.allocator.snapshot()
@@ -256,4 +259,10 @@ def test_bad_requests_get_errors_that_name_the_problem(decoder):
         decoder.generate([[1]], decode.DecodeSettings(max_new_tokens=2))
     with pytest.raises(KeyError, match="unknown"):
         decoder.generate([[1]], s, memories=[["zz"]], memory_source=lambda ids: (_ for _ in ()).throw(KeyError("unknown")))
+    K, shape = CONFIG.num_latents, (CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim)
+    for slots in (K - 1, K + 1):
+        short = np.zeros((1, shape[0], slots, *shape[1:]), np.float32)
+        with pytest.raises(ValueError, match=rf"memory_source gave keys of shape \[1, {shape[0]}, {slots}, .*for memories "
+                                             rf"\['m'\]; this model reads .*\[1, {shape[0]}, {K}, "):
+            decoder.generate([[1]], s, memories=[["m"]], memory_source=lambda ids: (short, short))
     assert decoder.allocator.num_free == 64

@@ -159,6 +159,8 @@ def test_generate_reads_the_named_memories(fresh):
         e.generate(QUESTION, memories=[999])
     with pytest.raises(ValueError, match="1 memory lists for 2 prompts"):
         e.generate([QUESTION, QUESTION], memories=[[0]])
+    with pytest.raises(ValueError, match=r"one list of ids for every prompt, or one list per prompt; got \[0, \[1\]\]"):
+        e.generate([QUESTION, QUESTION], memories=[0, [1]])
     with pytest.raises(ValueError, match="stop token '<nope>' is not in the tokenizer"):
         e.generate(QUESTION, stop_tokens=["<nope>"])
 

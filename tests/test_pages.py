@@ -123,4 +123,6 @@ def test_write_memories_fills_exactly_the_named_pages_and_slots():
     np.testing.assert_array_equal(k[:, 1, 1], 0)  # the slot past the memory's K
     with pytest.raises(ValueError, match="do not fit a pool"):
         write_memories(pool, [[2]], keys[:1, :, :, :, :2], values[:1, :, :, :, :2])
-    assert isinstance(pool.k, jnp.ndarray)
+    with pytest.raises(ValueError, match=r"memories \[1\] have \[1\] pages; K=3 slots take 2 pages of 2"):
+        write_memories(pool, [[2, 0], [1]], keys, values)
+    assert not pool.k.is_deleted()  # failed writes raise before consuming the donated pool

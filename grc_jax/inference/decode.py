@@ -27,7 +27,7 @@ import numpy as np
 
 from grc_jax import model
 from grc_jax.config import DTYPES, ModelConfig
-from grc_jax.inference.pages import KVPool, PageAllocator, new_pool, write_memories
+from grc_jax.inference.pages import KVPool, OutOfPages, PageAllocator, new_pool, write_memories
 from pallas_kernels.hybrid_paged_attention import hybrid_paged_attention
 from pallas_kernels.hybrid_paged_attention.dispatch import default_impl
 
@@ -44,10 +44,10 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):  # NaN fails both
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -486,9 +486,23 @@ class Decoder:
         self._next_request += n
         need = {rid: len(p) + b + extra for rid, p, b in zip(ids, prompts, budgets)}
         if wanted:
-            # Fetch before allocating: an unknown id must fail with the pool untouched.
-            fetched = memory_source(wanted)
-        req_pages, mem_pages, new = self.allocator.admit(need, {m: K for m in wanted})
+            # Fetch before allocating: an unknown id or a misshapen memory must fail with the pool untouched.
+            fetched = tuple(np.asarray(a) for a in memory_source(wanted))
+            expected = [len(wanted), c.num_layers, K, c.num_kv_heads, c.head_dim]
+            for what, array in zip(("keys", "values"), fetched):
+                if list(array.shape) != expected:
+                    raise ValueError(f"memory_source gave {what} of shape {list(array.shape)} for memories "
+                                     f"{wanted[:8]}; this model reads [memories, layers, K, kv_heads, head_dim]="
+                                     f"{expected}")
+        try:
+            req_pages, mem_pages, new = self.allocator.admit(need, {m: K for m in wanted})
+        except OutOfPages as e:  # name the prompt, not the internal request id
+            reason = str(e).removeprefix("out of KV pages: ")
+            for i, rid in enumerate(ids):
+                reason = reason.replace(f"request {rid!r} ", f"prompt {i} ")
+            token_pages = [self.allocator.pages_for(t) for t in need.values()]
+            raise OutOfPages(f"out of KV pages: {reason}; this batch's prompts need {token_pages} token pages and "
+                             f"its {len(wanted)} memories {self.allocator.pages_for(K)} each") from None
         try:
             if new:
                 keys, values = fetched

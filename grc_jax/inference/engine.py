@@ -325,8 +325,12 @@ class Engine:
         if memories is None:
             return [[] for _ in range(n)]
         memories = list(memories)
-        if all(isinstance(m, (int, np.integer)) for m in memories):
+        is_id = [isinstance(m, (int, np.integer)) for m in memories]
+        if all(is_id):
             return [[int(m) for m in memories] for _ in range(n)]
+        if any(is_id):
+            raise ValueError(f"memories must be one list of ids for every prompt, or one list per prompt; got "
+                             f"{memories!r}")
         if len(memories) != n:
             raise ValueError(f"{len(memories)} memory lists for {n} prompts")
         return [[int(m) for m in row] for row in memories]

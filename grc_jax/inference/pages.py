@@ -84,6 +84,10 @@ def write_memories(pool: KVPool, pages: list[list[int]], keys: np.ndarray, value
         raise ValueError(f"memories of shape [layers, K, kv_heads, head_dim]={list(keys.shape[1:])} do not fit "
                          f"a pool of [layers, ..., kv_heads, head_dim]={[pool.k.shape[0], *pool.k.shape[3:]]}")
     size = pool.page_size
+    short = [i for i, p in enumerate(pages) if len(p) != -(-num_slots // size)]
+    if short:
+        raise ValueError(f"memories {short[:8]} have {[len(pages[i]) for i in short[:8]]} pages; K={num_slots} "
+                         f"slots take {-(-num_slots // size)} pages of {size}")
     slot = np.arange(num_slots)
     flat_pages = np.asarray([[p[j // size] for j in slot] for p in pages], np.int32).reshape(-1)
     flat_slots = np.tile(slot % size, n).astype(np.int32)

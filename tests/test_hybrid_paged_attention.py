@@ -364,6 +364,28 @@ def test_dispatcher_picks_by_backend_and_honours_impl(monkeypatch):
         hybrid_paged_attention(*args, impl="reference", interpret=True)
 
 
+def test_dispatcher_names_the_argument_of_a_bad_shape():
+    q, k, v, cu, mem_table, mem_lens, tok_table, tok_lens = CASES[0].args()
+    S = cu.shape[0] - 1
+    bad = {
+        "q must be": dict(q=q[0]),
+        "v_pages has shape": dict(v_pages=v[:, :, :, :8]),
+        "q's head_dim 8 differs": dict(q=q[:, :, :8]),
+        "heads are not a multiple": dict(q=q[:, :1]),  # 1 q head over 2 kv heads
+        "cu_q_lens must be": dict(cu_q_lens=cu[:1]),
+        "mem_page_table must be": dict(mem_page_table=mem_table[:S - 1] if S > 1 else mem_table[None]),
+        "mem_page_lens has shape": dict(mem_page_lens=mem_lens[:, :-1]),
+        "tok_page_table must be": dict(tok_page_table=jnp.concatenate([tok_table, tok_table])),
+        "tok_lens must be": dict(tok_lens=tok_lens[:-1]),
+    }
+    names = ("q", "k_pages", "v_pages", "cu_q_lens", "mem_page_table", "mem_page_lens", "tok_page_table", "tok_lens")
+    good = dict(zip(names, (q, k, v, cu, mem_table, mem_lens, tok_table, tok_lens)))
+    for message, change in bad.items():
+        with pytest.raises(ValueError, match=f"^hybrid_paged_attention: .*{message}"):
+            hybrid_paged_attention(**{**good, **change})
+    jax.jit(hybrid_paged_attention)(**good)  # shapes are static: the check also runs under jit
+
+
 def test_dispatcher_default_on_cpu_is_the_reference():
     args = CASES[4].args(seed=8)
     np.testing.assert_array_equal(f32(hybrid_paged_attention(*args)),

@@ -85,6 +85,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def host_batch_block(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
+    """(index, count): this process feeds block `index` of the global batch cut into `count`
+    equal blocks of rows, the rows its devices hold. Processes whose devices hold the same rows
+    (a tensor axis that spans hosts) get the same block, so they load the same data."""
+    rows = [index[0] for index in sharding.addressable_devices_indices_map((global_batch,)).values()]
+    spans = sorted({(s.start or 0, global_batch if s.stop is None else s.stop) for s in rows})
+    lo, hi = spans[0][0], spans[-1][1]
+    size = hi - lo
+    if sum(b - a for a, b in spans) != size or global_batch % size or lo % size:
+        raise ValueError(f"mesh: the devices of process {jax.process_index()} hold rows {spans} of the global batch "
+                         f"of {global_batch}, not one contiguous block; order the mesh's devices by host")
+    return lo // size, global_batch // size
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
     """Starts jax.distributed: from explicit flags, else from the TPU or SLURM environment.

@@ -151,8 +151,11 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_conf
     return new_state, metrics
 
 
-def _to_global(batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+def _to_global(batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding,
+               global_batch: int) -> dict[str, jax.Array]:
+    # The global shape must be given: processes that share rows (tensor across hosts) hold copies.
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v, (global_batch, *v.shape[1:]))
+            for k, v in batch.items()}
 
 
 def _put(tree: Any, shardings: Any) -> Any:
@@ -166,6 +169,13 @@ class _Preemption:
 
     def __init__(self):
         self.requested = False
+
+    def agreed(self) -> bool:
+        """Whether any process got SIGTERM. Every process must stop at the same step: a save
+        is a collective, and one process saving while the others train deadlocks them."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
 
     def __enter__(self) -> "_Preemption":
         self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -214,9 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                           in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                           donate_argnums=0)
 
+        block, blocks = sharding.host_batch_block(batch_sharding, t.global_batch)
         dataset = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=t.global_batch,
-                                        num_steps=t.steps, seed=t.seed, process_index=jax.process_index(),
-                                        process_count=jax.process_count(), skip_malformed=config.data.skip_malformed)
+                                        num_steps=t.steps, seed=t.seed, block=block, blocks=blocks,
+                                        skip_malformed=config.data.skip_malformed)
         iterator = pipeline.make_iterator(dataset)
         manager = ocp.CheckpointManager(
             (workdir / "checkpoints").absolute(),
@@ -246,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         evals: list[dict[str, float]] = []  # the periodic held-out evaluations, the final one apart
         window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
         for step in range(start, t.steps):
-            batch = _to_global(next(iterator), batch_sharding)
+            batch = _to_global(next(iterator), batch_sharding, t.global_batch)
             state, metrics = step_fn(state, batch)
             window_steps += 1
             done = step + 1
@@ -269,8 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 _print_eval(done, figures)
             if done % config.checkpoint.every == 0 or done == t.steps:
                 save(done)
-            if preemption.requested or manager.reached_preemption(done):
-                save(done)
+            if preemption.agreed() or manager.reached_preemption(done):
+                if manager.latest_step() != done:
+                    save(done)
                 manager.wait_until_finished()
                 logging.warning("stopped for preemption at step %d", done)
                 return {"preempted_at": done, "history": history}

@@ -394,12 +394,12 @@ def test_host_shards_concatenate_to_the_global_batch(tmp_path):
     files = synthetic_files(tmp_path)
     kwargs = dict(global_batch=4, num_steps=5, seed=3)
     whole = pipeline.make_dataset(files, tok, cfg, **kwargs)
-    hosts = [pipeline.make_dataset(files, tok, cfg, process_index=h, process_count=2, **kwargs) for h in range(2)]
+    hosts = [pipeline.make_dataset(files, tok, cfg, block=h, blocks=2, **kwargs) for h in range(2)]
     for step in range(5):
         joined = {k: np.concatenate([hosts[0][step][k], hosts[1][step][k]]) for k in whole[step]}
         assert_batches_equal([joined], [whole[step]])
-    with pytest.raises(ValueError, match="global_batch 4 is not divisible by the number of processes 3"):
-        pipeline.make_dataset(files, tok, cfg, process_index=0, process_count=3, **kwargs)
+    with pytest.raises(ValueError, match="global_batch 4 does not split into 3 host blocks"):
+        pipeline.make_dataset(files, tok, cfg, block=0, blocks=3, **kwargs)
 
 
 def test_same_seed_same_batches_other_seed_other_batches(tmp_path):

@@ -84,31 +84,32 @@ def _measure(records: Sequence[TokenizedRecord], config: BuildConfig, seed: int,
 
 
 class _HostBatch:
-    """step -> this host's rows of global batch `step`."""
+    """step -> this host's rows of global batch `step`: block `block` of `blocks` equal blocks."""
 
-    def __init__(self, plan: PackingPlan, global_batch: int, process_index: int, process_count: int):
+    def __init__(self, plan: PackingPlan, global_batch: int, block: int, blocks: int):
         self.plan = plan
         self.global_batch = global_batch
-        self.per_host = global_batch // process_count
-        self.offset = process_index * self.per_host
+        self.rows = global_batch // blocks
+        self.offset = block * self.rows
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         start = step * self.global_batch + self.offset
-        return self.plan.build_rows(start, start + self.per_host)
+        return self.plan.build_rows(start, start + self.rows)
 
 
 def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer, build_config: BuildConfig, *,
-                 global_batch: int, num_steps: int, seed: int, process_index: int = 0, process_count: int = 1,
+                 global_batch: int, num_steps: int, seed: int, block: int = 0, blocks: int = 1,
                  skip_malformed: bool = False) -> grain.MapDataset:
     """A grain MapDataset of `num_steps` elements; element i is this host's share of global
-    batch i: rows [i*G + h*G/H, i*G + (h+1)*G/H) of the plan, as the dict of
-    `builder.empty_batch`.
+    batch i: block b of B, rows [i*G + b*G/B, i*G + (b+1)*G/B) of the plan, as the dict of
+    `builder.empty_batch`. `sharding.host_batch_block` gives a host its (b, B): hosts that hold
+    the same rows (a tensor axis across hosts) load the same block.
 
     Every host reads and tokenizes all records into memory (fine for in-memory datasets, up to a
     few million records) and computes the same plan, so hosts agree on the global batch without
     talking to each other.
     """
-    _check_sharding(global_batch, num_steps, process_index, process_count)
+    _check_sharding(global_batch, num_steps, block, blocks)
     records, skipped_lines = read_records(files, skip_malformed=skip_malformed)
     tokenized = tokenize_records(records, tokenizer.encode_batch)
     plan = plan_packing(tokenized, build_config, num_rows=num_steps * global_batch, seed=seed,
@@ -116,16 +117,16 @@ def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer,
     logging.info("data: %d records -> %d rows over %d epoch(s), padding fraction %.3f; skipped %d malformed "
                  "line(s) and %d record(s) that cannot be laid out", len(plan.records), len(plan.rows),
                  plan.epochs, plan.padding_fraction, skipped_lines, plan.skipped)
-    return grain.MapDataset.range(num_steps).map(_HostBatch(plan, global_batch, process_index, process_count))
+    return grain.MapDataset.range(num_steps).map(_HostBatch(plan, global_batch, block, blocks))
 
 
-def _check_sharding(global_batch: int, num_steps: int, process_index: int, process_count: int) -> None:
+def _check_sharding(global_batch: int, num_steps: int, block: int, blocks: int) -> None:
     if global_batch < 1 or num_steps < 1:
         raise ValueError(f"global_batch and num_steps must be positive, got {global_batch} and {num_steps}")
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count})")
-    if global_batch % process_count:
-        raise ValueError(f"global_batch {global_batch} is not divisible by the number of processes {process_count}")
+    if blocks < 1 or not 0 <= block < blocks:
+        raise ValueError(f"block {block} is not in [0, blocks={blocks})")
+    if global_batch % blocks:
+        raise ValueError(f"global_batch {global_batch} does not split into {blocks} host blocks")
 
 
 def make_iterator(dataset: grain.MapDataset, *, prefetch_threads: int = 0,

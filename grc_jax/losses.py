@@ -12,12 +12,14 @@ from grc_jax.config import ModelConfig
 QUERY, DOCUMENT = 1, 2
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(weighted mean next-token CE, weight sum). logits [..., V] float32."""
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                        normalizer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(weighted next-token CE over `normalizer`, by default the weight sum: the weighted mean;
+    weight sum). logits [..., V] float32."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     total = weights.sum()
-    return (nll * weights).sum() / jnp.maximum(total, 1.0), total
+    return (nll * weights).sum() / jnp.maximum(total if normalizer is None else normalizer, 1.0), total
 
 
 def contrastive_loss(embeddings: jax.Array, seg_kind: jax.Array, seg_positive: jax.Array, seg_doc_id: jax.Array,
@@ -49,12 +51,17 @@ def contrastive_loss(embeddings: jax.Array, seg_kind: jax.Array, seg_positive: j
 
 
 def grc_loss(config: ModelConfig, params: model.Params, batch: dict[str, jax.Array],
-             weights: dict[str, float], temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """λ_gen·L_gen + λ_rep·L_rep + λ_comp·L_comp over one batch of packed rows."""
+             weights: dict[str, float], temperature: float,
+             token_totals: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """λ_gen·L_gen + λ_rep·L_rep + λ_comp·L_comp over one batch of packed rows.
+
+    With `token_totals` ({"gen": ..., "comp": ...}, a larger batch's weight sums) L_gen and L_comp
+    are this batch's share of that batch's means, so micro-batches' losses add up to it."""
     meta = layout.TokenMeta(batch["example"], batch["segment"], batch["kind"])
     out = model.forward(config, params, batch["tokens"], meta)
-    gen, gen_tokens = token_cross_entropy(out.logits, batch["targets"], batch["gen_weight"])
-    comp, comp_tokens = token_cross_entropy(out.logits, batch["targets"], batch["comp_weight"])
+    totals = token_totals or {}
+    gen, gen_tokens = token_cross_entropy(out.logits, batch["targets"], batch["gen_weight"], totals.get("gen"))
+    comp, comp_tokens = token_cross_entropy(out.logits, batch["targets"], batch["comp_weight"], totals.get("comp"))
     embeddings = model.pool_latents(config, params, out.hidden, batch["seg_latent_index"])
     rep, rep_metrics = contrastive_loss(embeddings, batch["seg_kind"], batch["seg_positive"], batch["seg_doc_id"],
                                         temperature)

@@ -107,7 +107,9 @@ def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, t.learning_rate, max(t.warmup_steps, 1), max(t.steps, t.warmup_steps + 1),
         end_value=t.learning_rate * t.end_learning_rate_fraction)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norms, biases
+    # No decay on norms and biases, by name: stacked layers give them a leading layers axis.
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: not str(path[-1].key).endswith(("norm", "bias")), params)
     tx = optax.chain(optax.clip_by_global_norm(t.clip_norm),
                      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
     return tx, schedule
@@ -121,22 +123,30 @@ def init_state(params: model.Params, tx: optax.GradientTransformation, seed: int
 def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_config: ModelConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule, config: ml_collections.ConfigDict):
     weights = {"gen": config.loss.gen, "rep": config.loss.rep, "comp": config.loss.comp}
-    loss_fn = functools.partial(losses.grc_loss, model_config, weights=weights, temperature=config.loss.temperature)
-    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, b), has_aux=True)
     accum = config.train.grad_accum
     if accum == 1:
-        (_, metrics), grads = grad_fn(state["params"], batch)
-    else:  # micro-batches in a scan; the contrastive loss then sees one micro-batch at a time
+        loss_fn = functools.partial(losses.grc_loss, model_config, weights=weights, temperature=config.loss.temperature)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    else:
+        # Micro-batches in a scan whose losses and gradients add up to the whole batch's: token
+        # losses are over the whole batch's token counts; the contrastive loss is the mean of the
+        # micro-batches' (each contrasts within its micro-batch).
+        totals = {"gen": batch["gen_weight"].sum(), "comp": batch["comp_weight"].sum()}
+        micro_weights = {**weights, "rep": weights["rep"] / accum}
+        loss_fn = functools.partial(losses.grc_loss, model_config, weights=micro_weights,
+                                    temperature=config.loss.temperature, token_totals=totals)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
         def body(acc, b):
             (_, m), g = grad_fn(state["params"], b)
             return jax.tree.map(jnp.add, acc, (g, m)), None
 
-        (_, first_metrics), first_grads = grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro))
-        rest = jax.tree.map(lambda x: x[1:], micro)
-        (grads, metrics), _ = jax.lax.scan(body, (first_grads, first_metrics), rest)
-        grads, metrics = jax.tree.map(lambda x: x / accum, (grads, metrics))
+        first = grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro))
+        (grads, metrics), _ = jax.lax.scan(body, (first[1], first[0][1]), jax.tree.map(lambda x: x[1:], micro))
+        metrics = {k: v / accum if k in ("loss_rep", "rep_accuracy") else v for k, v in metrics.items()}
+        metrics["loss"] = weights["gen"] * metrics["loss_gen"] + weights["rep"] * metrics["loss_rep"] \
+            + weights["comp"] * metrics["loss_comp"]
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)

@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+import optax
 import pytest
 
 from grc_jax import train, train_config
@@ -94,8 +96,49 @@ def test_losses_fall_and_everything_is_logged(world, tmp_path):
     assert (tmp_path / "model_config.json").is_file() and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_weight_decay_spares_norms_and_biases_of_stacked_layers():
+    t = train_config.defaults().train
+    t.unlock()
+    t.update(weight_decay=0.1, learning_rate=0.1, warmup_steps=1, steps=10)
+    tx, _ = train.make_optimizer(t)
+    ones = lambda *shape: np.ones(shape, np.float32)
+    params = {"embed": ones(6, 4), "final_norm": ones(4),
+              "layers": {"input_norm": ones(2, 4), "q_norm": ones(2, 2), "q_bias": ones(2, 2, 2), "q_proj": ones(2, 4, 2, 2)}}
+    state = tx.init(params)
+    for _ in range(3):  # the first step's learning rate is 0 (warmup)
+        updates, state = tx.update(jax.tree.map(np.zeros_like, params), state, params)
+        params = optax.apply_updates(params, updates)
+    decayed = {"/".join(str(k.key) for k in path): bool(np.all(p < 1)) for path, p in jax.tree_util.tree_leaves_with_path(params)}
+    assert decayed == {"embed": True, "final_norm": False, "layers/input_norm": False, "layers/q_norm": False,
+                       "layers/q_bias": False, "layers/q_proj": True}
+
+
+def test_gradient_accumulation_gives_the_whole_batch_gradient(world, tmp_path):
+    """With the contrastive loss off (it contrasts within each micro-batch), 2 micro-batches give
+    the gradient and the losses of the whole batch."""
+    from grc_jax import model
+    from grc_jax.data import pipeline
+
+    setup, _ = train.prepare(config_for(world), tmp_path)
+    batch = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=8, num_steps=1, seed=0)[0]
+    params = model.init_params(setup.model_config, jax.random.key(0))
+    sgd = optax.sgd(1.0)  # new params = params - gradient
+
+    def step(accum):
+        config = config_for(world, **{"loss.rep": 0.0, "train.grad_accum": accum})
+        new, metrics = jax.jit(lambda s, b: train.train_step(s, b, model_config=setup.model_config, tx=sgd,
+                                                             schedule=lambda _: 1.0, config=config))(
+            train.init_state(params, sgd, 0), batch)
+        return jax.tree.map(lambda p, n: p - n, params, new["params"]), metrics
+
+    whole, whole_metrics = step(1)
+    micro, micro_metrics = step(2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), whole, micro)
+    for name in ("loss", "loss_gen", "loss_comp", "gen_tokens", "comp_tokens", "grad_norm"):
+        np.testing.assert_allclose(micro_metrics[name], whole_metrics[name], rtol=1e-5, err_msg=name)
+
+
 def test_eight_device_mesh_matches_one_device(world, tmp_path, reference):
-    import jax
 
     assert jax.device_count() == 8
     config = config_for(world, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})

@@ -279,6 +279,8 @@ MALFORMED = [
     ('{"positive": "p", "question": "q"}', "'question' without 'answer' feeds no loss"),
     ('{"question": "q", "answer": "a"}', "'question'+'answer' without 'positive'"),
     ('{"negatives": ["n"], "text": "t"}', "'negatives' without 'positive' feeds no loss"),
+    ('{"text": "ab\\ud800"}', "field 'text' is not valid Unicode (surrogates not allowed at character 2)"),
+    ('{"query": "q", "positive": "p", "negatives": ["\\udfff"]}', "field 'negatives[0]' is not valid Unicode"),
 ]
 
 

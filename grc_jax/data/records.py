@@ -133,6 +133,10 @@ def _check_text(name: str, value: Any) -> None:
         raise _Malformed(f"field '{name}' must be a string, got {_json_type(value)}")
     if not value.strip():
         raise _Malformed(f"field '{name}' is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800"
+        raise _Malformed(f"field '{name}' is not valid Unicode ({e.reason} at character {e.start})") from None
 
 
 def _check_losses(fields: dict[str, Any]) -> None:

@@ -204,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     from grc_jax.eval import world as evaluation  # imports the inference stack: only when evaluating
 
     train_config.check_keys(config)
+    train_config.check_values(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     setup, hf_params = prepare(config, workdir)
@@ -345,12 +346,20 @@ def main(argv: list[str]) -> None:
     train_and_evaluate(config, workdir)
 
 
+def _one_line(e: Exception) -> str:
+    """ml_collections' locked-config error without its dump of every other field."""
+    while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], Exception):
+        e = e.args[0]  # an AttributeError wrapping the KeyError
+    message = " ".join(str(e.args[0] if e.args else e).split())
+    return re.sub(r" Other fields present: .*?(?= Did you mean|$)", "", message)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl parsing, with config errors (unknown keys, bad values) as one clean line."""
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: an unknown key
-        problem = train_config.find_unknown_override(argv) or re.sub(r"[\\'\"]+", "'", str(e))
+        problem = train_config.find_unknown_override(argv) or _one_line(e)
         raise SystemExit(f"config error: {problem}") from None
     except (flags.Error, OSError, TypeError, ValueError) as e:
         raise SystemExit(f"config error: {e}") from None

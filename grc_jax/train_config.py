@@ -50,6 +50,30 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+# key -> (smallest valid value, what it means); ModelConfig checks the model's own values.
+_AT_LEAST = {
+    "train.steps": 1, "train.global_batch": 1, "train.grad_accum": 1, "train.warmup_steps": 0,
+    "log_every": 1, "eval_every": 0, "eval_max_queries": 1, "reasoning_max_tokens": 1,
+    "checkpoint.every": 1, "checkpoint.keep": 1, "data.row_len": 1, "data.max_segments_per_row": 1,
+    "data.max_negatives": 0, "data.reader_distractors": 0,
+}
+
+
+def check_values(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming a setting whose value cannot work, before anything is built."""
+    for key, least in _AT_LEAST.items():
+        node = c
+        for part in key.split("."):
+            node = node[part]
+        if node < least:
+            raise ValueError(f"config: {key}={node} must be >= {least}")
+    for axis, size in c.mesh.items():
+        if size != -1 and size < 1:
+            raise ValueError(f"config: mesh.{axis}={size} must be >= 1, or -1 for the devices left over")
+    if c.loss.temperature <= 0:
+        raise ValueError(f"config: loss.temperature={c.loss.temperature} must be > 0")
+
+
 def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     """The ModelConfig a training config describes, for a model trained from scratch."""
     m = c.model

@@ -243,6 +243,32 @@ def test_unknown_config_key_names_the_closest(world, tmp_path):
     assert "config error: unknown key 'train.stpes' in --config.train.stpes; did you mean train.steps?" in out
 
 
+def test_unknown_key_in_a_config_file_is_one_clean_line(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text("from grc_jax.train_config import defaults\ndef get_config():\n    c = defaults()\n"
+                    "    c.train.stepz = 5\n    return c\n")
+    proc = run_cli(path, tmp_path / "run")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert 'config error: Key "stepz" does not exist and cannot be added since the config is locked. ' \
+           'Did you mean "steps" instead of "stepz"?' in out
+    assert "Other fields present" not in out
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.grad_accum", 0, "train.grad_accum=0 must be >= 1"),
+    ("log_every", 0, "log_every=0 must be >= 1"),
+    ("checkpoint.every", 0, "checkpoint.every=0 must be >= 1"),
+    ("mesh.fsdp", 0, r"mesh.fsdp=0 must be >= 1, or -1 for the devices left over"),
+    ("mesh.data", -2, r"mesh.data=-2 must be >= 1, or -1"),
+    ("loss.temperature", 0.0, r"loss.temperature=0.0 must be > 0"),
+])
+def test_values_that_cannot_work_fail_at_start(world, tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=rf"^config: {message}"):
+        train.train_and_evaluate(config_for(world, **{key: value}), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_unknown_key_in_a_config_file_fails_at_once():
     c = train_config.defaults()
     with pytest.raises(AttributeError, match=r"stpes"):
@@ -258,6 +284,7 @@ def test_every_config_file_gives_a_valid_model(path):
     spec.loader.exec_module(module)
     c = module.get_config()
     train_config.check_keys(c)
+    train_config.check_values(c)
     if not c.model.hf_path:  # the others take their model from the checkpoint's config.json
         assert train_config.model_config(c, vocab_size=1000).num_latents == c.model.num_latents
 

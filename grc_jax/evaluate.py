@@ -167,9 +167,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError("--query-modes=reason needs an end-of-reasoning token, but --eor-token=none")
     for flag, value, least in (("--limit", args.limit, 1), ("--latency-samples", args.latency_samples, 1),
                                ("--latency-tokens", args.latency_tokens, 1), ("--batch-size", args.batch_size, 1),
-                               ("--num-distractors", args.num_distractors, 0)):
+                               ("--num-distractors", args.num_distractors, 0),
+                               ("--qa-max-new-tokens", args.qa_max_new_tokens, 1),
+                               ("--gen-max-new-tokens", args.gen_max_new_tokens, 1),
+                               ("--max-reason-tokens", args.max_reason_tokens, 1), ("--num-pages", args.num_pages, 1),
+                               ("--page-size", args.page_size, 1), ("--prefill-chunk", args.prefill_chunk, 1),
+                               ("--step", args.step, 0)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
+    if args.step is not None:
+        if args.hf:
+            raise UsageError("--step picks a checkpoint of a training run: it goes with --checkpoint, not --hf")
+        saved = sorted(int(p.name) for p in (Path(args.checkpoint) / "checkpoints").glob("*")
+                       if re.fullmatch(r"\d+", p.name))
+        if args.step not in saved:
+            raise UsageError(f"--step={args.step}: {args.checkpoint} has checkpoints at steps {saved}")
     if args.gen_template.count("{question}") != 1:
         raise UsageError("--gen-template must contain {question} exactly once")
     chosen, inputs = load_inputs(args, chosen, implicit)

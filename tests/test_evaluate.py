@@ -237,6 +237,19 @@ def test_cli_reports_bad_input_before_opening_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([f"--hf={tmp_path}", f"--beir={root}", "--latency-samples=0", f"--out={tmp_path / 'out'}"])
     assert capsys.readouterr().err.strip() == "error: --latency-samples must be >= 1, got 0"
+    for flag in ("--page-size=0", "--prefill-chunk=0", "--num-pages=0", "--qa-max-new-tokens=0",
+                 "--max-reason-tokens=-1"):
+        with pytest.raises(SystemExit):
+            evaluate.main([f"--hf={tmp_path}", f"--beir={root}", flag, f"--out={tmp_path / 'out'}"])
+        name, value = flag.split("=")
+        assert capsys.readouterr().err.strip() == f"error: {name} must be >= {1}, got {value}"
+    with pytest.raises(SystemExit):
+        evaluate.main([f"--hf={tmp_path}", f"--beir={root}", "--step=3", f"--out={tmp_path / 'out'}"])
+    assert "--step picks a checkpoint of a training run: it goes with --checkpoint, not --hf" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        evaluate.main([f"--checkpoint={tmp_path / 'run'}", f"--beir={root}", "--step=7", f"--out={tmp_path / 'out'}"])
+    assert capsys.readouterr().err.strip() == f"error: --step=7: {tmp_path / 'run'} has checkpoints at steps [4]"
 
 
 # --- the CLI end to end ----------------------------------------------------------------------

@@ -61,6 +61,8 @@ class ModelConfig:
         _check(self.qkv_bias == (self.architecture == "Qwen2ForCausalLM"),
                f"qkv_bias={self.qkv_bias} does not fit architecture {self.architecture!r}: "
                "Qwen2ForCausalLM has q/k/v biases, the others do not")
+        _check(self.num_heads >= 1 and self.num_kv_heads >= 1,
+               f"num_heads and num_kv_heads must be >= 1, got {self.num_heads} and {self.num_kv_heads}")
         _check(self.num_heads % self.num_kv_heads == 0,
                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         _check(self.initializer_range > 0, f"initializer_range must be > 0, got {self.initializer_range}")

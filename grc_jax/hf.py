@@ -24,6 +24,7 @@ from grc_jax.config import ModelConfig, from_hf_config, grc_fields, read_json, t
 from grc_jax.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 GRC_CONFIG_FILE = "grc_config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -205,7 +206,12 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(to_hf_config(config), indent=2), encoding="utf-8")
+        hf_config = to_hf_config(config)
+        if tokenizer is not None:  # else transformers' class defaults (Llama: eos 2) would stop generation
+            special = {f"{name}_id": tokenizer.special_id(name) for name in ("bos_token", "eos_token", "pad_token")}
+            hf_config.update(special)
+            (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(special, indent=2), encoding="utf-8")
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
         (tmp / GRC_CONFIG_FILE).write_text(json.dumps(grc_fields(config), indent=2), encoding="utf-8")
         _write_shards(to_hf_tensors(config, params), tmp, max_shard_size)
         if config.embed_dim is not None:

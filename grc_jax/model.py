@@ -150,8 +150,9 @@ class Block(nn.Module):
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Masked GQA attention. q [b,t,h,d], k/v [b,s,kv,d], mask bool [b,t,s] -> [b,t,h,d].
 
-    jax.nn.dot_product_attention: softmax in float32, and it picks a fused kernel where the
-    backend has one (about 25% faster than a hand-written einsum on the CPU too)."""
+    jax.nn.dot_product_attention with its default (XLA) implementation: softmax in float32, and
+    about 25% faster than a hand-written einsum on the CPU. Its cuDNN path would need the GRC mask
+    as a bias, so it is not used."""
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
@@ -164,7 +165,7 @@ _REMAT_POLICIES = {
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """float32 next-token logits over the whole vocabulary (meta latent rows included)."""
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return (hidden @ head.astype(DTYPES[config.dtype])).astype(jnp.float32)
+    return jnp.matmul(hidden, head.astype(DTYPES[config.dtype]), preferred_element_type=jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -307,4 +308,6 @@ def pool_latents(config: ModelConfig, params: Params, hidden: jax.Array, latent_
     pooled = latents.mean(axis=2) if config.pooling == "mean" else latents[:, :, -1]
     if config.embed_dim is not None:
         pooled = pooled @ params["embed_head"].astype(jnp.float32)
-    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    # rsqrt of the clamped square: the gradient of a clamped norm is NaN at an all-zero vector
+    # (an unused segment slot of a padding row can pool exactly zero).
+    return pooled * jax.lax.rsqrt(jnp.maximum(jnp.sum(pooled * pooled, axis=-1, keepdims=True), 1e-24))

@@ -255,3 +255,8 @@ def test_export_carries_the_tokenizer_with_latent_tokens(tmp_path):
     reloaded = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert [reloaded.convert_tokens_to_ids(f"<|mlt_{j}|>") for j in range(K)] == list(config.latent_token_ids)
     assert Tokenizer.from_dir(out).latent_ids(K) == list(config.latent_token_ids)
+    # The tokenizer's special tokens (eos </s> = 1, pad <pad> = 0, no bos), not Llama's defaults.
+    hf_config = transformers.AutoConfig.from_pretrained(out, local_files_only=True)
+    generation = transformers.GenerationConfig.from_pretrained(out, local_files_only=True)
+    for c in (hf_config, generation):
+        assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (None, 1, 0)

@@ -1,4 +1,6 @@
 """The model under the GRC rule: a segment's embedding and memory depend on its own text only."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,13 +34,16 @@ DOC = [5, 6, 7, 8, 9, 10, 11]
 
 
 def test_segment_readout_ignores_other_segments_and_readers():
-    emb, keys, values, *_ = run([([DOC, [12, 13, 14]], [20, 21, 22])])
-    emb2, keys2, values2, *_ = run([([DOC, [40, 41, 42, 43, 44]], [30, 31, 32, 33])])
-    np.testing.assert_allclose(emb2[0], emb[0], atol=1e-5)
-    np.testing.assert_allclose(keys2[:, 0], keys[:, 0], atol=1e-5)
-    np.testing.assert_allclose(values2[:, 0], values[:, 0], atol=1e-5)
-    emb3, *_ = run([([[5, 6, 7, 8, 9, 10, 12], [12, 13, 14]], [20, 21, 22])])
-    assert np.abs(emb3[0] - emb[0]).max() > 1e-3  # its own text does matter
+    """The segment that changes comes before DOC in the row, so causal order alone would let DOC
+    see it; and the readers after DOC change too."""
+    emb, keys, values, *_ = run([([[12, 13, 14], DOC], [20, 21, 22])])
+    emb2, keys2, values2, *_ = run([([[40, 41, 42, 43, 44], DOC], [30, 31, 32, 33])])
+    np.testing.assert_allclose(emb2[1], emb[1], atol=1e-5)
+    np.testing.assert_allclose(keys2[:, 1], keys[:, 1], atol=1e-5)
+    np.testing.assert_allclose(values2[:, 1], values[:, 1], atol=1e-5)
+    assert np.abs(emb2[0] - emb[0]).max() > 1e-3  # the changed segment's own readout does change
+    emb3, *_ = run([([[12, 13, 14], [5, 6, 7, 8, 9, 10, 12]], [20, 21, 22])])
+    assert np.abs(emb3[1] - emb[1]).max() > 1e-3  # its own text does matter
 
 
 def test_segment_readout_is_the_same_wherever_it_sits_in_the_row():
@@ -52,9 +57,10 @@ def test_segment_readout_is_the_same_wherever_it_sits_in_the_row():
 def test_memory_alone_equals_memory_in_a_packed_training_row():
     """What `compress` will compute (one segment, nothing else) is what training used."""
     *_, out_alone, _ = run([([DOC], [])], length=len(DOC) + K)
-    _, keys, values, out_packed, row = run([([[3, 3, 3]], [2, 2]), ([DOC, [9, 9]], [1, 2, 3])])
+    # DOC after another segment of its own example: that segment must not reach its memory.
+    _, keys, values, out_packed, row = run([([[3, 3, 3]], [2, 2]), ([[9, 9], DOC], [1, 2, 3])])
     alone_k = np.asarray(out_alone.keys[:, 0])
-    np.testing.assert_allclose(keys[:, 1], alone_k, atol=1e-5)
+    np.testing.assert_allclose(keys[:, 2], alone_k, atol=1e-5)
 
 
 def test_packed_examples_never_see_each_other():
@@ -68,10 +74,15 @@ def test_packed_examples_never_see_each_other():
 
 
 def test_reader_sees_segments_only_through_memory():
-    """Change a document's text, keep its latents' K/V: the reader cannot tell."""
-    *_, out, row = run([([DOC], [20, 21, 22])])
-    reader = row.kind == layout.READER
-    *_, out2, _ = run([([[12, 13, 14, 15, 16, 17, 18]], [20, 21, 22])])
+    """No reader attends to any segment's text (read from the row's roles, not from layout's
+    mask), yet its output depends on that text, through the segment's latents."""
+    *_, out, row = run([([DOC, [12, 13]], [20, 21, 22])])
+    meta = layout.TokenMeta(row.example[None], row.segment[None], row.kind[None])
+    probs = np.asarray(model.attention_probabilities(CONFIG, PARAMS, jnp.asarray(row.tokens[None]), meta))[:, 0]
+    reader, text, latent = ((row.kind == kind) & (row.example > 0) for kind in (layout.READER, layout.TEXT, layout.LATENT))
+    assert np.all(probs[:, :, reader][..., text] == 0)
+    assert np.all(probs[:, :, reader][..., latent].sum(-1) > 0)
+    *_, out2, _ = run([([[12, 13, 14, 15, 16, 17, 18], [12, 13]], [20, 21, 22])])
     assert np.abs(np.asarray(out2.logits)[0, reader] - np.asarray(out.logits)[0, reader]).max() > 1e-3
 
 
@@ -152,6 +163,8 @@ def test_forward_input_errors():
 def test_config_errors():
     with pytest.raises(ValueError, match=r"num_heads=6 is not a multiple of num_kv_heads=4"):
         ModelConfig(num_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match=r"num_heads and num_kv_heads must be >= 1, got 4 and 0"):
+        ModelConfig(num_heads=4, num_kv_heads=0)
     with pytest.raises(ValueError, match=r"pooling 'max' is not one of"):
         ModelConfig(pooling="max")
     with pytest.raises(ValueError, match=r"remat_policy 'some' is not one of"):
@@ -200,3 +213,22 @@ def test_initializer_range_round_trips_through_the_hf_config():
     assert from_hf_config(to_hf_config(config), num_latents=K, max_segment_len=P).initializer_range == 0.09
     with pytest.raises(ValueError, match=r"initializer_range must be > 0, got 0"):
         ModelConfig(initializer_range=0)
+
+
+def test_pooling_has_finite_gradients_at_an_all_zero_slot():
+    """An unused segment slot of a padding row can pool an exactly zero vector."""
+    hidden = jnp.zeros((1, 6, CONFIG.hidden_size)).at[0, 3:].set(1.0)
+    index = jnp.asarray([[[0, 1], [3, 4]]])  # slot 0 pools zeros, slot 1 does not
+    grad = jax.grad(lambda h: model.pool_latents(CONFIG, PARAMS, h, index).sum())(hidden)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    emb = np.asarray(model.pool_latents(CONFIG, PARAMS, hidden, index))[0]
+    np.testing.assert_allclose(emb[0], 0.0)
+    np.testing.assert_allclose(np.linalg.norm(emb[1]), 1.0, rtol=1e-6)
+
+
+def test_bfloat16_logits_are_accumulated_in_float32():
+    config = dataclasses.replace(CONFIG, dtype="bfloat16")
+    hidden = jax.random.normal(jax.random.key(3), (2, 5, config.hidden_size), jnp.bfloat16)
+    head = PARAMS["embed"].T if config.tie_word_embeddings else PARAMS["lm_head"]
+    want = np.asarray(hidden, np.float32) @ np.asarray(head.astype(jnp.bfloat16), np.float32)
+    np.testing.assert_allclose(np.asarray(model.lm_logits(config, PARAMS, hidden)), want, rtol=1e-5, atol=1e-5)

@@ -18,13 +18,17 @@ REPO = os.environ.get("GRC_REPO", "grc_jax")  # where the project is checked out
 WORKDIR = os.environ.get("GRC_WORKDIR", "/content/grc_run" if os.path.isdir("/content") else "grc_run")"""),
     ("code", """# Install. On Colab: clone the project next to this notebook first (or upload it), then install
 # it; on a TPU runtime also install JAX's TPU build.
-import subprocess, sys
+import importlib, subprocess, sys
 if not SMOKE:
     if not os.path.isdir(REPO):
         raise SystemExit(f"put the grc_jax project at ./{REPO} (git clone or upload), then rerun")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", REPO], check=True)
     if "COLAB_TPU_ADDR" in os.environ or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio"):
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "jax[tpu]"], check=True)"""),
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "jax[tpu]"], check=True)
+# A running kernel does not see a fresh editable install, and a checkout named ./grc_jax would
+# otherwise be imported as an empty namespace package: put the checkout first on the path.
+sys.path.insert(0, os.path.abspath(REPO))
+importlib.invalidate_caches()"""),
     ("code", """import jax
 print("backend:", jax.default_backend(), "devices:", jax.device_count())"""),
     ("markdown", """## Train the tiny config

@@ -32,3 +32,23 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     assert "memories of 4 slots" in outputs
     assert "Qwen3ForCausalLM loaded with" in outputs
     assert (tmp_path / "run" / "hf_export" / "grc_config.json").is_file()
+
+
+def test_setup_cells_import_the_checkout_even_when_it_is_named_grc_jax(tmp_path):
+    """Colab clones the project into ./grc_jax: that directory must not shadow the package."""
+    import json
+    import subprocess
+    import sys
+
+    cells = json.loads((REPO / "notebooks" / "colab_tpu_demo.ipynb").read_text())["cells"]
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"][:2]  # settings, install
+    (tmp_path / "grc_jax").symlink_to(REPO, target_is_directory=True)
+    script = "\n".join(code + ["from grc_jax import train", "print(train.__file__)"])
+    # -S with site-packages on PYTHONPATH: the installed packages without this project's editable
+    # install (.pth files are not read), as in a kernel that was running before the install.
+    site_packages = os.pathsep.join(p for p in sys.path if p.endswith("site-packages"))
+    env = {**os.environ, "GRC_NOTEBOOK_SMOKE": "1", "GRC_REPO": "grc_jax", "PYTHONPATH": site_packages}
+    result = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith(str(Path("grc_jax") / "train.py"))

@@ -41,7 +41,8 @@ pids=()
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   cmd=("$PYTHON" -m grc_jax.train "--config=$CONFIG" "--workdir=$WORKDIR" "--coordinator_address=127.0.0.1:$PORT"
        "--num_processes=$NUM_PROCESSES" "--process_id=$i" ${1+"$@"})
-  show "${cmd[@]}"
+  show env "JAX_PLATFORMS=$JAX_PLATFORMS" "JAX_CPU_COLLECTIVES_IMPLEMENTATION=$JAX_CPU_COLLECTIVES_IMPLEMENTATION" \
+    "XLA_FLAGS=$XLA_FLAGS" "${cmd[@]}"  # the exports above, so the printed line runs as this one does
   [[ $DRY_RUN == 1 ]] && continue
   # $! is the process itself, not the line-prefixing awk, so it can be signalled and waited for.
   "${cmd[@]}" > >(awk -v p="[$i] " '{ print p $0; fflush() }') 2>&1 &

@@ -17,6 +17,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TEMPLATE=${TEMPLATE:-$HERE/jobset.yaml}
 DRY_RUN=${DRY_RUN:-0}
 die() { echo "render_jobset.sh: $*" >&2; exit 2; }
+source "$HERE/common.sh"
 
 hint() {
   case $1 in
@@ -46,6 +47,7 @@ case $ACCELERATOR in
     TPU_TOPOLOGY=${TPU_TOPOLOGY:-2x2x2}
     CHIPS_PER_HOST=${CHIPS_PER_HOST:-4}
     [[ $TPU_TOPOLOGY =~ ^[1-9][0-9]*(x[1-9][0-9]*)+$ ]] || die "TPU_TOPOLOGY must look like 2x2x4, got '$TPU_TOPOLOGY'"
+    [[ $CHIPS_PER_HOST =~ ^[1-9][0-9]*$ ]] || die "CHIPS_PER_HOST must be a positive whole number, got '$CHIPS_PER_HOST'"
     chips=$(( ${TPU_TOPOLOGY//x/*} ))
     if [[ -z ${HOSTS_PER_SLICE:-} ]]; then
       (( chips % CHIPS_PER_HOST == 0 )) || die "TPU_TOPOLOGY=$TPU_TOPOLOGY ($chips chips) is not a whole number of hosts of CHIPS_PER_HOST=$CHIPS_PER_HOST"
@@ -74,6 +76,8 @@ script=""
 for name in "${names[@]}"; do
   value=${!name}
   [[ $value != *$'\n'* ]] || die "$name must be one line"
+  # Paths go into the container's bash -c line as one word each; TRAIN_ARGS is shell words on purpose.
+  [[ $name == CONFIG || $name == WORKDIR ]] && value=$(quote "$value")
   value=$(printf '%s' "$value" | sed -e 's/[\\|&]/\\&/g')
   script+="s|__${name}__|${value}|g"$'\n'
 done

@@ -6,6 +6,7 @@ import functools
 import http.server
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -79,6 +80,24 @@ def test_tpu_pod_dry_run_prints_create_copy_install_and_train_on_all_workers() -
     assert "pip install" in lines[4]
     train = lines[-1]
     assert TRAIN.search(train) and "--workdir=/mnt/runs/tiny --config.train.steps=3" in train, train
+
+
+def _remote_commands(stdout: str) -> list[list[str]]:
+    """The words of each command tpu_pod.sh would run on the workers (its ssh --command=...)."""
+    words = [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ") and " ssh " in line]
+    return [shlex.split(w.split("=", 1)[1]) for ws in words for w in ws if w.startswith("--command=")]
+
+
+def test_tpu_pod_keeps_paths_with_spaces_whole_on_the_workers() -> None:
+    env = {**TPU, "CONFIG": "configs/my tiny.py", "REMOTE_DIR": "my dir", "LOG": "my log.txt", "DETACH": "1"}
+    result = script("tpu_pod.sh", DRY_RUN="1", STAGES="copy,install,train", WORKDIR="/mnt/my runs", **env)
+    assert result.returncode == 0, result.stderr
+    copy, install, train = _remote_commands(result.stdout)
+    assert copy[:3] == ["mkdir", "-p", "my dir"] and copy[-5:-2] == ["-C", "my dir", "&&"]
+    assert install[:2] == ["cd", "my dir"]
+    assert train[:2] == ["cd", "my dir"]
+    assert "--config=configs/my tiny.py" in train and "--workdir=/mnt/my runs" in train
+    assert train[train.index(">") + 1] == "my log.txt"
 
 
 def test_tpu_pod_multislice_uses_a_queued_resource_and_every_slice() -> None:
@@ -186,6 +205,20 @@ def test_rendered_jobset_is_complete(accelerator: str, extra: dict[str, str], re
         assert "--num_processes=3" in container["command"][-1]
 
 
+def test_jobset_keeps_paths_with_spaces_whole() -> None:
+    yaml = pytest.importorskip("yaml")
+    env = {**JOBSET, "CONFIG": "configs/my tiny.py", "WORKDIR": "/workdir/my runs"}
+    result = script("render_jobset.sh", ACCELERATOR="tpu", **env)
+    assert result.returncode == 0, result.stderr
+    [doc] = [d for d in yaml.safe_load_all(result.stdout) if d]
+    command = doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    [train] = [shlex.split(line) for line in command.splitlines() if "grc_jax.train" in line]
+    assert "--config=configs/my tiny.py" in train and "--workdir=/workdir/my runs" in train
+    bad = script("render_jobset.sh", ACCELERATOR="tpu", CHIPS_PER_HOST="0", **JOBSET)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("render_jobset.sh: CHIPS_PER_HOST must be a positive whole "
+                                                          "number, got '0'")
+
+
 def test_local_dry_run_prints_one_command_per_process() -> None:
     result = script("local.sh", DRY_RUN="1", CONFIG="configs/tiny.py", NUM_PROCESSES="3", PORT="4321")
     assert result.returncode == 0, result.stderr
@@ -193,6 +226,9 @@ def test_local_dry_run_prints_one_command_per_process() -> None:
     assert len(commands) == 3
     for i, command in enumerate(commands):
         assert TRAIN.search(command)
+        # the environment local.sh exports, so the printed line runs as local.sh does
+        assert command.startswith("+ env JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo XLA_FLAGS=")
+        assert "--xla_force_host_platform_device_count=1" in command
         assert f"--coordinator_address=127.0.0.1:4321 --num_processes=3 --process_id={i}" in command
 
 

@@ -153,6 +153,25 @@ def test_distractor_order_is_deterministic_per_seed_epoch_and_record():
     assert len({order(0, epoch, 3) for epoch in range(6)}) > 1
 
 
+def test_copies_of_the_positive_and_repeated_negatives_are_not_shown_twice():
+    record = TokenizedRecord("f:1", positive=[20], negatives=([20], [30], [30], [31]), question=[50], answer=[60],
+                             positive_doc_id=100, negative_doc_ids=(100, 3, 3, 4))
+    u = unit(record, config(max_negatives=4, reader_distractors=4))
+    assert sorted(u.seg_doc_id) == [3, 4, 100]
+
+
+def test_documents_longer_than_a_segment_are_cut_with_a_warning(tmp_path, caplog):
+    tok = word_tokenizer()
+    cfg = pipeline_config(tok)
+    long_doc = " ".join(["word"] * (cfg.max_segment_len + 5))
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"query": "q", "positive": long_doc}) + "\n" + json.dumps({"query": "q", "positive": "p"}) + "\n")
+    with caplog.at_level("WARNING"):
+        pipeline.make_dataset([path], tok, cfg, global_batch=2, num_steps=1, seed=0)
+    assert (f"1 of 2 records have documents longer than max_segment_len={cfg.max_segment_len} tokens (first: {path}:1)"
+            in caplog.text)
+
+
 def test_duplicate_documents_share_a_doc_id():
     records = [Record("f:1", query="q one", positive="the same doc"),
                Record("f:2", query="q two", positive="the same doc", negatives=("another doc",))]

@@ -233,7 +233,9 @@ def _add_documents(layout: "_Layout", record: TokenizedRecord, config: BuildConf
                    rng: np.random.Generator) -> int:
     """Adds the positive and negatives (and the reader, if any); returns the positive's slot."""
     P = config.max_segment_len
-    negatives = [(n[:P], i) for n, i in zip(record.negatives, record.negative_doc_ids)][:config.max_negatives]
+    # A copy of the positive, or a repeated negative, would show the reader the same memory twice.
+    distinct = {i: n for n, i in zip(record.negatives, record.negative_doc_ids) if i != record.positive_doc_id}
+    negatives = [(n[:P], i) for i, n in distinct.items()][:config.max_negatives]
     positive = record.positive[:P]
     shown: list[tuple[list[int], int]] = []
     if record.question is not None:

@@ -112,12 +112,23 @@ def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer,
     _check_sharding(global_batch, num_steps, block, blocks)
     records, skipped_lines = read_records(files, skip_malformed=skip_malformed)
     tokenized = tokenize_records(records, tokenizer.encode_batch)
+    _warn_long_documents(tokenized, build_config.max_segment_len)
     plan = plan_packing(tokenized, build_config, num_rows=num_steps * global_batch, seed=seed,
                         skip_malformed=skip_malformed)
     logging.info("data: %d records -> %d rows over %d epoch(s), padding fraction %.3f; skipped %d malformed "
                  "line(s) and %d record(s) that cannot be laid out", len(plan.records), len(plan.rows),
                  plan.epochs, plan.padding_fraction, skipped_lines, plan.skipped)
     return grain.MapDataset.range(num_steps).map(_HostBatch(plan, global_batch, block, blocks))
+
+
+def _warn_long_documents(records: Sequence[TokenizedRecord], max_segment_len: int) -> None:
+    long = [r.source for r in records
+            if any(len(d) > max_segment_len for d in (r.positive or [], *r.negatives))]
+    if long:
+        logging.warning("data: %d of %d records have documents longer than max_segment_len=%d tokens (first: %s); "
+                        "they are cut to that length, so answers past the cut are not in the memory: split long "
+                        "documents into several records, or raise model.max_segment_len", len(long), len(records),
+                        max_segment_len, long[0])
 
 
 def _check_sharding(global_batch: int, num_steps: int, block: int, blocks: int) -> None:

@@ -166,8 +166,15 @@ def main() -> None:
     parser.add_argument("--reps", default="tiny:3,100m:2", help="repetitions per shape")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    reps = {k: int(v) for k, v in (item.split(":") for item in args.reps.split(","))}
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+        reps = {k: int(v) for k, v in (item.split(":") for item in args.reps.split(","))}
+    except ValueError:
+        parser.error(f"--batches takes integers (1,8) and --reps shape:count pairs (tiny:3,100m:2); got "
+                     f"{args.batches!r} and {args.reps!r}")
     rows = []
     for shape in args.shapes.split(","):
         rows += bench_shape(shape, batches, args.new_tokens, reps.get(shape, 1))

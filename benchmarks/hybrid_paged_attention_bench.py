@@ -135,7 +135,8 @@ def main(argv=None) -> None:
                     head_dim=a.head_dim, dtype=jnp.dtype(a.dtype))
     if on_cpu:
         shape_kw.update(num_kv_heads=2, group=2, head_dim=32)
-        print("CPU backend: tiny smoke run of the reference, not a bandwidth measurement.")
+        print("CPU backend: tiny smoke run of the reference, not a bandwidth measurement; --num-kv-heads, "
+              "--group, --head-dim and --copy-gib are replaced by 2, 2, 32 and 0.0625.")
     copy_bw = copy_bandwidth(0.0625 if on_cpu else a.copy_gib, jnp.dtype(a.dtype), a.iters)
     print(f"backend={backend} device={jax.devices()[0].device_kind} impl={impl} "
           f"copy bandwidth={copy_bw / 1e9:.1f} GB/s  shape={shape_kw}")

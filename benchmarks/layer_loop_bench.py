@@ -13,6 +13,8 @@ Prints milliseconds per step (the best of 3 timed calls after a warm-up).
 """
 from __future__ import annotations
 
+import argparse
+
 import sys
 import time
 from pathlib import Path
@@ -68,6 +70,7 @@ def bare_loop(mode: str):
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no stray arguments
     params = jax.block_until_ready(model.init_params(CONFIG, jax.random.key(0)))
     per_layer = unstack_layers(params)["layers"]
     print(f"jax {jax.__version__} ({jax.default_backend()}), ~100M shape, batch 1, ms per step:")

@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from grc_jax import model
-from grc_jax.config import ModelConfig, from_hf_config, grc_fields, read_json, to_hf_config
+from grc_jax.config import DTYPES, ModelConfig, from_hf_config, grc_fields, read_json, to_hf_config
+from grc_jax.files import default_mode
 from grc_jax.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -121,15 +122,22 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     grc = read_json(grc_file) if grc_file.is_file() else None
     fields: dict[str, Any] = {}
     if grc is not None:
-        if num_latents is not None and num_latents != grc["num_latents"]:
-            raise ValueError(f"{grc_file}: the model was trained with num_latents={grc['num_latents']}, "
-                             f"not {num_latents}")
+        # What the model was trained with; asking for something else is a mistake, not a change.
+        asked = {k: overrides.pop(k) for k in ("pooling", "embed_dim") if k in overrides}
+        if num_latents is not None:
+            asked["num_latents"] = num_latents
+        for key, value in asked.items():
+            if value != grc[key]:
+                raise ValueError(f"{grc_file}: the model was trained with {key}={grc[key]!r}, not {value!r}")
         fields = {k: grc[k] for k in ("num_latents", "max_segment_len", "pooling", "embed_dim")}
         hf = {**hf, "vocab_size": grc["base_vocab_size"]}
     elif num_latents is not None:
         fields["num_latents"] = num_latents
     if max_segment_len is not None:
         fields["max_segment_len"] = max_segment_len
+    stored = hf.get("dtype") or hf.get("torch_dtype")
+    if stored in DTYPES:  # as transformers loads it: in the checkpoint's dtype, unless told otherwise
+        overrides = {"param_dtype": stored, "dtype": stored, **overrides}
     config = from_hf_config(hf, source=str(path / CONFIG_FILE), **fields, **overrides)
 
     weights = _Weights(path)
@@ -150,6 +158,10 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
         hf_shape = to_hf(np.zeros(shapes[ours].shape[1:], np.int8)).shape
         layers[ours] = np.stack([to_ours(read(f"layers.{i}.{suffix}", hf_shape)) for i in range(config.num_layers)])
     params["layers"] = layers
+    if config.tie_word_embeddings and "lm_head.weight" in weights.files:
+        # Some tied checkpoints store the head anyway; only a copy of the embedding is harmless.
+        if not np.array_equal(read("lm_head.weight", (stored_vocab, D)), params["embed"]):
+            raise ValueError(f"{path}: tie_word_embeddings=true, but lm_head.weight differs from embed_tokens.weight")
     unused = weights.unused()
     if unused:
         raise ValueError(f"{path}: tensors the {config.architecture} layout does not use: {unused[:8]}"
@@ -203,9 +215,13 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
     previous export readable. Weights past `max_shard_size` bytes are sharded with an index.
     """
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / GRC_CONFIG_FILE).is_file():
+        raise FileExistsError(f"{out_dir}: not empty and not a grc_jax export (no {GRC_CONFIG_FILE}); export into a "
+                              "new or empty directory, so that nothing in it is replaced")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        tmp.chmod(default_mode(directory=True))
         hf_config = to_hf_config(config)
         if tokenizer is not None:  # else transformers' class defaults (Llama: eos 2) would stop generation
             special = {f"{name}_id": tokenizer.special_id(name) for name in ("bos_token", "eos_token", "pad_token")}
@@ -218,6 +234,7 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
             save_file({"embed_head": np.asarray(params["embed_head"])}, str(tmp / GRC_HEAD_FILE))
         if tokenizer is not None:
             tokenizer.with_latents(config.num_latents, config.vocab_size).save(tmp)
+        _keep_other_files(out_dir, tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,11 +264,31 @@ def _write_shards(tensors: dict[str, np.ndarray], out: Path, max_shard_size: int
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Copies what a previous export's directory holds besides export files (a model card, say)."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or _is_export_file(entry.name):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+
+
+def _is_export_file(name: str) -> bool:
+    """A file save_pretrained writes (a stale one, such as an old shard, is not carried over)."""
+    return name.endswith(".safetensors") or name in {
+        CONFIG_FILE, GRC_CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json"}
+
+
 def _swap_in(new: Path, target: Path) -> None:
     """Replaces `target` with `new`; at every instant one complete directory is readable."""
     for file in new.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
     if not target.exists():
         os.replace(new, target)
         return

@@ -1,5 +1,7 @@
 """HF interop: logit parity with transformers, round trip, shift invariance, error paths."""
 import json
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -110,8 +112,10 @@ def test_bfloat16_params_round_trip(tmp_path):
     config = ModelConfig(vocab_size=VOCAB, num_latents=K, param_dtype="bfloat16", dtype="bfloat16")
     params = model.init_params(config, jax.random.key(1))
     hf.save_pretrained(config, params, tmp_path / "bf16")
-    config2, params2 = hf.load_pretrained(tmp_path / "bf16", param_dtype="bfloat16", dtype="bfloat16")
+    config2, params2 = hf.load_pretrained(tmp_path / "bf16")  # the checkpoint's dtype, as transformers loads it
+    assert (config2.param_dtype, config2.dtype) == ("bfloat16", "bfloat16")
     assert params2["embed"].dtype == jnp.bfloat16
+    assert hf.load_pretrained(tmp_path / "bf16", param_dtype="float32")[1]["embed"].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(params["embed"], np.float32), np.asarray(params2["embed"], np.float32))
 
 
@@ -232,6 +236,53 @@ def test_num_latents_mismatch_with_export(tmp_path):
     out = hf.save_pretrained(config, model.init_params(config, jax.random.key(0)), tmp_path / "e")
     with pytest.raises(ValueError, match=r"grc_config\.json: the model was trained with num_latents=4, not 8"):
         hf.load_pretrained(out, num_latents=8)
+
+
+def test_reloading_an_export_with_its_own_or_other_grc_settings(tmp_path):
+    config = ModelConfig(vocab_size=VOCAB, num_latents=K, embed_dim=8, pooling="last")
+    out = hf.save_pretrained(config, model.init_params(config, jax.random.key(0)), tmp_path / "e")
+    same, _ = hf.load_pretrained(out, K, pooling="last", embed_dim=8, scan_layers=False)  # as train.py passes them
+    assert (same.pooling, same.embed_dim, same.scan_layers) == ("last", 8, False)
+    with pytest.raises(ValueError, match=r"grc_config\.json: the model was trained with embed_dim=8, not None"):
+        hf.load_pretrained(out, pooling="last", embed_dim=None)
+    with pytest.raises(ValueError, match=r"grc_config\.json: the model was trained with pooling='last', not 'mean'"):
+        hf.load_pretrained(out, pooling="mean")
+
+
+def test_export_keeps_the_directory_s_other_files_and_refuses_a_foreign_one(tmp_path):
+    config = ModelConfig(vocab_size=VOCAB, num_latents=K)
+    params = model.init_params(config, jax.random.key(0))
+    old_umask = os.umask(0o022)
+    try:
+        out = hf.save_pretrained(config, params, tmp_path / "e", max_shard_size=20_000)  # sharded
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+        (out / "README.md").write_text("model card")
+        (out / "eval").mkdir()
+        (out / "eval" / "report.json").write_text("{}")
+        hf.save_pretrained(config, params, out)  # one file now: the old shards and index must go
+    finally:
+        os.umask(old_umask)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["README.md", "eval", "config.json", "grc_config.json", hf.WEIGHTS_FILE])
+    assert (out / "eval" / "report.json").read_text() == "{}"
+    run = tmp_path / "run"
+    (run / "checkpoints" / "100").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"run: not empty and not a grc_jax export \(no grc_config\.json\)"):
+        hf.save_pretrained(config, params, run)
+    assert (run / "checkpoints" / "100").is_dir()
+
+
+def test_a_tied_checkpoint_may_store_a_copy_of_the_embedding_as_head(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    config = ModelConfig(vocab_size=VOCAB, num_latents=K, tie_word_embeddings=True)
+    out = hf.save_pretrained(config, model.init_params(config, jax.random.key(0)), tmp_path / "e")
+    tensors = load_file(out / hf.WEIGHTS_FILE)
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}, out / hf.WEIGHTS_FILE)
+    hf.load_pretrained(out)
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"] + 1}, out / hf.WEIGHTS_FILE)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=true, but lm_head\.weight differs"):
+        hf.load_pretrained(out)
 
 
 def test_unsupported_rope_type(tmp_path):

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from grc_jax.config import ModelConfig
+from grc_jax.files import default_mode
 
 FORMAT_VERSION = 2  # 2 records the model fields of BankSpec; format-1 banks still load
 _ARRAY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -205,7 +206,7 @@ class MemoryBank:
                   "embeddings": self.embeddings()[1]}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())  # not mkstemp's 0600
+            os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else default_mode())
             with os.fdopen(fd, "wb") as f:
                 _write_npz(f, arrays)
                 f.flush()
@@ -282,9 +283,3 @@ def _to_bits(array: np.ndarray) -> np.ndarray:
 
 def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
     np.savez(file, **arrays)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

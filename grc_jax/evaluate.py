@@ -126,7 +126,8 @@ def load_inputs(args: argparse.Namespace, chosen: list[str], implicit: bool) -> 
                 dataset = dataclasses.replace(dataset, query_ids=keep, query_texts=dataset.query_texts[: args.limit],
                                               qrels={q: dataset.qrels[q] for q in keep},
                                               excluded={q: v for q, v in dataset.excluded.items() if q in keep})
-            beir.append(dataset)
+            # two directories of the same name (a/scifact, b/scifact) must not share metrics
+            beir.append(dataclasses.replace(dataset, name=_unique_name(dataset.name, {d.name: d for d in beir})))
     qa = None
     if args.qa and ("memory_qa" in chosen or "latency" in chosen):
         qa = eval_data.load_qa(args.qa, need_documents=True, limit=args.limit)

@@ -90,7 +90,13 @@ def test_training_time_retrieval_metrics_use_the_same_library():
     ("#### 1,234", "1234"),
     ("It costs $1,200.00 in total.", "1200"),  # no '####': the last number
     ("first 12 then 0.50", "0.5"),
-    ("#### -3 and later 9", "-3"),  # the number right after the last '####' wins
+    ("#### -3 and later 9", "-3"),  # the number right after the '####' wins
+    ("... #### 18\n\nQuestion: Tom has 2 apples ... #### 6", "18"),  # the first '####': the rest is invented
+    ("Answer - 18", "18"),  # a dash, not a minus sign
+    ("- 18 apples", "18"),
+    ("The answer is 20 - 2", "2"),
+    ("costs $ 5 or -$7", "-7"),
+    ("version v2 gives .5", "0.5"),  # no number inside a word
     ("#### none\nso the answer is 42", "42"),  # '####' with no number: the last number
     ("no digits here", None),
     ("The answer is 18.", "18"),
@@ -185,6 +191,28 @@ def test_bad_beir_inputs_name_the_file_and_line(tmp_path):
     root = write_beir(tmp_path / "i", excluded={"q2": "d1"})
     assert _error(lambda: load_beir(root)) == (f"{root / 'queries.jsonl'}:2: 'excluded_ids' must be a list of "
                                                f"document id strings")
+
+    root = write_beir(tmp_path / "j", qrels_rows=[("q1", "d1", 1), ("q2", "d2", 1), ("q1", "d1", 0)])
+    assert _error(lambda: load_beir(root)) == (f"{root / 'qrels' / 'test.tsv'}:4: query 'q1' and corpus-id 'd1' are "
+                                               f"judged twice (first at line 2)")
+
+    root = write_beir(tmp_path / "k")
+    with open(root / "corpus.jsonl", "ab") as f:
+        f.write(b'{"_id": "d5", "text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    assert _error(lambda: load_beir(root)) == (f"{root / 'corpus.jsonl'}:5: not UTF-8 text (invalid continuation "
+                                               f"byte at byte 26 of the line)")
+
+    root = write_beir(tmp_path / "l")  # a byte-order mark and Windows line ends are fine
+    qrels = root / "qrels" / "test.tsv"
+    qrels.write_bytes(b"\xef\xbb\xbf" + qrels.read_bytes().replace(b"\n", b"\r\n"))
+    assert load_beir(root).qrels["q3"] == {"d3": 2, "d4": 1}
+
+
+def test_two_beir_directories_of_the_same_name_keep_their_own_figures(tmp_path):
+    a, b = write_beir(tmp_path / "a" / "toy"), write_beir(tmp_path / "b" / "toy")
+    args = evaluate.build_parser().parse_args([f"--hf={tmp_path}", f"--beir={a}", f"--beir={b}", f"--out={tmp_path}"])
+    _, inputs = evaluate.load_inputs(args, ["retrieval"], implicit=False)
+    assert [d.name for d in inputs.beir] == ["toy", "toy_2"]
 
 
 def test_bad_qa_inputs_name_the_file_and_line(tmp_path):
@@ -306,6 +334,14 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, export):
         assert m[f"retrieval/toy/{mode}/recall@10"] == 1.0
         top = report["details"]["retrieval"]["toy"][f"{mode}_top10_sample"]
         assert "d4" not in top["q1"] and len(top["q1"]) == 3 and len(top["q2"]) == 4
+        # The reported figures are those of the reported rankings (trec_eval: linear gains).
+        judged = {"q1": {"d1": 1}, "q2": {"d2": 1}, "q3": {"d3": 2, "d4": 1}}
+        dcg = lambda gains: sum(g / math.log2(i + 2) for i, g in enumerate(gains))  # noqa: E731
+        ndcg = [dcg([judged[q].get(d, 0) for d in top[q]]) / dcg(sorted(judged[q].values(), reverse=True))
+                for q in judged]
+        mrr = [1 / (1 + next(i for i, d in enumerate(top[q]) if d in judged[q])) for q in judged]
+        assert m[f"retrieval/toy/{mode}/ndcg@10"] == pytest.approx(sum(ndcg) / 3, abs=1e-6)
+        assert m[f"retrieval/toy/{mode}/mrr"] == pytest.approx(sum(mrr) / 3, abs=1e-6)
     for mode in ("memory", "full_text", "no_context"):
         assert 0.0 <= m[f"memory_qa/{mode}/exact_match"] <= m[f"memory_qa/{mode}/f1"] + 1e-9 <= 1.0 + 1e-9
     qa_details = report["details"]["memory_qa"]

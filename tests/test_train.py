@@ -305,9 +305,10 @@ def test_mesh_that_does_not_fit_the_devices(world, tmp_path):
 
 
 def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_path):
-    """`python -m grc_jax.train --config=configs/tiny.py`, shortened by overrides."""
+    """`python -m grc_jax.train --config=configs/tiny.py`, shortened by overrides. 4 held-out people
+    (the fewest a world may have): fewer other documents than the evaluation's 4 distractors."""
     proc = run_cli(REPO / "configs" / "tiny.py", tmp_path / "run", "--config.train.steps=2",
-                   "--config.data.demo_world_entities=40", "--config.data.demo_world_heldout=8", "--config.eval_max_queries=4",
+                   "--config.data.demo_world_entities=40", "--config.data.demo_world_heldout=4", "--config.eval_max_queries=4",
                    "--config.reasoning_max_tokens=4", "--config.log_every=1", "--config.eval_every=1")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]

@@ -35,20 +35,29 @@ def need_file(path: str | Path, what: str) -> Path:
     return path
 
 
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for every line of a UTF-8 file (a byte-order mark allowed)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(path, number, f"not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+
+
 def read_jsonl(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) for every non-blank line."""
     path = need_file(path, what)
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(path, number, f"not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise InputError(path, number, f"expected a JSON object, got {type(record).__name__}")
-            yield number, record
+    for number, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(path, number, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(path, number, f"expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 def _string(record: dict[str, Any], key: str, path: Path, number: int, *, required: bool = True,
@@ -118,31 +127,35 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirDataset:
             excluded[qid] = sorted({d for d in ids if d != BRIGHT_NO_EXCLUSION})
 
     qrels: dict[str, dict[str, int]] = {}
-    with open(qrels_path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) != 3:
-                fields = line.split()
-            if number == 1 and fields[:2] == ["query-id", "corpus-id"]:
-                continue
-            if len(fields) != 3:
-                raise InputError(qrels_path, number, f"expected 3 tab-separated fields (query-id corpus-id score), "
-                                                     f"got {len(fields)}")
-            qid, doc_id, score = fields
-            try:
-                relevance = int(score)
-            except ValueError:
-                raise InputError(qrels_path, number, f"score {score!r} is not an integer") from None
-            if qid not in queries:
-                raise InputError(qrels_path, number, f"query-id {qid!r} is not in {queries_path.name}")
-            if doc_id not in doc_line:
-                raise InputError(qrels_path, number, f"corpus-id {doc_id!r} is not in {corpus_path.name}")
-            if relevance > 0 and doc_id in excluded.get(qid, ()):
-                raise InputError(qrels_path, number, f"corpus-id {doc_id!r} is relevant to query {qid!r}, but "
-                                                     f"{queries_path.name}:{query_line[qid]} excludes it")
-            qrels.setdefault(qid, {})[doc_id] = relevance
+    qrels_line: dict[tuple[str, str], int] = {}
+    for number, line in read_lines(qrels_path):
+        if not line.strip():
+            continue
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) != 3:
+            fields = line.split()
+        if number == 1 and fields[:2] == ["query-id", "corpus-id"]:
+            continue
+        if len(fields) != 3:
+            raise InputError(qrels_path, number, f"expected 3 tab-separated fields (query-id corpus-id score), "
+                                                 f"got {len(fields)}")
+        qid, doc_id, score = fields
+        try:
+            relevance = int(score)
+        except ValueError:
+            raise InputError(qrels_path, number, f"score {score!r} is not an integer") from None
+        if qid not in queries:
+            raise InputError(qrels_path, number, f"query-id {qid!r} is not in {queries_path.name}")
+        if doc_id not in doc_line:
+            raise InputError(qrels_path, number, f"corpus-id {doc_id!r} is not in {corpus_path.name}")
+        if relevance > 0 and doc_id in excluded.get(qid, ()):
+            raise InputError(qrels_path, number, f"corpus-id {doc_id!r} is relevant to query {qid!r}, but "
+                                                 f"{queries_path.name}:{query_line[qid]} excludes it")
+        if (qid, doc_id) in qrels_line:
+            raise InputError(qrels_path, number, f"query {qid!r} and corpus-id {doc_id!r} are judged twice "
+                                                 f"(first at line {qrels_line[qid, doc_id]})")
+        qrels_line[qid, doc_id] = number
+        qrels.setdefault(qid, {})[doc_id] = relevance
     if not qrels:
         raise InputError(qrels_path, None, "no relevance judgements")
     query_ids = list(qrels)

@@ -119,7 +119,8 @@ def token_f1(prediction: str, golds: str | Sequence[str]) -> float:
     return best
 
 
-_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
+# A sign only right before the number ("- 18" is a dash, not -18), and no number inside a word.
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\$\s?)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def _clean_number(text: str) -> str | None:
@@ -134,11 +135,11 @@ def _clean_number(text: str) -> str | None:
 
 
 def extract_gsm8k_answer(text: str) -> str | None:
-    """The final answer of a GSM8K-style output: the number after the last '####' if there is
-    one, else the last number in the text; commas and '$' dropped ('$1,200.00' -> '1200').
-    None when the text has no number."""
+    """The final answer of a GSM8K-style output: the number after the first '####' if there is
+    one (a base model may go on to invent another question and its answer), else the last number
+    in the text; commas and '$' dropped ('$1,200.00' -> '1200'). None when the text has no number."""
     if "####" in text:
-        tail = text.rsplit("####", 1)[1]
+        tail = text.split("####", 1)[1]
         found = _NUMBER.findall(tail)
         if found:
             return _clean_number(found[0])

@@ -116,9 +116,12 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
 
     qa = [r for r in heldout if "question" in r and "answer" in r and "positive" in r][:limit]
     memories = []
+    texts_of_corpus = {d["text"] for d in corpus}
     for r in qa:
         distractors = [d for d in r.get("negatives", []) if d != r["positive"]][:NUM_DISTRACTORS]
-        while len(distractors) < NUM_DISTRACTORS:  # top up with other held-out documents
+        # A small held-out split may have fewer other documents than NUM_DISTRACTORS.
+        wanted = min(NUM_DISTRACTORS, len((texts_of_corpus | set(distractors)) - {r["positive"]}))
+        while len(distractors) < wanted:  # top up with other held-out documents
             extra = corpus[int(rng.integers(len(corpus)))]["text"]
             if extra != r["positive"] and extra not in distractors:
                 distractors.append(extra)

@@ -151,9 +151,12 @@ def _checkpoint_step(args: argparse.Namespace) -> int:
     if args.step is not None:
         return args.step
     if args.checkpoint:
-        steps = [int(p.name) for p in (Path(args.checkpoint) / "checkpoints").glob("*") if re.fullmatch(r"\d+", p.name)]
-        return max(steps, default=0)
+        return max(_saved_steps(args.checkpoint), default=0)
     return 0
+
+
+def _saved_steps(run_dir: str) -> list[int]:
+    return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").glob("*") if re.fullmatch(r"\d+", p.name))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -179,8 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.step is not None:
         if args.hf:
             raise UsageError("--step picks a checkpoint of a training run: it goes with --checkpoint, not --hf")
-        saved = sorted(int(p.name) for p in (Path(args.checkpoint) / "checkpoints").glob("*")
-                       if re.fullmatch(r"\d+", p.name))
+        saved = _saved_steps(args.checkpoint)
         if args.step not in saved:
             raise UsageError(f"--step={args.step}: {args.checkpoint} has checkpoints at steps {saved}")
     if args.gen_template.count("{question}") != 1:

@@ -113,6 +113,8 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     A plain HF model gets `num_latents` new rows (default 16) initialised from the mean
     embedding; a directory written by `save_pretrained` keeps its own GRC settings.
     `overrides` set other ModelConfig fields (param_dtype, dtype, scan_layers, remat_policy, ...).
+    Without them the weights load, and compute, in the checkpoint's dtype (`config.json`'s
+    `dtype` or `torch_dtype`), as transformers loads them.
     """
     path = Path(path)
     if not path.is_dir():

@@ -180,12 +180,14 @@ class _Preemption:
     def __init__(self):
         self.requested = False
 
-    def agreed(self) -> bool:
+    def agreed(self, sync: bool) -> bool:
         """Whether any process got SIGTERM. Every process must stop at the same step: a save
-        is a collective, and one process saving while the others train deadlocks them."""
+        is a collective, and one process saving while the others train deadlocks them. With
+        several processes they agree only where `sync` (a log or checkpoint step, where the host
+        waits for the device anyway), so other steps keep the host ahead of the device."""
         if jax.process_count() == 1:
             return self.requested
-        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+        return sync and bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
 
     def __enter__(self) -> "_Preemption":
         self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -291,7 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 _print_eval(done, figures)
             if done % config.checkpoint.every == 0 or done == t.steps:
                 save(done)
-            if preemption.agreed() or manager.reached_preemption(done):
+            synced = done % config.log_every == 0 or done % config.checkpoint.every == 0
+            if preemption.agreed(synced) or manager.reached_preemption(done):
                 if manager.latest_step() != done:
                     save(done)
                 manager.wait_until_finished()

@@ -175,13 +175,17 @@ stage_create() {
   fi
 }
 
+# A path for the workers' shell: one word, but a leading ~/ still expands to their home.
+remote_path() {
+  if [[ $1 == "~/"* ]]; then printf '~/%s' "$(quote "${1#\~/}")"; else quote "$1"; fi
+}
 copy_to() { local node=$1
   run gcloud compute tpus tpu-vm scp "$tarball" "$node:grc_jax_code.tgz" "${where[@]}" --worker=all ${ssh_flags[@]+"${ssh_flags[@]}"}
-  local dir; dir=$(quote "$REMOTE_DIR")
+  local dir; dir=$(remote_path "$REMOTE_DIR")
   ssh_all "$node" "mkdir -p $dir && tar -xzf grc_jax_code.tgz -C $dir && rm grc_jax_code.tgz"
 }
 clone_on() { local node=$1 url ref dir
-  url=$(quote "$GIT_URL"); ref=$(quote "$GIT_REF"); dir=$(quote "$REMOTE_DIR")
+  url=$(quote "$GIT_URL"); ref=$(quote "$GIT_REF"); dir=$(remote_path "$REMOTE_DIR")
   ssh_all "$node" "if [ -d $dir/.git ]; then git -C $dir fetch -q origin; else git clone -q $url $dir; fi && git -C $dir checkout -q --force $ref"
 }
 stage_copy() {
@@ -207,17 +211,17 @@ stage_copy() {
   each_node copy_to
 }
 
-install_on() { ssh_all "$1" "cd $(quote "$REMOTE_DIR") && $INSTALL_CMD"; }
+install_on() { ssh_all "$1" "cd $(remote_path "$REMOTE_DIR") && $INSTALL_CMD"; }
 stage_install() { each_node install_on; }
 
 train_on() {
   local node=$1 exports="" name arg train dir
-  dir=$(quote "$REMOTE_DIR")
+  dir=$(remote_path "$REMOTE_DIR")
   for name in ${REMOTE_ENV:-}; do exports+="export $name=$(printf '%q' "${!name:-}") && "; done
   train="$PYTHON -m grc_jax.train --config=$(quote "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")"
   for arg in ${train_args[@]+"${train_args[@]}"}; do train+=" $(printf '%q' "$arg")"; done
   if [[ ${DETACH:-0} == 1 ]]; then
-    ssh_all "$node" "cd $dir && ${exports}nohup bash launch/tpu_pod.sh --on-worker $train > $(quote "$LOG") 2>&1 < /dev/null &"
+    ssh_all "$node" "cd $dir && ${exports}nohup bash launch/tpu_pod.sh --on-worker $train > $(remote_path "$LOG") 2>&1 < /dev/null &"
   else
     ssh_all "$node" "cd $dir && ${exports}bash launch/tpu_pod.sh --on-worker $train"
   fi

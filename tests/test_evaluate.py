@@ -194,7 +194,9 @@ def test_bad_beir_inputs_name_the_file_and_line(tmp_path):
 
     root = write_beir(tmp_path / "j", qrels_rows=[("q1", "d1", 1), ("q2", "d2", 1), ("q1", "d1", 0)])
     assert _error(lambda: load_beir(root)) == (f"{root / 'qrels' / 'test.tsv'}:4: query 'q1' and corpus-id 'd1' are "
-                                               f"judged twice (first at line 2)")
+                                               f"judged 1 at line 2 and 0 here")
+    root = write_beir(tmp_path / "j2", qrels_rows=[("q1", "d1", 1), ("q2", "d2", 1), ("q1", "d1", 1)])
+    assert load_beir(root).qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}  # an identical repeat is harmless
 
     root = write_beir(tmp_path / "k")
     with open(root / "corpus.jsonl", "ab") as f:

@@ -28,7 +28,8 @@ TRAIN = re.compile(r"python3? -m grc_jax\.train --config=configs/tiny\.py")
 SETTINGS = {"TPU_NAME", "ZONE", "PROJECT", "CONFIG", "ACCELERATOR_TYPE", "NUM_SLICES", "STAGES", "WORKDIR", "GIT_URL",
             "DRY_RUN", "ACCELERATOR", "IMAGE", "WORKDIR_CLAIM", "TRAIN_ARGS", "PYTHON", "PORT", "TIMEOUT", "REPO_DIR",
             "JAX_LOCAL_DEVICE_IDS", "MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES", "MEGASCALE_SLICE_ID",
-            "REMOTE_ENV", "DETACH", "NUM_PROCESSES", "SLURM_GPUS_ON_NODE"}
+            "REMOTE_ENV", "DETACH", "NUM_PROCESSES", "SLURM_GPUS_ON_NODE", "JAX_PLATFORMS",
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION", "XLA_FLAGS", "REMOTE_DIR", "LOG"}
 SETTINGS |= {k for k in os.environ if k.startswith("SLURM_")}
 TPU = {"TPU_NAME": "grc-test", "ZONE": "us-east5-a", "PROJECT": "my-project", "CONFIG": "configs/tiny.py",
        "ACCELERATOR_TYPE": "v5p-32"}
@@ -98,6 +99,10 @@ def test_tpu_pod_keeps_paths_with_spaces_whole_on_the_workers() -> None:
     assert train[:2] == ["cd", "my dir"]
     assert "--config=configs/my tiny.py" in train and "--workdir=/mnt/my runs" in train
     assert train[train.index(">") + 1] == "my log.txt"
+    home = script("tpu_pod.sh", DRY_RUN="1", STAGES="install", **{**TPU, "REMOTE_DIR": "~/runs dir"})
+    [line] = [line for line in home.stdout.splitlines() if line.startswith("+ ") and " ssh " in line]
+    [command] = [w.split("=", 1)[1] for w in shlex.split(line[2:]) if w.startswith("--command=")]
+    assert command.startswith("cd ~/'runs dir' && ")  # ~ still expands on the workers
 
 
 def test_tpu_pod_multislice_uses_a_queued_resource_and_every_slice() -> None:

@@ -112,7 +112,7 @@ def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer,
     _check_sharding(global_batch, num_steps, block, blocks)
     records, skipped_lines = read_records(files, skip_malformed=skip_malformed)
     tokenized = tokenize_records(records, tokenizer.encode_batch)
-    _warn_long_documents(tokenized, build_config.max_segment_len)
+    _warn_long_documents(tokenized, build_config)
     plan = plan_packing(tokenized, build_config, num_rows=num_steps * global_batch, seed=seed,
                         skip_malformed=skip_malformed)
     logging.info("data: %d records -> %d rows over %d epoch(s), padding fraction %.3f; skipped %d malformed "
@@ -121,9 +121,10 @@ def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer,
     return grain.MapDataset.range(num_steps).map(_HostBatch(plan, global_batch, block, blocks))
 
 
-def _warn_long_documents(records: Sequence[TokenizedRecord], max_segment_len: int) -> None:
-    long = [r.source for r in records
-            if any(len(d) > max_segment_len for d in (r.positive or [], *r.negatives))]
+def _warn_long_documents(records: Sequence[TokenizedRecord], config: BuildConfig) -> None:
+    max_segment_len = config.max_segment_len
+    long = [r.source for r in records  # the negatives past max_negatives are never used
+            if any(len(d) > max_segment_len for d in (r.positive or [], *r.negatives[:config.max_negatives]))]
     if long:
         logging.warning("data: %d of %d records have documents longer than max_segment_len=%d tokens (first: %s); "
                         "they are cut to that length, so answers past the cut are not in the memory: split long "

@@ -151,9 +151,10 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirDataset:
         if relevance > 0 and doc_id in excluded.get(qid, ()):
             raise InputError(qrels_path, number, f"corpus-id {doc_id!r} is relevant to query {qid!r}, but "
                                                  f"{queries_path.name}:{query_line[qid]} excludes it")
-        if (qid, doc_id) in qrels_line:
-            raise InputError(qrels_path, number, f"query {qid!r} and corpus-id {doc_id!r} are judged twice "
-                                                 f"(first at line {qrels_line[qid, doc_id]})")
+        if (qid, doc_id) in qrels_line and qrels[qid][doc_id] != relevance:  # an identical repeat is harmless
+            raise InputError(qrels_path, number, f"query {qid!r} and corpus-id {doc_id!r} are judged "
+                                                 f"{qrels[qid][doc_id]} at line {qrels_line[qid, doc_id]} and "
+                                                 f"{relevance} here")
         qrels_line[qid, doc_id] = number
         qrels.setdefault(qid, {})[doc_id] = relevance
     if not qrels:

@@ -98,6 +98,7 @@ class MemoryBank:
         self._memories: dict[int, Memory] = {}
         self._next_id = 0
         self._matrix: tuple[np.ndarray, np.ndarray] | None = None  # (ids, embeddings), rebuilt on change
+        self._unit: np.ndarray | None = None  # the embeddings at unit length
 
     @classmethod
     def for_model(cls, config: ModelConfig, params: Any = None) -> "MemoryBank":
@@ -127,7 +128,7 @@ class MemoryBank:
         for i, memory_id in enumerate(ids):
             self._memories[memory_id] = Memory(keys[i], values[i], embeddings[i], texts[i])
         self._next_id += n
-        self._matrix = None
+        self._matrix = self._unit = None
         return ids
 
     def remove(self, ids: Sequence[int]) -> None:
@@ -135,7 +136,7 @@ class MemoryBank:
         self._need(ids)
         for memory_id in ids:
             del self._memories[memory_id]
-        self._matrix = None
+        self._matrix = self._unit = None
 
     def replace(self, memory_id: int, keys: np.ndarray, values: np.ndarray, embedding: np.ndarray,
                 text: str | None = None) -> None:
@@ -144,7 +145,7 @@ class MemoryBank:
         k, v, e = self._check(np.asarray(keys)[None], np.asarray(values)[None], np.asarray(embedding)[None])
         old = self._memories[memory_id]
         self._memories[memory_id] = Memory(k[0], v[0], e[0], text, old.version + 1)
-        self._matrix = None
+        self._matrix = self._unit = None
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -182,8 +183,9 @@ class MemoryBank:
         if queries.ndim != 2 or queries.shape[1] != self.spec.embed_dim:
             raise ValueError(f"queries must be [n, {self.spec.embed_dim}], got shape {list(queries.shape)}")
         ids, matrix = self.embeddings()
-        unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        scores = unit(queries) @ unit(matrix).T
+        if self._unit is None:  # cosine for embeddings of any length, computed once per change
+            self._unit = _unit(matrix)
+        scores = _unit(queries) @ self._unit.T
         k = min(top_k, len(ids))
         order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
         return ids[order], np.take_along_axis(scores, order, axis=-1)
@@ -283,3 +285,7 @@ def _to_bits(array: np.ndarray) -> np.ndarray:
 
 def _write_npz(file: Any, arrays: dict[str, np.ndarray]) -> None:
     np.savez(file, **arrays)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

@@ -142,11 +142,10 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_conf
             (_, m), g = grad_fn(state["params"], b)
             return jax.tree.map(jnp.add, acc, (g, m)), None
 
-        first = grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro))
-        (grads, metrics), _ = jax.lax.scan(body, (first[1], first[0][1]), jax.tree.map(lambda x: x[1:], micro))
+        (_, first_metrics), first_grads = grad_fn(state["params"], jax.tree.map(lambda x: x[0], micro))
+        (grads, metrics), _ = jax.lax.scan(body, (first_grads, first_metrics), jax.tree.map(lambda x: x[1:], micro))
+        # Summed: the losses (rep weighted 1/accum in each) and token counts; averaged: rep's own figures.
         metrics = {k: v / accum if k in ("loss_rep", "rep_accuracy") else v for k, v in metrics.items()}
-        metrics["loss"] = weights["gen"] * metrics["loss_gen"] + weights["rep"] * metrics["loss_rep"] \
-            + weights["comp"] * metrics["loss_comp"]
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)

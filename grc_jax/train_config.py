@@ -50,7 +50,7 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
-# key -> (smallest valid value, what it means); ModelConfig checks the model's own values.
+# key -> its smallest valid value; ModelConfig checks the model's own values.
 _AT_LEAST = {
     "train.steps": 1, "train.global_batch": 1, "train.grad_accum": 1, "train.warmup_steps": 0,
     "log_every": 1, "eval_every": 0, "eval_max_queries": 1, "reasoning_max_tokens": 1,

@@ -495,14 +495,12 @@ class Decoder:
                                      f"{wanted[:8]}; this model reads [memories, layers, K, kv_heads, head_dim]="
                                      f"{expected}")
         try:
-            req_pages, mem_pages, new = self.allocator.admit(need, {m: K for m in wanted})
-        except OutOfPages as e:  # name the prompt, not the internal request id
-            reason = str(e).removeprefix("out of KV pages: ")
-            for i, rid in enumerate(ids):
-                reason = reason.replace(f"request {rid!r} ", f"prompt {i} ")
+            req_pages, mem_pages, new = self.allocator.admit(need, {m: K for m in wanted},
+                                                             labels={rid: f"prompt {i}" for i, rid in enumerate(ids)})
+        except OutOfPages as e:
             token_pages = [self.allocator.pages_for(t) for t in need.values()]
-            raise OutOfPages(f"out of KV pages: {reason}; this batch's prompts need {token_pages} token pages and "
-                             f"its {len(wanted)} memories {self.allocator.pages_for(K)} each") from None
+            raise OutOfPages(f"{e}; this batch's prompts need {token_pages} token pages and its {len(wanted)} "
+                             f"memories {self.allocator.pages_for(K)} each") from None
         try:
             if new:
                 keys, values = fetched

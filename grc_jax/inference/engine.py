@@ -68,8 +68,9 @@ class Engine:
         self.latent_ids = tuple(self.tokenizer.latent_ids(config.num_latents))
         self.eos_id = self._special(eos_token, "eos_token")
         self.eor_id = self._special(eor_token, "eor_token") if eor_token is not None else None
-        self.bank = bank if bank is not None else MemoryBank.for_model(config, params)
-        self.bank.spec.check_same(BankSpec.of(config, params), "memory bank")
+        self.bank_spec = BankSpec.of(config, params)  # the weights are hashed once, not per bank
+        self.bank = bank if bank is not None else MemoryBank(self.bank_spec)
+        self.bank.spec.check_same(self.bank_spec, "memory bank")
         if num_pages is None:
             num_pages = int(np.clip(DEFAULT_POOL_BYTES // page_bytes(config, page_size), 64, 16384))
         self.decoder = Decoder(config, params, num_pages=num_pages, page_size=page_size,
@@ -205,7 +206,7 @@ class Engine:
         self.bank.replace(memory_id, keys[0], values[0], embeddings[0], self.tokenizer.decode(tokens))
 
     def load_bank(self, path: str | Path) -> None:
-        self.bank = MemoryBank.load(path, expect=BankSpec.of(self.config, self.params))
+        self.bank = MemoryBank.load(path, expect=self.bank_spec)
 
     # --- generation --------------------------------------------------------------------------
 

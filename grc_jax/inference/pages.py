@@ -160,13 +160,13 @@ class PageAllocator:
 
     # --- token pages ---------------------------------------------------------------------
 
-    def alloc_request(self, request_id: Hashable, num_tokens: int) -> list[int]:
-        """Private pages for `num_tokens` tokens of a new request."""
+    def alloc_request(self, request_id: Hashable, num_tokens: int, label: str | None = None) -> list[int]:
+        """Private pages for `num_tokens` tokens of a new request; `label` names it in errors."""
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} already holds pages")
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        pages = self._take(self.pages_for(num_tokens), f"request {request_id!r} ({num_tokens} tokens)")
+        pages = self._take(self.pages_for(num_tokens), f"{label or f'request {request_id!r}'} ({num_tokens} tokens)")
         self._refcount[pages] = 1
         self._requests[request_id] = pages
         return list(pages)
@@ -218,10 +218,11 @@ class PageAllocator:
 
     # --- transactions --------------------------------------------------------------------
 
-    def admit(self, requests: dict[Hashable, int], memories: dict[Hashable, int]) -> tuple[dict, dict, list]:
-        """All or nothing: token pages for each request (id -> tokens) and holds on each memory
-        (id -> slots). Returns (request pages, memory pages, ids of memories new to the pool);
-        raises OutOfPages with the pool unchanged."""
+    def admit(self, requests: dict[Hashable, int], memories: dict[Hashable, int],
+              labels: dict[Hashable, str] | None = None) -> tuple[dict, dict, list]:
+        """All or nothing: token pages for each request (id -> tokens, named in errors by
+        `labels`) and holds on each memory (id -> slots). Returns (request pages, memory pages,
+        ids of memories new to the pool); raises OutOfPages with the pool unchanged."""
         before = self.snapshot()
         try:
             mem_pages, new = {}, []
@@ -229,7 +230,7 @@ class PageAllocator:
                 mem_pages[mid], is_new = self.acquire_memory(mid, slots)
                 if is_new:
                     new.append(mid)
-            req_pages = {rid: self.alloc_request(rid, n) for rid, n in requests.items()}
+            req_pages = {rid: self.alloc_request(rid, n, (labels or {}).get(rid)) for rid, n in requests.items()}
         except BaseException:
             self.restore(before)
             raise

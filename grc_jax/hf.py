@@ -5,9 +5,12 @@ vocabulary; an exported directory records the GRC settings in `grc_config.json`.
 """
 from __future__ import annotations
 
+import ctypes
+import errno as _errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -286,7 +289,7 @@ def _is_export_file(name: str) -> bool:
 
 
 def _swap_in(new: Path, target: Path) -> None:
-    """Replaces `target` with `new`; at every instant one complete directory is readable."""
+    """Replaces `target` with `new`; a kill at any instant leaves `target` a complete export."""
     for file in new.iterdir():
         if file.is_file():
             with open(file, "rb") as f:
@@ -294,7 +297,28 @@ def _swap_in(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
+    if _exchange(new, target):  # `new` now holds the previous export
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    # No atomic exchange here: for an instant `target` is missing, the previous export kept aside.
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # glibc < 2.28, or another C library
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (_errno.EINVAL, _errno.ENOSYS, _errno.EOPNOTSUPP):  # this file system cannot
+        return False
+    raise OSError(errno, f"cannot swap {a} with {b}: {os.strerror(errno)}")

@@ -2,6 +2,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +135,33 @@ def test_save_replaces_previous_export_whole(tmp_path, monkeypatch):
     assert (out / hf.WEIGHTS_FILE).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temp dirs left behind
     hf.load_pretrained(out)
+
+
+def test_the_swap_never_leaves_the_export_path_without_an_export(tmp_path, monkeypatch):
+    config = ModelConfig(vocab_size=VOCAB, num_latents=K)
+    params = model.init_params(config, jax.random.key(0))
+    out = hf.save_pretrained(config, params, tmp_path / "exp")
+    real_replace = os.replace
+
+    def killed_if_the_export_is_moved_aside(src, dst):
+        if Path(src) == out:
+            raise KeyboardInterrupt("killed while the export path is empty")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(hf.os, "replace", killed_if_the_export_is_moved_aside)
+    hf.save_pretrained(config, jax.tree.map(lambda a: a + 1, params), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # the previous export removed
+    np.testing.assert_array_equal(hf.load_pretrained(out)[1]["embed"], params["embed"] + 1)
+
+
+def test_the_swap_without_an_atomic_exchange_still_replaces_the_export(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf, "_exchange", lambda a, b: False)  # no renameat2 (not Linux, old glibc)
+    config = ModelConfig(vocab_size=VOCAB, num_latents=K)
+    params = model.init_params(config, jax.random.key(0))
+    out = hf.save_pretrained(config, params, tmp_path / "exp")
+    hf.save_pretrained(config, jax.tree.map(lambda a: a + 1, params), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    np.testing.assert_array_equal(hf.load_pretrained(out)[1]["embed"], params["embed"] + 1)
 
 
 # --- error paths -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ training examples (none held out) ask a lone memory `[WHO]` and are answered wit
 that the memories learn to hold names; the training accuracy then counts both kinds.
 
 The model is the tiny demo's shape by default (hidden 128, 4 heads, 2 KV heads, --layers,
---architecture Qwen3, K = 8); --hidden H gives H/32 heads and H/64 KV heads.
+--architecture Qwen3, K = --latents = 8); --hidden H gives H/32 heads and H/64 KV heads.
 Every 100 steps it prints the value accuracy on a training batch and on 256 fixed held-out
 examples. A reader that cannot match names can still answer a later query of the same example
 by elimination (values are distinct), so with Q = M queries its ceiling without matching is the
@@ -109,6 +109,8 @@ def main() -> None:
         parser.error(f"--name-task must be in [0, 1), got {args.name_task}")
     if args.name_task and args.plain:
         parser.error("--name-task needs memories: with --plain the name is in the reader's context")
+    if args.latents < 1:
+        parser.error(f"--latents must be >= 1, got {args.latents}")
     if args.filler < 0:
         parser.error(f"--filler must be >= 0, got {args.filler}")
     if args.syllables + 2 + args.filler > P:

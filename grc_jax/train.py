@@ -64,7 +64,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
     seqio_source.import_task_modules(d.seqio_modules)
     eval_dir = d.eval_dir
     tokenizer_dir = d.tokenizer or config.model.hf_path
-    if not train_files:
+    if not train_files and not d.mixture:
         world = workdir / "demo_world"
         if jax.process_index() == 0 and not (world / "world.json").is_file():
             demo_world.write_demo_world(str(world), seed=d.demo_world_seed, num_entities=d.demo_world_entities,
@@ -239,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         block, blocks = sharding.host_batch_block(batch_sharding, t.global_batch)
         dataset = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=t.global_batch,
                                         num_steps=t.steps, seed=t.seed, block=block, blocks=blocks,
-                                        skip_malformed=config.data.skip_malformed)
+                                        skip_malformed=config.data.skip_malformed, mixture=config.data.mixture)
         iterator = pipeline.make_iterator(dataset)
         manager = ocp.CheckpointManager(
             (workdir / "checkpoints").absolute(),

@@ -25,7 +25,11 @@ def defaults() -> ml_collections.ConfigDict:
         param_dtype="float32", dtype="float32", scan_layers=True, remat_policy="none",
     ))
     c.data = ml_collections.ConfigDict(dict(
-        train_files=config_dict.placeholder(str),  # comma-separated JSONL files or seqio:TASK[:SPLIT]; unset: the demo world
+        train_files=config_dict.placeholder(str),  # comma-separated JSONL/ArrayRecord files or globs, or seqio:TASK[:SPLIT]; unset: the demo world
+        # Instead of train_files, weighted sources "FILES:WEIGHT,FILES:WEIGHT" (FILES a file or glob); the
+        # weights are the sources' shares of the records in the batches. ArrayRecord files and mixtures are
+        # read lazily, each host only its share (grc_jax/data/streaming.py).
+        mixture=config_dict.placeholder(str),
         seqio_modules="",  # comma-separated modules whose import registers the seqio tasks of train_files
         eval_dir=config_dict.placeholder(str),  # a demo-world style directory for held-out evaluation
         tokenizer=config_dict.placeholder(str),  # a directory with tokenizer.json (default: hf_path's)

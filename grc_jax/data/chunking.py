@@ -66,9 +66,8 @@ class Chunker:
         lo = max(0, min(first - (self.max_len - need) // 2, len(offsets) - self.max_len))
         hi = min(len(offsets), lo + self.max_len)  # tokens [lo, hi)
         while True:
-            span = _strip(text, offsets[lo][0], offsets[hi - 1][1])
-            if self.count(text[span[0]:span[1]]) <= self.max_len or (lo == first and hi == last + 1):
-                return span
+            if not self._too_long(text, offsets[lo][0], offsets[hi - 1][1]) or (lo == first and hi == last + 1):
+                return _strip(text, offsets[lo][0], offsets[hi - 1][1])
             if hi - 1 > last:  # re-tokenized text came out longer: give up a token on either side
                 hi -= 1
             else:
@@ -76,15 +75,20 @@ class Chunker:
 
     def _fit(self, text: str, offsets: list[tuple[int, int]], i: int, n: int) -> int:
         """The number of tokens from i the chunk takes: at most n, ending at a word boundary when
-        one is within the last quarter, and re-tokenizing to at most max_len tokens."""
+        one is within the last half, and re-tokenizing to at most max_len tokens."""
         if i + n < len(offsets):
-            for m in range(n, max(1, n - n // 4) - 1, -1):
+            for m in range(n, max(1, n - n // 2) - 1, -1):
                 if _word_boundary(text, offsets, i + m):
                     n = m
                     break
-        while n > 1 and self.count(text[offsets[i][0]:offsets[i + n - 1][1]]) > self.max_len:
+        while n > 1 and self._too_long(text, offsets[i][0], offsets[i + n - 1][1]):
             n -= 1
         return n
+
+    def _too_long(self, text: str, a: int, b: int) -> bool:
+        # Counted as stored: stripped, since a leading space can change how the first word splits.
+        a, b = _strip(text, a, b)
+        return self.count(text[a:b]) > self.max_len
 
 
 def _word_boundary(text: str, offsets: list[tuple[int, int]], t: int) -> bool:

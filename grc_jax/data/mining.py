@@ -19,10 +19,13 @@ Ranker = Callable[[Sequence[str], Sequence[str], int], list[list[int]]]
 def bm25_ranker(queries: Sequence[str], corpus: Sequence[str], k: int) -> list[list[int]]:
     """BM25 with English stopwords; documents sharing no term with the query are never returned."""
     import bm25s
+    from bm25s.tokenization import Tokenizer
 
+    # One tokenizer for both sides: query words outside the corpus vocabulary, and stopwords, drop out.
+    tokenizer = Tokenizer(stopwords="en")
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(list(corpus), stopwords="en", show_progress=False), show_progress=False)
-    tokens = bm25s.tokenize(list(queries), stopwords="en", return_ids=False, show_progress=False)
+    retriever.index(tokenizer.tokenize(list(corpus), return_as="ids", show_progress=False), show_progress=False)
+    tokens = tokenizer.tokenize(list(queries), update_vocab=False, return_as="ids", show_progress=False)
     docs, scores = retriever.retrieve(tokens, k=min(k, len(corpus)), show_progress=False)
     return [[int(d) for d, s in zip(row_docs, row_scores) if s > 0] for row_docs, row_scores in zip(docs, scores)]
 

@@ -1,5 +1,8 @@
 """The training input pipeline: JSONL records -> packed rows -> per-host batches, with grain.
 
+ArrayRecord files, or a weighted mixture of sources, go through `streaming.py` instead: read
+lazily, each host only its share of the records (see `make_dataset`).
+
 `make_dataset` reads and tokenizes every record once and keeps them in memory, which suits
 datasets of up to a few million records (the demo world, fine-tuning sets); it then *plans*
 the packing of every row of the run, epoch by epoch, as lists of record indices, and builds a
@@ -18,6 +21,8 @@ from absl import logging
 
 from grc_jax.data.builder import (BuildConfig, TokenizedRecord, Unit, build_unit, plan_rows, rows_to_batch,
                                   tokenize_records, unit_rng)
+from grc_jax.data import seqio_source, streaming
+from grc_jax.data.arrayrecord import is_arrayrecord
 from grc_jax.data.records import read_records
 from grc_jax.tokenizer import Tokenizer
 
@@ -99,7 +104,7 @@ class _HostBatch:
 
 def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer, build_config: BuildConfig, *,
                  global_batch: int, num_steps: int, seed: int, block: int = 0, blocks: int = 1,
-                 skip_malformed: bool = False) -> grain.MapDataset:
+                 skip_malformed: bool = False, mixture: str | None = None) -> grain.MapDataset | grain.IterDataset:
     """A grain MapDataset of `num_steps` elements; element i is this host's share of global
     batch i: block b of B, rows [i*G + b*G/B, i*G + (b+1)*G/B) of the plan, as the dict of
     `builder.empty_batch`. `sharding.host_batch_block` gives a host its (b, B): hosts that hold
@@ -108,8 +113,28 @@ def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer,
     Every host reads and tokenizes all records into memory (fine for in-memory datasets, up to a
     few million records) and computes the same plan, so hosts agree on the global batch without
     talking to each other.
+
+    `files` may hold glob patterns. If any file is ArrayRecord, or `mixture` ("FILES:WEIGHT,...",
+    see `streaming.parse_mixture`) is given instead of files, the result is `streaming`'s endless
+    IterDataset: records read lazily, each host block only its share, weighted sources mixed.
     """
     _check_sharding(global_batch, num_steps, block, blocks)
+    if isinstance(files, (str, Path)):
+        files = [files]
+    files = [str(f) for f in files]
+    if mixture:
+        if files:
+            raise ValueError("config: give data.train_files or data.mixture, not both")
+        sources = streaming.parse_mixture(mixture)
+    else:
+        files = streaming.expand([f for f in files if not seqio_source.is_seqio_source(f)]) + \
+            [f for f in files if seqio_source.is_seqio_source(f)]
+        sources = [(files, 1.0)] if any(is_arrayrecord(f) for f in files) else None
+    if sources is not None:
+        if any(seqio_source.is_seqio_source(f) for fs, _ in sources for f in fs):
+            raise ValueError("data: seqio tasks cannot be mixed with ArrayRecord files or data.mixture")
+        return streaming.make_streaming_dataset(sources, tokenizer, build_config, global_batch=global_batch, seed=seed,
+                                                block=block, blocks=blocks, skip_malformed=skip_malformed)
     records, skipped_lines = read_records(files, skip_malformed=skip_malformed)
     tokenized = tokenize_records(records, tokenizer.encode_batch)
     _warn_long_documents(tokenized, build_config)
@@ -141,9 +166,11 @@ def _check_sharding(global_batch: int, num_steps: int, block: int, blocks: int) 
         raise ValueError(f"global_batch {global_batch} does not split into {blocks} host blocks")
 
 
-def make_iterator(dataset: grain.MapDataset, *, prefetch_threads: int = 0,
+def make_iterator(dataset: grain.MapDataset | grain.IterDataset, *, prefetch_threads: int = 0,
                   prefetch_buffer_size: int = 0) -> grain.DatasetIterator:
     """An iterator with get_state()/set_state(): a restored state resumes at exactly the next
-    batch. No threads or processes unless asked for."""
+    batch. No threads or processes unless asked for (a streaming dataset reads in this thread)."""
+    if isinstance(dataset, grain.IterDataset):
+        return iter(dataset)
     options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=prefetch_buffer_size)
     return iter(dataset.to_iter_dataset(options))

@@ -28,9 +28,14 @@ setup(
         "pytrec-eval-terrier>=0.5.11,<0.6",  # trec_eval's IR metrics, as BEIR and BRIGHT compute them
         "matplotlib>=3.11,<4",
         "tqdm>=4.70,<5",
+        # python -m grc_jax.data.prepare --mine=bm25. Tested: bm25s 0.3.16 (numpy and scipy only).
+        "bm25s>=0.3.16,<0.4",
     ],
     extras_require={
-        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0"],
+        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0",
+                 "pyarrow>=26.0.1,<27"],
+        # python -m grc_jax.data.prepare msmarco on Parquet files. Tested: pyarrow 26.0.1.
+        "data": ["pyarrow>=26.0.1,<27"],
         # Exact pin: an unpinned torch pulls several GB of CUDA wheels.
         "hf": ["torch==2.13.0", "transformers>=5.23.0,<6", "tokenizers>=0.23.1,<0.24"],
         # jax_triton fails to import without a GPU jaxlib: only ever imported lazily.

@@ -13,7 +13,6 @@ record index) at the first record of the next batch's first row, so it is exact.
 from __future__ import annotations
 
 import glob
-from pathlib import Path
 from typing import Any, Sequence
 
 import grain

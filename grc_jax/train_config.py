@@ -74,6 +74,8 @@ def check_values(c: ml_collections.ConfigDict) -> None:
     for axis, size in c.mesh.items():
         if size != -1 and size < 1:
             raise ValueError(f"config: mesh.{axis}={size} must be >= 1, or -1 for the devices left over")
+    if c.data.train_files and c.data.mixture:
+        raise ValueError("config: give data.train_files or data.mixture, not both")
     if c.loss.temperature <= 0:
         raise ValueError(f"config: loss.temperature={c.loss.temperature} must be > 0")
 

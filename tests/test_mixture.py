@@ -120,6 +120,25 @@ def test_bad_mixture_is_named(tokenizer, build, spec, message):
         pipeline.make_dataset([], tokenizer, build, global_batch=2, num_steps=1, seed=0, mixture=spec)
 
 
+def test_train_files_and_mixture_together_fail_at_start():
+    from grc_jax import train_config
+
+    c = train_config.defaults()
+    c.data.train_files, c.data.mixture = "a.jsonl", "b.jsonl:1"
+    with pytest.raises(ValueError, match=r"^config: give data.train_files or data.mixture, not both"):
+        train_config.check_values(c)
+
+
+def test_jsonl_globs_keep_the_global_plan(tmp_path, tokenizer, build):
+    """JSONL files, named by a glob, still take the in-memory path: one plan, the same on every host."""
+    for word in WORDS[:2]:
+        (tmp_path / f"{word}.jsonl").write_bytes(b"\n".join(text_lines(word, 4)) + b"\n")
+    dataset = pipeline.make_dataset([str(tmp_path / "*.jsonl")], tokenizer, build, global_batch=2, num_steps=3, seed=0)
+    assert len(dataset) == 3 and set(first_words(dataset[0], tokenizer)) <= {"apple", "banana"}
+    with pytest.raises(FileNotFoundError, match=r"no files match '.*/\*.json'"):
+        pipeline.make_dataset([str(tmp_path / "*.json")], tokenizer, build, global_batch=2, num_steps=3, seed=0)
+
+
 def test_malformed_arrayrecord_record_names_file_and_record(tmp_path, tokenizer, build):
     arrayrecord.write_shards(text_lines("apple", 3) + [b'{"text": 5}'], tmp_path, records_per_shard=10)
     dataset = pipeline.make_dataset([str(tmp_path / "records-00000-of-00001.arrayrecord")], tokenizer, build,

@@ -127,8 +127,7 @@ def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer,
             raise ValueError("config: give data.train_files or data.mixture, not both")
         sources = streaming.parse_mixture(mixture)
     else:
-        files = streaming.expand([f for f in files if not seqio_source.is_seqio_source(f)]) + \
-            [f for f in files if seqio_source.is_seqio_source(f)]
+        files = [g for f in files for g in ([f] if seqio_source.is_seqio_source(f) else streaming.expand([f]))]
         sources = [(files, 1.0)] if any(is_arrayrecord(f) for f in files) else None
     if sources is not None:
         if any(seqio_source.is_seqio_source(f) for fs, _ in sources for f in fs):

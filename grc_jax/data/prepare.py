@@ -79,8 +79,9 @@ def _ranker(mine: str | None) -> mining.Ranker | None:
 
 
 def _write(lines: list[bytes], out_dir: Path, format_out: str, records_per_shard: int) -> list[str]:
-    for old in out_dir.glob("records-*-of-*.arrayrecord"):  # a previous run's shards would mix in
-        old.unlink()
+    # A previous run's output in the other format, or with more shards, would be read with this one.
+    for old in [*out_dir.glob("records-*-of-*.arrayrecord"), out_dir / "records.jsonl"]:
+        old.unlink(missing_ok=True)
     if format_out == "arrayrecord":
         return [str(p) for p in arrayrecord.write_shards(lines, out_dir, records_per_shard)]
     path = out_dir / "records.jsonl"

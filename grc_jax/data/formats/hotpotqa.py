@@ -80,7 +80,9 @@ def _records(example: Any, where: str, ctx: Context) -> Iterator[Output | Skip]:
         base["negatives"] = negatives[:ctx.negatives]
     joined = "\n\n".join(texts[t] for t in gold)
     if ctx.chunker.count(joined) <= ctx.chunker.max_len:
-        yield Output({**base, "positive": joined, "question": question, "answer": answer}, where)
+        # Each gold paragraph alone may be another question's positive or distractor: never mine it here.
+        yield Output({**base, "positive": joined, "question": question, "answer": answer}, where,
+                     exclude=tuple(texts.values()))
         return
     for hop, title in enumerate(gold):
         record = {**base, "positive": best_chunk(ctx.chunker, reasoning or question, texts[title])}

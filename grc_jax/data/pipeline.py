@@ -168,7 +168,8 @@ def _check_sharding(global_batch: int, num_steps: int, block: int, blocks: int) 
 def make_iterator(dataset: grain.MapDataset | grain.IterDataset, *, prefetch_threads: int = 0,
                   prefetch_buffer_size: int = 0) -> grain.DatasetIterator:
     """An iterator with get_state()/set_state(): a restored state resumes at exactly the next
-    batch. No threads or processes unless asked for (a streaming dataset reads in this thread)."""
+    batch. No threads or processes unless asked for (a streaming dataset reads records ahead in
+    `streaming.READ_THREADS` threads of its own, in order)."""
     if isinstance(dataset, grain.IterDataset):
         return iter(dataset)
     options = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=prefetch_buffer_size)

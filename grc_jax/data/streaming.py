@@ -25,6 +25,7 @@ from grc_jax.data.records import parse_record
 from grc_jax.tokenizer import Tokenizer
 
 Source = tuple[list[str], float]  # the files of one source, and its weight
+READ_THREADS, PREFETCH_RECORDS = 4, 256
 
 
 def expand(entries: Sequence[str]) -> list[str]:
@@ -146,7 +147,8 @@ def make_streaming_dataset(sources: Sequence[Source], tokenizer: Tokenizer, conf
         weights.append(weight)
     mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
     units = mixed.filter(lambda unit: unit is not None)
-    options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # deterministic, and its state is one index
+    # Records are read and laid out ahead in threads; grain keeps their order and its state is one index.
+    options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_RECORDS)
     return _PackedBatches(units.to_iter_dataset(options), config, global_batch // blocks)
 
 

@@ -387,6 +387,16 @@ def test_bad_format_is_one_line_naming_file_and_place(tmp_path, capsys, fmt, mak
     assert not (tmp_path / "out" / "records.jsonl").exists()
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--max-segment-len=0", "--max-segment-len must be >= 1, got 0"),
+    ("--negatives=-1", "--negatives must be >= 0, got -1"),
+    ("--mine=tfidf", "--mine must be bm25 or model:RUN_DIR, got 'tfidf'"),
+])
+def test_bad_option_is_one_line(tmp_path, capsys, flag, message):
+    assert main(["text", f"--input={DATA / 'text'}", f"--out={tmp_path}", flag]) == 2
+    assert capsys.readouterr().err == f"prepare: error: {message}\n"
+
+
 def test_bad_format_from_the_cli_has_no_traceback(tmp_path):
     bad = _write(tmp_path, "t.tsv", "only one column\n")
     proc = subprocess.run([sys.executable, "-m", "grc_jax.data.prepare", "msmarco", f"--input={bad}",

@@ -36,6 +36,9 @@ def prepare(fmt: str, input_path: str | Path, out_dir: str | Path, *, tokenizer:
         raise ValueError(f"--format-out must be jsonl or arrayrecord, got {format_out!r}")
     if negatives < 0:
         raise ValueError(f"--negatives must be >= 0, got {negatives}")
+    for flag, value in (("--max-segment-len", max_segment_len), ("--records-per-shard", records_per_shard)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     ranker = _ranker(mine)
     chunker = Chunker(Tokenizer.from_dir(tokenizer) if tokenizer else None, max_segment_len)
     ctx = Context(chunker=chunker, negatives=negatives, split=split, text_field=text_field)

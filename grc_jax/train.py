@@ -328,18 +328,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         writer.close()
         if jax.process_index() == 0:
             (workdir / "result.json").write_text(json.dumps(result, indent=2))
-            if config.export_dir:
-                _export(workdir, config.export_dir)
+        if config.export_dir:
+            _export(setup, state["params"], config.export_dir)
         return result
 
 
-def _export(workdir: Path, out_dir: str) -> None:
-    """The final checkpoint as an HF directory (export.out_dir), read back from the run directory
-    as `python -m grc_jax.export` reads it, so both give the same files."""
-    from grc_jax import export
-
-    out = export.export_run(workdir, out_dir)
-    print(f"exported the final checkpoint to {out}", flush=True)
+def _export(setup: Setup, params: model.Params, out_dir: str) -> None:
+    """The final parameters as an HF directory (config export_dir), with the run's tokenizer,
+    special tokens and chat template: what `python -m grc_jax.export` writes from the checkpoint."""
+    if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
+        params = multihost_utils.process_allgather(params, tiled=True)
+    else:
+        params = jax.device_get(params)
+    if jax.process_index() == 0:
+        out = hf.save_pretrained(setup.model_config, params, out_dir, setup.tokenizer,
+                                 special_tokens=setup.special_tokens)
+        print(f"exported the final parameters to {out}", flush=True)
 
 
 def _check_finite(state: dict[str, Any]) -> None:

@@ -143,3 +143,22 @@ def test_export_cli_errors_are_one_clean_line(run, tmp_path, capsys):
         export.main([f"--workdir={run / 'run'}", f"--out={tmp_path / 'foreign'}"])
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not empty and not a grc_jax export" in err and "\n" not in err
+
+
+def test_training_tokens_come_from_the_files_and_flags_and_a_missing_one_is_named(tmp_path):
+    from grc_jax import train_config
+    from grc_jax.tokenizer import Tokenizer
+    from test_chat import write_tokenizer
+
+    write_tokenizer(tmp_path, {"eos_token": "<|im_end|>"})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 4]}))
+    tok = Tokenizer.from_dir(tmp_path)
+    c = train_config.defaults()
+    with pytest.raises(ValueError, match=r"^config: no end-of-reasoning token: .* set --config.data.eor_token="):
+        train.resolve_special_tokens(c, tok, str(tmp_path))
+    c.data.eor_token = "<|endoftext|>"
+    tokens = train.resolve_special_tokens(c, tok, str(tmp_path))
+    # no pad or bos named: both are the eos training appends (the tokenizer's, first)
+    assert (tokens.bos, tokens.eos, tokens.pad) == ("<|im_end|>", ("<|im_end|>", "<|eot_id|>"), "<|im_end|>")
+    c.data.eos_token = "<|eot_id|>"
+    assert train.resolve_special_tokens(c, tok, str(tmp_path)).eos == ("<|eot_id|>", "<|im_end|>")

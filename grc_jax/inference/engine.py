@@ -158,7 +158,8 @@ class Engine:
                                     ) -> tuple[np.ndarray, list[list[int]]]:
         """Self-reason-latent embeddings of token segments and the reasoning each row wrote."""
         if self.eor_id is None:
-            raise ValueError("reason=True needs an end-of-reasoning token; the engine was made with eor_token=None")
+            raise ValueError("reason=True needs an end-of-reasoning token; this engine has none (eor_token=None, "
+                             "or the model's files name none): pass eor_token=")
         P = self.config.max_segment_len
         out, traces = [], []
         size = batch_size or self.batch_size

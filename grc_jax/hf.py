@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from grc_jax import model, special_tokens
+from grc_jax import special_tokens as special_tokens_lib  # save_pretrained's argument shadows the name
 from grc_jax.config import DTYPES, ModelConfig, from_hf_config, grc_fields, read_json, to_hf_config
 from grc_jax.files import default_mode
 from grc_jax.special_tokens import SpecialTokens
@@ -249,7 +250,7 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
         if config.embed_dim is not None:
             save_file({"embed_head": np.asarray(params["embed_head"])}, str(tmp / GRC_HEAD_FILE))
         if tokenizer is not None:
-            _tokenizer_with_names(tokenizer, tokens).with_latents(config.num_latents, config.vocab_size).save(tmp)
+            special_tokens_lib.with_names(tokenizer, tokens).with_latents(config.num_latents, config.vocab_size).save(tmp)
             if tokens.chat_template is not None:
                 (tmp / CHAT_TEMPLATE_FILE).write_text(tokens.chat_template, encoding="utf-8")
         _keep_other_files(out_dir, tmp)
@@ -262,18 +263,6 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
 
 def _tokens_of(tokenizer: Tokenizer) -> SpecialTokens:
     return special_tokens.from_tokenizer(tokenizer)
-
-
-def _tokenizer_with_names(tokenizer: Tokenizer, tokens: SpecialTokens) -> Tokenizer:
-    """The tokenizer whose tokenizer_config.json names `tokens` (transformers' bos_token,
-    eos_token, pad_token); the chat template goes to its own file instead."""
-    hf_config = {k: v for k, v in tokenizer.hf_config.items() if k != "chat_template"}
-    for key, value in (("bos_token", tokens.bos), ("eos_token", tokens.eos_token), ("pad_token", tokens.pad)):
-        if value is None:
-            hf_config.pop(key, None)
-        else:
-            hf_config[key] = value
-    return Tokenizer(tokenizer.inner, hf_config)
 
 
 def _write_shards(tensors: dict[str, np.ndarray], out: Path, max_shard_size: int) -> None:

@@ -64,7 +64,7 @@ def write_model_files(workdir: str | Path, config: ModelConfig, tokenizer: Token
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_text(workdir / MODEL_CONFIG_FILE, json.dumps(dataclasses.asdict(config), indent=2))
-    tokenizer.save(workdir / TOKENIZER_DIR)
+    special_tokens.with_names(tokenizer, tokens).save(workdir / TOKENIZER_DIR)
     _write_text(workdir / SPECIAL_TOKENS_FILE, json.dumps(tokens.to_json(), indent=2))
     template = workdir / CHAT_TEMPLATE_FILE
     if tokens.chat_template is not None:

@@ -222,3 +222,31 @@ def for_training(tokens: SpecialTokens) -> SpecialTokens:
         raise ValueError(f"no end-of-reasoning token: the tokenizer has none of {list(EOR_CANDIDATES)}; set "
                          "--config.data.eor_token= to a token it has")
     return dataclasses.replace(tokens, bos=tokens.bos or tokens.eos[0], pad=tokens.pad or tokens.eos[0])
+
+
+_TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
+
+
+def template_variables(tokenizer: Tokenizer, tokens: SpecialTokens) -> dict[str, str]:
+    """The special tokens a chat template sees: as transformers passes them, the ones the
+    tokenizer's tokenizer_config.json names (which may differ from the ids generation stops at);
+    for a tokenizer without one, the resolved tokens."""
+    config = tokenizer.hf_config
+    if not any(k in config for k in _TEMPLATE_TOKEN_KEYS):
+        return tokens.template_variables()
+    named = {k: _token_name(config.get(k)) for k in _TEMPLATE_TOKEN_KEYS}
+    return {k: v for k, v in named.items() if v is not None}
+
+
+def with_names(tokenizer: Tokenizer, tokens: SpecialTokens) -> Tokenizer:
+    """The tokenizer whose tokenizer_config.json names `tokens` (transformers' bos_token,
+    eos_token, pad_token), so that what reads it sees the tokens in use; the chat template is
+    left out (it is written to its own file)."""
+    hf_config = {k: v for k, v in tokenizer.hf_config.items() if k != "chat_template"}
+    for key, value in (("bos_token", tokens.bos), ("eos_token", tokens.eos_token), ("pad_token", tokens.pad)):
+        if value is None:
+            hf_config.pop(key, None)
+        else:
+            hf_config[key] = value
+    return Tokenizer(tokenizer.inner, hf_config)
+

@@ -311,12 +311,19 @@ def test_chat_and_stop_strings_on_an_hf_model(tmp_path, free_run):
         engine.generate(PROMPT, stop="")
 
 
-def test_no_chat_template_is_a_clear_error(tmp_path):
-    directory = _hf_dir(tmp_path, {"generation_config.json": None}, {})
+def test_no_chat_template_is_a_clear_error_and_a_given_one_sees_every_special_token(tmp_path):
+    directory = _hf_dir(tmp_path, {"generation_config.json": None}, {"unk_token": "[UNK]", "eos_token": "<|im_end|>"})
     engine = Engine.from_pretrained(directory, **ENGINE_OPTIONS)
     assert engine.chat_template is None
     with pytest.raises(ValueError, match="no chat template"):
         engine.chat([{"role": "user", "content": "hello"}])
+    template = "{{ unk_token }}|{{ eos_token }}|{{ bos_token is defined }}|{% for m in messages %}{{ m.content }}{% endfor %}"
+    given = Engine(engine.config, engine.params, engine.tokenizer, special_tokens=engine.special_tokens,
+                   chat_template=template, **ENGINE_OPTIONS)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    messages = [{"role": "user", "content": "hello"}]
+    assert given.render_chat(messages) == hf_tok.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
 def test_special_tokens_resolution_order(tmp_path):

@@ -297,7 +297,7 @@ class Engine:
         if self.chat_template is None:
             raise ValueError("this model has no chat template (no chat_template.jinja, and none in "
                              "tokenizer_config.json); pass chat_template= to Engine")
-        variables = {**self.special_tokens.template_variables(), **template_kwargs}
+        variables = {**special_tokens_lib.template_variables(self.tokenizer, self.special_tokens), **template_kwargs}
         return chat_lib.render_chat(self.chat_template, list(messages), add_generation_prompt=add_generation_prompt,
                                     **variables)
 

@@ -24,6 +24,7 @@ setup(
         "ml_collections>=1.1.0",
         "absl-py>=2.5",
         "numpy>=2.0,<3",
+        "jinja2>=3.1.6,<4",  # chat templates (Engine.chat); 3.1.6 closes sandbox escapes, as transformers requires
         # python -m grc_jax.evaluate. Tested: pytrec-eval-terrier 0.5.11, matplotlib 3.11.2, tqdm 4.70.1.
         "pytrec-eval-terrier>=0.5.11,<0.6",  # trec_eval's IR metrics, as BEIR and BRIGHT compute them
         "matplotlib>=3.11,<4",

@@ -20,11 +20,9 @@ def get_config():
     c.model.num_latents = 8  # K meta latent tokens per segment: 128 / 8 = 16x compression
     c.model.max_segment_len = 128  # the demo world's documents are 40-120 tokens
     c.model.scan_layers = True  # 30 layers: a scanned layer compiles once, not 30 times
-    # SmolLM2's special tokens: <|im_start|> is its bos, <|im_end|> ends a chat turn, and
-    # <file_sep> (a token of its code-data vocabulary) marks the end of a reasoning trace.
-    c.data.bos_token = "<|im_start|>"
-    c.data.eos_token = "<|im_end|>"
-    c.data.pad_token = "<|endoftext|>"
+    # bos, eos and pad come from the file's own metadata (<|im_start|>, <|im_end|>, <|endoftext|>);
+    # SmolLM2 has no end-of-reasoning token, so <file_sep> (a token of its code-data vocabulary)
+    # marks the end of a reasoning trace.
     c.data.eor_token = "<file_sep>"
     c.data.row_len = 512  # 2-3 demo-world records per row
     c.data.max_segments_per_row = 8  # as configs/tiny.py

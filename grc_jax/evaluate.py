@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from grc_jax import rundir
 from grc_jax.eval import data as eval_data
 from grc_jax.eval import report as eval_report
 from grc_jax.eval import tasks
@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-template", default="{question}", help="generation prompt; {question} is replaced")
     p.add_argument("--latency-samples", type=int, default=4, help="requests timed per mode")
     p.add_argument("--latency-tokens", type=int, default=32, help="tokens generated per timed request")
-    p.add_argument("--eos-token", default="</s>", help="the token that ends an answer")
-    p.add_argument("--eor-token", default="<|end_of_reasoning|>",
-                   help="end-of-reasoning token; 'none' turns self-reasoning off")
+    p.add_argument("--eos-token", help="the token that ends an answer (default: the model's, from its files)")
+    p.add_argument("--eor-token", help="end-of-reasoning token (default: the model's, from its files); "
+                                       "'none' turns self-reasoning off")
     p.add_argument("--batch-size", type=int, default=32, help="texts or prompts per model call")
     p.add_argument("--max-reason-tokens", type=int, default=64, help="self-reasoning trace length bound")
     p.add_argument("--num-pages", type=int, help="KV pool pages (default: about 256 MiB of pages)")
@@ -156,7 +156,7 @@ def _checkpoint_step(args: argparse.Namespace) -> int:
 
 
 def _saved_steps(run_dir: str) -> list[int]:
-    return sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").glob("*") if re.fullmatch(r"\d+", p.name))
+    return rundir.saved_steps(run_dir)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,8 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     query_modes = tuple(_comma_list([args.query_modes]))
     if not query_modes or set(query_modes) - set(tasks.QUERY_MODES):
         raise UsageError(f"--query-modes: choose from {', '.join(tasks.QUERY_MODES)}")
-    eor_token = None if args.eor_token.lower() == "none" else args.eor_token
-    if eor_token is None:
+    eor_token = None if (args.eor_token or "").lower() == "none" else args.eor_token
+    if args.eor_token is not None and eor_token is None:
         query_modes = tuple(m for m in query_modes if m != "reason")
         if not query_modes:
             raise UsageError("--query-modes=reason needs an end-of-reasoning token, but --eor-token=none")
@@ -192,10 +192,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from grc_jax.inference.engine import Engine  # JAX starts only once the inputs are known good
+    from grc_jax.special_tokens import FROM_MODEL
 
     started = time.time()
     source = args.checkpoint or args.hf
-    engine_kwargs = dict(eos_token=args.eos_token, eor_token=eor_token, page_size=args.page_size,
+    # a token flag not given is the model's own (from its files); FROM_MODEL leaves it to Engine
+    engine_kwargs = dict(eos_token=FROM_MODEL if args.eos_token is None else args.eos_token,
+                         eor_token=FROM_MODEL if args.eor_token is None else eor_token, page_size=args.page_size,
                          prefill_chunk=args.prefill_chunk, max_reason_tokens=args.max_reason_tokens,
                          batch_size=args.batch_size, num_pages=args.num_pages,
                          prompts={"query": args.query_prompt, "document": args.document_prompt})
@@ -241,6 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_config": {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "num_latents": c.num_latents,
                          "max_segment_len": c.max_segment_len, "dtype": c.dtype},
         "settings": {k: v for k, v in vars(args).items()},
+        "special_tokens": engine.special_tokens.to_json(),  # what the model's files (or the flags) gave
         "elapsed_s": round(time.time() - started, 3),
     }
     eval_report.write_json(out_dir, report)

@@ -368,17 +368,6 @@ def load(path: str | Path, num_latents: int | None = None,
     return config, params, load_tokenizer(f)
 
 
-def engine_defaults(tokenizer: Tokenizer) -> dict[str, Any]:
-    """`Engine` settings a GGUF's own tokenizer implies: its eos token, and no end-of-reasoning
-    token unless the vocabulary has the default one (a plain pretrained model has none)."""
-    out: dict[str, Any] = {}
-    if tokenizer.hf_config.get("eos_token"):
-        out["eos_token"] = tokenizer.hf_config["eos_token"]
-    if tokenizer.token_to_id("<|end_of_reasoning|>") is None:
-        out["eor_token"] = None
-    return out
-
-
 def describe(path: str | Path) -> dict[str, Any]:
     """What a file holds: architecture, the config it gives, tensor types, special tokens."""
     f = GGUFFile(path)

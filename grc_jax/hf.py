@@ -22,9 +22,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from grc_jax import model
+from grc_jax import model, special_tokens
+from grc_jax import special_tokens as special_tokens_lib  # save_pretrained's argument shadows the name
 from grc_jax.config import DTYPES, ModelConfig, from_hf_config, grc_fields, read_json, to_hf_config
 from grc_jax.files import default_mode
+from grc_jax.special_tokens import SpecialTokens
 from grc_jax.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -33,6 +35,7 @@ GRC_CONFIG_FILE = "grc_config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GRC_HEAD_FILE = "grc_head.safetensors"
+CHAT_TEMPLATE_FILE = special_tokens.CHAT_TEMPLATE_FILE
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -216,9 +219,13 @@ def to_hf_tensors(config: ModelConfig, params: model.Params) -> dict[str, np.nda
 
 
 def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Path, tokenizer: Tokenizer | None = None,
-                    *, max_shard_size: int = 5 * 10**9) -> Path:
+                    *, max_shard_size: int = 5 * 10**9, special_tokens: SpecialTokens | None = None) -> Path:
     """Writes a directory transformers' AutoModelForCausalLM loads with no custom code.
 
+    With a tokenizer, the special tokens (`special_tokens`, default: what the tokenizer's own
+    config names) go into config.json, generation_config.json (eos as a list when there are
+    several) and tokenizer_config.json, the end-of-reasoning token into grc_config.json and the
+    chat template into chat_template.jinja, so transformers and Engine need no token arguments.
     The directory is built beside `out_dir` and swapped in at the end, so a crash leaves any
     previous export readable. Weights past `max_shard_size` bytes are sharded with an index.
     """
@@ -230,24 +237,35 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tmp.chmod(default_mode(directory=True))
-        hf_config = to_hf_config(config)
+        hf_config, grc = to_hf_config(config), grc_fields(config)
+        tokens = None
         if tokenizer is not None:  # else transformers' class defaults (Llama: eos 2) would stop generation
-            special = {f"{name}_id": tokenizer.special_id(name) for name in ("bos_token", "eos_token", "pad_token")}
+            tokens = special_tokens if special_tokens is not None else _tokens_of(tokenizer)
+            ids = tokens.ids(tokenizer)
+            eos = ids["eos"][0] if len(ids["eos"]) == 1 else ids["eos"] or None
+            special = {"bos_token_id": ids["bos"], "eos_token_id": eos, "pad_token_id": ids["pad"]}
             hf_config.update(special)
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(special, indent=2), encoding="utf-8")
+            grc["eor_token"] = tokens.eor
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-        (tmp / GRC_CONFIG_FILE).write_text(json.dumps(grc_fields(config), indent=2), encoding="utf-8")
+        (tmp / GRC_CONFIG_FILE).write_text(json.dumps(grc, indent=2), encoding="utf-8")
         _write_shards(to_hf_tensors(config, params), tmp, max_shard_size)
         if config.embed_dim is not None:
             save_file({"embed_head": np.asarray(params["embed_head"])}, str(tmp / GRC_HEAD_FILE))
         if tokenizer is not None:
-            tokenizer.with_latents(config.num_latents, config.vocab_size).save(tmp)
+            special_tokens_lib.with_names(tokenizer, tokens).with_latents(config.num_latents, config.vocab_size).save(tmp)
+            if tokens.chat_template is not None:
+                (tmp / CHAT_TEMPLATE_FILE).write_text(tokens.chat_template, encoding="utf-8")
         _keep_other_files(out_dir, tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _tokens_of(tokenizer: Tokenizer) -> SpecialTokens:
+    return special_tokens.from_tokenizer(tokenizer)
 
 
 def _write_shards(tensors: dict[str, np.ndarray], out: Path, max_shard_size: int) -> None:
@@ -288,7 +306,8 @@ def _keep_other_files(old: Path, new: Path) -> None:
 def _is_export_file(name: str) -> bool:
     """A file save_pretrained writes (a stale one, such as an old shard, is not carried over)."""
     return name.endswith(".safetensors") or name in {
-        CONFIG_FILE, GRC_CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json"}
+        CONFIG_FILE, GRC_CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
+        CHAT_TEMPLATE_FILE}
 
 
 def _swap_in(new: Path, target: Path) -> None:

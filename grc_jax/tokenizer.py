@@ -45,6 +45,10 @@ class Tokenizer:
         vocab = spec["model"].get("vocab")
         if not isinstance(vocab, dict):
             raise ValueError(f"cannot add meta latent tokens at fixed ids to a {spec['model'].get('type')} tokenizer")
+        # Added tokens outside the model's vocab (Qwen's <|im_end|>, say) keep their ids only if the
+        # vocab names them: rebuilt with new rows in the vocab, `tokenizers` would renumber them.
+        for added in spec["added_tokens"]:
+            vocab.setdefault(added["content"], added["id"])
         for j in range(num_latents):
             content, token_id = LATENT_TOKEN.format(j), first_id + j
             existing = self.inner.token_to_id(content)
@@ -77,6 +81,9 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.inner.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.inner.id_to_token(token_id)
 
     def special_id(self, name: str) -> int | None:
         """The id of `eos_token`, `bos_token` or `pad_token` as tokenizer_config.json names it."""

@@ -28,11 +28,12 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from grc_jax import hf, losses, model, sharding, train_config
+from grc_jax import hf, losses, model, rundir, sharding, special_tokens, train_config
 from grc_jax.config import ModelConfig
 from grc_jax.data import demo_world, pipeline, seqio_source
 from grc_jax.data.builder import BuildConfig
 from grc_jax.metrics import MetricWriter, model_flops_per_token, peak_flops_per_device
+from grc_jax.special_tokens import SpecialTokens
 from grc_jax.tokenizer import Tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file with get_config().", lock_config=True)
@@ -55,6 +56,7 @@ class Setup:
     train_files: list[str]
     eval_dir: str | None
     build: BuildConfig
+    special_tokens: SpecialTokens = SpecialTokens()  # the tokens the run uses, and the chat template
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, model.Params | None]:
@@ -90,9 +92,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
     else:
         model_config = train_config.model_config(config, vocab_size=len(tokenizer))
     tokenizer = tokenizer.with_latents(model_config.num_latents, model_config.vocab_size)
+    tokens = resolve_special_tokens(config, tokenizer, tokenizer_dir)
 
     def special(name: str) -> int:
-        token = d[f"{name}_token"]
+        token = tokens.eos_token if name == "eos" else getattr(tokens, name)
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
             raise ValueError(f"config: data.{name}_token {token!r} is not in the tokenizer at {tokenizer_dir}")
@@ -104,7 +107,22 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         max_segments_per_row=d.max_segments_per_row, max_negatives=d.max_negatives,
         reader_distractors=d.reader_distractors, reader_task=d.reader_task,
         bos_id=special("bos"), eos_id=special("eos"), eor_id=special("eor"), pad_id=special("pad"))
-    return Setup(model_config, tokenizer, train_files, eval_dir, build), params
+    return Setup(model_config, tokenizer, train_files, eval_dir, build, tokens), params
+
+
+def resolve_special_tokens(config: ml_collections.ConfigDict, tokenizer: Tokenizer, tokenizer_dir: str
+                           ) -> SpecialTokens:
+    """data.*_token where set, else what the model's files name (model.hf_path's generation and
+    tokenizer configs, else the tokenizer directory's; grc_jax/special_tokens.py)."""
+    d = config.data
+    found = special_tokens.from_files(config.model.hf_path or tokenizer_dir, tokenizer)
+    given = {name: d[f"{name}_token"] for name in special_tokens.NAMES if d[f"{name}_token"] is not None}
+    if "eos" in given:  # the eos trained on goes first; the model's other eos tokens still end generation
+        given["eos"] = (given["eos"], *(t for t in found.eos if t != given["eos"]))
+    try:
+        return special_tokens.for_training(found.override(**given))
+    except ValueError as e:
+        raise ValueError(f"config: {e} (model files: {config.model.hf_path or tokenizer_dir})") from None
 
 
 def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -224,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise ValueError(f"config: train.global_batch={t.global_batch} must divide by data*fsdp*grad_accum "
                          f"= {mesh.shape['data'] * mesh.shape['fsdp'] * t.grad_accum}")
     if jax.process_index() == 0:
-        _write_model_files(workdir, mc, setup.tokenizer)
+        rundir.write_model_files(workdir, mc, setup.tokenizer, setup.special_tokens)
 
     tx, schedule = make_optimizer(t)
     param_shardings = sharding.logical_to_sharding(model.param_logical_axes(mc), model.param_shapes(mc), mesh, rules)
@@ -246,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                         skip_malformed=config.data.skip_malformed, mixture=config.data.mixture)
         iterator = pipeline.make_iterator(dataset)
         manager = ocp.CheckpointManager(
-            (workdir / "checkpoints").absolute(),
+            rundir.checkpoints_dir(workdir),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
                                                  enable_async_checkpointing=config.checkpoint.use_async))
         start = manager.latest_step()
@@ -314,7 +332,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         writer.close()
         if jax.process_index() == 0:
             (workdir / "result.json").write_text(json.dumps(result, indent=2))
+        if config.export_dir:
+            _export(setup, state["params"], config.export_dir)
         return result
+
+
+def _export(setup: Setup, params: model.Params, out_dir: str) -> None:
+    """The final parameters as an HF directory (config export_dir), with the run's tokenizer,
+    special tokens and chat template: what `python -m grc_jax.export` writes from the checkpoint."""
+    if jax.process_count() > 1:  # every process takes part in the gather; process 0 writes
+        params = multihost_utils.process_allgather(params, tiled=True)
+    else:
+        params = jax.device_get(params)
+    if jax.process_index() == 0:
+        out = hf.save_pretrained(setup.model_config, params, out_dir, setup.tokenizer,
+                                 special_tokens=setup.special_tokens)
+        print(f"exported the final parameters to {out}", flush=True)
 
 
 def _check_finite(state: dict[str, Any]) -> None:
@@ -322,12 +355,6 @@ def _check_finite(state: dict[str, Any]) -> None:
     if bad >= 0:
         raise NonFiniteLoss(f"non-finite loss or gradient at step {bad + 1}; stopping. The last checkpoint "
                             f"before it is untouched; lower train.learning_rate or check the data.")
-
-
-def _write_model_files(workdir: Path, mc: ModelConfig, tokenizer: Tokenizer) -> None:
-    """The model's config and tokenizer beside the checkpoints, so the run dir opens on its own."""
-    (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(mc), indent=2))
-    tokenizer.save(workdir / "tokenizer")
 
 
 def _report(step: int, total: int, m: dict[str, float], eta: float) -> None:

@@ -36,7 +36,10 @@ def defaults() -> ml_collections.ConfigDict:
         demo_world_seed=0, demo_world_entities=960, demo_world_heldout=48,
         row_len=512, max_segments_per_row=16, max_negatives=4, reader_distractors=4,
         reader_task="reconstruction", skip_malformed=False,
-        bos_token="<s>", eos_token="</s>", eor_token="<|end_of_reasoning|>", pad_token="<pad>",
+        # Unset: from the model's files (generation_config.json, tokenizer_config.json; the demo
+        # world's <s>, </s>, <pad>, <|end_of_reasoning|>); grc_jax/special_tokens.py says how.
+        bos_token=config_dict.placeholder(str), eos_token=config_dict.placeholder(str),
+        eor_token=config_dict.placeholder(str), pad_token=config_dict.placeholder(str),
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, global_batch=16, grad_accum=1, seed=0,
@@ -50,6 +53,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval_every = 0  # 0: only at the end
     c.eval_max_queries = 200
     c.reasoning_max_tokens = 24
+    # Set: the final checkpoint is exported there as an HF directory at the end (what
+    # `python -m grc_jax.export --workdir=RUN --out=DIR` writes).
+    c.export_dir = config_dict.placeholder(str)
     c.lock()
     return c
 

@@ -65,3 +65,17 @@ def test_tokenizer_errors(tmp_path):
     unigram.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"cannot add meta latent tokens at fixed ids to a Unigram tokenizer"):
         Tokenizer.from_dir(tmp_path).with_latents(1, 10)
+
+
+def test_added_tokens_outside_the_model_vocab_keep_their_ids(tmp_path):
+    """Qwen-style tokenizers hold <|im_end|> and the like in added_tokens only, past the BPE vocab;
+    adding the meta latent tokens must not renumber them."""
+    tk = write_tokenizer(tmp_path, vocab_size=300)
+    tk.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_dir(tmp_path)
+    before = {t: tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>")}
+    assert min(before.values()) >= tk.get_vocab_size(with_added_tokens=False)
+    with_latents = tok.with_latents(2, len(tok) + 3)
+    assert {t: with_latents.token_to_id(t) for t in before} == before
+    assert with_latents.encode("owl<|im_end|>") == tok.encode("owl<|im_end|>")

@@ -99,7 +99,7 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
     world = Path(setup.eval_dir)
     tok, b = setup.tokenizer, setup.build
     latent_ids, P = list(b.latent_ids), b.max_segment_len
-    engine = Engine(config, params, tok, eos_token=run_config.data.eos_token, eor_token=run_config.data.eor_token,
+    engine = Engine(config, params, tok, special_tokens=setup.special_tokens,
                     max_reason_tokens=run_config.reasoning_max_tokens)
     rng = np.random.default_rng(0)
     limit = run_config.eval_max_queries

@@ -8,24 +8,28 @@ prompt is encoded on its own and put before the text.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax import hf, layout, model
+from grc_jax import chat as chat_lib
+from grc_jax import hf, layout, model, rundir
+from grc_jax import special_tokens as special_tokens_lib
 from grc_jax.config import ModelConfig
 from grc_jax.inference.decode import GREEDY, Decoder, Sampling, bucket
 from grc_jax.inference.memory_bank import BankSpec, MemoryBank
 from grc_jax.inference.pages import page_bytes
+from grc_jax.special_tokens import FROM_MODEL, SpecialTokens
 from grc_jax.tokenizer import Tokenizer
 
 DEFAULT_POOL_BYTES = 256 * 2**20
+STOP_CHECK_STEPS = 16  # with stop strings, decode steps between checks of the text for them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +63,25 @@ class Engine:
     similarity_fn_name = "cosine"
 
     def __init__(self, config: ModelConfig, params: model.Params, tokenizer: Tokenizer, *,
-                 eos_token: str = "</s>", eor_token: str | None = "<|end_of_reasoning|>",
+                 eos_token: str | Sequence[str] | None = FROM_MODEL, eor_token: str | None = FROM_MODEL,
                  bank: MemoryBank | None = None, num_pages: int | None = None, page_size: int = 16,
                  prefill_chunk: int = 256, max_reason_tokens: int = 64, batch_size: int = 32,
-                 prompts: dict[str, str] | None = None, impl: str | None = None):
+                 prompts: dict[str, str] | None = None, impl: str | None = None,
+                 special_tokens: SpecialTokens | None = None, chat_template: str | None = FROM_MODEL):
+        """Special tokens and the chat template come from `special_tokens` (from_pretrained reads
+        them from the model's files), else from the tokenizer's tokenizer_config.json; an explicit
+        eos_token (one or a list), eor_token or chat_template overrides them, None meaning none
+        (no eos: generation runs to max_new_tokens; no eor: no self-reasoning)."""
         self.config, self.params = config, params
         self.tokenizer = _with_latents(tokenizer, config)
         self.latent_ids = tuple(self.tokenizer.latent_ids(config.num_latents))
-        self.eos_id = self._special(eos_token, "eos_token")
-        self.eor_id = self._special(eor_token, "eor_token") if eor_token is not None else None
+        found = special_tokens if special_tokens is not None else special_tokens_lib.from_tokenizer(self.tokenizer)
+        self.special_tokens = found.override(eos=eos_token, eor=eor_token, chat_template=chat_template)
+        self.eos_ids = tuple(self._special(t, "eos_token") for t in self.special_tokens.eos)
+        self.eos_id = self.eos_ids[0] if self.eos_ids else None  # the one training appends
+        eor = self.special_tokens.eor
+        self.eor_id = self._special(eor, "eor_token") if eor is not None else None
+        self.chat_template: str | None = self.special_tokens.chat_template
         self.bank_spec = BankSpec.of(config, params)  # the weights are hashed once, not per bank
         self.bank = bank if bank is not None else MemoryBank(self.bank_spec)
         self.bank.spec.check_same(self.bank_spec, "memory bank")
@@ -83,25 +97,27 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, step: int | None = None, **kwargs: Any) -> "Engine":
-        """Opens an HF directory written by `grc_jax.hf.save_pretrained` (config.json, safetensors,
-        tokenizer.json), a llama.cpp `.gguf` file (`grc_jax.gguf`; its own eos token) or a training
-        run directory (model_config.json, tokenizer/, Orbax checkpoints/<step>/; the latest step
-        unless `step` is given). kwargs go to `Engine`."""
+        """Opens an HF directory (an HF checkpoint, or one written by `grc_jax.hf.save_pretrained`:
+        config.json, safetensors, tokenizer.json), a llama.cpp `.gguf` file (grc_jax/gguf.py) or a
+        training run directory (grc_jax/rundir.py;
+        the latest step unless `step` is given). Special tokens and the chat template come from
+        the directory's own files (grc_jax/special_tokens.py). kwargs go to `Engine`."""
         path = Path(path)
         if path.suffix == ".gguf":  # a llama.cpp file: weights and tokenizer from its one read
             from grc_jax import gguf
             config, params, tokenizer = gguf.load(path)
-            kwargs = {**gguf.engine_defaults(tokenizer), **kwargs}
+            found = special_tokens_lib.from_tokenizer(tokenizer)  # its metadata, as tokenizer_config
         elif (path / hf.CONFIG_FILE).is_file():
             config, params = hf.load_pretrained(path)
             tokenizer = Tokenizer.from_dir(path)
-        elif (path / "model_config.json").is_file():
-            config = _read_model_config(path / "model_config.json")
-            tokenizer = Tokenizer.from_dir(path / "tokenizer")
-            params = _restore_params(config, path / "checkpoints", step)
+            found = special_tokens_lib.from_files(path, tokenizer)
+        elif rundir.is_run_dir(path):
+            run = rundir.open_run(path, step)
+            config, params, tokenizer, found = run.config, run.params, run.tokenizer, run.special_tokens
         else:
             raise FileNotFoundError(f"{path}: neither an HF model directory ({hf.CONFIG_FILE}) nor a training "
-                                    f"run directory (model_config.json)")
+                                    f"run directory ({rundir.MODEL_CONFIG_FILE})")
+        kwargs.setdefault("special_tokens", found)
         return cls(config, params, tokenizer, **kwargs)
 
     # --- compression and embeddings ----------------------------------------------------------
@@ -147,7 +163,8 @@ class Engine:
                                     ) -> tuple[np.ndarray, list[list[int]]]:
         """Self-reason-latent embeddings of token segments and the reasoning each row wrote."""
         if self.eor_id is None:
-            raise ValueError("reason=True needs an end-of-reasoning token; the engine was made with eor_token=None")
+            raise ValueError("reason=True needs an end-of-reasoning token; this engine has none (eor_token=None, "
+                             "or the model's files name none): pass eor_token=")
         P = self.config.max_segment_len
         out, traces = [], []
         size = batch_size or self.batch_size
@@ -217,9 +234,13 @@ class Engine:
 
     def generate(self, prompts: str | Sequence[str], memories: Sequence[int] | Sequence[Sequence[int]] | None = None,
                  max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[str] | None = None,
-                 seed: int = 0) -> str | list[str]:
+                 seed: int = 0, stop: str | Sequence[str] | None = None) -> str | list[str]:
         """Continues each prompt, reading the named memories (one id list for all prompts, or
-        one list per prompt). Stops at eos (or `stop_tokens`); the stop token is not returned."""
+        one list per prompt). Stops at eos (or `stop_tokens`, special tokens by name) and at any
+        of the `stop` strings (OpenAI's `stop`); neither the stop token nor the stop string, nor
+        anything after it, is returned. A stop string that is one added token of the vocabulary
+        ends its row inside the decode loop; other stop strings are looked for in the decoded
+        text every STOP_CHECK_STEPS steps, and the batch ends once every row has met one."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         token_ids = [self.tokenizer.encode(t) for t in texts]
@@ -227,38 +248,77 @@ class Engine:
             if not t:
                 raise ValueError(f"prompt {i} is empty")
         rows = self._memory_rows(memories, len(texts))
-        stops = self._stop_ids(stop_tokens)
+        stops, stop_strings = self._stops(stop_tokens, stop)
         settings = self.decoder.settings(max_new_tokens, sampling, stops)
         out = []
         for start in range(0, len(texts), self.batch_size):
-            out.extend(self.decoder.generate(token_ids[start:start + self.batch_size], settings,
-                                             memories=self._pool_keys(rows[start:start + self.batch_size]),
-                                             memory_source=self._memory_source, seed=seed))
-        answers = [self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in out]
+            chunk, keys = token_ids[start:start + self.batch_size], self._pool_keys(rows[start:start + self.batch_size])
+            if stop_strings:
+                out.extend(self._generate_until_stop(chunk, settings, keys, seed, stops, stop_strings))
+            else:
+                out.extend(self.decoder.generate(chunk, settings, memories=keys, memory_source=self._memory_source,
+                                                 seed=seed))
+        answers = [chat_lib.cut_at_stop(self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o),
+                                        stop_strings)[0] for o in out]
         return answers[0] if single else answers
 
     def stream(self, prompt: str, memories: Sequence[int] | None = None, max_new_tokens: int = 64,
-               sampling: Sampling = GREEDY, steps_per_chunk: int = 8, seed: int = 0) -> Iterator[str]:
-        """Yields the answer's text as it grows, one piece per `steps_per_chunk` tokens."""
+               sampling: Sampling = GREEDY, steps_per_chunk: int = 8, seed: int = 0,
+               stop: str | Sequence[str] | None = None, stop_tokens: Sequence[str] | None = None) -> Iterator[str]:
+        """Yields the answer's text as it grows, one piece per `steps_per_chunk` tokens. Text that
+        may be the start of a stop string is held back until the next tokens tell; decoding ends
+        at the first stop string."""
         tokens = self.tokenizer.encode(prompt)
         if not tokens:
             raise ValueError("prompt 0 is empty")
-        stops = self._stop_ids(None)
+        stops, stop_strings = self._stops(stop_tokens, stop)
         made: list[int] = []
         shown = ""
-        for chunk in self.decoder.stream([tokens], self.decoder.settings(max_new_tokens, sampling, stops),
-                                         steps_per_chunk=steps_per_chunk, seed=seed,
-                                         memories=self._pool_keys(self._memory_rows(memories, 1)),
-                                         memory_source=self._memory_source):
-            made.extend(t for t in chunk[0] if t not in stops)
-            text = self.tokenizer.decode(made)
-            # A byte-level tokenizer's chunk may end mid-character (decoded as U+FFFD): hold it back.
-            if text != shown and text.startswith(shown) and not text.endswith("\ufffd"):
-                yield text[len(shown):]
-                shown = text
-        text = self.tokenizer.decode(made)
+        pieces = self.decoder.stream([tokens], self.decoder.settings(max_new_tokens, sampling, stops),
+                                     steps_per_chunk=steps_per_chunk, seed=seed,
+                                     memories=self._pool_keys(self._memory_rows(memories, 1)),
+                                     memory_source=self._memory_source)
+        with _closing(pieces):  # a stop string ends the decode loop and frees its pages
+            for chunk in pieces:
+                made.extend(t for t in chunk[0] if t not in stops)
+                text, stopped = chat_lib.cut_at_stop(self.tokenizer.decode(made), stop_strings)
+                if stopped:
+                    break
+                text = text[:chat_lib.safe_prefix_length(text, stop_strings)]
+                # A byte-level tokenizer's chunk may end mid-character (decoded as U+FFFD): hold it back.
+                if text != shown and text.startswith(shown) and not text.endswith("\ufffd"):
+                    yield text[len(shown):]
+                    shown = text
+        text = chat_lib.cut_at_stop(self.tokenizer.decode(made), stop_strings)[0]
         if text != shown and text.startswith(shown):
             yield text[len(shown):]
+
+    # --- chat --------------------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> str:
+        """The prompt text of a chat, as transformers' apply_chat_template(messages, tokenize=False,
+        add_generation_prompt=True) renders it with this model's template and special tokens."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template (no chat_template.jinja, and none in "
+                             "tokenizer_config.json); pass chat_template= to Engine")
+        variables = {**special_tokens_lib.template_variables(self.tokenizer, self.special_tokens), **template_kwargs}
+        return chat_lib.render_chat(self.chat_template, list(messages), add_generation_prompt=add_generation_prompt,
+                                    **variables)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], memories: Sequence[int] | None = None, *,
+             template_kwargs: Mapping[str, Any] | None = None, **generate_kwargs: Any) -> str:
+        """The assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]), reading the
+        named memories; `template_kwargs` are more template variables (tools, enable_thinking, ...),
+        generate_kwargs go to `generate` (max_new_tokens, sampling, stop, ...)."""
+        prompt = self.render_chat(messages, **dict(template_kwargs or {}))
+        return self.generate(prompt, memories=memories, **generate_kwargs)
+
+    def stream_chat(self, messages: Sequence[Mapping[str, Any]], memories: Sequence[int] | None = None, *,
+                    template_kwargs: Mapping[str, Any] | None = None, **stream_kwargs: Any) -> Iterator[str]:
+        """`chat`, yielding the reply's text as it grows (as `stream`)."""
+        prompt = self.render_chat(messages, **dict(template_kwargs or {}))
+        return self.stream(prompt, memories=memories, **stream_kwargs)
 
     def search(self, query: str, top_k: int = 5, reason: bool = False) -> list[Hit]:
         """The bank's top_k memories for a query, best first."""
@@ -287,8 +347,42 @@ class Engine:
 
     def _stop_ids(self, stop_tokens: Sequence[str] | None) -> tuple[int, ...]:
         if stop_tokens is None:
-            return (self.eos_id,)
+            return self.eos_ids
         return tuple(self._special(t, "stop token") for t in stop_tokens)
+
+    def _stops(self, stop_tokens: Sequence[str] | None, stop: str | Sequence[str] | None
+               ) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(stop token ids, stop strings): a stop string that is an added token (<|im_end|>, say)
+        is a stop token, which the decode loop handles itself; the others are matched in text."""
+        ids = list(self._stop_ids(stop_tokens))
+        added = {t.content: i for i, t in self.tokenizer.inner.get_added_tokens_decoder().items()}
+        strings = []
+        for s in chat_lib.as_stop_list(stop):
+            if s in added and added[s] < self.config.vocab_size:
+                ids.append(added[s])
+            else:
+                strings.append(s)
+        return tuple(dict.fromkeys(ids)), tuple(strings)
+
+    def _generate_until_stop(self, prompts: list[list[int]], settings: Any, keys: list[list[Any]], seed: int,
+                             stops: tuple[int, ...], stop_strings: tuple[str, ...]) -> list[list[int]]:
+        """Decodes in chunks of STOP_CHECK_STEPS steps until every row has met a stop token, a stop
+        string or its budget. The same compiled loop as `generate`, so the tokens are the same."""
+        made: list[list[int]] = [[] for _ in prompts]
+        ended = [False] * len(prompts)
+        pieces = self.decoder.stream(prompts, settings, steps_per_chunk=STOP_CHECK_STEPS, memories=keys,
+                                     memory_source=self._memory_source, seed=seed)
+        with _closing(pieces):
+            for chunk in pieces:
+                for b, new in enumerate(chunk):
+                    if ended[b] or not new:
+                        continue
+                    made[b].extend(new)
+                    ended[b] = made[b][-1] in stops or chat_lib.cut_at_stop(self.tokenizer.decode(made[b]),
+                                                                           stop_strings)[1]
+                if all(ended):
+                    break
+        return made
 
     def _segments(self, texts: Sequence[str], instruction: str | None) -> list[list[int]]:
         prefix = self.tokenizer.encode(instruction) if instruction else []
@@ -351,6 +445,17 @@ class Engine:
         return self.bank.kv([memory_id for _, memory_id, _ in keys])
 
 
+@contextlib.contextmanager
+def _closing(pieces: Iterator[Any]) -> Iterator[Iterator[Any]]:
+    """Closes a decode generator left early (its `finally` frees the batch's pages)."""
+    try:
+        yield pieces
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+
+
 def _with_latents(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:
     try:
         ids = tokenizer.latent_ids(config.num_latents)
@@ -361,40 +466,3 @@ def _with_latents(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:
         raise ValueError(f"the tokenizer's meta latent tokens have ids {ids[:4]}..., the model expects "
                          f"{list(config.latent_token_ids[:4])}...")
     return tokenizer
-
-
-def _read_model_config(path: Path) -> ModelConfig:
-    fields = json.loads(path.read_text(encoding="utf-8"))
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown ModelConfig fields {unknown}")
-    if fields.get("rope_scaling"):
-        fields["rope_scaling"] = tuple(tuple(pair) for pair in fields["rope_scaling"])
-    return ModelConfig(**fields)
-
-
-def _restore_params(config: ModelConfig, checkpoints: Path, step: int | None) -> model.Params:
-    """The `params` of the `state` item of an Orbax CheckpointManager directory (grc_jax.train),
-    restored alone (no optimizer state), onto the default device."""
-    import orbax.checkpoint as ocp
-
-    if not checkpoints.is_dir():
-        raise FileNotFoundError(f"{checkpoints}: no checkpoints directory")
-    manager = ocp.CheckpointManager(checkpoints.absolute())
-    try:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{checkpoints}: no finished checkpoint")
-        if step is None:
-            step = manager.latest_step()
-        elif step not in steps:
-            raise ValueError(f"{checkpoints}: no step {step}; steps: {sorted(steps)}")
-        abstract = {"params": model.param_shapes(config)}
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)))
-    finally:
-        manager.close()
-    return restored["state"]["params"]

@@ -468,7 +468,9 @@ def test_smollm2_config_resolves_smollm2_s_own_tokens(tmp_path):
     assert c.model.hf_path == str(path)
     setup, params = train.prepare(c, tmp_path)
     b = setup.build
-    assert (b.bos_id, b.eos_id, b.pad_id, b.eor_id) == (1, 2, 0, 5)  # <|im_start|> <|im_end|> <|endoftext|> <file_sep>
+    # <|im_start|> <|im_end|> from the file's metadata; it names no pad, so the eos pads;
+    # <file_sep> is the config's end-of-reasoning token
+    assert (b.bos_id, b.eos_id, b.pad_id, b.eor_id) == (1, 2, 2, 5)
     assert setup.model_config.num_layers == 30 and setup.model_config.latent_token_ids == tuple(range(49152, 49160))
     assert params["embed"].shape == (49160, 576)
     text = "Zorvak lives in Harbour Road."

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +24,23 @@ from grc_jax.config import ModelConfig
 from grc_jax.inference.decode import GREEDY, Decoder, Sampling, bucket
 from grc_jax.inference.memory_bank import BankSpec, MemoryBank
 from grc_jax.inference.pages import page_bytes
-from grc_jax.tokenizer import Tokenizer
+from grc_jax.tokenizer import Tokenizer, literal_special_tokens
 
 DEFAULT_POOL_BYTES = 256 * 2**20
+MAX_SEED = 2**63 - 1
+
+
+def _serialized(method):
+    """Runs a public call holding the engine's lock, after any open stream has ended (the
+    decoder's page pool serves one batch at a time). Calls nest: rag calls search and generate."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            self._wait_for_streams()
+            return method(self, *args, **kwargs)
+
+    return call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +72,10 @@ class Engine:
     and RAG over one model. sentence-transformers style `encode` is included."""
 
     similarity_fn_name = "cosine"
+    # Thread safety: every public call holds one lock, so threads sharing an engine take turns
+    # (a server gets one request's batch at a time, not several in one batch). A stream holds
+    # the engine from its first chunk until it ends or is closed; other threads wait meanwhile,
+    # and its chunks may be read from any thread.
 
     def __init__(self, config: ModelConfig, params: model.Params, tokenizer: Tokenizer, *,
                  eos_token: str = "</s>", eor_token: str | None = "<|end_of_reasoning|>",
@@ -65,6 +84,12 @@ class Engine:
                  prompts: dict[str, str] | None = None, impl: str | None = None):
         self.config, self.params = config, params
         self.tokenizer = _with_latents(tokenizer, config)
+        # User text may contain "</s>" or "<|mlt_0|>": it is encoded as text, never as those tokens.
+        self._text_tokenizer = literal_special_tokens(self.tokenizer)
+        self._lock = threading.RLock()
+        self._streams_done = threading.Condition(self._lock)
+        self._stream_thread: int | None = None  # the thread reading an open stream's latest chunk
+        self._stream_open = False
         self.latent_ids = tuple(self.tokenizer.latent_ids(config.num_latents))
         self.eos_id = self._special(eos_token, "eos_token")
         self.eor_id = self._special(eor_token, "eor_token") if eor_token is not None else None
@@ -101,15 +126,18 @@ class Engine:
 
     # --- compression and embeddings ----------------------------------------------------------
 
+    @_serialized
     def compress(self, texts: str | Sequence[str]) -> list[list[int]]:
         """Stores each text's memories (one per segment of at most max_segment_len tokens) with
         their embeddings, all from one pass; returns the new memory ids per text."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _texts(texts, "compress")
         segments, owner = [], []
         for i, text in enumerate(texts):
-            ids = self.tokenizer.encode(text) if isinstance(text, str) else []
+            ids = self._encode(text)
             if not ids:
                 raise ValueError(f"text {i} is empty: nothing to compress")
+            if not text.strip():  # training refuses blank fields too
+                raise ValueError(f"text {i} is blank (whitespace only): nothing to compress")
             for seg in layout.split_segments(ids, self.config.max_segment_len):
                 segments.append(seg)
                 owner.append(i)
@@ -120,13 +148,14 @@ class Engine:
             out[i].append(memory_id)
         return out
 
+    @_serialized
     def embed(self, texts: str | Sequence[str], reason: bool = False, instruction: str | None = None,
               batch_size: int | None = None) -> np.ndarray:
         """float32 [n, dim] L2-normalised embeddings ([dim] for one string). With reason=True
         the model first writes a reasoning trace for each text (greedy, at most
         max_reason_tokens, ending at the end-of-reasoning token), all in one jitted loop."""
         single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
+        texts = _texts(texts, "embed")
         segments = self._segments(texts, instruction)
         if reason:
             out = self.embed_with_reasoning_tokens(segments, batch_size)[0]
@@ -134,10 +163,12 @@ class Engine:
             out = self.embed_tokens(segments, batch_size)
         return out[0] if single else out
 
+    @_serialized
     def embed_tokens(self, segments: Sequence[Sequence[int]], batch_size: int | None = None) -> np.ndarray:
         """Embeddings of token segments ([segment][latents], one pass each), float32 [n, dim]."""
         return self._segment_pass(segments, batch_size)[2]
 
+    @_serialized
     def embed_with_reasoning_tokens(self, segments: Sequence[Sequence[int]], batch_size: int | None = None
                                     ) -> tuple[np.ndarray, list[list[int]]]:
         """Self-reason-latent embeddings of token segments and the reasoning each row wrote."""
@@ -157,6 +188,7 @@ class Engine:
 
     # sentence-transformers conventions
 
+    @_serialized
     def encode(self, sentences: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
                batch_size: int = 32, normalize_embeddings: bool = True, convert_to_numpy: bool = True,
                show_progress_bar: bool = False, reason: bool = False) -> np.ndarray | jax.Array:
@@ -190,14 +222,16 @@ class Engine:
 
     # --- memories ----------------------------------------------------------------------------
 
+    @_serialized
     def remove_memories(self, ids: Sequence[int]) -> None:
         self.bank.remove(ids)
 
+    @_serialized
     def replace_memory(self, memory_id: int, text: str) -> None:
         """New contents under an existing id; `text` must fit one segment."""
-        tokens = self.tokenizer.encode(text)
-        if not tokens:
-            raise ValueError("replacement text is empty")
+        tokens = self._encode(_texts(text, "replace_memory")[0])
+        if not tokens or not text.strip():
+            raise ValueError("replacement text is empty or blank")
         if len(tokens) > self.config.max_segment_len:
             raise ValueError(f"replacement text has {len(tokens)} tokens; one memory holds at most "
                              f"max_segment_len={self.config.max_segment_len}")
@@ -205,19 +239,23 @@ class Engine:
         keys, values, embeddings = self._segment_pass([tokens])
         self.bank.replace(memory_id, keys[0], values[0], embeddings[0], self.tokenizer.decode(tokens))
 
+    @_serialized
     def load_bank(self, path: str | Path) -> None:
         self.bank = MemoryBank.load(path, expect=self.bank_spec)
 
     # --- generation --------------------------------------------------------------------------
 
+    @_serialized
     def generate(self, prompts: str | Sequence[str], memories: Sequence[int] | Sequence[Sequence[int]] | None = None,
                  max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[str] | None = None,
                  seed: int = 0) -> str | list[str]:
         """Continues each prompt, reading the named memories (one id list for all prompts, or
         one list per prompt). Stops at eos (or `stop_tokens`); the stop token is not returned."""
         single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
-        token_ids = [self.tokenizer.encode(t) for t in texts]
+        texts = _texts(prompts, "generate")
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        _check_int("seed", seed, 0, MAX_SEED)
+        token_ids = [self._encode(t) for t in texts]
         for i, t in enumerate(token_ids):
             if not t:
                 raise ValueError(f"prompt {i} is empty")
@@ -234,17 +272,50 @@ class Engine:
 
     def stream(self, prompt: str, memories: Sequence[int] | None = None, max_new_tokens: int = 64,
                sampling: Sampling = GREEDY, steps_per_chunk: int = 8, seed: int = 0) -> Iterator[str]:
-        """Yields the answer's text as it grows, one piece per `steps_per_chunk` tokens."""
-        tokens = self.tokenizer.encode(prompt)
+        """Yields the answer's text as it grows, one piece per `steps_per_chunk` tokens. The
+        arguments are checked here; the engine is held from the first chunk to the last."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
+        tokens = self._encode(_texts(prompt, "stream")[0])
         if not tokens:
             raise ValueError("prompt 0 is empty")
-        stops = self._stop_ids(None)
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        _check_int("steps_per_chunk", steps_per_chunk, 1)
+        _check_int("seed", seed, 0, MAX_SEED)
+        rows = self._memory_rows(memories, 1)
+        return self._stream(tokens, rows, max_new_tokens, sampling, steps_per_chunk, seed)
+
+    def _stream(self, tokens: list[int], rows: list[list[int]], max_new_tokens: int, sampling: Sampling,
+                steps_per_chunk: int, seed: int) -> Iterator[str]:
+        with self._lock:
+            self._wait_for_streams()
+            stops = self._stop_ids(None)
+            chunks = self.decoder.stream([tokens], self.decoder.settings(max_new_tokens, sampling, stops),
+                                         steps_per_chunk=steps_per_chunk, seed=seed,
+                                         memories=self._pool_keys(rows), memory_source=self._memory_source)
+            self._stream_open = True
+        try:
+            yield from self._stream_text(self._locked_chunks(chunks), stops)
+        finally:
+            with self._lock:
+                getattr(chunks, "close", lambda: None)()  # the decoder's finish: the batch's pages go back
+                self._stream_open, self._stream_thread = False, None
+                self._streams_done.notify_all()
+
+    def _locked_chunks(self, chunks: Iterator[list[list[int]]]) -> Iterator[list[list[int]]]:
+        while True:
+            with self._lock:
+                self._stream_thread = threading.get_ident()
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    return
+            yield chunk
+
+    def _stream_text(self, chunks: Iterator[list[list[int]]], stops: tuple[int, ...]) -> Iterator[str]:
         made: list[int] = []
         shown = ""
-        for chunk in self.decoder.stream([tokens], self.decoder.settings(max_new_tokens, sampling, stops),
-                                         steps_per_chunk=steps_per_chunk, seed=seed,
-                                         memories=self._pool_keys(self._memory_rows(memories, 1)),
-                                         memory_source=self._memory_source):
+        for chunk in chunks:
             made.extend(t for t in chunk[0] if t not in stops)
             text = self.tokenizer.decode(made)
             # A byte-level tokenizer's chunk may end mid-character (decoded as U+FFFD): hold it back.
@@ -255,21 +326,37 @@ class Engine:
         if text != shown and text.startswith(shown):
             yield text[len(shown):]
 
+    @_serialized
     def search(self, query: str, top_k: int = 5, reason: bool = False) -> list[Hit]:
         """The bank's top_k memories for a query, best first."""
         embedding = self.encode_query(query, reason=reason)
         ids, scores = self.bank.search(embedding[None], top_k)
         return [Hit(int(i), float(s), self.bank.get(int(i)).text) for i, s in zip(ids[0], scores[0])]
 
+    @_serialized
     def rag(self, question: str, top_k: int = 4, reason: bool = False, max_new_tokens: int = 64,
             sampling: Sampling = GREEDY) -> RagAnswer:
         """Search with the question, then answer it reading the top_k memories."""
+        _check_int("max_new_tokens", max_new_tokens, 1)
         hits = self.search(question, top_k, reason=reason)
         ids = [h.id for h in hits]
         answer = self.generate(question, memories=ids, max_new_tokens=max_new_tokens, sampling=sampling)
         return RagAnswer(answer, ids, [h.score for h in hits])
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        """User text as tokens: special-token strings in it stay text."""
+        return self._text_tokenizer.encode(text)
+
+    def _wait_for_streams(self) -> None:
+        """Waits (holding the lock on return) until no stream is open; the thread reading one
+        cannot wait for itself."""
+        while self._stream_open:
+            if self._stream_thread == threading.get_ident():
+                raise RuntimeError("a stream of this engine is open in this thread: read it to the end or close it "
+                                   "first")
+            self._streams_done.wait()
 
     def _special(self, token: str, name: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -286,12 +373,14 @@ class Engine:
         return tuple(self._special(t, "stop token") for t in stop_tokens)
 
     def _segments(self, texts: Sequence[str], instruction: str | None) -> list[list[int]]:
-        prefix = self.tokenizer.encode(instruction) if instruction else []
+        prefix = self._encode(_texts(instruction, "instruction")[0]) if instruction else []
         segments = []
         for i, text in enumerate(texts):
-            ids = self.tokenizer.encode(text) if isinstance(text, str) else []
+            ids = self._encode(text)
             if not ids:
                 raise ValueError(f"text {i} is empty: nothing to embed")
+            if not text.strip():
+                raise ValueError(f"text {i} is blank (whitespace only): nothing to embed")
             segments.append((prefix + ids)[: self.config.max_segment_len])
         return segments
 
@@ -325,16 +414,26 @@ class Engine:
     def _memory_rows(self, memories: Any, n: int) -> list[list[int]]:
         if memories is None:
             return [[] for _ in range(n)]
+        if isinstance(memories, (str, bytes)):  # list("12") would be the ids 1 and 2
+            raise ValueError(f"memories must be a list of integer ids, got the string {memories!r}")
         memories = list(memories)
-        is_id = [isinstance(m, (int, np.integer)) for m in memories]
+        is_id = [_is_memory_id(m) for m in memories]
         if all(is_id):
             return [[int(m) for m in memories] for _ in range(n)]
         if any(is_id):
             raise ValueError(f"memories must be one list of ids for every prompt, or one list per prompt; got "
                              f"{memories!r}")
+        for m in memories:
+            if isinstance(m, (str, bytes)) or not isinstance(m, Iterable):
+                raise ValueError(f"memory id {m!r} is not an integer (ids from JSON must be numbers, not strings)")
         if len(memories) != n:
             raise ValueError(f"{len(memories)} memory lists for {n} prompts")
-        return [[int(m) for m in row] for row in memories]
+        rows = [list(row) for row in memories]
+        for row in rows:
+            for m in row:
+                if not _is_memory_id(m):
+                    raise ValueError(f"memory id {m!r} is not an integer (ids from JSON must be numbers, not strings)")
+        return [[int(m) for m in row] for row in rows]
 
     def _pool_keys(self, rows: list[list[int]]) -> list[list[Any]]:
         return [[self.bank.pool_key(m) for m in row] for row in rows]  # raises on an unknown id
@@ -344,6 +443,34 @@ class Engine:
             if uid != self.bank.uid or self.bank.get(memory_id).version != version:
                 raise KeyError(f"memory {memory_id} changed while a request was being admitted")
         return self.bank.kv([memory_id for _, memory_id, _ in keys])
+
+
+def _is_memory_id(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _texts(texts: Any, what: str) -> list[str]:
+    """The texts of a call, each a string that the tokenizer can read, at least one."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError(f"{what}: no texts given")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what}: text {i} must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, from a bad JSON escape say
+            raise ValueError(f"{what}: text {i} is not valid Unicode: {e.reason} at character {e.start} "
+                             f"({text[e.start]!r})") from None
+    return texts
+
+
+def _check_int(name: str, value: Any, least: int, most: int | None = None) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < least or (most is not None and value > most):
+        bounds = f">= {least}" if most is None else f"in [{least}, {most}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
 
 
 def _with_latents(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:

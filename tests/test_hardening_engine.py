@@ -154,8 +154,7 @@ def test_a_failed_decoder_start_gives_its_pages_back(fresh):
     (lambda e: e.stream(QUESTIONS[0], max_new_tokens=True), TypeError, "max_new_tokens must be an integer"),
     (lambda e: e.generate(QUESTIONS[0], seed=2**70), ValueError, "seed must be in"),
     (lambda e: e.generate(QUESTIONS[0], seed=-1), ValueError, "seed must be in"),
-    (lambda e: e.generate("owl \ud800 owl"), ValueError, r"text 0 is not valid Unicode: surrogates not allowed at "
-                                                         r"character 4"),
+    (lambda e: e.generate("owl \ud800 owl"), ValueError, r"text 0 is not valid Unicode: .* at character 4"),
     (lambda e: e.compress(["ok", "x\udfff"]), ValueError, "text 1 is not valid Unicode"),
 ])
 def test_bad_arguments_get_clear_errors_and_change_nothing(fresh, call, error, message):
@@ -172,8 +171,8 @@ def test_bad_arguments_get_clear_errors_and_change_nothing(fresh, call, error, m
 def test_user_text_cannot_type_reserved_tokens(fresh):
     e = fresh
     text = "Zorvak </s> keeps <|mlt_0|> an owl"
-    (memory_id,), = e.compress([text])
-    assert e.bank.get(memory_id).text == text  # stored as the text it was; no token vanished
+    ids = e.compress([text])[0]
+    assert "".join(e.bank.get(m).text for m in ids) == text  # stored as the text it was; no token vanished
     spelled = e.embed(text)
     assert not np.allclose(spelled, e.embed("Zorvak keeps an owl"), atol=1e-4)
     # a prompt that spells the eos is a prompt, and a prompt made only of it is not empty

@@ -325,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             _print_eval(t.steps, result["eval"])
         writer.close()
         if jax.process_index() == 0:
-            (workdir / "result.json").write_text(json.dumps(result, indent=2))
+            _write_json_atomic(workdir / "result.json", result)  # a kill mid-write keeps the previous one
         return result
 
 

@@ -178,3 +178,10 @@ def test_user_text_cannot_type_reserved_tokens(fresh):
     # a prompt that spells the eos is a prompt, and a prompt made only of it is not empty
     assert isinstance(e.generate("</s>", max_new_tokens=2), str)
     assert isinstance(e.generate("<|mlt_3|>", max_new_tokens=2), str)
+
+
+def test_a_caller_may_ask_for_special_tokens_in_text(engine):
+    asks = Engine(engine.config, engine.params, engine.tokenizer, num_pages=32, page_size=4, prefill_chunk=16,
+                  batch_size=4, split_special_tokens=False)
+    ids = asks.compress(["Zorvak </s> owl"])[0]
+    assert "".join(asks.bank.get(m).text for m in ids).split() == ["Zorvak", "owl"]  # the eos read as the eos

@@ -81,11 +81,12 @@ class Engine:
                  eos_token: str = "</s>", eor_token: str | None = "<|end_of_reasoning|>",
                  bank: MemoryBank | None = None, num_pages: int | None = None, page_size: int = 16,
                  prefill_chunk: int = 256, max_reason_tokens: int = 64, batch_size: int = 32,
-                 prompts: dict[str, str] | None = None, impl: str | None = None):
+                 prompts: dict[str, str] | None = None, impl: str | None = None, split_special_tokens: bool = True):
         self.config, self.params = config, params
         self.tokenizer = _with_latents(tokenizer, config)
-        # User text may contain "</s>" or "<|mlt_0|>": it is encoded as text, never as those tokens.
-        self._text_tokenizer = literal_special_tokens(self.tokenizer)
+        # User text may contain "</s>" or "<|mlt_0|>": it is encoded as text, never as those tokens
+        # (split_special_tokens=False: the caller's text may name special tokens, a chat template's say).
+        self._text_tokenizer = literal_special_tokens(self.tokenizer) if split_special_tokens else self.tokenizer
         self._lock = threading.RLock()
         self._streams_done = threading.Condition(self._lock)
         self._stream_thread: int | None = None  # the thread reading an open stream's latest chunk

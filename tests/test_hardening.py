@@ -356,3 +356,15 @@ def test_shard_names_must_stay_inside_the_checkpoint(tmp_path, tiny, shard):
     _edit_json(index, lambda i: {**i, "weight_map": {**i["weight_map"], "model.norm.weight": shard}})
     with pytest.raises(errors.UserError, match=r"weight_map\['model.norm.weight'\] = .* is not a file name inside"):
         hf.load_pretrained(out)
+
+
+def test_evaluate_out_naming_an_existing_file_is_one_line_before_the_model_loads(tmp_path, capsys):
+    from grc_jax import evaluate
+
+    out = tmp_path / "report.txt"
+    out.write_text("mine")
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--hf", str(tmp_path / "no_model"), "--out", str(out), "--generation", str(tmp_path / "g.jsonl")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: --out={out}: a file, not a directory; name a directory for report.json"
+    assert out.read_text() == "mine"

@@ -302,7 +302,7 @@ def _make_names(
             taken.append(name.lower())
             names.append(name)
     if len(names) < count:
-        raise RuntimeError(f"could only draw {len(names)} of {count} names; try a larger world")
+        raise UserError(f"could only draw {len(names)} of {count} names; try a larger world")
     return names
 
 

@@ -66,19 +66,19 @@ _AT_LEAST = {
 # key -> (what a working value is, the test): real numbers whose wrong values still run (a negative
 # learning rate trains by gradient ascent; b1 past 1 diverges), so each is checked by name.
 _NUMBERS: dict[str, tuple[str, Any]] = {
-    "train.learning_rate": ("a finite number > 0", lambda x: 0 < x < math.inf),
-    "train.end_learning_rate_fraction": ("a finite number >= 0", lambda x: 0 <= x < math.inf),
-    "train.weight_decay": ("a finite number >= 0", lambda x: 0 <= x < math.inf),
-    "train.clip_norm": ("a number > 0 (inf: no clipping)", lambda x: x > 0),
+    "train.learning_rate": ("> 0 and finite", lambda x: 0 < x < math.inf),
+    "train.end_learning_rate_fraction": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "train.weight_decay": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "train.clip_norm": ("> 0 (inf: no clipping)", lambda x: x > 0),
     "train.b1": ("in [0, 1)", lambda x: 0 <= x < 1),
     "train.b2": ("in [0, 1)", lambda x: 0 <= x < 1),
-    "loss.gen": ("a finite number >= 0", lambda x: 0 <= x < math.inf),
-    "loss.rep": ("a finite number >= 0", lambda x: 0 <= x < math.inf),
-    "loss.comp": ("a finite number >= 0", lambda x: 0 <= x < math.inf),
-    "loss.temperature": ("a finite number > 0", lambda x: 0 < x < math.inf),
-    "model.rms_norm_eps": ("a finite number > 0", lambda x: 0 < x < math.inf),
-    "model.rope_theta": ("a finite number > 0", lambda x: 0 < x < math.inf),
-    "model.initializer_range": ("a finite number > 0", lambda x: 0 < x < math.inf),
+    "loss.gen": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "loss.rep": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "loss.comp": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "loss.temperature": ("> 0 and finite", lambda x: 0 < x < math.inf),
+    "model.rms_norm_eps": ("> 0 and finite", lambda x: 0 < x < math.inf),
+    "model.rope_theta": ("> 0 and finite", lambda x: 0 < x < math.inf),
+    "model.initializer_range": ("> 0 and finite", lambda x: 0 < x < math.inf),
 }
 
 

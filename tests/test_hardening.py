@@ -241,7 +241,7 @@ def test_train_cli_prints_a_user_error_as_one_line(world, tmp_path):
     proc = _cli("grc_jax.train", f"--config={config_file(tmp_path, world)}", f"--workdir={tmp_path / 'run'}",
                 f"--config.data.train_files={bad}", "--config.train.learning_rate=-1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip().splitlines()[-1] == "error: config: train.learning_rate=-1.0 must be a finite number > 0"
+    assert proc.stderr.strip().splitlines()[-1] == "error: config: train.learning_rate=-1.0 must be > 0 and finite"
     proc = _cli("grc_jax.train", f"--config={config_file(tmp_path, world)}", f"--workdir={tmp_path / 'run'}",
                 f"--config.data.train_files={bad}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout

@@ -193,7 +193,7 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     unused = weights.unused()
     if unused:
         raise UserError(f"{path}: tensors the {config.architecture} layout does not use: {unused[:8]}"
-                         f"{' ...' if len(unused) > 8 else ''}")
+                        f"{' ...' if len(unused) > 8 else ''}")
     if config.embed_dim is not None:
         if grc is not None:
             with safe_open(_need_file(path / GRC_HEAD_FILE), framework="numpy") as f:

@@ -226,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     rules = sharding.DEFAULT_RULES
     if t.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"] * t.grad_accum):
         raise UserError(f"config: train.global_batch={t.global_batch} must divide by data*fsdp*grad_accum "
-                         f"= {mesh.shape['data'] * mesh.shape['fsdp'] * t.grad_accum}")
+                        f"= {mesh.shape['data'] * mesh.shape['fsdp'] * t.grad_accum}")
     data = data_settings(config, setup.train_files)
     saved = check_resume(workdir, config, mc, setup.tokenizer, data)
     if saved is not None and saved == t.steps:

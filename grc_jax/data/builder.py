@@ -90,7 +90,7 @@ class TokenizedRecord:
         # Documents without ids would silently vanish (zip) or escape the duplicate mask (-1).
         if len(self.negative_doc_ids) != len(self.negatives):
             raise UserError(f"{self.source}: {len(self.negatives)} negatives but "
-                             f"{len(self.negative_doc_ids)} negative_doc_ids")
+                            f"{len(self.negative_doc_ids)} negative_doc_ids")
         if (self.positive is not None) != (self.positive_doc_id >= 0):
             raise UserError(f"{self.source}: a positive needs a positive_doc_id >= 0, and only a positive")
 
@@ -211,7 +211,7 @@ def _check_tokens(record: TokenizedRecord, config: BuildConfig) -> None:
         size = len(record.query) + (len(record.reasoning) + 1 if record.reasoning is not None else 0)
         if size > config.max_segment_len:
             raise UserError(f"{record.source}: query (+ reasoning + end-of-reasoning) has {size} tokens, "
-                             f"more than max_segment_len {config.max_segment_len}")
+                            f"more than max_segment_len {config.max_segment_len}")
 
 
 def _check_fits(unit: Unit, config: BuildConfig) -> None:
@@ -219,7 +219,7 @@ def _check_fits(unit: Unit, config: BuildConfig) -> None:
         raise UserError(f"{unit.source}: record needs {unit.length} tokens, more than row_len {config.row_len}")
     if unit.num_segments > config.max_segments_per_row:
         raise UserError(f"{unit.source}: record needs {unit.num_segments} segments, more than "
-                         f"max_segments_per_row {config.max_segments_per_row}")
+                        f"max_segments_per_row {config.max_segments_per_row}")
 
 
 def _add_query(layout: "_Layout", record: TokenizedRecord, config: BuildConfig) -> int:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from grc_jax import errors, hf, model, train, train_config
+from grc_jax import errors, hf, model, train
 from grc_jax.config import ModelConfig
 from grc_jax.data import demo_world
 

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
+
+from grc_jax.errors import UserError
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 POOLINGS = ("mean", "last")
@@ -52,6 +56,19 @@ class ModelConfig:
     remat_policy: str = "none"
 
     def __post_init__(self):
+        # Numbers first: a string or bool here (from a hand-edited config.json) would otherwise
+        # fail later as a bare TypeError, or run with a wrong value.
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "num_latents", "max_segment_len"):
+            value = getattr(self, key)
+            _check(_is_int(value), f"{key} must be an integer, got {value!r}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
+            _check(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        _check(self.embed_dim is None or (_is_int(self.embed_dim) and self.embed_dim >= 1),
+               f"embed_dim must be None or an integer >= 1, got {self.embed_dim!r}")
+        for key in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            value = getattr(self, key)
+            _check(_is_real(value) and 0 < value < math.inf, f"{key} must be a finite number > 0, got {value!r}")
         _check(self.architecture in ARCHITECTURES, f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
         # The architecture fixes which attention weights transformers builds: a model that has
         # other ones would export to a checkpoint transformers loads wrongly.
@@ -91,7 +108,15 @@ class ModelConfig:
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise UserError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -99,24 +124,50 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **grc: Any) -> ModelConfig:
     """Reads an HF `config.json` dict (transformers 4.x or 5.x layout); `grc` sets GRC fields."""
+    if not isinstance(hf, dict):
+        raise UserError(f"{source}: must hold a JSON object, got {type(hf).__name__}")
+    for key in _HF_INTS:
+        if key in hf and hf[key] is not None and not _is_int(hf[key]):
+            raise UserError(f"{source}: {key} must be an integer, got {hf[key]!r}")
+    for key in _HF_REALS:
+        if key in hf and hf[key] is not None and not _is_real(hf[key]):
+            raise UserError(f"{source}: {key} must be a number, got {hf[key]!r}")
+    try:
+        return _from_hf_config(hf, source, **grc)
+    except UserError as e:  # ModelConfig names its own field; say the file's key
+        message = str(e)
+        for ours, theirs in _HF_NAMES.items():
+            if message.startswith(f"{ours} "):
+                message = theirs + message[len(ours):]
+        raise UserError(message if message.startswith(source) else f"{source}: {message}") from None
+
+
+_HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim")
+_HF_REALS = ("rms_norm_eps", "rope_theta", "initializer_range")
+_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads"}
+
+
+def _from_hf_config(hf: dict[str, Any], source: str, **grc: Any) -> ModelConfig:
     archs = hf.get("architectures") or []
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        raise ValueError(f"{source}: unsupported architectures {archs!r}; supported: {list(ARCHITECTURES)}")
+        raise UserError(f"{source}: unsupported architectures {archs!r}; supported: {list(ARCHITECTURES)}")
     arch = archs[0]
 
     def need(key: str) -> Any:
         if key not in hf:
-            raise ValueError(f"{source}: missing key {key!r}")
+            raise UserError(f"{source}: missing key {key!r}")
         return hf[key]
 
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        raise UserError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     if hf.get("mlp_bias"):
-        raise ValueError(f"{source}: mlp_bias=true is not supported")
+        raise UserError(f"{source}: mlp_bias=true is not supported")
     if hf.get("use_sliding_window"):
-        raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        raise UserError(f"{source}: use_sliding_window=true is not supported")
     if hf.get("attention_bias") and arch != "Qwen2ForCausalLM":
-        raise ValueError(f"{source}: attention_bias=true is not supported for {arch} (it biases o_proj too)")
+        raise UserError(f"{source}: attention_bias=true is not supported for {arch} (it biases o_proj too)")
     num_heads = need("num_attention_heads")
     rope = dict(hf.get("rope_parameters") or {})  # transformers 5.x
     rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -124,7 +175,7 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **grc: An
         rope = dict(hf["rope_scaling"])
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}")
+        raise UserError(f"{source}: rope type {rope_type!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}")
     rope_scaling = None if rope_type == "default" else tuple(sorted({**rope, "rope_type": rope_type}.items()))
     return ModelConfig(
         architecture=arch,
@@ -199,4 +250,8 @@ def read_json(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8: {e.reason} at byte {e.start}") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None

@@ -18,6 +18,7 @@ import numpy as np
 
 from grc_jax import hf, layout, model
 from grc_jax.config import ModelConfig
+from grc_jax.errors import report_user_errors
 from grc_jax.tokenizer import Tokenizer
 
 DOCUMENTS = [
@@ -44,15 +45,18 @@ def _demo_tokenizer(out_dir: Path) -> Tokenizer:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf", help="a local HF model directory (config.json + safetensors + tokenizer.json)")
-    parser.add_argument("--num-latents", type=int, default=4)
+    parser.add_argument("--num-latents", type=int, default=None,
+                        help="K (default: an export's own, 16 for a plain HF model, 4 for the random model)")
     args = parser.parse_args(argv)
+    if args.num_latents is not None and args.num_latents < 1:
+        parser.error(f"--num-latents must be >= 1, got {args.num_latents}")
 
     if args.hf:
         config, params = hf.load_pretrained(args.hf, num_latents=args.num_latents)
         tokenizer = Tokenizer.from_dir(args.hf)
     else:
         tokenizer = _demo_tokenizer(Path(tempfile.mkdtemp(prefix="grc_demo_")))
-        config = ModelConfig(vocab_size=len(tokenizer), num_latents=args.num_latents, max_segment_len=64)
+        config = ModelConfig(vocab_size=len(tokenizer), num_latents=args.num_latents or 4, max_segment_len=64)
         params = model.init_params(config, jax.random.key(0))
     K = config.num_latents
     tokenizer = tokenizer.with_latents(K, config.vocab_size)
@@ -92,4 +96,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)()

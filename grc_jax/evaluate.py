@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from grc_jax import rundir
+from grc_jax.errors import USER_ERRORS, one_line
 from grc_jax.eval import data as eval_data
 from grc_jax.eval import report as eval_report
 from grc_jax.eval import tasks
@@ -187,9 +188,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--step={args.step}: {args.checkpoint} has checkpoints at steps {saved}")
     if args.gen_template.count("{question}") != 1:
         raise UsageError("--gen-template must contain {question} exactly once")
-    chosen, inputs = load_inputs(args, chosen, implicit)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():  # found now, not after the model has loaded and run
+        raise UsageError(f"--out={args.out}: a file, not a directory; name a directory for report.json")
+    chosen, inputs = load_inputs(args, chosen, implicit)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out={args.out}: cannot create the directory: {e.strerror}") from None
 
     from grc_jax.inference.engine import Engine  # JAX starts only once the inputs are known good
     from grc_jax.special_tokens import FROM_MODEL
@@ -264,9 +270,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     try:
         report = run(args)
-    except (InputError, UsageError, FileNotFoundError) as e:
+    except (InputError, UsageError) + USER_ERRORS as e:
         # the message already names the file and line; a traceback would bury it
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"report: {Path(args.out) / eval_report.REPORT_FILE}", flush=True)
     return report

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 from grc_jax import model, special_tokens
 from grc_jax import special_tokens as special_tokens_lib  # save_pretrained's argument shadows the name
 from grc_jax.config import DTYPES, ModelConfig, from_hf_config, grc_fields, read_json, to_hf_config
+from grc_jax.errors import UserError
 from grc_jax.files import default_mode
 from grc_jax.special_tokens import SpecialTokens
 from grc_jax.tokenizer import Tokenizer
@@ -70,6 +71,13 @@ def _layer_tensors(c: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
     return table
 
 
+class MissingTensor(UserError, KeyError):
+    """A tensor the architecture needs is not in the checkpoint (a KeyError, as it always was)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class _Weights:
     """The tensors of a checkpoint directory, by HF name, read lazily from their files."""
 
@@ -77,9 +85,16 @@ class _Weights:
         self.path = path
         index = path / INDEX_FILE
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
+            spec = read_json(index)
+            weight_map = spec.get("weight_map") if isinstance(spec, dict) else None
             if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: no 'weight_map' object")
+                raise UserError(f"{index}: no 'weight_map' object")
+            root = path.resolve()
+            for name, file in weight_map.items():
+                # A shard is a file of this directory: an index must not make us read elsewhere.
+                if not isinstance(file, str) or not file or Path(file).is_absolute() or \
+                        not (path / file).resolve().is_relative_to(root) or (path / file).resolve() == root:
+                    raise UserError(f"{index}: weight_map[{name!r}] = {file!r} is not a file name inside {path}")
             self.files = {name: path / file for name, file in weight_map.items()}
         elif (path / WEIGHTS_FILE).is_file():
             with safe_open(path / WEIGHTS_FILE, framework="numpy") as f:
@@ -87,7 +102,7 @@ class _Weights:
         else:
             pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
             if pickles:
-                raise ValueError(
+                raise UserError(
                     f"{path}: only PyTorch pickle weights ({', '.join(pickles)}); grc_jax reads safetensors only. "
                     f"Convert once with transformers: AutoModelForCausalLM.from_pretrained('{path}')"
                     f".save_pretrained('OUT_DIR') writes model.safetensors.")
@@ -100,11 +115,13 @@ class _Weights:
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         key = name if name in self.files else f"model.{name}" if f"model.{name}" in self.files else None
         if key is None:
-            raise KeyError(f"{self.path}: tensor {name!r} not found in the checkpoint")
+            raise MissingTensor(f"{self.path}: tensor {name!r} not found in the checkpoint")
         with safe_open(self.files[key], framework="numpy") as f:
             array = f.get_tensor(key)
+        if array.dtype.kind in "biu":  # a silent cast of an integer or bool tensor would load garbage
+            raise UserError(f"{self.files[key]}: tensor {key!r} has dtype {array.dtype}; weights must be floating point")
         if tuple(array.shape) != tuple(shape):
-            raise ValueError(f"{self.files[key]}: tensor {key!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+            raise UserError(f"{self.files[key]}: tensor {key!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
         self.used.add(key)
         return array
 
@@ -129,8 +146,10 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
     hf = read_json(path / CONFIG_FILE)
+    if not isinstance(hf, dict):
+        raise UserError(f"{path / CONFIG_FILE}: must hold a JSON object, got {type(hf).__name__}")
     grc_file = path / GRC_CONFIG_FILE
-    grc = read_json(grc_file) if grc_file.is_file() else None
+    grc = _read_grc_config(grc_file) if grc_file.is_file() else None
     fields: dict[str, Any] = {}
     if grc is not None:
         # What the model was trained with; asking for something else is a mistake, not a change.
@@ -139,7 +158,7 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
             asked["num_latents"] = num_latents
         for key, value in asked.items():
             if value != grc[key]:
-                raise ValueError(f"{grc_file}: the model was trained with {key}={grc[key]!r}, not {value!r}")
+                raise UserError(f"{grc_file}: the model was trained with {key}={grc[key]!r}, not {value!r}")
         fields = {k: grc[k] for k in ("num_latents", "max_segment_len", "pooling", "embed_dim")}
         hf = {**hf, "vocab_size": grc["base_vocab_size"]}
     elif num_latents is not None:
@@ -147,6 +166,10 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     if max_segment_len is not None:
         fields["max_segment_len"] = max_segment_len
     stored = hf.get("dtype") or hf.get("torch_dtype")
+    if stored is not None and stored not in DTYPES and not {"param_dtype", "dtype"} <= set(overrides):
+        key = "dtype" if hf.get("dtype") else "torch_dtype"
+        raise UserError(f"{path / CONFIG_FILE}: {key} {stored!r} is not one of {tuple(DTYPES)}; pass param_dtype= "
+                        f"and dtype= to load it in another")
     if stored in DTYPES:  # as transformers loads it: in the checkpoint's dtype, unless told otherwise
         overrides = {"param_dtype": stored, "dtype": stored, **overrides}
     config = from_hf_config(hf, source=str(path / CONFIG_FILE), **fields, **overrides)
@@ -172,11 +195,11 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     if config.tie_word_embeddings and "lm_head.weight" in weights.files:
         # Some tied checkpoints store the head anyway; only a copy of the embedding is harmless.
         if not np.array_equal(read("lm_head.weight", (stored_vocab, D)), params["embed"]):
-            raise ValueError(f"{path}: tie_word_embeddings=true, but lm_head.weight differs from embed_tokens.weight")
+            raise UserError(f"{path}: tie_word_embeddings=true, but lm_head.weight differs from embed_tokens.weight")
     unused = weights.unused()
     if unused:
-        raise ValueError(f"{path}: tensors the {config.architecture} layout does not use: {unused[:8]}"
-                         f"{' ...' if len(unused) > 8 else ''}")
+        raise UserError(f"{path}: tensors the {config.architecture} layout does not use: {unused[:8]}"
+                        f"{' ...' if len(unused) > 8 else ''}")
     if config.embed_dim is not None:
         if grc is not None:
             with safe_open(_need_file(path / GRC_HEAD_FILE), framework="numpy") as f:
@@ -188,6 +211,22 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     if grc is None:
         params = _add_latent_rows(config, params)
     return config, params
+
+
+_GRC_KEYS = {"num_latents": int, "max_segment_len": int, "pooling": str, "embed_dim": (int, type(None)),
+             "base_vocab_size": int}
+
+
+def _read_grc_config(file: Path) -> dict[str, Any]:
+    grc = read_json(file)
+    if not isinstance(grc, dict):
+        raise UserError(f"{file}: must hold a JSON object, got {type(grc).__name__}")
+    for key, kind in _GRC_KEYS.items():
+        if key not in grc:
+            raise UserError(f"{file}: missing key {key!r}")
+        if not isinstance(grc[key], kind) or isinstance(grc[key], bool):
+            raise UserError(f"{file}: {key} has the wrong type: {grc[key]!r}")
+    return grc
 
 
 def _need_file(path: Path) -> Path:
@@ -230,11 +269,17 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
     previous export readable. Weights past `max_shard_size` bytes are sharded with an index.
     """
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # the link stays and what it points to is replaced (README: symlinks)
+        out_dir = Path(os.path.realpath(out_dir))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: a file, not a directory; export into a new or empty directory, so that "
+                              "nothing is replaced")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / GRC_CONFIG_FILE).is_file():
         raise FileExistsError(f"{out_dir}: not empty and not a grc_jax export (no {GRC_CONFIG_FILE}); export into a "
                               "new or empty directory, so that nothing in it is replaced")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    _remove_stale_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         tmp.chmod(default_mode(directory=True))
         hf_config, grc = to_hf_config(config), grc_fields(config)
@@ -256,6 +301,9 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
             special_tokens_lib.with_names(tokenizer, tokens).with_latents(config.num_latents, config.vocab_size).save(tmp)
             if tokens.chat_template is not None:
                 (tmp / CHAT_TEMPLATE_FILE).write_text(tokens.chat_template, encoding="utf-8")
+        for file in tmp.iterdir():  # safetensors writes 0600: a serving job under another user could not read it
+            if file.is_file() and not file.is_symlink():
+                file.chmod(default_mode())
         _keep_other_files(out_dir, tmp)
         _swap_in(tmp, out_dir)
     except BaseException:
@@ -266,6 +314,33 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
 
 def _tokens_of(tokenizer: Tokenizer) -> SpecialTokens:
     return special_tokens.from_tokenizer(tokenizer)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Removes what a killed save of `target` left beside it: `.NAME.tmp-PID-*` directories of
+    processes that no longer run (and of older versions, which named no process) and
+    `.NAME.old-PID` ones of the two-rename swap."""
+    for entry in target.parent.glob(f".{target.name}.*"):
+        rest = entry.name[len(target.name) + 2:]
+        kind, _, tail = rest.partition("-")
+        if kind not in ("tmp", "old") or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = tail.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+            continue  # another process is saving the same export now
+        if pid.isdigit() and int(pid) == os.getpid():
+            continue  # a save of this process (another thread) is under way
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _write_shards(tensors: dict[str, np.ndarray], out: Path, max_shard_size: int) -> None:

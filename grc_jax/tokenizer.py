@@ -103,3 +103,13 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.hf_config}
         config.pop("added_tokens_decoder", None)  # tokenizer.json is the source of truth for added tokens
         (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def literal_special_tokens(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy whose `encode` reads special-token strings in text as plain text, as transformers'
+    `split_special_tokens=True` does: a user's "</s>" or "<|mlt_0|>" becomes ordinary pieces,
+    never the eos or a meta latent token. For text from users (prompts, documents, queries,
+    training records); the model's own tokens are added by id."""
+    inner = tokenizers.Tokenizer.from_str(tokenizer.inner.to_str())
+    inner.encode_special_tokens = True
+    return Tokenizer(inner, tokenizer.hf_config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
+import os
 import re
 import signal
 import time
@@ -32,9 +32,10 @@ from grc_jax import hf, losses, model, rundir, sharding, special_tokens, train_c
 from grc_jax.config import ModelConfig
 from grc_jax.data import demo_world, pipeline, seqio_source
 from grc_jax.data.builder import BuildConfig
+from grc_jax.errors import UserError, report_user_errors
 from grc_jax.metrics import MetricWriter, model_flops_per_token, peak_flops_per_device
 from grc_jax.special_tokens import SpecialTokens
-from grc_jax.tokenizer import Tokenizer
+from grc_jax.tokenizer import Tokenizer, literal_special_tokens
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file with get_config().", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and exports go here (default: runs/<config name>).")
@@ -44,7 +45,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The run stopped before saving a bad step: a clean one-line error on the command line."""
 
 
 @dataclasses.dataclass
@@ -62,7 +63,10 @@ class Setup:
 def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, model.Params | None]:
     """Resolves data, tokenizer and model config; returns HF params when starting from HF."""
     d = config.data
-    train_files = [f for f in (d.train_files or "").split(",") if f]
+    train_files = [f.strip() for f in (d.train_files or "").split(",") if f.strip()]
+    if d.train_files is not None and not train_files:  # "" is a mistake, not a request for the demo world
+        raise UserError(f"config: data.train_files={d.train_files!r} names no file; leave it unset to train on the "
+                        "generated demo world")
     seqio_source.import_task_modules(d.seqio_modules)
     eval_dir = d.eval_dir
     tokenizer_dir = d.tokenizer or config.model.hf_path
@@ -77,7 +81,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         eval_dir = eval_dir or str(world)
         tokenizer_dir = tokenizer_dir or str(world)
     if not tokenizer_dir:
-        raise ValueError("config: data.tokenizer (or model.hf_path) must name a directory with tokenizer.json")
+        raise UserError("config: data.tokenizer (or model.hf_path) must name a directory with tokenizer.json")
     if str(tokenizer_dir).endswith(".gguf"):  # a llama.cpp file carries its tokenizer in its metadata
         from grc_jax import gguf
         tokenizer = gguf.load_tokenizer(tokenizer_dir)
@@ -98,7 +102,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         token = tokens.eos_token if name == "eos" else getattr(tokens, name)
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"config: data.{name}_token {token!r} is not in the tokenizer at {tokenizer_dir}")
+            raise UserError(f"config: data.{name}_token {token!r} is not in the tokenizer at {tokenizer_dir}")
         return token_id
 
     build = BuildConfig(
@@ -236,13 +240,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         "python -m grc_jax.evaluate")
         setup.eval_dir = None
     mc, t = setup.model_config, config.train
-    mesh = sharding.make_mesh(config.mesh.to_dict())
+    try:
+        mesh = sharding.make_mesh(config.mesh.to_dict())
+    except ValueError as e:  # the mesh does not fit the devices: a setting, said in one line
+        raise UserError(str(e)) from None
     rules = sharding.DEFAULT_RULES
     if t.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"] * t.grad_accum):
-        raise ValueError(f"config: train.global_batch={t.global_batch} must divide by data*fsdp*grad_accum "
-                         f"= {mesh.shape['data'] * mesh.shape['fsdp'] * t.grad_accum}")
+        raise UserError(f"config: train.global_batch={t.global_batch} must divide by data*fsdp*grad_accum "
+                        f"= {mesh.shape['data'] * mesh.shape['fsdp'] * t.grad_accum}")
+    data = data_settings(config, setup.train_files)
+    saved = check_resume(workdir, config, mc, setup.tokenizer, data)
+    if saved is not None and saved == t.steps:
+        return _already_trained(workdir, saved)
     if jax.process_index() == 0:
         rundir.write_model_files(workdir, mc, setup.tokenizer, setup.special_tokens)
+        _write_json_atomic(workdir / DATA_SETTINGS_FILE, data)
 
     tx, schedule = make_optimizer(t)
     param_shardings = sharding.logical_to_sharding(model.param_logical_axes(mc), model.param_shapes(mc), mesh, rules)
@@ -259,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                           donate_argnums=0)
 
         block, blocks = sharding.host_batch_block(batch_sharding, t.global_batch)
-        dataset = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=t.global_batch,
+        dataset = pipeline.make_dataset(setup.train_files, literal_special_tokens(setup.tokenizer), setup.build, global_batch=t.global_batch,
                                         num_steps=t.steps, seed=t.seed, block=block, blocks=blocks,
                                         skip_malformed=config.data.skip_malformed, mixture=config.data.mixture)
         iterator = pipeline.make_iterator(dataset)
@@ -270,8 +282,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         start = manager.latest_step()
         if start is not None:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                      data=ocp.args.JsonRestore()))
+            try:
+                restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                          data=ocp.args.JsonRestore()))
+            except Exception as e:  # a truncated or damaged step: say which, and what else there is
+                raise _unreadable_checkpoint(workdir, start, sorted(manager.all_steps()), e) from e
             state = restored["state"]
             iterator.set_state(restored["data"])
             logging.info("resumed from step %d", start)
@@ -331,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             _print_eval(t.steps, result["eval"])
         writer.close()
         if jax.process_index() == 0:
-            (workdir / "result.json").write_text(json.dumps(result, indent=2))
+            _write_json_atomic(workdir / "result.json", result)  # a kill mid-write keeps the previous one
         if config.export_dir:
             _export(setup, state["params"], config.export_dir)
         return result
@@ -348,6 +363,91 @@ def _export(setup: Setup, params: model.Params, out_dir: str) -> None:
         out = hf.save_pretrained(setup.model_config, params, out_dir, setup.tokenizer,
                                  special_tokens=setup.special_tokens)
         print(f"exported the final parameters to {out}", flush=True)
+
+
+DATA_SETTINGS_FILE = "data_settings.json"
+# ModelConfig fields a resume may change: they do not change the saved arrays.
+_RESUMABLE_MODEL_FIELDS = ("dtype", "scan_layers", "remat_policy")
+
+
+def data_settings(config: ml_collections.ConfigDict, train_files: list[str]) -> dict[str, Any]:
+    """What fixes the sequence of batches: a resume must have the same, or its data iterator's
+    saved position means another batch."""
+    d, t = config.data, config.train
+    files = None if d.train_files is None else [
+        f if seqio_source.is_seqio_source(f) else str(Path(f).resolve()) for f in train_files]
+    settings = {"train_files": files, "seed": t.seed, "global_batch": t.global_batch,
+                "skip_malformed": d.skip_malformed, "row_len": d.row_len,
+                "max_segments_per_row": d.max_segments_per_row, "max_negatives": d.max_negatives,
+                "reader_distractors": d.reader_distractors, "reader_task": d.reader_task}
+    if files is None:
+        settings.update(demo_world_seed=d.demo_world_seed, demo_world_entities=d.demo_world_entities,
+                        demo_world_heldout=d.demo_world_heldout)
+    return settings
+
+
+def check_resume(workdir: Path, config: ml_collections.ConfigDict, model_config: ModelConfig, tokenizer: Tokenizer,
+                 data: dict[str, Any]) -> int | None:
+    """The step a run on `workdir` resumes from (None: a new run), after checking that the
+    workdir's checkpoints are of this model, tokenizer and data, and that `train.steps` reaches
+    them. Raises UserError naming what differs; nothing is written."""
+    steps = rundir.saved_steps(workdir)
+    if not steps:
+        return None
+    latest = steps[-1]
+    where = f"{workdir} holds checkpoints up to step {latest}"
+    hint = "rerun with the settings it was trained with, or give a new --workdir"
+    saved_model = workdir / "model_config.json"
+    if saved_model.is_file():
+        before = json.loads(saved_model.read_text(encoding="utf-8"))
+        now = json.loads(json.dumps(dataclasses.asdict(model_config)))
+        differ = [k for k in sorted(set(before) | set(now))
+                  if k not in _RESUMABLE_MODEL_FIELDS and before.get(k) != now.get(k)]
+        if differ:
+            raise UserError(f"{where} of another model: " + ", ".join(
+                f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in differ) + f"; {hint}")
+    saved_tokenizer = workdir / "tokenizer" / "tokenizer.json"
+    if saved_tokenizer.is_file():
+        vocab = Tokenizer.from_dir(saved_tokenizer.parent).inner.get_vocab(with_added_tokens=True)
+        if vocab != tokenizer.inner.get_vocab(with_added_tokens=True):
+            raise UserError(f"{where} trained with another tokenizer ({saved_tokenizer}); {hint}")
+    saved_data = workdir / DATA_SETTINGS_FILE
+    if saved_data.is_file():
+        before = json.loads(saved_data.read_text(encoding="utf-8"))
+        differ = [k for k in sorted(set(before) | set(data)) if before.get(k) != data.get(k)]
+        if differ:
+            raise UserError(f"{where} trained on other data settings, so its saved data position is not the next "
+                            "batch of these: " + ", ".join(f"{k} {before.get(k)!r} there, {data.get(k)!r} now"
+                                                            for k in differ) + f"; {hint}")
+    if config.train.steps < latest:
+        raise UserError(f"config: train.steps={config.train.steps} is below step {latest}, the last one saved in "
+                        f"{workdir / 'checkpoints'}; raise train.steps to train on, or give a new --workdir")
+    return latest
+
+
+def _already_trained(workdir: Path, step: int) -> dict[str, Any]:
+    """A rerun of a finished run: its results stay as they are."""
+    result_file = workdir / "result.json"
+    print(f"{workdir} is already trained to step {step} (train.steps); its results are in {result_file}. "
+          "Raise train.steps to train on, or evaluate it with python -m grc_jax.evaluate.", flush=True)
+    if result_file.is_file():
+        return json.loads(result_file.read_text(encoding="utf-8"))
+    return {"history": [], "already_trained": step}
+
+
+def _unreadable_checkpoint(workdir: Path, step: int, steps: list[int], error: Exception) -> UserError:
+    earlier = [s for s in steps if s < step]
+    first = " ".join(str(error).split())[:300]
+    offer = (f"move it aside to resume from step {earlier[-1]}, the one before" if earlier
+             else "move it aside to start over")
+    return UserError(f"{workdir / 'checkpoints' / str(step)}: the checkpoint of step {step} cannot be read "
+                     f"(truncated or damaged? {type(error).__name__}: {first}); {offer}")
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _check_finite(state: dict[str, Any]) -> None:
@@ -376,7 +476,7 @@ def main(argv: list[str]) -> None:
     if config is None:
         raise app.UsageError("--config=configs/<name>.py is required")
     workdir = _WORKDIR.value or str(Path("runs") / Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem)
-    train_and_evaluate(config, workdir)
+    report_user_errors(train_and_evaluate, extra=(NonFiniteLoss,))(config, workdir)
 
 
 def _one_line(e: Exception) -> str:

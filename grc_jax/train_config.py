@@ -7,11 +7,15 @@ closest valid key.
 from __future__ import annotations
 
 import difflib
+import math
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
 from grc_jax.config import ModelConfig
+from grc_jax.data.demo_world import MAX_ENTITIES as MAX_DEMO_WORLD_ENTITIES
+from grc_jax.errors import UserError
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -69,21 +73,51 @@ _AT_LEAST = {
 }
 
 
+# key -> (what a working value is, the test): real numbers whose wrong values still run (a negative
+# learning rate trains by gradient ascent; b1 past 1 diverges), so each is checked by name.
+_NUMBERS: dict[str, tuple[str, Any]] = {
+    "train.learning_rate": ("> 0 and finite", lambda x: 0 < x < math.inf),
+    "train.end_learning_rate_fraction": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "train.weight_decay": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "train.clip_norm": ("> 0 (inf: no clipping)", lambda x: x > 0),
+    "train.b1": ("in [0, 1)", lambda x: 0 <= x < 1),
+    "train.b2": ("in [0, 1)", lambda x: 0 <= x < 1),
+    "loss.gen": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "loss.rep": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "loss.comp": (">= 0 and finite", lambda x: 0 <= x < math.inf),
+    "loss.temperature": ("> 0 and finite", lambda x: 0 < x < math.inf),
+    "model.rms_norm_eps": ("> 0 and finite", lambda x: 0 < x < math.inf),
+    "model.rope_theta": ("> 0 and finite", lambda x: 0 < x < math.inf),
+    "model.initializer_range": ("> 0 and finite", lambda x: 0 < x < math.inf),
+}
+
+
+def _value(c: ml_collections.ConfigDict, key: str) -> Any:
+    node = c
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 def check_values(c: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming a setting whose value cannot work, before anything is built."""
+    """Raises UserError (a ValueError) naming a setting whose value cannot work, before anything
+    is built."""
     for key, least in _AT_LEAST.items():
-        node = c
-        for part in key.split("."):
-            node = node[part]
+        node = _value(c, key)
         if node < least:
-            raise ValueError(f"config: {key}={node} must be >= {least}")
+            raise UserError(f"config: {key}={node} must be >= {least}")
     for axis, size in c.mesh.items():
         if size != -1 and size < 1:
-            raise ValueError(f"config: mesh.{axis}={size} must be >= 1, or -1 for the devices left over")
+            raise UserError(f"config: mesh.{axis}={size} must be >= 1, or -1 for the devices left over")
+    for key, (want, ok) in _NUMBERS.items():
+        value = _value(c, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
+            raise UserError(f"config: {key}={value} must be {want}")
+    if c.data.train_files is None and c.data.demo_world_entities > MAX_DEMO_WORLD_ENTITIES:
+        raise UserError(f"config: data.demo_world_entities={c.data.demo_world_entities}: the demo world has at most "
+                        f"{MAX_DEMO_WORLD_ENTITIES} people (one per distinct attribute tuple)")
     if c.data.train_files and c.data.mixture:
-        raise ValueError("config: give data.train_files or data.mixture, not both")
-    if c.loss.temperature <= 0:
-        raise ValueError(f"config: loss.temperature={c.loss.temperature} must be > 0")
+        raise UserError("config: give data.train_files or data.mixture, not both")
 
 
 def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:

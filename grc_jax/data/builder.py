@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from grc_jax.data.records import Record
+from grc_jax.errors import UserError
 from grc_jax.layout import LATENT, READER, TEXT
 
 READER_TASKS = ("continuation", "reconstruction", "none")
@@ -59,15 +60,15 @@ class BuildConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_ids", tuple(int(i) for i in self.latent_ids))
         if len(self.latent_ids) != self.num_latents or self.num_latents < 1:
-            raise ValueError(f"need num_latents >= 1 latent ids, got {len(self.latent_ids)} for K={self.num_latents}")
+            raise UserError(f"need num_latents >= 1 latent ids, got {len(self.latent_ids)} for K={self.num_latents}")
         if self.reader_task not in READER_TASKS:
-            raise ValueError(f"reader_task must be one of {READER_TASKS}, got {self.reader_task!r}")
+            raise UserError(f"reader_task must be one of {READER_TASKS}, got {self.reader_task!r}")
         for name in ("max_segment_len", "row_len", "max_segments_per_row"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_negatives", "reader_distractors"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +89,10 @@ class TokenizedRecord:
     def __post_init__(self) -> None:
         # Documents without ids would silently vanish (zip) or escape the duplicate mask (-1).
         if len(self.negative_doc_ids) != len(self.negatives):
-            raise ValueError(f"{self.source}: {len(self.negatives)} negatives but "
-                             f"{len(self.negative_doc_ids)} negative_doc_ids")
+            raise UserError(f"{self.source}: {len(self.negatives)} negatives but "
+                            f"{len(self.negative_doc_ids)} negative_doc_ids")
         if (self.positive is not None) != (self.positive_doc_id >= 0):
-            raise ValueError(f"{self.source}: a positive needs a positive_doc_id >= 0, and only a positive")
+            raise UserError(f"{self.source}: a positive needs a positive_doc_id >= 0, and only a positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,23 +203,23 @@ def _check_tokens(record: TokenizedRecord, config: BuildConfig) -> None:
     latents = np.asarray(config.latent_ids)
     for name, ids in fields.items():
         if not len(ids):
-            raise ValueError(f"{record.source}: field '{name}' has no tokens")
+            raise UserError(f"{record.source}: field '{name}' has no tokens")
         # A latent id inside text would give the model a memory slot it never computed.
         if np.isin(np.asarray(ids), latents).any():
-            raise ValueError(f"{record.source}: field '{name}' contains a meta latent token")
+            raise UserError(f"{record.source}: field '{name}' contains a meta latent token")
     if record.query is not None:
         size = len(record.query) + (len(record.reasoning) + 1 if record.reasoning is not None else 0)
         if size > config.max_segment_len:
-            raise ValueError(f"{record.source}: query (+ reasoning + end-of-reasoning) has {size} tokens, "
-                             f"more than max_segment_len {config.max_segment_len}")
+            raise UserError(f"{record.source}: query (+ reasoning + end-of-reasoning) has {size} tokens, "
+                            f"more than max_segment_len {config.max_segment_len}")
 
 
 def _check_fits(unit: Unit, config: BuildConfig) -> None:
     if unit.length > config.row_len:
-        raise ValueError(f"{unit.source}: record needs {unit.length} tokens, more than row_len {config.row_len}")
+        raise UserError(f"{unit.source}: record needs {unit.length} tokens, more than row_len {config.row_len}")
     if unit.num_segments > config.max_segments_per_row:
-        raise ValueError(f"{unit.source}: record needs {unit.num_segments} segments, more than "
-                         f"max_segments_per_row {config.max_segments_per_row}")
+        raise UserError(f"{unit.source}: record needs {unit.num_segments} segments, more than "
+                        f"max_segments_per_row {config.max_segments_per_row}")
 
 
 def _add_query(layout: "_Layout", record: TokenizedRecord, config: BuildConfig) -> int:

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from grc_jax.errors import UserError, report_user_errors
+
 # Fixed low ids: <pad> must be 0 for the padding masks downstream.
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<|end_of_reasoning|>")
 # Inclusive bounds on a document's token count (no special tokens). Short documents keep a
@@ -88,6 +90,8 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "colour": COLOURS,
     "pet": PETS,
 }
+# Every person has a distinct attribute tuple (so the full set identifies them): no more people.
+MAX_ENTITIES = int(np.prod([len(v) for v in ATTRIBUTE_VALUES.values()]))
 
 # Document sentences: several phrasings per fact, so documents differ in shape and not only in
 # their slot values. Documents are short and name their person twice only: a memory of K
@@ -298,7 +302,7 @@ def _make_names(
             taken.append(name.lower())
             names.append(name)
     if len(names) < count:
-        raise RuntimeError(f"could only draw {len(names)} of {count} names; try a larger world")
+        raise UserError(f"could only draw {len(names)} of {count} names; try a larger world")
     return names
 
 
@@ -515,8 +519,11 @@ def build_world(
 ) -> World:
     """Generates the world, its records and its tokenizer in memory (deterministic)."""
     num_train = num_entities - num_heldout
+    if num_entities > MAX_ENTITIES:
+        raise UserError(f"num_entities={num_entities}: the demo world has at most {MAX_ENTITIES} people "
+                        f"(one per distinct attribute tuple)")
     if min(num_heldout, num_train) < MIN_SPLIT_SIZE:
-        raise ValueError(
+        raise UserError(
             f"num_entities={num_entities} with num_heldout={num_heldout} leaves a split "
             f"with fewer than {MIN_SPLIT_SIZE} people"
         )
@@ -657,4 +664,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)()

@@ -24,6 +24,7 @@ from grc_jax.data.arrayrecord import is_arrayrecord
 from grc_jax.data.builder import (BuildConfig, TokenizedRecord, Unit, build_unit, plan_rows, rows_to_batch,
                                   tokenize_records, unit_rng)
 from grc_jax.data.records import read_records
+from grc_jax.errors import UserError
 from grc_jax.tokenizer import Tokenizer
 
 
@@ -48,13 +49,17 @@ class PackingPlan:
         return build_unit(self.records[index], self.config, unit_rng(self.seed, epoch, index))
 
 
+class NoUsableRecords(UserError):
+    pass
+
+
 def plan_packing(records: Sequence[TokenizedRecord], config: BuildConfig, *, num_rows: int, seed: int,
                  skip_malformed: bool = False) -> PackingPlan:
     """Plans `num_rows` rows: each epoch shuffles the records with (seed, epoch) and packs them
     greedily; an epoch's last row is not topped up from the next epoch."""
     usable, sizes, skipped = _measure(records, config, seed, skip_malformed)
     if not usable:
-        raise ValueError("no usable training records")
+        raise NoUsableRecords("no usable training records")
     rows: list[tuple[int, tuple[int, ...]]] = []
     epoch = 0
     while len(rows) < num_rows:
@@ -137,8 +142,13 @@ def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer,
     records, skipped_lines = read_records(files, skip_malformed=skip_malformed)
     tokenized = tokenize_records(records, tokenizer.encode_batch)
     _warn_long_documents(tokenized, build_config)
-    plan = plan_packing(tokenized, build_config, num_rows=num_steps * global_batch, seed=seed,
-                        skip_malformed=skip_malformed)
+    try:
+        plan = plan_packing(tokenized, build_config, num_rows=num_steps * global_batch, seed=seed,
+                            skip_malformed=skip_malformed)
+    except NoUsableRecords as e:  # name the files: an empty or blank one is the usual cause
+        names = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
+        raise NoUsableRecords(f"{e} in {', '.join(names)} ({len(records)} record(s) read, "
+                              f"{skipped_lines} malformed line(s) skipped)") from None
     logging.info("data: %d records -> %d rows over %d epoch(s), padding fraction %.3f; skipped %d malformed "
                  "line(s) and %d record(s) that cannot be laid out", len(plan.records), len(plan.rows),
                  plan.epochs, plan.padding_fraction, skipped_lines, plan.skipped)

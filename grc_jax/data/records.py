@@ -28,6 +28,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from absl import logging
 
+from grc_jax.errors import UserError
+
 STRING_FIELDS = ("query", "reasoning", "positive", "question", "answer", "text")
 FIELDS = ("query", "reasoning", "positive", "negatives", "question", "answer", "text")
 
@@ -51,7 +53,7 @@ def parse_record(line: str, source: str) -> Record:
     try:
         return _parse(line, source)
     except _Malformed as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise UserError(f"{source}: {e}") from None
 
 
 def read_records(files: Sequence[str | Path] | str | Path, *,
@@ -94,7 +96,7 @@ def _decode(raw: bytes, source: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{source}: not UTF-8: {e.reason} at byte {e.start}") from None
+        raise UserError(f"{source}: not UTF-8: {e.reason} at byte {e.start}") from None
 
 
 def _parse(line: str, source: str) -> Record:
@@ -102,6 +104,8 @@ def _parse(line: str, source: str) -> Record:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise _Malformed(f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:  # json's recursive parser on a line of thousands of nested brackets
+        raise _Malformed("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise _Malformed(f"a record must be a JSON object, got {_json_type(obj)}")
     fields = {k: v for k, v in obj.items() if v is not None}

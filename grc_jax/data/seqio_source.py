@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from grc_jax.data.records import FIELDS
+from grc_jax.errors import UserError
 
 PREFIX = "seqio:"
 
@@ -36,7 +37,7 @@ def parse_source(entry: str) -> tuple[str, str]:
     """`seqio:NAME[:SPLIT]` -> (NAME, SPLIT)."""
     name, colon, split = entry[len(PREFIX):].partition(":")
     if not name or (colon and not split):
-        raise ValueError(f"data.train_files entry {entry!r}: expected seqio:TASK_NAME or seqio:TASK_NAME:SPLIT")
+        raise UserError(f"data.train_files entry {entry!r}: expected seqio:TASK_NAME or seqio:TASK_NAME:SPLIT")
     return name, split or "train"
 
 
@@ -59,8 +60,8 @@ def example_lines(entry: str) -> Iterator[tuple[str, bytes]]:
     try:
         task = seqio.get_mixture_or_task(name)
     except ValueError as e:
-        raise ValueError(f"data.train_files entry {entry!r}: no seqio Task or Mixture {name!r} is registered; "
-                         f"name the module that registers it in data.seqio_modules ({e})") from None
+        raise UserError(f"data.train_files entry {entry!r}: no seqio Task or Mixture {name!r} is registered; "
+                        f"name the module that registers it in data.seqio_modules ({e})") from None
     dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1, use_cached=False)
     for index, example in enumerate(dataset.as_numpy_iterator()):
         source = f"{PREFIX}{name}:{split}#{index}"
@@ -70,8 +71,8 @@ def example_lines(entry: str) -> Iterator[tuple[str, bytes]]:
 def example_record(example: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The record fields of one seqio example, as JSON values (not yet checked: `records.py` does that)."""
     if not any(f in example or f"{f}_pretokenized" in example for f in FIELDS):
-        raise ValueError(f"{source}: the example has none of the features {', '.join(FIELDS)} "
-                         f"(or <field>_pretokenized); its features: {', '.join(sorted(example))}")
+        raise UserError(f"{source}: the example has none of the features {', '.join(FIELDS)} "
+                        f"(or <field>_pretokenized); its features: {', '.join(sorted(example))}")
     record: dict[str, Any] = {}
     for field in FIELDS:
         key = next((k for k in (f"{field}_pretokenized", field) if k in example), None)
@@ -89,16 +90,16 @@ def _text(value: Any, source: str, key: str) -> str:
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{source}: feature {key!r} is not UTF-8: {e.reason} at byte {e.start}") from None
+            raise UserError(f"{source}: feature {key!r} is not UTF-8: {e.reason} at byte {e.start}") from None
     if isinstance(value, str):
         return value
     if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.number):
-        raise ValueError(f"{source}: feature {key!r} holds token ids, not text; grc_jax tokenizes with the "
-                         f"model's tokenizer (seqio.preprocessors.tokenize keeps the text as '<field>_pretokenized')")
-    raise ValueError(f"{source}: feature {key!r} must be a string, got {type(value).__name__}")
+        raise UserError(f"{source}: feature {key!r} holds token ids, not text; grc_jax tokenizes with the "
+                        f"model's tokenizer (seqio.preprocessors.tokenize keeps the text as '<field>_pretokenized')")
+    raise UserError(f"{source}: feature {key!r} must be a string, got {type(value).__name__}")
 
 
 def _texts(value: Any, source: str, key: str) -> list[str]:
     if not isinstance(value, (np.ndarray, list, tuple)) or (isinstance(value, np.ndarray) and value.ndim != 1):
-        raise ValueError(f"{source}: feature {key!r} must be a 1-D list of strings, got {type(value).__name__}")
+        raise UserError(f"{source}: feature {key!r} must be a 1-D list of strings, got {type(value).__name__}")
     return [_text(v, source, f"{key}[{i}]") for i, v in enumerate(value)]

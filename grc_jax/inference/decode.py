@@ -501,14 +501,14 @@ class Decoder:
             token_pages = [self.allocator.pages_for(t) for t in need.values()]
             raise OutOfPages(f"{e}; this batch's prompts need {token_pages} token pages and its {len(wanted)} "
                              f"memories {self.allocator.pages_for(K)} each") from None
+        # From here to the state, any failure (a memory write, a bad seed, an interrupt) gives the
+        # batch's pages back: a page kept by a failed start would be lost for good.
         try:
-            if new:
-                keys, values = fetched
-                order = [wanted.index(m) for m in new]
-                self.pool = write_memories(self.pool, [mem_pages[m] for m in new], np.asarray(keys)[order],
-                                           np.asarray(values)[order])
+            return self._start_admitted(prompts, settings, jit_settings, memories, budgets, seed, extra, fetched
+                                        if wanted else None, ids, wanted, req_pages, mem_pages, new)
         except BaseException:
-            if self.pool.k.is_deleted():  # consumed by a failed write: start over with an empty pool
+            if self.pool is not None and (self.pool.k.is_deleted() or self.pool.v.is_deleted()):
+                # consumed by a failed write: start over with an empty pool
                 self.pool = new_pool(c, self.allocator.num_pages, S)
                 self.allocator = PageAllocator(self.allocator.num_pages, S)
             else:
@@ -517,6 +517,19 @@ class Decoder:
                     self.allocator.evict_memory(m)
             raise
 
+    def _start_admitted(self, prompts: list[list[int]], settings: DecodeSettings, jit_settings: DecodeSettings,
+                        memories: list[list[Hashable]], budgets: list[int], seed: int, extra: int,
+                        fetched: tuple[np.ndarray, np.ndarray] | None, ids: list[int], wanted: list[Hashable],
+                        req_pages: dict, mem_pages: dict, new: list[Hashable]) -> Batch:
+        """`start` after the pages are admitted: the memories written, the state built."""
+        c, S, n = self.config, self.page_size, len(prompts)
+        K = c.num_latents
+        if new:
+            keys, values = fetched
+            order = [wanted.index(m) for m in new]
+            self.pool = write_memories(self.pool, [mem_pages[m] for m in new], np.asarray(keys)[order],
+                                       np.asarray(values)[order])
+        rng = jax.random.key(seed)
         B = bucket(n)
         W = length_bucket(max(len(p) + b + extra for p, b in zip(prompts, budgets)), S)
         T = -(-W // S)
@@ -547,7 +560,7 @@ class Decoder:
             mem_page_lens=jnp.asarray(mem_lens), tok_page_table=jnp.asarray(tok_table),
             lengths=jnp.zeros(B, jnp.int32), total=jnp.asarray(prompt_lens), prompt_lens=jnp.asarray(prompt_lens),
             pos_offset=jnp.asarray(offset), budget=jnp.asarray(budget), done=jnp.asarray(budget <= 0),
-            step=jnp.zeros((), jnp.int32), rng=jax.random.key(seed),
+            step=jnp.zeros((), jnp.int32), rng=rng,
             logits=jnp.zeros((B, record, c.vocab_size), jnp.float32))
         self.pool = None  # the state owns it until _finish hands it back
         return Batch(state, jit_settings, n, ids, wanted)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +27,24 @@ from grc_jax.inference.decode import GREEDY, Decoder, Sampling, bucket
 from grc_jax.inference.memory_bank import BankSpec, MemoryBank
 from grc_jax.inference.pages import page_bytes
 from grc_jax.special_tokens import FROM_MODEL, SpecialTokens
-from grc_jax.tokenizer import Tokenizer
+from grc_jax.tokenizer import Tokenizer, literal_special_tokens
 
 DEFAULT_POOL_BYTES = 256 * 2**20
 STOP_CHECK_STEPS = 16  # with stop strings, decode steps between checks of the text for them
+MAX_SEED = 2**63 - 1
+
+
+def _serialized(method):
+    """Runs a public call holding the engine's lock, after any open stream has ended (the
+    decoder's page pool serves one batch at a time). Calls nest: rag calls search and generate."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            self._wait_for_streams()
+            return method(self, *args, **kwargs)
+
+    return call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +76,31 @@ class Engine:
     and RAG over one model. sentence-transformers style `encode` is included."""
 
     similarity_fn_name = "cosine"
+    # Thread safety: every public call holds one lock, so threads sharing an engine take turns
+    # (a server gets one request's batch at a time, not several in one batch). A stream holds
+    # the engine from its first chunk until it ends or is closed; other threads wait meanwhile,
+    # and its chunks may be read from any thread.
 
     def __init__(self, config: ModelConfig, params: model.Params, tokenizer: Tokenizer, *,
                  eos_token: str | Sequence[str] | None = FROM_MODEL, eor_token: str | None = FROM_MODEL,
                  bank: MemoryBank | None = None, num_pages: int | None = None, page_size: int = 16,
                  prefill_chunk: int = 256, max_reason_tokens: int = 64, batch_size: int = 32,
                  prompts: dict[str, str] | None = None, impl: str | None = None,
-                 special_tokens: SpecialTokens | None = None, chat_template: str | None = FROM_MODEL):
+                 special_tokens: SpecialTokens | None = None, chat_template: str | None = FROM_MODEL,
+                 split_special_tokens: bool = True):
         """Special tokens and the chat template come from `special_tokens` (from_pretrained reads
         them from the model's files), else from the tokenizer's tokenizer_config.json; an explicit
         eos_token (one or a list), eor_token or chat_template overrides them, None meaning none
         (no eos: generation runs to max_new_tokens; no eor: no self-reasoning)."""
         self.config, self.params = config, params
         self.tokenizer = _with_latents(tokenizer, config)
+        # User text may contain "</s>" or "<|mlt_0|>": it is encoded as text, never as those tokens
+        # (split_special_tokens=False: the caller's text may name special tokens, a chat template's say).
+        self._text_tokenizer = literal_special_tokens(self.tokenizer) if split_special_tokens else self.tokenizer
+        self._lock = threading.RLock()
+        self._streams_done = threading.Condition(self._lock)
+        self._stream_thread: int | None = None  # the thread reading an open stream's latest chunk
+        self._stream_open = False
         self.latent_ids = tuple(self.tokenizer.latent_ids(config.num_latents))
         found = special_tokens if special_tokens is not None else special_tokens_lib.from_tokenizer(self.tokenizer)
         self.special_tokens = found.override(eos=eos_token, eor=eor_token, chat_template=chat_template)
@@ -122,15 +149,18 @@ class Engine:
 
     # --- compression and embeddings ----------------------------------------------------------
 
+    @_serialized
     def compress(self, texts: str | Sequence[str]) -> list[list[int]]:
         """Stores each text's memories (one per segment of at most max_segment_len tokens) with
         their embeddings, all from one pass; returns the new memory ids per text."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _texts(texts, "compress")
         segments, owner = [], []
         for i, text in enumerate(texts):
-            ids = self.tokenizer.encode(text) if isinstance(text, str) else []
+            ids = self._encode(text)
             if not ids:
                 raise ValueError(f"text {i} is empty: nothing to compress")
+            if not text.strip():  # training refuses blank fields too
+                raise ValueError(f"text {i} is blank (whitespace only): nothing to compress")
             for seg in layout.split_segments(ids, self.config.max_segment_len):
                 segments.append(seg)
                 owner.append(i)
@@ -141,13 +171,14 @@ class Engine:
             out[i].append(memory_id)
         return out
 
+    @_serialized
     def embed(self, texts: str | Sequence[str], reason: bool = False, instruction: str | None = None,
               batch_size: int | None = None) -> np.ndarray:
         """float32 [n, dim] L2-normalised embeddings ([dim] for one string). With reason=True
         the model first writes a reasoning trace for each text (greedy, at most
         max_reason_tokens, ending at the end-of-reasoning token), all in one jitted loop."""
         single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
+        texts = _texts(texts, "embed")
         segments = self._segments(texts, instruction)
         if reason:
             out = self.embed_with_reasoning_tokens(segments, batch_size)[0]
@@ -155,10 +186,12 @@ class Engine:
             out = self.embed_tokens(segments, batch_size)
         return out[0] if single else out
 
+    @_serialized
     def embed_tokens(self, segments: Sequence[Sequence[int]], batch_size: int | None = None) -> np.ndarray:
         """Embeddings of token segments ([segment][latents], one pass each), float32 [n, dim]."""
         return self._segment_pass(segments, batch_size)[2]
 
+    @_serialized
     def embed_with_reasoning_tokens(self, segments: Sequence[Sequence[int]], batch_size: int | None = None
                                     ) -> tuple[np.ndarray, list[list[int]]]:
         """Self-reason-latent embeddings of token segments and the reasoning each row wrote."""
@@ -179,6 +212,7 @@ class Engine:
 
     # sentence-transformers conventions
 
+    @_serialized
     def encode(self, sentences: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
                batch_size: int = 32, normalize_embeddings: bool = True, convert_to_numpy: bool = True,
                show_progress_bar: bool = False, reason: bool = False) -> np.ndarray | jax.Array:
@@ -212,14 +246,16 @@ class Engine:
 
     # --- memories ----------------------------------------------------------------------------
 
+    @_serialized
     def remove_memories(self, ids: Sequence[int]) -> None:
         self.bank.remove(ids)
 
+    @_serialized
     def replace_memory(self, memory_id: int, text: str) -> None:
         """New contents under an existing id; `text` must fit one segment."""
-        tokens = self.tokenizer.encode(text)
-        if not tokens:
-            raise ValueError("replacement text is empty")
+        tokens = self._encode(_texts(text, "replace_memory")[0])
+        if not tokens or not text.strip():
+            raise ValueError("replacement text is empty or blank")
         if len(tokens) > self.config.max_segment_len:
             raise ValueError(f"replacement text has {len(tokens)} tokens; one memory holds at most "
                              f"max_segment_len={self.config.max_segment_len}")
@@ -227,11 +263,13 @@ class Engine:
         keys, values, embeddings = self._segment_pass([tokens])
         self.bank.replace(memory_id, keys[0], values[0], embeddings[0], self.tokenizer.decode(tokens))
 
+    @_serialized
     def load_bank(self, path: str | Path) -> None:
         self.bank = MemoryBank.load(path, expect=self.bank_spec)
 
     # --- generation --------------------------------------------------------------------------
 
+    @_serialized
     def generate(self, prompts: str | Sequence[str], memories: Sequence[int] | Sequence[Sequence[int]] | None = None,
                  max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[str] | None = None,
                  seed: int = 0, stop: str | Sequence[str] | None = None) -> str | list[str]:
@@ -242,53 +280,98 @@ class Engine:
         ends its row inside the decode loop; other stop strings are looked for in the decoded
         text every STOP_CHECK_STEPS steps, and the batch ends once every row has met one."""
         single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
-        token_ids = [self.tokenizer.encode(t) for t in texts]
+        answers = self._generate([self._encode(t) for t in _texts(prompts, "generate")], memories, max_new_tokens,
+                                 sampling, stop_tokens, seed, stop)
+        return answers[0] if single else answers
+
+    def _generate(self, token_ids: list[list[int]], memories: Any = None, max_new_tokens: int = 64,
+                  sampling: Sampling = GREEDY, stop_tokens: Sequence[str] | None = None, seed: int = 0,
+                  stop: str | Sequence[str] | None = None) -> list[str]:
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        _check_int("seed", seed, 0, MAX_SEED)
         for i, t in enumerate(token_ids):
             if not t:
                 raise ValueError(f"prompt {i} is empty")
-        rows = self._memory_rows(memories, len(texts))
+        rows = self._memory_rows(memories, len(token_ids))
         stops, stop_strings = self._stops(stop_tokens, stop)
         settings = self.decoder.settings(max_new_tokens, sampling, stops)
         out = []
-        for start in range(0, len(texts), self.batch_size):
+        for start in range(0, len(token_ids), self.batch_size):
             chunk, keys = token_ids[start:start + self.batch_size], self._pool_keys(rows[start:start + self.batch_size])
             if stop_strings:
                 out.extend(self._generate_until_stop(chunk, settings, keys, seed, stops, stop_strings))
             else:
                 out.extend(self.decoder.generate(chunk, settings, memories=keys, memory_source=self._memory_source,
                                                  seed=seed))
-        answers = [chat_lib.cut_at_stop(self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o),
-                                        stop_strings)[0] for o in out]
-        return answers[0] if single else answers
+        return [chat_lib.cut_at_stop(self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o),
+                                     stop_strings)[0] for o in out]
 
     def stream(self, prompt: str, memories: Sequence[int] | None = None, max_new_tokens: int = 64,
                sampling: Sampling = GREEDY, steps_per_chunk: int = 8, seed: int = 0,
                stop: str | Sequence[str] | None = None, stop_tokens: Sequence[str] | None = None) -> Iterator[str]:
         """Yields the answer's text as it grows, one piece per `steps_per_chunk` tokens. Text that
         may be the start of a stop string is held back until the next tokens tell; decoding ends
-        at the first stop string."""
-        tokens = self.tokenizer.encode(prompt)
+        at the first stop string. The arguments are checked here; the engine is held from the
+        first chunk to the last."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
+        return self._stream_tokens(self._encode(_texts(prompt, "stream")[0]), memories, max_new_tokens, sampling,
+                                   steps_per_chunk, seed, stop, stop_tokens)
+
+    def _stream_tokens(self, tokens: list[int], memories: Sequence[int] | None = None, max_new_tokens: int = 64,
+                       sampling: Sampling = GREEDY, steps_per_chunk: int = 8, seed: int = 0,
+                       stop: str | Sequence[str] | None = None,
+                       stop_tokens: Sequence[str] | None = None) -> Iterator[str]:
         if not tokens:
             raise ValueError("prompt 0 is empty")
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        _check_int("steps_per_chunk", steps_per_chunk, 1)
+        _check_int("seed", seed, 0, MAX_SEED)
+        rows = self._memory_rows(memories, 1)
         stops, stop_strings = self._stops(stop_tokens, stop)
+        return self._stream(tokens, rows, max_new_tokens, sampling, steps_per_chunk, seed, stops, stop_strings)
+
+    def _stream(self, tokens: list[int], rows: list[list[int]], max_new_tokens: int, sampling: Sampling,
+                steps_per_chunk: int, seed: int, stops: tuple[int, ...], stop_strings: tuple[str, ...]
+                ) -> Iterator[str]:
+        with self._lock:
+            self._wait_for_streams()
+            chunks = self.decoder.stream([tokens], self.decoder.settings(max_new_tokens, sampling, stops),
+                                         steps_per_chunk=steps_per_chunk, seed=seed,
+                                         memories=self._pool_keys(rows), memory_source=self._memory_source)
+            self._stream_open = True
+        try:
+            yield from self._stream_text(self._locked_chunks(chunks), stops, stop_strings)
+        finally:
+            with self._lock:
+                getattr(chunks, "close", lambda: None)()  # the decoder's finish: the batch's pages go back
+                self._stream_open, self._stream_thread = False, None
+                self._streams_done.notify_all()
+
+    def _locked_chunks(self, chunks: Iterator[list[list[int]]]) -> Iterator[list[list[int]]]:
+        while True:
+            with self._lock:
+                self._stream_thread = threading.get_ident()
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    return
+            yield chunk
+
+    def _stream_text(self, chunks: Iterator[list[list[int]]], stops: tuple[int, ...],
+                     stop_strings: tuple[str, ...]) -> Iterator[str]:
         made: list[int] = []
         shown = ""
-        pieces = self.decoder.stream([tokens], self.decoder.settings(max_new_tokens, sampling, stops),
-                                     steps_per_chunk=steps_per_chunk, seed=seed,
-                                     memories=self._pool_keys(self._memory_rows(memories, 1)),
-                                     memory_source=self._memory_source)
-        with _closing(pieces):  # a stop string ends the decode loop and frees its pages
-            for chunk in pieces:
-                made.extend(t for t in chunk[0] if t not in stops)
-                text, stopped = chat_lib.cut_at_stop(self.tokenizer.decode(made), stop_strings)
-                if stopped:
-                    break
-                text = text[:chat_lib.safe_prefix_length(text, stop_strings)]
-                # A byte-level tokenizer's chunk may end mid-character (decoded as U+FFFD): hold it back.
-                if text != shown and text.startswith(shown) and not text.endswith("\ufffd"):
-                    yield text[len(shown):]
-                    shown = text
+        for chunk in chunks:
+            made.extend(t for t in chunk[0] if t not in stops)
+            text, stopped = chat_lib.cut_at_stop(self.tokenizer.decode(made), stop_strings)
+            if stopped:  # leaving the loop ends decoding: _stream's finally frees the pages
+                break
+            text = text[:chat_lib.safe_prefix_length(text, stop_strings)]
+            # A byte-level tokenizer's chunk may end mid-character (decoded as U+FFFD): hold it back.
+            if text != shown and text.startswith(shown) and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
         text = chat_lib.cut_at_stop(self.tokenizer.decode(made), stop_strings)[0]
         if text != shown and text.startswith(shown):
             yield text[len(shown):]
@@ -306,35 +389,56 @@ class Engine:
         return chat_lib.render_chat(self.chat_template, list(messages), add_generation_prompt=add_generation_prompt,
                                     **variables)
 
+    def _chat_tokens(self, messages: Sequence[Mapping[str, Any]], template_kwargs: Mapping[str, Any] | None
+                     ) -> list[int]:
+        # The rendered template's special tokens (<|im_start|>, ...) are tokens, as transformers
+        # tokenizes a rendered chat; user text elsewhere is encoded with them split.
+        return self.tokenizer.encode(self.render_chat(messages, **dict(template_kwargs or {})))
+
+    @_serialized
     def chat(self, messages: Sequence[Mapping[str, Any]], memories: Sequence[int] | None = None, *,
              template_kwargs: Mapping[str, Any] | None = None, **generate_kwargs: Any) -> str:
         """The assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]), reading the
         named memories; `template_kwargs` are more template variables (tools, enable_thinking, ...),
         generate_kwargs go to `generate` (max_new_tokens, sampling, stop, ...)."""
-        prompt = self.render_chat(messages, **dict(template_kwargs or {}))
-        return self.generate(prompt, memories=memories, **generate_kwargs)
+        return self._generate([self._chat_tokens(messages, template_kwargs)], memories, **generate_kwargs)[0]
 
     def stream_chat(self, messages: Sequence[Mapping[str, Any]], memories: Sequence[int] | None = None, *,
                     template_kwargs: Mapping[str, Any] | None = None, **stream_kwargs: Any) -> Iterator[str]:
         """`chat`, yielding the reply's text as it grows (as `stream`)."""
-        prompt = self.render_chat(messages, **dict(template_kwargs or {}))
-        return self.stream(prompt, memories=memories, **stream_kwargs)
+        return self._stream_tokens(self._chat_tokens(messages, template_kwargs), memories, **stream_kwargs)
 
+    @_serialized
     def search(self, query: str, top_k: int = 5, reason: bool = False) -> list[Hit]:
         """The bank's top_k memories for a query, best first."""
         embedding = self.encode_query(query, reason=reason)
         ids, scores = self.bank.search(embedding[None], top_k)
         return [Hit(int(i), float(s), self.bank.get(int(i)).text) for i, s in zip(ids[0], scores[0])]
 
+    @_serialized
     def rag(self, question: str, top_k: int = 4, reason: bool = False, max_new_tokens: int = 64,
             sampling: Sampling = GREEDY) -> RagAnswer:
         """Search with the question, then answer it reading the top_k memories."""
+        _check_int("max_new_tokens", max_new_tokens, 1)
         hits = self.search(question, top_k, reason=reason)
         ids = [h.id for h in hits]
         answer = self.generate(question, memories=ids, max_new_tokens=max_new_tokens, sampling=sampling)
         return RagAnswer(answer, ids, [h.score for h in hits])
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        """User text as tokens: special-token strings in it stay text."""
+        return self._text_tokenizer.encode(text)
+
+    def _wait_for_streams(self) -> None:
+        """Waits (holding the lock on return) until no stream is open; the thread reading one
+        cannot wait for itself."""
+        while self._stream_open:
+            if self._stream_thread == threading.get_ident():
+                raise RuntimeError("a stream of this engine is open in this thread: read it to the end or close it "
+                                   "first")
+            self._streams_done.wait()
 
     def _special(self, token: str, name: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -385,12 +489,14 @@ class Engine:
         return made
 
     def _segments(self, texts: Sequence[str], instruction: str | None) -> list[list[int]]:
-        prefix = self.tokenizer.encode(instruction) if instruction else []
+        prefix = self._encode(_texts(instruction, "instruction")[0]) if instruction else []
         segments = []
         for i, text in enumerate(texts):
-            ids = self.tokenizer.encode(text) if isinstance(text, str) else []
+            ids = self._encode(text)
             if not ids:
                 raise ValueError(f"text {i} is empty: nothing to embed")
+            if not text.strip():
+                raise ValueError(f"text {i} is blank (whitespace only): nothing to embed")
             segments.append((prefix + ids)[: self.config.max_segment_len])
         return segments
 
@@ -424,16 +530,26 @@ class Engine:
     def _memory_rows(self, memories: Any, n: int) -> list[list[int]]:
         if memories is None:
             return [[] for _ in range(n)]
+        if isinstance(memories, (str, bytes)):  # list("12") would be the ids 1 and 2
+            raise ValueError(f"memories must be a list of integer ids, got the string {memories!r}")
         memories = list(memories)
-        is_id = [isinstance(m, (int, np.integer)) for m in memories]
+        is_id = [_is_memory_id(m) for m in memories]
         if all(is_id):
             return [[int(m) for m in memories] for _ in range(n)]
         if any(is_id):
             raise ValueError(f"memories must be one list of ids for every prompt, or one list per prompt; got "
                              f"{memories!r}")
+        for m in memories:
+            if isinstance(m, (str, bytes)) or not isinstance(m, Iterable):
+                raise ValueError(f"memory id {m!r} is not an integer (ids from JSON must be numbers, not strings)")
         if len(memories) != n:
             raise ValueError(f"{len(memories)} memory lists for {n} prompts")
-        return [[int(m) for m in row] for row in memories]
+        rows = [list(row) for row in memories]
+        for row in rows:
+            for m in row:
+                if not _is_memory_id(m):
+                    raise ValueError(f"memory id {m!r} is not an integer (ids from JSON must be numbers, not strings)")
+        return [[int(m) for m in row] for row in rows]
 
     def _pool_keys(self, rows: list[list[int]]) -> list[list[Any]]:
         return [[self.bank.pool_key(m) for m in row] for row in rows]  # raises on an unknown id
@@ -454,6 +570,34 @@ def _closing(pieces: Iterator[Any]) -> Iterator[Iterator[Any]]:
         close = getattr(pieces, "close", None)
         if close is not None:
             close()
+
+
+def _is_memory_id(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _texts(texts: Any, what: str) -> list[str]:
+    """The texts of a call, each a string that the tokenizer can read, at least one."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError(f"{what}: no texts given")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what}: text {i} must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, from a bad JSON escape say
+            raise ValueError(f"{what}: text {i} is not valid Unicode: {e.reason} at character {e.start} "
+                             f"({text[e.start]!r})") from None
+    return texts
+
+
+def _check_int(name: str, value: Any, least: int, most: int | None = None) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < least or (most is not None and value > most):
+        bounds = f">= {least}" if most is None else f"in [{least}, {most}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
 
 
 def _with_latents(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import flax.struct
 import jax
@@ -31,8 +31,16 @@ import numpy as np
 
 from grc_jax import model
 from grc_jax.config import ModelConfig
-from grc_jax.inference.decode import (DecodeSettings, DecodeState, Decoder, _prefill, bucket, feed, final_hidden,
-                                      table_widths)
+from grc_jax.inference.decode import (
+    Decoder,
+    DecodeSettings,
+    DecodeState,
+    _prefill,
+    bucket,
+    feed,
+    final_hidden,
+    table_widths,
+)
 from grc_jax.inference.pages import OutOfPages, write_memories
 from pallas_kernels.hybrid_paged_attention.dispatch import default_impl
 
@@ -242,7 +250,7 @@ class SlotBatch:
             request.on_tokens([], True)
         self.waiting.clear()
 
-    def lend_pool(self) -> "_Lend":
+    def lend_pool(self) -> _Lend:
         """`with batch.lend_pool():` the decoder holds the pool (and the pages of running rows
         stay allocated) so that Decoder.start/finish calls work; then it comes back."""
         return _Lend(self)

@@ -7,8 +7,10 @@ before its response. SIGTERM (or Ctrl-C) lets in-flight requests finish, then ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -58,10 +60,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(worker, model_name=args.model_name or Path(args.model).resolve().name, api_key=args.api_key,
                      default_max_tokens=args.default_max_tokens)
-    # uvicorn handles SIGTERM and SIGINT: it stops accepting, waits for in-flight requests, then
-    # runs the app's shutdown (which drains and stops the engine thread).
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    # On SIGTERM or SIGINT uvicorn stops accepting, waits for in-flight requests, then runs the
+    # app's shutdown (which drains and stops the engine thread).
+    server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                    timeout_graceful_shutdown=None))
+    server.run()
     return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that a SIGTERM after a clean shutdown ends the process with
+        status 0 (uvicorn re-raises the signal, so the exit status would say "killed")."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request

@@ -19,7 +19,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from grc_jax.inference import Engine
 from grc_jax.inference.scheduler import SlotBatch, SlotRequest
@@ -110,7 +111,7 @@ class Worker:
     """Owns the Engine on one thread; see the module docstring."""
 
     def __init__(self, engine: Engine, *, slots: int = 16, max_len: int = 1024, max_memories: int = 16,
-                 steps_per_chunk: int = 8, on_step: Callable[["Worker"], None] | None = None):
+                 steps_per_chunk: int = 8, on_step: Callable[[Worker], None] | None = None):
         self.engine = engine
         tokenizer = engine.tokenizer
         ids = {engine.eos_id} | {tokenizer.token_to_id(t) for t in END_TOKENS}

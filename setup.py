@@ -28,9 +28,16 @@ setup(
         "pytrec-eval-terrier>=0.5.11,<0.6",  # trec_eval's IR metrics, as BEIR and BRIGHT compute them
         "matplotlib>=3.11,<4",
         "tqdm>=4.70,<5",
+        # python -m grc_jax.serve. Tested: fastapi 0.165.0, uvicorn 0.55.0, pydantic 2.13.4, prometheus-client 0.26.0.
+        "fastapi>=0.165,<1",
+        "uvicorn>=0.55,<1",
+        "pydantic>=2.13,<3",
+        "prometheus-client>=0.26,<1",
     ],
     extras_require={
-        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0"],
+        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0",
+                 # the server's tests: the official client against a live server (openai 3.63.0, httpx 0.29.0)
+                 "openai>=3.63,<4", "httpx>=0.29,<1"],
         # Exact pin: an unpinned torch pulls several GB of CUDA wheels.
         "hf": ["torch==2.13.0", "transformers>=5.23.0,<6", "tokenizers>=0.23.1,<0.24"],
         # jax_triton fails to import without a GPU jaxlib: only ever imported lazily.

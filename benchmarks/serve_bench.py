@@ -11,7 +11,7 @@ tokens, prompts of 8-40 words, a different one per request) until the level's re
 used up. Output tokens/s = the tokens the server reports (`usage`) / the level's wall time;
 time to first token = from sending a request to its first non-empty text. One client is the
 one-at-a-time baseline: every level runs on the same server, after a warm-up request that
-compiles the decode program. Figures go to benchmarks/RESULTS.md unless --no-write.
+compiles the decode program and bursts that compile each prefill capacity. Figures go to benchmarks/RESULTS.md unless --no-write.
 """
 from __future__ import annotations
 
@@ -132,7 +132,9 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        asyncio.run(level(url, 1, 2, args.max_tokens, 10_000))  # compile and warm up
+        # Compile the decode program and the prefill programs of every capacity the levels use.
+        for clients in (1, 4, 16, 64):
+            asyncio.run(level(url, clients, clients, args.max_tokens, 10_000))
         rows, offset = [], 0
         for clients in args.clients:
             n = max(args.requests, 2 * clients)

@@ -2,13 +2,15 @@
 
 `Decoder` runs one static batch per call. A server needs more: requests arrive while others
 decode. `SlotBatch` keeps one `DecodeState` of `slots` rows alive for the life of the server
-and runs the jitted loop `steps_per_chunk` decode steps at a time (`run_slots`). Between two
+and runs the jitted loop `steps_per_chunk` decode steps at a time (`decode_slots`). Between two
 chunks the host
 - hands every running request the tokens its row made (streaming costs nothing extra);
 - frees the pages of rows that finished (a stop token, the budget, or the caller said stop), and
 - admits waiting requests into free slots: their token pages and memory pages come from the
   shared `PageAllocator` (a memory already resident is shared, its pages reference-counted), new
-  memories are written into the pool, and the next `run_slots` prefills them before decoding.
+  memories are written into the pool, and `prefill_slots` feeds their prompts (its capacity
+  bucketed to the prompt tokens waiting, as `Decoder.start` does: a prefill call costs its
+  capacity in query rows, used or not) before the next chunk decodes.
 A request whose pages are not free waits, in arrival order, until rows finish.
 
 Every row samples with its own temperature, top-k, top-p and seed (the compiled program is the
@@ -87,11 +89,18 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
-def run_slots(config: ModelConfig, settings: DecodeSettings, params: model.Params, state: SlotState,
-              until: jax.Array) -> SlotState:
-    """Prefills the rows that have prompt tokens without K/V, then decodes until every row is
-    done or `step` reaches `until`; `state` is donated."""
-    inner = _prefill(config, settings, params, state.inner)
+def prefill_slots(config: ModelConfig, settings: DecodeSettings, params: model.Params, state: SlotState) -> SlotState:
+    """Feeds every row's prompt tokens that have no K/V yet but the last, `settings.prefill_chunk`
+    tokens per call (decode.py's prefill); `state` is donated."""
+    return state.replace(inner=_prefill(config, settings, params, state.inner))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
+def decode_slots(config: ModelConfig, settings: DecodeSettings, params: model.Params, state: SlotState,
+                 until: jax.Array) -> SlotState:
+    """Decode steps until every row is done or `step` reaches `until`; `state` is donated.
+    Rows must be prefilled (`prefill_slots`)."""
+    inner = state.inner
     B, W = inner.tokens.shape
     S = inner.pool.page_size
     rows = jnp.arange(B)
@@ -177,6 +186,8 @@ class SlotBatch:
         self._shapes = (slots, self.max_len, self.max_len // S, M)
         self.rows: list[_Row | None] = [None] * slots
         self._row_memories: dict[int, list] = {}
+        self._step = 0  # the state's `step` (kept here so reading it costs no device round trip)
+        self._unfed = 0  # prompt tokens admitted and not yet prefilled
         self.waiting: list[SlotRequest] = []
         self._next_rid = 0
         if decoder.pool is None:
@@ -214,14 +225,20 @@ class SlotBatch:
         self._admit()
         if not self.running:
             return
-        inner = self.state.inner
-        until = jnp.int32(int(jax.device_get(inner.step)) + self.steps_per_chunk)
         try:
-            self.state = run_slots(self.config, self.settings, self.decoder.params, self.state, until)
+            if self._unfed:
+                settings = dataclasses.replace(self.settings, prefill_chunk=min(
+                    self.settings.prefill_chunk, bucket(self._unfed, 32)))
+                self.state = prefill_slots(self.config, settings, self.decoder.params, self.state)
+                self._unfed = 0
+            self.state = decode_slots(self.config, self.settings, self.decoder.params, self.state,
+                                      jnp.int32(self._step + self.steps_per_chunk))
         except BaseException:
             self._reset_after_failure()
             raise
-        tokens, total, done = jax.device_get((self.state.inner.tokens, self.state.inner.total, self.state.inner.done))
+        tokens, total, done, step = jax.device_get((self.state.inner.tokens, self.state.inner.total,
+                                                     self.state.inner.done, self.state.inner.step))
+        self._step = int(step)
         stopped = []
         for b, row in enumerate(self.rows):
             if row is None:
@@ -328,6 +345,7 @@ class SlotBatch:
             sampling["top_k"][b] = request.top_k
             sampling["seed"][b] = request.seed % 2**32
             request.slot = b
+            self._unfed += n - 1
             self.rows[b] = _Row(request, rid, n)
             self._row_memories[b] = list(dict.fromkeys(request.memories))
         inner = self.state.inner.replace(**{k: jnp.asarray(v) for k, v in host.items()})
@@ -361,6 +379,7 @@ class SlotBatch:
         self._row_memories = {}
         d.allocator = PageAllocator(d.allocator.num_pages, d.page_size)
         self.state = self._empty_state(new_pool(self.config, d.allocator.num_pages, d.page_size))
+        self._step = self._unfed = 0
         for request in failed:
             try:
                 request.on_tokens([], True)

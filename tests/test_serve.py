@@ -272,6 +272,32 @@ def test_a_long_request_started_first_does_not_hold_back_a_short_one(server, cli
     assert short_done < long_done["at"]
 
 
+def test_requests_wait_while_the_page_pool_is_full_and_then_run(server, client):
+    # Each request takes 64 of the pool's 256 pages: four run at once, the others wait for pages.
+    batch = server.worker.batch
+    requests = [{"prompt": PROMPTS[i], "max_tokens": 256 - len(server.worker.engine.tokenizer.encode(PROMPTS[i]))}
+                for i in range(7)]
+    alone = [client.completions.create(model="tiny", **requests[i]).choices[0].text for i in (0, 6)]
+    most_waiting = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            most_waiting.append(len(batch.waiting))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        together = list(pool.map(lambda r: client.completions.create(model="tiny", **r).choices[0].text, requests))
+    stop.set()
+    watcher.join()
+    assert max(most_waiting) >= 1
+    assert [together[0], together[6]] == alone
+    batch.decoder.allocator.check()
+    assert batch.pages_in_use == 0
+
+
 # --- bad input and auth -------------------------------------------------------------------
 
 
@@ -288,6 +314,7 @@ def test_a_long_request_started_first_does_not_hold_back_a_short_one(server, cli
     ("/v1/completions", {"prompt": "Belna", "memory_ids": [123456]}, 404, "memory_ids"),
     ("/v1/completions", {"prompt": "Belna", "memory_ids": ["12"]}, 422, "memory_ids"),
     ("/v1/completions", {"prompt": "Belna", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "Belna", "memory_ids": [0, 1, 2, 3, 4]}, 400, "memory_ids"),
     ("/v1/completions", {}, 422, "prompt"),
     ("/v1/chat/completions", {"messages": []}, 422, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 422, "max_tokens"),

@@ -194,6 +194,10 @@ class SlotBatch:
             raise RuntimeError("the decoder is running another batch")
         self.state = self._empty_state(decoder.pool)
         decoder.pool = None
+        # The rows' host-side arrays: changed here (admissions, frees), uploaded once per chunk;
+        # the device's changes to tokens, lengths, total, done come back with each chunk's tokens.
+        self._host = {k: np.array(v) for k, v in jax.device_get(self._row_fields(self.state)).items()}
+        self._dirty = False
 
     # --- what callers use ------------------------------------------------------------------
 
@@ -225,6 +229,8 @@ class SlotBatch:
         self._admit()
         if not self.running:
             return
+        if self._dirty:
+            self._upload()
         try:
             if self._unfed:
                 settings = dataclasses.replace(self.settings, prefill_chunk=min(
@@ -236,9 +242,12 @@ class SlotBatch:
         except BaseException:
             self._reset_after_failure()
             raise
-        tokens, total, done, step = jax.device_get((self.state.inner.tokens, self.state.inner.total,
-                                                     self.state.inner.done, self.state.inner.step))
+        inner = self.state.inner
+        tokens, total, done, lengths, step = jax.device_get((inner.tokens, inner.total, inner.done, inner.lengths,
+                                                              inner.step))
         self._step = int(step)
+        h = self._host
+        h["tokens"], h["total"], h["done"], h["lengths"] = (np.array(a) for a in (tokens, total, done, lengths))
         stopped = []
         for b, row in enumerate(self.rows):
             if row is None:
@@ -321,15 +330,12 @@ class SlotBatch:
         self.state = self.state.replace(inner=self.state.inner.replace(pool=pool))
         if not admitted:
             return
-        host = jax.device_get({k: getattr(self.state.inner, k) for k in (
-            "tokens", "mem_page_table", "mem_page_lens", "tok_page_table", "lengths", "total", "prompt_lens",
-            "pos_offset", "budget", "done")})
-        host = {k: np.array(v) for k, v in host.items()}
-        sampling = {k: np.array(jax.device_get(getattr(self.state, k))) for k in ("temperature", "top_p", "top_k", "seed")}
+        host = sampling = self._host
+        self._dirty = True
         slot_lens = [min(S, K - j * S) for j in range(self.pages_per_memory)]
         for b, request, rid, pages, mem_pages in admitted:
             n = len(request.prompt)
-            for name in host:
+            for name in self._INNER_FIELDS:
                 host[name][b] = 0
             host["tokens"][b, :n] = request.prompt
             host["tok_page_table"][b, : len(pages)] = pages
@@ -348,8 +354,6 @@ class SlotBatch:
             self._unfed += n - 1
             self.rows[b] = _Row(request, rid, n)
             self._row_memories[b] = list(dict.fromkeys(request.memories))
-        inner = self.state.inner.replace(**{k: jnp.asarray(v) for k, v in host.items()})
-        self.state = SlotState(inner, *(jnp.asarray(sampling[k]) for k in ("temperature", "top_p", "top_k", "seed")))
 
     def _free(self, slots: list[int]) -> None:
         allocator = self.decoder.allocator
@@ -357,17 +361,25 @@ class SlotBatch:
             row = self.rows[b]
             allocator.release([row.rid], self._row_memories.pop(b, []))
             self.rows[b] = None
-        done = np.array(jax.device_get(self.state.inner.done))
-        prompt_lens = np.array(jax.device_get(self.state.inner.prompt_lens))
-        done[slots] = True
-        prompt_lens[slots] = 0
         # A free row feeds nothing: done, and no prompt left to prefill (total == lengths).
-        total = np.array(jax.device_get(self.state.inner.total))
-        lengths = np.array(jax.device_get(self.state.inner.lengths))
-        total[slots] = lengths[slots] = 0
-        self.state = self.state.replace(inner=self.state.inner.replace(
-            done=jnp.asarray(done), prompt_lens=jnp.asarray(prompt_lens), total=jnp.asarray(total),
-            lengths=jnp.asarray(lengths)))
+        h = self._host
+        h["done"][slots] = True
+        h["prompt_lens"][slots] = h["total"][slots] = h["lengths"][slots] = 0
+        self._dirty = True
+
+    _INNER_FIELDS = ("tokens", "mem_page_table", "mem_page_lens", "tok_page_table", "lengths", "total", "prompt_lens",
+                     "pos_offset", "budget", "done")
+    _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
+
+    def _row_fields(self, state: SlotState) -> dict:
+        return {**{k: getattr(state.inner, k) for k in self._INNER_FIELDS},
+                **{k: getattr(state, k) for k in self._SAMPLING_FIELDS}}
+
+    def _upload(self) -> None:
+        h = self._host
+        inner = self.state.inner.replace(**{k: jnp.asarray(h[k]) for k in self._INNER_FIELDS})
+        self.state = SlotState(inner, *(jnp.asarray(h[k]) for k in self._SAMPLING_FIELDS))
+        self._dirty = False
 
     def _reset_after_failure(self) -> None:
         """A failed chunk may have consumed the pool: every running row's pages are gone."""
@@ -380,6 +392,8 @@ class SlotBatch:
         d.allocator = PageAllocator(d.allocator.num_pages, d.page_size)
         self.state = self._empty_state(new_pool(self.config, d.allocator.num_pages, d.page_size))
         self._step = self._unfed = 0
+        self._host = {k: np.array(v) for k, v in jax.device_get(self._row_fields(self.state)).items()}
+        self._dirty = False
         for request in failed:
             try:
                 request.on_tokens([], True)

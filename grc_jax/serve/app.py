@@ -150,6 +150,9 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
 
     def check_memories(ids: Sequence[int] | None) -> list[int]:
         ids = list(ids or [])
+        if len(ids) > worker.batch.max_memories:
+            raise ApiError(400, f"memory_ids: {len(ids)} memories; this server reads at most "
+                                f"{worker.batch.max_memories} per request", "memory_ids")
         unknown = [i for i in ids if i not in engine.bank]
         if unknown:
             raise ApiError(404, f"memory_ids: unknown memory id(s) {unknown[:8]}", "memory_ids")
@@ -171,7 +174,8 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         try:
             return worker.generation(prompt, memory_ids=memory_ids, **params)
         except RequestTooLarge as e:
-            raise ApiError(400, f"max_tokens: {e}", "max_tokens") from None
+            field = "memory_ids" if "memories" in str(e) else "max_tokens"
+            raise ApiError(400, f"{field}: {e}", field) from None
 
     async def events(job: GenerationJob) -> AsyncIterator[tuple[str, Any]]:
         try:

@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--eos-token", default="</s>")
+    p.add_argument("--eor-token", default="<|end_of_reasoning|>",
+                   help="end-of-reasoning token of self-reasoned embeddings; a model whose tokenizer lacks it "
+                        "serves without them")
     p.add_argument("--default-max-tokens", type=int, default=256, help="a chat request's max_tokens when it sets none")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
@@ -49,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     from grc_jax.serve.worker import Worker
 
     try:
+        eor = args.eor_token if _tokenizer_has(args.model, args.eor_token) else None
+        if eor is None:
+            logging.getLogger("grc_jax.serve").warning(
+                "the tokenizer has no %r: self-reasoned embeddings (reason=true) are off", args.eor_token)
         engine = Engine.from_pretrained(args.model, num_pages=args.num_pages, page_size=args.page_size,
-                                        prefill_chunk=args.prefill_chunk, eos_token=args.eos_token)
+                                        prefill_chunk=args.prefill_chunk, eos_token=args.eos_token, eor_token=eor)
         if args.bank:
             engine.bank = MemoryBank.open(args.bank, engine.bank_spec)
         worker = Worker(engine, slots=args.slots, max_len=args.max_len, max_memories=args.max_memories,
@@ -66,6 +73,19 @@ def main(argv: list[str] | None = None) -> int:
                                     timeout_graceful_shutdown=None))
     server.run()
     return 0
+
+
+def _tokenizer_has(model: str, token: str) -> bool:
+    """Whether the tokenizer of `model` (an HF directory or a training run) has `token`; True
+    when it cannot be read here, so that Engine.from_pretrained reports the problem."""
+    from grc_jax.tokenizer import Tokenizer
+
+    path = Path(model)
+    path = path / "tokenizer" if (path / "model_config.json").is_file() else path
+    try:
+        return Tokenizer.from_dir(path).token_to_id(token) is not None
+    except Exception:  # noqa: BLE001 - any unreadable tokenizer is from_pretrained's to name
+        return True
 
 
 def _server_class():

@@ -267,12 +267,13 @@ class SlotBatch:
 
     def cancel_all(self, error: BaseException) -> None:
         """Ends every running and waiting request (their callbacks see `finished`)."""
-        del error
         for b, row in enumerate(self.rows):
             if row is not None:
+                row.request.error = error
                 row.request.on_tokens([], True)
         self._free([b for b, r in enumerate(self.rows) if r is not None])
         for request in self.waiting:
+            request.error = error
             request.on_tokens([], True)
         self.waiting.clear()
 
@@ -395,6 +396,7 @@ class SlotBatch:
         self._host = {k: np.array(v) for k, v in jax.device_get(self._row_fields(self.state)).items()}
         self._dirty = False
         for request in failed:
+            request.error = RuntimeError("the decode step failed; the request was ended")
             try:
                 request.on_tokens([], True)
             except Exception:

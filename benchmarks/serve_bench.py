@@ -133,7 +133,7 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.3)
         # Compile the decode program and the prefill programs of every capacity the levels use.
-        for clients in (1, 4, 16, 64):
+        for clients in args.clients:
             asyncio.run(level(url, clients, clients, args.max_tokens, 10_000))
         rows, offset = [], 0
         for clients in args.clients:

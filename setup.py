@@ -31,10 +31,17 @@ setup(
         "tqdm>=4.70,<5",
         # python -m grc_jax.data.prepare --mine=bm25. Tested: bm25s 0.3.16 (numpy and scipy only).
         "bm25s>=0.3.16,<0.4",
+        # python -m grc_jax.serve. Tested: fastapi 0.165.0, uvicorn 0.55.0, pydantic 2.13.4, prometheus-client 0.26.0.
+        "fastapi>=0.165,<1",
+        "uvicorn>=0.55,<1",
+        "pydantic>=2.13,<3",
+        "prometheus-client>=0.26,<1",
     ],
     extras_require={
         "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0",
-                 "pyarrow>=26.0.1,<27"],
+                 "pyarrow>=26.0.1,<27",
+                 # the server's tests: the official client against a live server (openai 3.63.0, httpx 0.29.0)
+                 "openai>=3.63,<4", "httpx>=0.29,<1"],
         # python -m grc_jax.data.prepare msmarco on Parquet files. Tested: pyarrow 26.0.1.
         "data": ["pyarrow>=26.0.1,<27"],
         # Exact pin: an unpinned torch pulls several GB of CUDA wheels.

@@ -427,6 +427,11 @@ class Engine:
 
     # --- internals ---------------------------------------------------------------------------
 
+    def tokenize(self, text: str) -> list[int]:
+        """User text's token ids, as every call of the engine encodes it: special tokens typed in
+        the text are text (unless the engine was made with split_special_tokens=False)."""
+        return self._encode(text)
+
     def _encode(self, text: str) -> list[int]:
         """User text as tokens: special-token strings in it stay text."""
         return self._text_tokenizer.encode(text)

@@ -4,8 +4,18 @@ Ids are integers that are never reused, so a removed id stays unknown. `replace`
 memory's version; `pool_key` names (bank, id, version), which is what the page pool caches by,
 so a replaced memory is never served from stale pages.
 
-On disk a bank is one `.npz` file, written to a temporary file beside it and moved over it with
-`os.replace`: a crash mid-save leaves the previous file whole.
+On disk a bank is either
+- one `.npz` file (`save`), written whole; or
+- a directory (`MemoryBank.open`, what the server keeps): `bank.json` (format, spec, next id)
+  and one safetensors file per memory under `memories/` (keys and values in the bank's dtype,
+  bfloat16 stored natively, the embedding in float32; id, version and text in the metadata).
+  A bank opened on a directory writes every change through before the call returns: an add
+  writes the new memories' files and then `bank.json`, a replace rewrites one file, a remove
+  deletes files; no change rewrites the whole bank.
+Every file is written by `atomic_write`: a temporary file beside the target, flushed to disk and
+moved over it with `os.replace`, so a crash mid-save leaves the previous file whole. `load` reads
+both forms and checks the ids (unique, below the next id) and that every list is as long as the
+ids.
 """
 from __future__ import annotations
 
@@ -17,15 +27,21 @@ import tempfile
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, BinaryIO, Callable, Hashable, Sequence
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from grc_jax.config import ModelConfig
 from grc_jax.files import default_mode
 
 FORMAT_VERSION = 2  # 2 records the model fields of BankSpec; format-1 banks still load
+DIR_FORMAT = "grc_jax memory bank directory"
+DIR_FORMAT_VERSION = 1
+INDEX_FILE = "bank.json"
+MEMORY_DIR = "memories"
 _ARRAY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
@@ -99,6 +115,7 @@ class MemoryBank:
         self._next_id = 0
         self._matrix: tuple[np.ndarray, np.ndarray] | None = None  # (ids, embeddings), rebuilt on change
         self._unit: np.ndarray | None = None  # the embeddings at unit length
+        self.directory: Path | None = None  # with `open`: every change is written here before it returns
 
     @classmethod
     def for_model(cls, config: ModelConfig, params: Any = None) -> "MemoryBank":
@@ -114,6 +131,10 @@ class MemoryBank:
     def ids(self) -> list[int]:
         return list(self._memories)
 
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
     # --- edits -----------------------------------------------------------------------------
 
     def add(self, keys: np.ndarray, values: np.ndarray, embeddings: np.ndarray,
@@ -125,8 +146,12 @@ class MemoryBank:
         if len(texts) != n:
             raise ValueError(f"{len(texts)} texts for {n} memories")
         ids = list(range(self._next_id, self._next_id + n))
-        for i, memory_id in enumerate(ids):
-            self._memories[memory_id] = Memory(keys[i], values[i], embeddings[i], texts[i])
+        new = {memory_id: Memory(keys[i], values[i], embeddings[i], texts[i]) for i, memory_id in enumerate(ids)}
+        if self.directory is not None:  # on disk first: a failed write leaves the bank as it was
+            for memory_id, memory in new.items():
+                self._write_memory(memory_id, memory)
+            self._write_index(self._next_id + n)
+        self._memories.update(new)
         self._next_id += n
         self._matrix = self._unit = None
         return ids
@@ -135,7 +160,11 @@ class MemoryBank:
         ids = list(ids)
         self._need(ids)
         for memory_id in ids:
+            if self.directory is not None:
+                self._memory_file(memory_id).unlink(missing_ok=True)
             del self._memories[memory_id]
+        if self.directory is not None:
+            _fsync_dir(self.directory / MEMORY_DIR)
         self._matrix = self._unit = None
 
     def replace(self, memory_id: int, keys: np.ndarray, values: np.ndarray, embedding: np.ndarray,
@@ -144,7 +173,10 @@ class MemoryBank:
         self._need([memory_id])
         k, v, e = self._check(np.asarray(keys)[None], np.asarray(values)[None], np.asarray(embedding)[None])
         old = self._memories[memory_id]
-        self._memories[memory_id] = Memory(k[0], v[0], e[0], text, old.version + 1)
+        memory = Memory(k[0], v[0], e[0], text, old.version + 1)
+        if self.directory is not None:
+            self._write_memory(memory_id, memory)
+        self._memories[memory_id] = memory
         self._matrix = self._unit = None
 
     # --- reads -----------------------------------------------------------------------------
@@ -206,23 +238,44 @@ class MemoryBank:
                   # raw bits: npz cannot name bfloat16 without pickle
                   "keys": _to_bits(stack("keys")), "values": _to_bits(stack("values")),
                   "embeddings": self.embeddings()[1]}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else default_mode())
-            with os.fdopen(fd, "wb") as f:
-                _write_npz(f, arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda f: _write_npz(f, arrays))
+
+    @classmethod
+    def open(cls, directory: str | Path, spec: BankSpec) -> "MemoryBank":
+        """The bank kept in `directory` (made, empty, when absent), checked against the model's
+        `spec`; from now on every add, replace and remove is on disk before it returns."""
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{directory}: a file, not a memory bank directory (a single-file .npz bank loads with "
+                             f"MemoryBank.load; `MemoryBank.load(FILE).save_to_directory(DIR)` converts it)")
+        if (directory / INDEX_FILE).is_file():
+            bank = cls._load_directory(directory, spec)
+        else:
+            if directory.is_dir() and any(directory.iterdir()):
+                raise ValueError(f"{directory}: not empty and has no {INDEX_FILE}; not a memory bank directory")
+            bank = cls(spec)
+            bank._attach(directory)
+        return bank
+
+    def save_to_directory(self, directory: str | Path) -> "MemoryBank":
+        """Writes this bank as a new bank directory and returns it opened there (edits go to disk)."""
+        directory = Path(directory)
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise ValueError(f"{directory}: exists and is not an empty directory")
+        bank = MemoryBank(self.spec)
+        bank._memories = dict(self._memories)
+        bank._next_id = self._next_id
+        bank._attach(directory)
+        for memory_id, memory in bank._memories.items():
+            bank._write_memory(memory_id, memory)
+        return bank
 
     @classmethod
     def load(cls, path: str | Path, expect: BankSpec | None = None) -> "MemoryBank":
         """Reads a bank; with `expect` (the model's spec), a mismatch is a clear error."""
         path = Path(path)
+        if path.is_dir():
+            return cls._load_directory(path, expect, attach=False)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no memory bank file")
         try:
@@ -245,14 +298,85 @@ class MemoryBank:
         if expect is not None:
             spec.check_same(expect, f"memory bank {path}")
         bank = cls(spec)
+        if spec.dtype not in _ARRAY_DTYPES:
+            raise ValueError(f"{path}: memory dtype {spec.dtype!r} is not one of {sorted(_ARRAY_DTYPES)}")
         dtype = _ARRAY_DTYPES[spec.dtype]
+        ids = arrays["ids"].tolist() if arrays["ids"].ndim == 1 else None
+        if ids is None:
+            raise ValueError(f"{path}: ids must be a list, got an array of shape {list(arrays['ids'].shape)}")
+        _check_contents(path, ids, next_id, {"keys": len(arrays["keys"]), "values": len(arrays["values"]),
+                                             "embeddings": len(arrays["embeddings"]), "texts": _length(texts),
+                                             "versions": _length(versions)})
         keys, values = arrays["keys"].view(dtype), arrays["values"].view(dtype)
-        for n, memory_id in enumerate(arrays["ids"].tolist()):
+        expected = (len(ids), *spec.memory_shape)
+        for what, array in (("keys", keys), ("values", values)):
+            if array.shape != expected:
+                raise ValueError(f"{path}: {what} have shape {list(array.shape)}, the spec says {list(expected)}")
+        for n, memory_id in enumerate(ids):
             bank._memories[memory_id] = Memory(keys[n], values[n], arrays["embeddings"][n], texts[n], versions[n])
         bank._next_id = next_id
         return bank
 
+    @classmethod
+    def _load_directory(cls, directory: Path, expect: BankSpec | None, attach: bool = True) -> "MemoryBank":
+        index_path = directory / INDEX_FILE
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            if index.get("format") != DIR_FORMAT or index.get("format_version") != DIR_FORMAT_VERSION:
+                raise ValueError(f"format {index.get('format')!r} version {index.get('format_version')!r}, this "
+                                 f"code reads {DIR_FORMAT!r} version {DIR_FORMAT_VERSION}")
+            spec = BankSpec(**index["spec"])
+            next_id = index["next_id"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{index_path}: no memory bank index") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index_path}: not a memory bank index ({e})") from None
+        if expect is not None:
+            spec.check_same(expect, f"memory bank {directory}")
+        if spec.dtype not in _ARRAY_DTYPES:
+            raise ValueError(f"{index_path}: memory dtype {spec.dtype!r} is not one of {sorted(_ARRAY_DTYPES)}")
+        bank = cls(spec)
+        memories: dict[int, Memory] = {}
+        for file in sorted((directory / MEMORY_DIR).glob("*.safetensors")):
+            memory_id, memory = _read_memory_file(file, spec)
+            memories[memory_id] = memory
+        # An add writes its memories before bank.json: a crash between leaves files past the
+        # stored next id, which are acknowledged-or-not but whole; count them in.
+        next_id = max([next_id if isinstance(next_id, int) else -1, *(i + 1 for i in memories)])
+        ids = list(memories)
+        _check_contents(index_path, ids, next_id, {})
+        bank._memories = dict(sorted(memories.items()))
+        bank._next_id = next_id
+        if attach:
+            bank._attach(directory)
+        return bank
+
     # --- internals -------------------------------------------------------------------------
+
+    def _attach(self, directory: Path) -> None:
+        (directory / MEMORY_DIR).mkdir(parents=True, exist_ok=True)
+        for stale in (directory / MEMORY_DIR).glob(".*.tmp"):  # a killed write's leftovers
+            stale.unlink(missing_ok=True)
+        self.directory = directory
+        self._write_index(self._next_id)
+        _fsync_dir(directory)
+
+    def _memory_file(self, memory_id: int) -> Path:
+        return self.directory / MEMORY_DIR / f"{memory_id:012d}.safetensors"
+
+    def _write_index(self, next_id: int) -> None:
+        index = {"format": DIR_FORMAT, "format_version": DIR_FORMAT_VERSION, "spec": dataclasses.asdict(self.spec),
+                 "next_id": next_id}
+        atomic_write(self.directory / INDEX_FILE, lambda f: f.write(json.dumps(index, indent=1).encode()))
+
+    def _write_memory(self, memory_id: int, memory: Memory) -> None:
+        metadata = {"id": str(memory_id), "version": str(memory.version), "text": json.dumps(memory.text),
+                    "spec": json.dumps(dataclasses.asdict(self.spec))}
+        data = safetensors.numpy.save({"keys": np.ascontiguousarray(memory.keys),
+                                       "values": np.ascontiguousarray(memory.values),
+                                       "embedding": np.ascontiguousarray(memory.embedding, np.float32)},
+                                      metadata=metadata)
+        atomic_write(self._memory_file(memory_id), lambda f: f.write(data))
 
     def _need(self, ids: Sequence[Any]) -> None:
         unknown = [i for i in ids if i not in self._memories]
@@ -277,6 +401,90 @@ class MemoryBank:
         if values.shape != keys.shape:
             raise ValueError(f"values have shape {list(values.shape)}, keys {list(keys.shape)}")
         return keys, values, embeddings
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Writes a file through `write(f)` into a temporary file beside `path`, flushes it to disk
+    and moves it over `path` (then flushes the directory entry): readers and crashes see the
+    old file or the new one, never a part. A new file gets the umask's mode, an old one keeps its own."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else default_mode())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _length(x: Any) -> int | None:
+    return len(x) if isinstance(x, list) else None
+
+
+def _check_contents(path: Path, ids: list, next_id: Any, lengths: dict[str, int | None]) -> None:
+    """A loaded bank's ids are unique integers in [0, next_id) and every list is as long as the
+    ids: otherwise the next add would overwrite a memory, or memories would get others' texts."""
+    if isinstance(next_id, bool) or not isinstance(next_id, int):
+        raise ValueError(f"{path}: next_id must be an integer, got {next_id!r}")
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    if bad:
+        raise ValueError(f"{path}: memory ids must be integers >= 0, got {bad[:8]}")
+    repeated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if repeated:
+        raise ValueError(f"{path}: memory ids {repeated[:8]} appear more than once")
+    past = [i for i in ids if i >= next_id]
+    if past:
+        raise ValueError(f"{path}: memory ids {sorted(past)[:8]} are not below next_id={next_id}; the next add "
+                         f"would overwrite them")
+    wrong = {what: n for what, n in lengths.items() if n != len(ids)}
+    if wrong:
+        raise ValueError(f"{path}: {len(ids)} ids but " + ", ".join(
+            f"{'no list of' if n is None else n} {what}" for what, n in wrong.items()))
+
+
+def _read_memory_file(file: Path, spec: BankSpec) -> tuple[int, Memory]:
+    try:
+        with safetensors.safe_open(file, framework="numpy") as f:
+            metadata = f.metadata() or {}
+        tensors = dict(safetensors.deserialize(file.read_bytes()))
+        memory_id, version = int(metadata["id"]), int(metadata["version"])
+        text = json.loads(metadata["text"])
+    except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as e:
+        raise ValueError(f"{file}: not a memory file ({e!r})") from None
+    if file.name != f"{memory_id:012d}.safetensors":
+        raise ValueError(f"{file}: holds memory id {memory_id}, its name says otherwise")
+    arrays = {}
+    for name, shape, dtype in (("keys", spec.memory_shape, spec.dtype), ("values", spec.memory_shape, spec.dtype),
+                               ("embedding", (spec.embed_dim,), "float32")):
+        if name not in tensors:
+            raise ValueError(f"{file}: no tensor {name!r}")
+        t = tensors[name]
+        want = _SAFETENSORS_DTYPES[dtype]
+        if t["dtype"] != want or tuple(t["shape"]) != tuple(shape):
+            raise ValueError(f"{file}: tensor {name!r} is {t['dtype']} {list(t['shape'])}, the bank's spec says "
+                             f"{want} {list(shape)}")
+        arrays[name] = np.frombuffer(bytearray(t["data"]), _ARRAY_DTYPES[dtype]).reshape(shape)
+    if not (text is None or isinstance(text, str)):
+        raise ValueError(f"{file}: text must be a string or null")
+    return memory_id, Memory(arrays["keys"], arrays["values"], arrays["embedding"], text, version)
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def _to_bits(array: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """A control for name_match_probe.py: the same bare skill learnt by a vanilla transformer with no grc_jax code.
 
-    python benchmarks/recall_control.py --memories 2 --queries 2 --init 0.088 --steps 3000
+    python experiments/recall_control.py --memories 2 --queries 2 --init 0.088 --steps 3000
 
 Each example is plain context: --memories pairs `[name] = [value]` (one-token names from 80,
 values from 40, both drawn anew for every example), then --queries questions `[name] ?` each

@@ -16,7 +16,7 @@ and, for held-out and for trained multi-hop queries:
 - how often the bare text prefix of the gold reasoning ("The mentor of X is") is completed
   with the bridge's name: the fact as plain language modelling, without the query.
 
-    python benchmarks/demo_probe.py /tmp/official/run2 [--queries 30]
+    python experiments/demo_probe.py /tmp/official/run2 [--queries 30]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The skill the held-out memory-QA figure needs, stripped bare: pick a memory by a name never seen before.
 
-    python benchmarks/name_match_probe.py --memories 5 --queries 5 --steps 1500 [--plain]
+    python experiments/name_match_probe.py --memories 5 --queries 5 --steps 1500 [--plain]
 
 Each example has --memories one-line documents `[name] = [value]`, each followed by --filler
 random tokens (a name is --syllables tokens drawn from 80, a value one of 40 tokens, all drawn

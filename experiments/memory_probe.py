@@ -1,6 +1,6 @@
 """How fast a model trained from scratch learns to answer from a memory: the compressive loss alone.
 
-    python benchmarks/memory_probe.py --world /tmp/demo_world --layers 2 --steps 1000
+    python experiments/memory_probe.py --world /tmp/demo_world --layers 2 --steps 1000
 
 Trains a tiny GRC model (hidden 128, --latents K, default 8) on the demo world's one-word questions only:
 each reader sees the positive's memory and --distractors others (--kind: the record's hard

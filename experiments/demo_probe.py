@@ -30,8 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from grc_jax import layout, model  # noqa: E402
-from grc_jax.eval.world import answer_exact_match, document_tokens, read_jsonl, reader_tokens  # noqa: E402
+from grc_jax.eval.world import answer_exact_match, document_tokens, reader_tokens  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
+from memory_probe import read_jsonl  # noqa: E402  (this folder)
 
 
 def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4),

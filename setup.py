@@ -30,7 +30,8 @@ setup(
         "tqdm>=4.70,<5",
     ],
     extras_require={
-        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0"],
+        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0",
+                 "ruff>=0.17.6,<0.18"],  # lint rules move between ruff minor versions
         # Exact pin: an unpinned torch pulls several GB of CUDA wheels.
         "hf": ["torch==2.13.0", "transformers>=5.23.0,<6", "tokenizers>=0.23.1,<0.24"],
         # jax_triton fails to import without a GPU jaxlib: only ever imported lazily.

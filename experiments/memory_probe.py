@@ -203,7 +203,8 @@ def main() -> None:
     held = {how: batch(heldout, tok, latent_ids, 4, held_length, np.random.default_rng(1), how, held_pool)
             for how in ("lookalike", "random")}
     held["alone"] = batch(heldout, tok, latent_ids, 0, held_length, np.random.default_rng(1))
-    print(f"{args.layers} layers, K = {K}, {'q/k norms, ' if args.qk_norm else ''}lr {args.lr}, {args.distractors} {args.kind} distractor(s), {args.batch} questions/step, "
+    print(f"{args.layers} layers, K = {K}, {'q/k norms, ' if args.qk_norm else ''}lr {args.lr}, "
+          f"{args.distractors} {args.kind} distractor(s), {args.batch} questions/step, "
           f"documents up to {doc_len} tokens; {len(train)} training and {len(heldout)} held-out questions")
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
@@ -219,7 +220,8 @@ def main() -> None:
             held_accuracy = {how: float(evaluate(params, *held_rows)[1]) for how, held_rows in held.items()}
             print(f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
                   f"with the right memory alone / 4 look-alike / 4 random distractors {held_accuracy['alone']:.2f} / "
-                  f"{held_accuracy['lookalike']:.2f} / {held_accuracy['random']:.2f} | {time.perf_counter() - start:.0f} s", flush=True)
+                  f"{held_accuracy['lookalike']:.2f} / {held_accuracy['random']:.2f} | "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 all-or-nothing failure, and writing memories into device pages."""
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

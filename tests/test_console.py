@@ -29,7 +29,7 @@ def test_setup_logging_sends_library_info_to_the_file_only(tmp_path, capsys):
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     absl_handler = absl_logging.get_absl_handler()
-    filters = list(absl_handler.filters)
+    filters, verbosity = list(absl_handler.filters), absl_logging.get_verbosity()
     stream = logging.StreamHandler()  # stands for the console handler absl installs under app.run
     root.addHandler(stream)
     try:
@@ -51,6 +51,7 @@ def test_setup_logging_sends_library_info_to_the_file_only(tmp_path, capsys):
                 handler.close()
         root.setLevel(level)
         absl_handler.filters[:] = filters
+        absl_logging.set_verbosity(verbosity)
 
 
 def test_next_steps_are_commands_for_this_run(tmp_path):

@@ -96,6 +96,7 @@ def test_losses_fall_and_everything_is_logged(world, tmp_path):
     assert (tmp_path / "model_config.json").is_file() and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_weight_decay_spares_norms_and_biases_of_stacked_layers():
     t = train_config.defaults().train
     t.unlock()

@@ -41,7 +41,8 @@ setup(
         "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0",
                  "pyarrow>=26.0.1,<27",
                  # the server's tests: the official client against a live server (openai 3.63.0, httpx 0.29.0)
-                 "openai>=3.63,<4", "httpx>=0.29,<1"],
+                 "openai>=3.63,<4", "httpx>=0.29,<1",
+                 "ruff>=0.17.6,<0.18"],  # lint rules move between ruff minor versions
         # python -m grc_jax.data.prepare msmarco on Parquet files. Tested: pyarrow 26.0.1.
         "data": ["pyarrow>=26.0.1,<27"],
         # Exact pin: an unpinned torch pulls several GB of CUDA wheels.

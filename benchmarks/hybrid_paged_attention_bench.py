@@ -151,7 +151,8 @@ def main(argv=None) -> None:
         variants = [dict(kw, pv_in_kv_dtype=f) for f in flags]
 
     rows = []
-    header = f"{'batch':>5} {'context':>7} {'mem':>5} {'variant':>15} {'MB read':>9} {'us':>9} {'GB/s':>8} {'% copy':>7}"
+    header = (f"{'batch':>5} {'context':>7} {'mem':>5} {'variant':>15} {'MB read':>9} {'us':>9} {'GB/s':>8} "
+              f"{'% copy':>7}")
     print(header)
     for batch, context, mem in sweep:
         args, nbytes = decode_batch(batch=batch, context=context, mem_slots=mem,

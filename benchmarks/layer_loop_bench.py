@@ -14,7 +14,6 @@ Prints milliseconds per step (the best of 3 timed calls after a warm-up).
 from __future__ import annotations
 
 import argparse
-
 import sys
 import time
 from pathlib import Path

@@ -32,12 +32,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_bench import machine, write_section  # noqa: E402
 from grc_jax import hf, layout, model  # noqa: E402
 from grc_jax.config import ModelConfig  # noqa: E402
 from grc_jax.inference import MemoryBank  # noqa: E402
 from grc_jax.inference.decode import Decoder  # noqa: E402
 from grc_jax.inference.engine import segment_pass  # noqa: E402
+
+from decode_bench import machine, write_section  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=64, num_latents=16, max_segment_len=512)

@@ -1,7 +1,12 @@
-"""File modes for files written atomically through a temporary file or directory."""
+"""Atomic file writes, and the mode of files written through a temporary file or directory."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import tempfile
+from pathlib import Path
+from typing import Any
 
 
 def default_mode(directory: bool = False) -> int:
@@ -18,3 +23,47 @@ def _umask() -> int:
         mask = os.umask(0)
         os.umask(mask)
         return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` so that a reader, or a crash at any moment, sees either the
+    previous file whole or the new one whole: a temporary file beside the target is written,
+    flushed to disk (fsync), given the mode open() would give, and renamed over the target
+    (os.replace is atomic on one file system); the directory is synced so the rename survives
+    a power loss too. Returns the path."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _sync_directory(path.parent)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
+    """`atomic_write_bytes` of `json.dumps(obj, **dumps_kwargs)` plus a final newline, UTF-8.
+    The object is serialised before anything is written, so one that JSON cannot hold leaves
+    the previous file untouched."""
+    text = json.dumps(obj, **dumps_kwargs) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _sync_directory(directory: Path) -> None:
+    try:  # POSIX: a directory's entries reach the disk when the directory itself is synced
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows and some file systems cannot open a directory: the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,4 +1,4 @@
-"""Token roles: metadata -> attention mask and positions (GRC_DESIGN.md sections 2 and 3).
+"""Token roles: metadata -> attention mask and positions (docs/design.md sections 2 and 3).
 
 Every token carries `example` (packing id, 0 = padding), `segment` (0 for none) and `kind`.
 Token i may attend to token j iff they share the example, j is not after i, and

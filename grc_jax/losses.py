@@ -1,4 +1,4 @@
-"""The three GRC objectives from one forward pass (GRC_DESIGN.md section 4)."""
+"""The three GRC objectives from one forward pass (docs/design.md section 4)."""
 from __future__ import annotations
 
 from typing import Any

@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from grc_jax import hf, losses, model, rundir, sharding, special_tokens, train_config
+from grc_jax import console, hf, losses, model, rundir, sharding, special_tokens, train_config
 from grc_jax.config import ModelConfig
 from grc_jax.data import demo_world, pipeline, seqio_source
 from grc_jax.data.builder import BuildConfig
@@ -301,6 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             _check_finite(state)
             manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        data=ocp.args.JsonSave(iterator.get_state())), force=True)
+            if jax.process_index() == 0:
+                print(console.checkpoint_line(step, workdir / "checkpoints" / str(step)), flush=True)
 
         history: list[dict[str, float]] = []
         evals: list[dict[str, float]] = []  # the periodic held-out evaluations, the final one apart
@@ -471,12 +473,15 @@ def _print_eval(step: int, figures: dict[str, float]) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/<name>.py is required")
     workdir = _WORKDIR.value or str(Path("runs") / Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem)
-    report_user_errors(train_and_evaluate, extra=(NonFiniteLoss,))(config, workdir)
+    console.setup_logging(workdir, _PROCESS_ID.value)  # library INFO logs to WORKDIR/train.log
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    result = report_user_errors(train_and_evaluate, extra=(NonFiniteLoss,))(config, workdir)
+    if jax.process_index() == 0:
+        print(console.summary(workdir, result) + "\n" + console.next_steps(workdir), flush=True)
 
 
 def _one_line(e: Exception) -> str:

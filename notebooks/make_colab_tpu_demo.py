@@ -56,7 +56,8 @@ engine = Engine.from_pretrained(WORKDIR)
 corpus = [json.loads(line)["text"] for line in open(os.path.join(WORKDIR, "demo_world", "corpus_heldout.jsonl"))]
 docs = corpus[: 8 if SMOKE else 48]
 memory_ids = engine.compress(docs)               # one pass per document: its memory and its embedding
-print(len(memory_ids), "documents ->", sum(len(m) for m in memory_ids), "memories of", engine.config.num_latents, "slots")"""),
+print(len(memory_ids), "documents ->", sum(len(m) for m in memory_ids), "memories of",
+      engine.config.num_latents, "slots")"""),
     ("code", """queries = engine.encode_query(["Who keeps an owl?", "Who lives in Quarn?"])
 documents = engine.encode_document(docs[:4])
 print(engine.similarity(queries, documents))"""),
@@ -90,7 +91,8 @@ def build() -> nbformat.NotebookNode:
     nb.metadata.update({"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                         "accelerator": "TPU", "colab": {"provenance": []}})
     for kind, source in CELLS:
-        nb.cells.append(nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source))
+        new_cell = nbformat.v4.new_markdown_cell if kind == "markdown" else nbformat.v4.new_code_cell
+        nb.cells.append(new_cell(source))
     return nb
 
 

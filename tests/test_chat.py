@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+from tiny_hf import VOCAB, make_hf_model
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers
 
 from grc_jax import special_tokens
 from grc_jax.chat import cut_at_stop, render_chat, safe_prefix_length
 from grc_jax.inference import Engine
 from grc_jax.tokenizer import Tokenizer
-from tiny_hf import VOCAB, make_hf_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

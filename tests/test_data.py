@@ -1,4 +1,4 @@
-"""Records, the example builder, packing and the grain pipeline (GRC_DESIGN.md section 4)."""
+"""Records, the example builder, packing and the grain pipeline (docs/design.md section 4)."""
 import json
 import logging
 

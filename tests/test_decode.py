@@ -80,6 +80,7 @@ def memory_kv(params, segment):
     return np.asarray(keys), np.asarray(values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_layer_weights", [True, False], ids=["per-layer", "stacked"])
 def test_greedy_decode_equals_uncached_forward(params, per_layer_weights):
     # per-layer: the CPU default (an unrolled loop over separate arrays); stacked: the scan that
@@ -97,6 +98,7 @@ def test_greedy_decode_equals_uncached_forward(params, per_layer_weights):
     assert decoder.allocator.num_free == 64  # every token page came back
 
 
+@pytest.mark.slow
 def test_generation_with_memories_equals_training_forward_with_reader_mask(decoder, params):
     docs = {"a": [3, 4, 5, 6, 7], "b": [9, 10, 11, 12, 13, 14, 15]}
     kv = {m: memory_kv(params, d) for m, d in docs.items()}
@@ -115,6 +117,7 @@ def test_generation_with_memories_equals_training_forward_with_reader_mask(decod
     decoder.allocator.check()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_greedy_decode_equals_transformers_generate(tmp_path, kind):
     import torch
@@ -161,6 +164,7 @@ def test_sampling_supports_and_greedy_limits():
 SAMPLED = Sampling(temperature=3.0, top_k=3)
 
 
+@pytest.mark.slow
 def test_sampled_decoding_is_seeded_and_respects_top_k(decoder):
     greedy = decoder.generate(PROMPTS, decoder.settings(6))
     settings = decoder.settings(6, SAMPLED, record_logits=True)
@@ -173,6 +177,7 @@ def test_sampled_decoding_is_seeded_and_respects_top_k(decoder):
         assert all(t in row for t, row in zip(generated, top3))
 
 
+@pytest.mark.slow
 def test_stop_tokens_and_per_row_budgets(decoder):
     free = decoder.generate(PROMPTS, decoder.settings(6))
     stop = free[0][2]  # row 0 makes this token third
@@ -218,6 +223,7 @@ def test_decode_state_buffers_are_donated(decoder):
     assert decoder.pool is batch.state.pool
 
 
+@pytest.mark.slow
 def test_reason_embed_matches_the_segment_embedding_of_its_own_trace(decoder, params):
     free = decoder.generate(PROMPTS[:2], decoder.settings(5))
     eor = free[0][1]  # row 0 writes it second; row 1 is cut at its budget and gets one appended

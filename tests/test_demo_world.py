@@ -277,6 +277,7 @@ def test_invalid_arguments() -> None:
         dw.build_world(seed=0, num_entities=40, num_heldout=2)
 
 
+@pytest.mark.subprocess
 def test_cli_writes_the_files(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))

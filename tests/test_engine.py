@@ -125,6 +125,7 @@ def test_encode_follows_sentence_transformers_conventions(fresh):
         e.encode(DOCS, prompt_name="passage")
 
 
+@pytest.mark.slow
 def test_reasoned_embedding_is_the_embedding_of_query_plus_its_trace(fresh):
     e = fresh
     segments = [e.tokenizer.encode(QUESTION)[:5], e.tokenizer.encode(DOCS[2])[:7]]
@@ -142,6 +143,7 @@ def test_reasoned_embedding_is_the_embedding_of_query_plus_its_trace(fresh):
 # --- generation, search, RAG ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_generate_reads_the_named_memories(fresh):
     e = fresh
     ids = e.compress(DOCS)
@@ -197,6 +199,7 @@ def test_stream_holds_back_a_character_cut_between_chunks(fresh, monkeypatch):
     assert "".join(pieces) == "café au lait" and not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.slow
 def test_search_and_rag(fresh):
     e = fresh
     with pytest.raises(ValueError, match="the memory bank is empty"):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from grc_jax import evaluate, hf, model
-from grc_jax.eval import world as evaluation
 from grc_jax.config import ModelConfig
 from grc_jax.data import demo_world
 from grc_jax.eval import metrics
+from grc_jax.eval import world as evaluation
 from grc_jax.eval.data import InputError, load_beir, load_qa
 from grc_jax.tokenizer import Tokenizer
 
@@ -318,6 +318,7 @@ ENGINE_FLAGS = ["--batch-size=4", "--max-reason-tokens=4", "--num-pages=64", "--
                 "--no-progress"]
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_a_tiny_model(tmp_path, export):
     beir = write_beir(tmp_path / "toy")
     qa = _jsonl(tmp_path / "qa.jsonl", QA)
@@ -362,6 +363,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, export):
     assert len(events) == 1 and events[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_cli_reads_a_training_run_directory(tmp_path, tiny, export):
     """A run directory as grc_jax.train writes it; the report and TensorBoard carry its step.
     Same shapes as the test above, so nothing new is compiled."""

@@ -13,14 +13,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_chat import SMOLLM2_TEMPLATE
+from test_train import config_for
+from tiny_hf import hf_logits
 from tokenizers import Tokenizer as HFTokenizer
 
 from grc_jax import evaluate, export, model, rundir, train
 from grc_jax.data import demo_world
 from grc_jax.inference import Engine
-from test_chat import SMOLLM2_TEMPLATE
-from test_train import config_for
-from tiny_hf import hf_logits
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -146,9 +146,10 @@ def test_export_cli_errors_are_one_clean_line(run, tmp_path, capsys):
 
 
 def test_training_tokens_come_from_the_files_and_flags_and_a_missing_one_is_named(tmp_path):
+    from test_chat import write_tokenizer
+
     from grc_jax import train_config
     from grc_jax.tokenizer import Tokenizer
-    from test_chat import write_tokenizer
 
     write_tokenizer(tmp_path, {"eos_token": "<|im_end|>"})
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 4]}))

@@ -25,6 +25,7 @@ def padded_batch(rng: np.random.Generator, lengths=(7, 12, 3)):
     return np.where(valid, tokens, 0).astype(np.int32), valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(ARCH_CONFIGS))
 def test_logit_parity_with_transformers(kind, tmp_path):
     hf_model = make_hf_model(kind, tmp_path)
@@ -75,6 +76,7 @@ def test_round_trip_through_transformers(kind, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
 
 
+@pytest.mark.slow
 def test_segment_embedding_is_shift_invariant_against_transformers(tmp_path):
     """A segment embedded inside a packed GRC row (positions P-L .. P+K-1, other segments and a
     reader around it) equals the same segment run alone in transformers at positions 0..L+K-1."""
@@ -96,6 +98,7 @@ def test_segment_embedding_is_shift_invariant_against_transformers(tmp_path):
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_sharded_save_and_load(tmp_path):
     config = ModelConfig(vocab_size=VOCAB, num_latents=K)
     params = model.init_params(config, jax.random.key(0))
@@ -109,6 +112,7 @@ def test_sharded_save_and_load(tmp_path):
     assert reloaded.config.vocab_size == VOCAB + K
 
 
+@pytest.mark.slow
 def test_bfloat16_params_round_trip(tmp_path):
     config = ModelConfig(vocab_size=VOCAB, num_latents=K, param_dtype="bfloat16", dtype="bfloat16")
     params = model.init_params(config, jax.random.key(1))

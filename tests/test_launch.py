@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_train import config_file  # the training tests' tiny run settings
 
 from grc_jax.data import demo_world
-from test_train import config_file  # the training tests' tiny run settings
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -49,7 +49,8 @@ def test_bash_syntax(name: str) -> None:
 
 
 @pytest.mark.parametrize("name, env, missing", [
-    *[("tpu_pod.sh", {k: v for k, v in TPU.items() if k != gone}, gone) for gone in ("TPU_NAME", "ZONE", "PROJECT", "CONFIG")],
+    *[("tpu_pod.sh", {k: v for k, v in TPU.items() if k != gone}, gone)
+      for gone in ("TPU_NAME", "ZONE", "PROJECT", "CONFIG")],
     ("slurm.sbatch", {"DRY_RUN": "1"}, "CONFIG"),
     ("local.sh", {"DRY_RUN": "1"}, "CONFIG"),
     *[("render_jobset.sh", {"ACCELERATOR": "tpu", **{k: v for k, v in JOBSET.items() if k != gone}}, gone)
@@ -111,7 +112,8 @@ def test_tpu_pod_multislice_uses_a_queued_resource_and_every_slice() -> None:
     out = result.stdout
     assert "queued-resources create grc-test" in out and "--node-count=2" in out and "--node-prefix=grc-test" in out
     for node in ("grc-test-0", "grc-test-1"):
-        assert re.search(rf"tpu-vm ssh {node} .*--worker=all .*python3 -m grc_jax\.train --config=configs/tiny\.py", out)
+        train = r"python3 -m grc_jax\.train --config=configs/tiny\.py"
+        assert re.search(rf"tpu-vm ssh {node} .*--worker=all .*{train}", out)
     assert "pkill -TERM" in out and "queued-resources delete grc-test" in out
 
 
@@ -244,6 +246,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.subprocess
 def test_local_fails_fast_on_a_config_error(world: Path, tmp_path: Path) -> None:
     config = config_file(tmp_path, world)
     start = time.monotonic()
@@ -272,6 +275,7 @@ def _dead(pid: int) -> bool:
     return False
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", ["one_fails", "timeout"])
 def test_local_stops_every_process_when_one_fails_or_time_runs_out(tmp_path: Path, case: str) -> None:
     fake = tmp_path / "fake_python"

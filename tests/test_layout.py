@@ -1,4 +1,4 @@
-"""The GRC attention rule and positions, against a literal reading of GRC_DESIGN.md 2-3."""
+"""The GRC attention rule and positions, against a literal reading of docs/design.md sections 2-3."""
 import numpy as np
 import pytest
 
@@ -80,7 +80,7 @@ def test_mask_and_positions_on_built_rows(seed):
 
 
 def test_design_doc_picture():
-    """The table of GRC_DESIGN.md section 2: two documents, a question and an answer."""
+    """The table of docs/design.md section 2: two documents, a question and an answer."""
     latents = [90, 91]
     pieces = layout.example_pieces([[1, 2, 3], [4, 5]], [6, 7, 8], latents, P)
     row = layout.pack_rows([pieces], 12)[0]

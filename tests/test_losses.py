@@ -1,4 +1,4 @@
-"""The three objectives against literal numpy readings of GRC_DESIGN.md section 4."""
+"""The three objectives against literal numpy readings of docs/design.md section 4."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train import config_file, losses_of, run_cli
 
 from grc_jax.data import arrayrecord, demo_world, pipeline, streaming
 from grc_jax.data.builder import BuildConfig
 from grc_jax.layout import READER
 from grc_jax.tokenizer import Tokenizer
-from test_train import config_file, losses_of, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["apple", "banana", "cherry"]

@@ -54,6 +54,7 @@ def test_segment_readout_is_the_same_wherever_it_sits_in_the_row():
     np.testing.assert_allclose(keys2[:, 2], keys[:, 0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_memory_alone_equals_memory_in_a_packed_training_row():
     """What `compress` will compute (one segment, nothing else) is what training used."""
     *_, out_alone, _ = run([([DOC], [])], length=len(DOC) + K)
@@ -109,6 +110,7 @@ def test_attention_probabilities_are_the_forward_pass_attention():
     np.testing.assert_allclose(np.asarray(hidden), np.asarray(out.hidden), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots")])
 def test_scan_unroll_and_remat_give_the_same_outputs_and_grads(change):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 12)), jnp.int32)
@@ -177,6 +179,7 @@ def test_config_errors():
         ModelConfig(architecture="Qwen2ForCausalLM")
 
 
+@pytest.mark.slow
 def test_pooling_last_and_linear_head():
     config = CONFIG.replace(pooling="last", embed_dim=12)
     params = model.init_params(config, jax.random.key(0))
@@ -195,6 +198,7 @@ def test_latents_of_a_model_trained_from_scratch_start_distinct():
     assert np.linalg.norm(latents - latents.mean(0), axis=1).min() > 0.5 * np.linalg.norm(embed[:V], axis=1).mean()
 
 
+@pytest.mark.slow
 def test_random_init_std_is_initializer_range():
     wide = CONFIG.replace(hidden_size=256, intermediate_size=512, initializer_range=0.0625)
     for config in (wide, wide.replace(initializer_range=0.02)):

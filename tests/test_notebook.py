@@ -18,6 +18,8 @@ def test_notebook_is_generated_from_its_source():
     assert [c.source for c in on_disk.cells] == [c.source for c in make_nb.build().cells]
 
 
+@pytest.mark.slow
+@pytest.mark.notebook
 def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -26,7 +28,8 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("GRC_WORKDIR", str(tmp_path / "run"))
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     nb = nbformat.read(REPO / "notebooks" / "colab_tpu_demo.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    resources = {"metadata": {"path": str(tmp_path)}}
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources=resources).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "backend: cpu" in outputs
     assert "memories of 4 slots" in outputs
@@ -34,6 +37,7 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "hf_export" / "grc_config.json").is_file()
 
 
+@pytest.mark.subprocess
 def test_setup_cells_import_the_checkout_even_when_it_is_named_grc_jax(tmp_path):
     """Colab clones the project into ./grc_jax: that directory must not shadow the package."""
     import json

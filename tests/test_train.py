@@ -78,6 +78,7 @@ def reference(world, tmp_path_factory):
     return losses_of(tmp / "run")
 
 
+@pytest.mark.slow
 def test_losses_fall_and_everything_is_logged(world, tmp_path):
     config = config_for(world, **{"train.steps": 40, "checkpoint.every": 40})
     result = train.train_and_evaluate(config, tmp_path)
@@ -95,6 +96,7 @@ def test_losses_fall_and_everything_is_logged(world, tmp_path):
     assert (tmp_path / "model_config.json").is_file() and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_weight_decay_spares_norms_and_biases_of_stacked_layers():
     t = train_config.defaults().train
     t.unlock()
@@ -112,6 +114,7 @@ def test_weight_decay_spares_norms_and_biases_of_stacked_layers():
                        "layers/q_bias": False, "layers/q_proj": True}
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_whole_batch_gradient(world, tmp_path):
     """With the contrastive loss off (it contrasts within each micro-batch), 2 micro-batches give
     the gradient and the losses of the whole batch."""
@@ -137,6 +140,8 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(world, tmp_path):
         np.testing.assert_allclose(micro_metrics[name], whole_metrics[name], rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_eight_device_mesh_matches_one_device(world, tmp_path, reference):
 
     assert jax.device_count() == 8
@@ -147,6 +152,8 @@ def test_eight_device_mesh_matches_one_device(world, tmp_path, reference):
     np.testing.assert_allclose([eight[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)], rtol=2e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigkill_at_a_random_step_then_resume_gives_the_same_losses(world, tmp_path, reference):
     kill_after = random.randint(3, 6)
     config = config_file(tmp_path, world)
@@ -166,6 +173,8 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_same_losses(world, tmp_p
         assert loss == pytest.approx(reference[step], rel=1e-6), (kill_after, step)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mesh", [{}, {"mesh.data": 1, "mesh.tensor": 2}], ids=["data", "tensor_across_hosts"])
 def test_two_processes_match_one_process(world, tmp_path, reference, mesh):
     """launch/local.sh starts two processes on localhost (gloo collectives); two steps give the
@@ -184,6 +193,8 @@ def test_two_processes_match_one_process(world, tmp_path, reference, mesh):
     np.testing.assert_allclose([two[1], two[2]], [reference[1], reference[2]], rtol=1e-5 if not mesh else 2e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(world, tmp_path):
     import socket
 
@@ -210,6 +221,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(world, tmp_path)
     assert saved == [int(stops[0][0])]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
     config = config_for(world, **{"train.learning_rate": 1e30, "train.warmup_steps": 1, "train.clip_norm": 1e30,
                                   "checkpoint.every": 1, "checkpoint.use_async": False})
@@ -220,6 +232,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     assert saved and max(saved) < bad_step
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("every", [100, 1], ids=["between_checkpoints", "on_a_checkpoint_step"])
 def test_sigterm_saves_a_checkpoint_and_exits(world, tmp_path, every):
     config = config_file(tmp_path, world, **{"train.steps": 40, "checkpoint.every": every})
@@ -235,6 +249,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(world, tmp_path, every):
     assert saved and 3 <= max(saved) < 40
 
 
+@pytest.mark.subprocess
 def test_unknown_config_key_names_the_closest(world, tmp_path):
     proc = run_cli(config_file(tmp_path, world), tmp_path / "run", "--config.train.stpes=3")
     out, _ = proc.communicate(timeout=300)
@@ -242,6 +257,7 @@ def test_unknown_config_key_names_the_closest(world, tmp_path):
     assert "config error: unknown key 'train.stpes' in --config.train.stpes; did you mean train.steps?" in out
 
 
+@pytest.mark.subprocess
 def test_unknown_key_in_a_config_file_is_one_clean_line(tmp_path):
     path = tmp_path / "typo.py"
     path.write_text("from grc_jax.train_config import defaults\ndef get_config():\n    c = defaults()\n"
@@ -303,6 +319,8 @@ def test_mesh_that_does_not_fit_the_devices(world, tmp_path):
         train.train_and_evaluate(config, tmp_path)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_path):
     """`python -m grc_jax.train --config=configs/tiny.py`, shortened by overrides. 4 held-out people
     (the fewest a world may have): fewer other documents than the evaluation's 4 distractors."""
@@ -317,6 +335,17 @@ def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_pat
     assert "held-out evaluation at step 2: retrieval/recall@1" in out and "memory_qa/exact_match" in out
     assert "multihop/recall@1_self_reasoning" in out
     assert (tmp_path / "run" / "demo_world" / "world.json").is_file()
+    # The console: progress, one line per checkpoint, the outcome and the next commands; library
+    # INFO logs (Orbax, JAX, grain) only in the workdir's train.log.
+    run = tmp_path / "run"
+    assert f"checkpoint at step 2: {run / 'checkpoints' / '2'}" in out
+    heldout = f"--qa={run}/demo_world/heldout.jsonl"
+    assert f"python -m grc_jax.evaluate --checkpoint={run} --out={run / 'eval'} {heldout}" in out
+    assert f"python -m grc_jax.serve --model={run}" in out and f"python -m grc_jax.export --workdir={run}" in out
+    own_files = {p.name for p in (REPO / "grc_jax").rglob("*.py")}
+    info_from = re.findall(r"^I\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]", out, flags=re.M)
+    assert set(info_from) <= own_files, set(info_from) - own_files
+    assert "orbax" not in out.lower() and "checkpoint_manager" in (run / "train.log").read_text()
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert [e["step"] for e in result["evals"]] == [1] and "retrieval/recall@1" in result["eval"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -1,4 +1,4 @@
-"""Turning training records into packed GRC rows (GRC_DESIGN.md sections 2 and 4).
+"""Turning training records into packed GRC rows (docs/design.md sections 2 and 4).
 
 A record becomes one *unit*: one or more examples that always share a row, because the
 query's positive must be a segment of the same row (the representative loss finds it by

@@ -1,4 +1,4 @@
-"""Reading GRC training records from JSONL files (GRC_DESIGN.md section 4).
+"""Reading GRC training records from JSONL files (docs/design.md section 4).
 
 One JSON object per line, with these fields, all optional:
 

@@ -9,7 +9,7 @@ shuffles), and treats each as one JSONL line, so the checks and `data.skip_malfo
 
 Each record field is taken from the example's feature `<field>_pretokenized` (what
 `seqio.preprocessors.tokenize` keeps of the raw text) or else `<field>`; the fields are those of
-GRC_DESIGN.md section 4 (`query`, `reasoning`, `positive`, `negatives`, `question`, `answer`,
+docs/design.md section 4 (`query`, `reasoning`, `positive`, `negatives`, `question`, `answer`,
 `text`) and other features are ignored. As a tf.data example has the same features as every
 other, an empty string (or an empty `negatives`) stands for an absent field. Text is needed, not
 token ids: grc_jax tokenizes with the model's tokenizer. `data.seqio_modules` names the modules

@@ -1,13 +1,12 @@
 """The evaluation's outputs: report.json, TensorBoard scalars and a PNG chart."""
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from grc_jax.metrics import tensorboard_tag
+from grc_jax.files import atomic_write_json
+from grc_jax.metrics import MetricWriter
 
 REPORT_FILE = "report.json"
 CHART_FILE = "summary.png"
@@ -15,22 +14,16 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def write_json(out_dir: Path, report: Mapping[str, Any]) -> Path:
-    path = out_dir / REPORT_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a report
-    return path
+    """report.json, written atomically: a reader, or a crash, never sees half a report."""
+    return atomic_write_json(out_dir / REPORT_FILE, report, indent=2, sort_keys=False, default=str)
 
 
 def write_tensorboard(out_dir: Path, metrics: Mapping[str, float], step: int) -> Path:
-    from tensorboardX import SummaryWriter
-
+    """The finite figures as `eval/<name>` scalars at `step`, through the training's writer."""
     log_dir = out_dir / TENSORBOARD_DIR
-    writer = SummaryWriter(str(log_dir))
+    writer = MetricWriter(log_dir)
     try:
-        for name, value in metrics.items():
-            if math.isfinite(value):
-                writer.add_scalar("eval/" + tensorboard_tag(name), value, step)
+        writer.write(step, {"eval/" + name: value for name, value in metrics.items() if math.isfinite(value)})
     finally:
         writer.close()
     return log_dir

@@ -10,7 +10,7 @@ the first `lengths[b]` of them have K/V in the token pages. Prefill feeds all bu
 prompt token; each decode step feeds the one pending token and appends the sampled one.
 
 Positions: a row that reads memories is a READER whose tokens start at P + K (the memories'
-latents sit at P .. P+K-1, GRC_DESIGN.md section 3). A row without memories counts from 0, as
+latents sit at P .. P+K-1, docs/design.md section 3). A row without memories counts from 0, as
 `model.forward(meta=None)` and transformers do; RoPE makes the two choices equal up to rounding,
 and 0 keeps plain generation bit-comparable with those references.
 """

@@ -1,6 +1,6 @@
 """The paged KV pool: device K/V arrays for all layers and a host-side page allocator.
 
-One pool of fixed-size pages holds two kinds of pages (GRC_DESIGN.md section 6):
+One pool of fixed-size pages holds two kinds of pages (docs/design.md section 6):
 - memory pages: a memory's K latent slots, shared by every request that reads the memory and
   reference-counted; a memory nobody holds stays resident as a cache until its pages are needed;
 - token pages: one request's prompt and generated tokens, private to it.

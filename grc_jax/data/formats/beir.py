@@ -10,8 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from grc_jax.data.formats.common import (Context, FormatError, Output, Skip, best_chunk, field, first_chunk,
-                                         read_jsonl, require_file, titled)
+from grc_jax.data.formats.common import (
+    Context,
+    FormatError,
+    Output,
+    Skip,
+    best_chunk,
+    field,
+    first_chunk,
+    read_jsonl,
+    require_file,
+    titled,
+)
 
 _CORPUS = 'a corpus.jsonl line {"_id": str, "title": str, "text": str}'
 _QUERIES = 'a queries.jsonl line {"_id": str, "text": str}'

@@ -12,8 +12,16 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from grc_jax.data.formats.common import (Context, FormatError, Output, Skip, best_chunk, first_chunk, read_jsonl,
-                                         require_file)
+from grc_jax.data.formats.common import (
+    Context,
+    FormatError,
+    Output,
+    Skip,
+    best_chunk,
+    first_chunk,
+    read_jsonl,
+    require_file,
+)
 
 _COLUMNS = ("a 'query' (or 'anchor') and a 'positive' column, and optionally 'negative', 'negative_1'.. or "
             "'negatives'")

@@ -11,7 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from grc_jax.data.formats.common import Context, FormatError, Output, Skip, best_chunk, field, first_chunk, read_json, titled
+from grc_jax.data.formats.common import (
+    Context,
+    FormatError,
+    Output,
+    Skip,
+    best_chunk,
+    field,
+    first_chunk,
+    read_json,
+    titled,
+)
 
 _WHAT = ('DPR JSON: a list of {"question": str, "answers": [str], "positive_ctxs": [{"title", "text"}], '
          '"hard_negative_ctxs": [...], "negative_ctxs": [...]}')

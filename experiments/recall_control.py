@@ -1,6 +1,6 @@
 """A control for name_match_probe.py: the same bare skill learnt by a vanilla transformer with no grc_jax code.
 
-    python benchmarks/recall_control.py --memories 2 --queries 2 --init 0.088 --steps 3000
+    python experiments/recall_control.py --memories 2 --queries 2 --init 0.088 --steps 3000
 
 Each example is plain context: --memories pairs `[name] = [value]` (one-token names from 80,
 values from 40, both drawn anew for every example), then --queries questions `[name] ?` each
@@ -49,7 +49,8 @@ def init(key: jax.Array, hidden: int, length: int, std: float) -> dict:
 
     layer = lambda: {"q": normal(hidden, hidden), "k": normal(hidden, hidden), "v": normal(hidden, hidden),
                      "o": normal(hidden, hidden), "up": normal(hidden, 3 * hidden), "down": normal(3 * hidden, hidden)}
-    return {"embed": normal(VOCAB, hidden), "position": normal(length, hidden), "layers": [layer() for _ in range(LAYERS)]}
+    return {"embed": normal(VOCAB, hidden), "position": normal(length, hidden),
+            "layers": [layer() for _ in range(LAYERS)]}
 
 
 def rms_norm(x: jax.Array) -> jax.Array:
@@ -131,7 +132,8 @@ def main() -> None:
           f"without matching at most {no_matching:.2f}")
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
-        params, opt_state, loss, accuracy = step(params, opt_state, *batch(rng, args.batch, args.memories, args.queries))
+        examples = batch(rng, args.batch, args.memories, args.queries)
+        params, opt_state, loss, accuracy = step(params, opt_state, *examples)
         if i % 100 == 0:
             print(f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
                   f"{float(evaluate(params, *held)[1]):.2f} | {time.perf_counter() - start:.0f} s", flush=True)

@@ -1,9 +1,9 @@
 """Runs a training script or module with readers blind to memories in the first layer.
 
-    python benchmarks/first_layer_blind.py benchmarks/name_match_probe.py --memories 2 ...
-    python benchmarks/first_layer_blind.py -m grc_jax.train --config=configs/tiny.py --workdir=W
+    python experiments/first_layer_blind.py experiments/name_match_probe.py --memories 2 ...
+    python experiments/first_layer_blind.py -m grc_jax.train --config=configs/tiny.py --workdir=W
 
-An experiment, not a feature: GRC_DESIGN.md lets a reader attend to every memory's latents in
+An experiment, not a feature: the method (docs/design.md section 2) lets a reader attend to every memory's latents in
 every layer. In the first layer those latents' K/V are the same for every memory (the same K
 token ids at the same positions P..P+K-1), so they carry nothing about their memory; a reader
 there only sees M copies of one set of K keys, a sink whose weight grows with the number of

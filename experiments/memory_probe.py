@@ -1,6 +1,6 @@
 """How fast a model trained from scratch learns to answer from a memory: the compressive loss alone.
 
-    python benchmarks/memory_probe.py --world /tmp/demo_world --layers 2 --steps 1000
+    python experiments/memory_probe.py --world /tmp/demo_world --layers 2 --steps 1000
 
 Trains a tiny GRC model (hidden 128, --latents K, default 8) on the demo world's one-word questions only:
 each reader sees the positive's memory and --distractors others (--kind: the record's hard
@@ -36,10 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grc_jax import layout, model  # noqa: E402
 from grc_jax.config import ModelConfig  # noqa: E402
 from grc_jax.data import demo_world  # noqa: E402
-from grc_jax.eval.world import document_tokens, read_jsonl, reader_tokens  # noqa: E402
+from grc_jax.eval.data import read_jsonl as read_numbered_jsonl  # noqa: E402
+from grc_jax.eval.world import document_tokens, reader_tokens  # noqa: E402
 from grc_jax.tokenizer import Tokenizer  # noqa: E402
 
 P, EOS = 64, 2
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every object of a JSONL file, by the evaluation's strict reader (a bad line names file:line)."""
+    return [record for _, record in read_numbered_jsonl(path)]
 
 
 def one_word_questions(path: Path) -> list[dict]:
@@ -197,7 +203,8 @@ def main() -> None:
     held = {how: batch(heldout, tok, latent_ids, 4, held_length, np.random.default_rng(1), how, held_pool)
             for how in ("lookalike", "random")}
     held["alone"] = batch(heldout, tok, latent_ids, 0, held_length, np.random.default_rng(1))
-    print(f"{args.layers} layers, K = {K}, {'q/k norms, ' if args.qk_norm else ''}lr {args.lr}, {args.distractors} {args.kind} distractor(s), {args.batch} questions/step, "
+    print(f"{args.layers} layers, K = {K}, {'q/k norms, ' if args.qk_norm else ''}lr {args.lr}, "
+          f"{args.distractors} {args.kind} distractor(s), {args.batch} questions/step, "
           f"documents up to {doc_len} tokens; {len(train)} training and {len(heldout)} held-out questions")
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
@@ -213,7 +220,8 @@ def main() -> None:
             held_accuracy = {how: float(evaluate(params, *held_rows)[1]) for how, held_rows in held.items()}
             print(f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
                   f"with the right memory alone / 4 look-alike / 4 random distractors {held_accuracy['alone']:.2f} / "
-                  f"{held_accuracy['lookalike']:.2f} / {held_accuracy['random']:.2f} | {time.perf_counter() - start:.0f} s", flush=True)
+                  f"{held_accuracy['lookalike']:.2f} / {held_accuracy['random']:.2f} | "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ and, for held-out and for trained multi-hop queries:
 - how often the bare text prefix of the gold reasoning ("The mentor of X is") is completed
   with the bridge's name: the fact as plain language modelling, without the query.
 
-    python benchmarks/demo_probe.py /tmp/official/run2 [--queries 30]
+    python experiments/demo_probe.py /tmp/official/run2 [--queries 30]
 """
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from grc_jax import layout, model  # noqa: E402
-from grc_jax.eval.world import answer_exact_match, document_tokens, read_jsonl, reader_tokens  # noqa: E402
+from grc_jax.eval.world import answer_exact_match, document_tokens, reader_tokens  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
+
+from memory_probe import read_jsonl  # noqa: E402  (this folder)
 
 
 def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4),
@@ -60,7 +62,8 @@ def _questions(world: Path, split: str = "heldout") -> tuple[list[dict], list[st
     come from."""
     qa = [r for r in read_jsonl(world / f"{split}.jsonl") if {"question", "answer", "positive"} <= r.keys()
           and "reasoning" not in r and len(r["answer"].split()) == 1]
-    return qa[:TRAINED_QUESTIONS] if split == "train" else qa, [d["text"] for d in read_jsonl(world / f"corpus_{split}.jsonl")]
+    corpus = [d["text"] for d in read_jsonl(world / f"corpus_{split}.jsonl")]
+    return qa[:TRAINED_QUESTIONS] if split == "train" else qa, corpus
 
 
 def _draw_memories(r: dict, count: int, look_alikes: bool, corpus: list[str], rng: np.random.Generator) -> list[str]:
@@ -130,7 +133,8 @@ def main() -> None:
         figures = memory_qa_by_distractors(engine, world, look_alikes=look_alikes)
         print(f"memory QA exact match, {'look-alike' if look_alikes else 'random'} distractors: "
               + ", ".join(f"{n}: {v:.3f}" for n, v in figures.items()))
-        figures = memory_qa_by_distractors(engine, world, (-1, 0, 4) if look_alikes else (0, 4), look_alikes, split="train")
+        counts = (-1, 0, 4) if look_alikes else (0, 4)
+        figures = memory_qa_by_distractors(engine, world, counts, look_alikes, split="train")
         print(f"  trained people, {'look-alike' if look_alikes else 'random'} distractors: "
               + ", ".join(f"{'no memory' if n < 0 else n}: {v:.3f}" for n, v in figures.items()))
     for count in (1, 4):

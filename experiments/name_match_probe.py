@@ -1,6 +1,6 @@
 """The skill the held-out memory-QA figure needs, stripped bare: pick a memory by a name never seen before.
 
-    python benchmarks/name_match_probe.py --memories 5 --queries 5 --steps 1500 [--plain]
+    python experiments/name_match_probe.py --memories 5 --queries 5 --steps 1500 [--plain]
 
 Each example has --memories one-line documents `[name] = [value]`, each followed by --filler
 random tokens (a name is --syllables tokens drawn from 80, a value one of 40 tokens, all drawn
@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grc_jax import layout, model  # noqa: E402
 from grc_jax.config import ModelConfig  # noqa: E402
+
 from memory_probe import reader_training, stack_rows  # noqa: E402  (this folder)
 
 SYLLABLES = range(100, 180)
@@ -117,7 +118,8 @@ def main() -> None:
         parser.error(f"a document of --syllables + 2 + --filler tokens must fit the segment length {P}")
 
     config = ModelConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                         num_layers=args.layers, num_heads=args.hidden // 32, num_kv_heads=args.hidden // 64, head_dim=32,
+                         num_layers=args.layers, num_heads=args.hidden // 32, num_kv_heads=args.hidden // 64,
+                         head_dim=32,
                          num_latents=args.latents, max_segment_len=P,
                          architecture=args.architecture, qk_norm=args.architecture == "Qwen3ForCausalLM",
                          initializer_range=args.init, tie_word_embeddings=args.tie)

@@ -1,4 +1,4 @@
-"""The experiment wrappers in benchmarks/ that RESULTS.md figures depend on."""
+"""The experiment wrappers in experiments/ that experiments/HISTORY.md figures depend on."""
 import sys
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import numpy as np
 from grc_jax import layout, model
 from grc_jax.config import ModelConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import first_layer_blind  # noqa: E402
 
 P, K = 16, 4

@@ -38,6 +38,13 @@ def defaults() -> ml_collections.ConfigDict:
         steps=1000, global_batch=16, grad_accum=1, seed=0,
         learning_rate=1e-3, warmup_steps=50, end_learning_rate_fraction=0.1, weight_decay=0.01,
         b1=0.9, b2=0.95, clip_norm=1.0,
+        # Memory priors (GRC_DESIGN.md section 8, grc_jax/priors.py): every reader's question is
+        # laid out as a segment too, and the reader's attention on memory m's keys gets
+        # log_softmax_m(cos(question, memory m) / prior_temperature). Off: the one-pass forward
+        # of today. On: a two-phase forward, about twice the step's compute. The temperature is
+        # fixed (not learned), so the same value serves inference (Engine.generate's
+        # prior_temperature, the held-out evaluation).
+        memory_prior=False, prior_temperature=0.05,
     ))
     c.loss = ml_collections.ConfigDict(dict(gen=1.0, rep=1.0, comp=1.0, temperature=0.02))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -70,6 +77,8 @@ def check_values(c: ml_collections.ConfigDict) -> None:
     for axis, size in c.mesh.items():
         if size != -1 and size < 1:
             raise ValueError(f"config: mesh.{axis}={size} must be >= 1, or -1 for the devices left over")
+    if c.train.prior_temperature <= 0:
+        raise ValueError(f"config: train.prior_temperature={c.train.prior_temperature} must be > 0")
     if c.loss.temperature <= 0:
         raise ValueError(f"config: loss.temperature={c.loss.temperature} must be > 0")
 

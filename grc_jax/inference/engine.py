@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax import hf, layout, model
+from grc_jax import hf, layout, model, priors
 from grc_jax.config import ModelConfig
 from grc_jax.inference.decode import GREEDY, Decoder, Sampling, bucket
 from grc_jax.inference.memory_bank import BankSpec, MemoryBank
@@ -212,9 +212,16 @@ class Engine:
 
     def generate(self, prompts: str | Sequence[str], memories: Sequence[int] | Sequence[Sequence[int]] | None = None,
                  max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[str] | None = None,
-                 seed: int = 0) -> str | list[str]:
+                 seed: int = 0, memory_prior: Any = False, prior_temperature: float = 0.05) -> str | list[str]:
         """Continues each prompt, reading the named memories (one id list for all prompts, or
-        one list per prompt). Stops at eos (or `stop_tokens`); the stop token is not returned."""
+        one list per prompt). Stops at eos (or `stop_tokens`); the stop token is not returned.
+
+        memory_prior (GRC_DESIGN.md section 8): False, no prior; True, each prompt's own
+        embedding (the prompt as one segment, as training lays out a question) against its
+        memories' embeddings; or caller scores, one list of per-memory scores per prompt (another
+        retriever's). The prior log_softmax(scores / prior_temperature) over a prompt's memories is
+        added to its attention logits on each memory's keys. Use the temperature the model was
+        trained with (`train.prior_temperature`)."""
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
         token_ids = [self.tokenizer.encode(t) for t in texts]
@@ -222,13 +229,15 @@ class Engine:
             if not t:
                 raise ValueError(f"prompt {i} is empty")
         rows = self._memory_rows(memories, len(texts))
+        bias = self.memory_priors(token_ids, rows, memory_prior, prior_temperature)
         stops = self._stop_ids(stop_tokens)
         settings = self.decoder.settings(max_new_tokens, sampling, stops)
         out = []
         for start in range(0, len(texts), self.batch_size):
             out.extend(self.decoder.generate(token_ids[start:start + self.batch_size], settings,
                                              memories=self._pool_keys(rows[start:start + self.batch_size]),
-                                             memory_source=self._memory_source, seed=seed))
+                                             memory_source=self._memory_source, seed=seed,
+                                             memory_bias=None if bias is None else bias[start:start + self.batch_size]))
         answers = [self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o) for o in out]
         return answers[0] if single else answers
 
@@ -262,12 +271,33 @@ class Engine:
         return [Hit(int(i), float(s), self.bank.get(int(i)).text) for i, s in zip(ids[0], scores[0])]
 
     def rag(self, question: str, top_k: int = 4, reason: bool = False, max_new_tokens: int = 64,
-            sampling: Sampling = GREEDY) -> RagAnswer:
-        """Search with the question, then answer it reading the top_k memories."""
+            sampling: Sampling = GREEDY, memory_prior: bool = False, prior_temperature: float = 0.05) -> RagAnswer:
+        """Search with the question, then answer it reading the top_k memories (with
+        memory_prior, weighted by the search's own cosine scores: see `generate`)."""
         hits = self.search(question, top_k, reason=reason)
         ids = [h.id for h in hits]
-        answer = self.generate(question, memories=ids, max_new_tokens=max_new_tokens, sampling=sampling)
+        prior = [[h.score for h in hits]] if memory_prior else False
+        answer = self.generate(question, memories=ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                               memory_prior=prior, prior_temperature=prior_temperature)
         return RagAnswer(answer, ids, [h.score for h in hits])
+
+    def memory_priors(self, prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], memory_prior: Any,
+                      prior_temperature: float) -> list[list[float]] | None:
+        """Per prompt, the log-prior of each of its memories (see `generate`), or None."""
+        if memory_prior is None or memory_prior is False:
+            return None
+        if prior_temperature <= 0:
+            raise ValueError(f"prior_temperature must be > 0, got {prior_temperature}")
+        if memory_prior is True:
+            questions = self.embed_tokens([list(p)[: self.config.max_segment_len] for p in prompts])
+            scores = [[float(np.dot(q, self.bank.get(m).embedding)) for m in row] for q, row in zip(questions, rows)]
+        else:
+            scores = [[float(x) for x in row] for row in memory_prior]
+            if len(scores) != len(rows) or any(len(s) != len(r) for s, r in zip(scores, rows)):
+                raise ValueError(f"memory_prior scores must give one score per memory of each prompt: memories "
+                                 f"{[len(r) for r in rows]}, scores {[len(s) for s in scores]}")
+        return [np.asarray(priors.log_prior(np.asarray(s, np.float32) / prior_temperature)).tolist() if s else []
+                for s in scores]
 
     # --- internals ---------------------------------------------------------------------------
 

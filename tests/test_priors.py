@@ -192,7 +192,7 @@ def test_a_reader_with_priors_attends_almost_only_to_the_right_memory(config, pa
     bias = priors.latent_key_bias(jnp.asarray(prior)[None], meta)
     probs_on = np.asarray(model.attention_probabilities(config, params, jnp.asarray(row.tokens)[None], meta, bias))
     probs_off = np.asarray(model.attention_probabilities(config, params, jnp.asarray(row.tokens)[None], meta))
-    readers = np.flatnonzero(row.kind == layout.READER)
+    readers = np.flatnonzero((row.kind == layout.READER) & (row.example > 0))  # padding is READER too
     right_keys, wrong_keys = row.latent_index[0], row.latent_index[1:].reshape(-1)
 
     def share_of_right(probs):  # [layers, heads, readers]: the right memory's share of all memory weight
@@ -235,7 +235,7 @@ def test_generate_with_priors_reads_like_the_forward_pass_with_the_same_bias(eng
     meta = layout.TokenMeta(*(jnp.asarray(getattr(row, f))[None] for f in ("example", "segment", "kind")))
     out = model.forward(config, params, jnp.asarray(row.tokens)[None], meta,
                         memory_bias=priors.latent_key_bias(jnp.asarray(bias, jnp.float32)[None], meta))
-    last = int(np.flatnonzero(row.kind == layout.READER)[-1])
+    last = int(np.flatnonzero((row.kind == layout.READER) & (row.example > 0))[-1])  # the prompt's last token
     np.testing.assert_allclose(logits[0][0], np.asarray(out.logits)[0, last, : config.vocab_size], atol=2e-4)
     plain = model.forward(config, params, jnp.asarray(row.tokens)[None], meta)
     assert np.abs(np.asarray(plain.logits)[0, last] - np.asarray(out.logits)[0, last]).max() > 1e-3

@@ -63,9 +63,10 @@ def hybrid_paged_attention(
         raise TypeError(f"the reference takes no kernel options, got {sorted(kernel_options)}")
     check_shapes(q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, tok_page_table, tok_lens,
                  mem_page_bias)
+    bias = {} if mem_page_bias is None else {"mem_page_bias": mem_page_bias}  # None: the call of old
     return IMPLS[name](
         q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, tok_page_table, tok_lens,
-        sm_scale=sm_scale, soft_cap=soft_cap, mem_page_bias=mem_page_bias, **kernel_options)
+        sm_scale=sm_scale, soft_cap=soft_cap, **bias, **kernel_options)
 
 
 def check_shapes(q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, tok_page_table, tok_lens,

@@ -244,8 +244,11 @@ def test_generate_with_priors_reads_like_the_forward_pass_with_the_same_bias(eng
     expected = np.asarray(priors.log_prior(np.asarray(scores[0], np.float32) / tau))
     np.testing.assert_allclose(engine.memory_priors([prompt], [ids], scores, tau)[0], expected, rtol=1e-6)
     assert engine.memory_priors([prompt], [ids], False, tau) is None
-    zero = engine.generate(QUESTION, memories=ids, max_new_tokens=4, memory_prior=[[0.0, 0.0, 0.0]])
-    assert zero == engine.generate(QUESTION, memories=ids, max_new_tokens=4)  # a flat prior is a constant shift
+    # Only score differences count (a softmax over the memories); a flat prior is -log 3 on each.
+    flat = engine.generate(QUESTION, memories=ids, max_new_tokens=4, memory_prior=[[0.0, 0.0, 0.0]])
+    assert flat == engine.generate(QUESTION, memories=ids, max_new_tokens=4, memory_prior=[[5.0, 5.0, 5.0]])
+    np.testing.assert_allclose(engine.memory_priors([prompt], [ids], [[5.0, 5.0, 5.0]], tau)[0], [-np.log(3)] * 3,
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="one score per memory"):
         engine.generate(QUESTION, memories=ids, memory_prior=[[0.1, 0.2]])
     with pytest.raises(ValueError, match="one value per memory"):

@@ -489,3 +489,20 @@ def test_dispatcher_passes_the_bias_and_names_a_misshapen_one():
                                   f32(hybrid_paged_attention_reference(*args, mem_page_bias=bias)))
     with pytest.raises(ValueError, match="^hybrid_paged_attention: mem_page_bias must be"):
         hybrid_paged_attention(*args, mem_page_bias=bias[:, :-1])
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_kernels_with_page_bias_lower_for_their_targets(platform):
+    # The bias rides in SMEM as float32 scalars on TPU and as a flat input on GPU.
+    args = CASES[8].args()
+    specs = [*_specs(args), jax.ShapeDtypeStruct(args[4].shape, jnp.float32)]
+    if platform == "tpu":
+        fn = lambda *a: hybrid_paged_attention_tpu(*a[:8], mem_page_bias=a[8], q_block=4, pages_per_block=2)
+        exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*specs)
+        assert "tpu_custom_call" in exported.mlir_module()
+    else:
+        fn = lambda *a: hybrid_paged_attention_gpu(*a[:8], mem_page_bias=a[8], kv_splits=2)
+        exported = jax.export.export(
+            jax.jit(fn), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*specs)
+        assert "__gpu$xla.gpu.triton" in exported.mlir_module()

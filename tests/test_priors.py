@@ -265,3 +265,26 @@ def test_distractor_texts_lookalike_and_random():
     rand = world.distractor_texts(record, corpus, 4, False, rng)
     assert "doc 0" in rand and len(set(rand)) == 5
     assert world.distractor_texts(record, corpus, 0, False, rng) == ["doc 0"]
+
+
+def test_the_training_switch_runs_the_two_phase_step(tmp_path):
+    from grc_jax import train, train_config
+
+    world_dir = tmp_path / "world"
+    demo_world.write_demo_world(str(world_dir), seed=0, num_entities=40, num_heldout=8)
+    c = train_config.defaults()
+    values = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
+              "model.num_kv_heads": 2, "model.head_dim": 8, "model.num_latents": 4, "model.max_segment_len": 96,
+              "data.row_len": 384, "data.max_segments_per_row": 10, "data.max_negatives": 2,
+              "data.reader_distractors": 2, "train.steps": 3, "train.global_batch": 8, "train.warmup_steps": 1,
+              "checkpoint.every": 3, "log_every": 1, "data.train_files": str(world_dir / "train.jsonl"),
+              "data.tokenizer": str(world_dir), "train.memory_prior": True}
+    for key, value in values.items():
+        section, leaf = key.split(".") if "." in key else (None, key)
+        (c[section] if section else c)[leaf] = value
+    result = train.train_and_evaluate(c, tmp_path / "run")
+    assert [h["step"] for h in result["history"]] == [1, 2, 3]
+    assert all(np.isfinite(h["loss"]) and h["comp_tokens"] > 0 for h in result["history"])
+    c.train.prior_temperature = 0.0
+    with pytest.raises(ValueError, match="train.prior_temperature"):
+        train.train_and_evaluate(c, tmp_path / "bad")

@@ -261,7 +261,7 @@ def test_distractor_texts_lookalike_and_random():
     record = {"positive": "doc 0", "negatives": ["doc 1", "doc 2", "doc 0"]}
     rng = np.random.default_rng(0)
     look = world.distractor_texts(record, corpus, 4, True, rng)
-    assert sorted(look)[:3] == ["doc 0", "doc 1", "doc 2"] and len(set(look)) == 5
+    assert {"doc 0", "doc 1", "doc 2"} <= set(look) and len(set(look)) == 5  # both look-alikes, topped up
     rand = world.distractor_texts(record, corpus, 4, False, rng)
     assert "doc 0" in rand and len(set(rand)) == 5
     assert world.distractor_texts(record, corpus, 0, False, rng) == ["doc 0"]

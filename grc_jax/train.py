@@ -99,7 +99,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         latent_ids=tuple(tokenizer.latent_ids(model_config.num_latents)), row_len=d.row_len,
         max_segments_per_row=d.max_segments_per_row, max_negatives=d.max_negatives,
         reader_distractors=d.reader_distractors, reader_task=d.reader_task,
-        question_segments=config.train.memory_prior, bos_id=special("bos"), eos_id=special("eos"), eor_id=special("eor"), pad_id=special("pad"))
+        bos_id=special("bos"), eos_id=special("eos"), eor_id=special("eor"), pad_id=special("pad"),
+        question_segments=config.train.memory_prior)
     return Setup(model_config, tokenizer, train_files, eval_dir, build), params
 
 

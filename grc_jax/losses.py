@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from grc_jax import layout, model
+from grc_jax import layout, model, priors
 from grc_jax.config import ModelConfig
 
 QUERY, DOCUMENT = 1, 2
@@ -52,17 +52,26 @@ def contrastive_loss(embeddings: jax.Array, seg_kind: jax.Array, seg_positive: j
 
 def grc_loss(config: ModelConfig, params: model.Params, batch: dict[str, jax.Array],
              weights: dict[str, float], temperature: float,
-             token_totals: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+             token_totals: dict[str, jax.Array] | None = None,
+             prior_temperature: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """λ_gen·L_gen + λ_rep·L_rep + λ_comp·L_comp over one batch of packed rows.
 
     With `token_totals` ({"gen": ..., "comp": ...}, a larger batch's weight sums) L_gen and L_comp
-    are this batch's share of that batch's means, so micro-batches' losses add up to it."""
+    are this batch's share of that batch's means, so micro-batches' losses add up to it.
+    prior_temperature: memory priors (`grc_jax.priors`, needs batch["seg_question"]): the
+    two-phase forward, the representative loss on the first phase's embeddings."""
     meta = layout.TokenMeta(batch["example"], batch["segment"], batch["kind"])
-    out = model.forward(config, params, batch["tokens"], meta)
+    if prior_temperature is None:
+        out = model.forward(config, params, batch["tokens"], meta)
+        embeddings = None
+    else:
+        out, embeddings, _ = priors.prior_forward(config, params, batch["tokens"], meta, batch["seg_latent_index"],
+                                                  batch["seg_question"], prior_temperature)
     totals = token_totals or {}
     gen, gen_tokens = token_cross_entropy(out.logits, batch["targets"], batch["gen_weight"], totals.get("gen"))
     comp, comp_tokens = token_cross_entropy(out.logits, batch["targets"], batch["comp_weight"], totals.get("comp"))
-    embeddings = model.pool_latents(config, params, out.hidden, batch["seg_latent_index"])
+    if embeddings is None:
+        embeddings = model.pool_latents(config, params, out.hidden, batch["seg_latent_index"])
     rep, rep_metrics = contrastive_loss(embeddings, batch["seg_kind"], batch["seg_positive"], batch["seg_doc_id"],
                                         temperature)
     total = weights["gen"] * gen + weights["rep"] * rep + weights["comp"] * comp

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grc_jax.config import DTYPES, ModelConfig
-from grc_jax.layout import TokenMeta, attention_mask, causal_mask, positions
+from grc_jax.layout import LATENT, READER, TokenMeta, attention_mask, causal_mask, positions
 
 Params = dict[str, Any]
 
@@ -136,24 +136,27 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_index):
+    def __call__(self, x, cos, sin, mask, kv_index, bias=None):
         c = self.config
         p = {name: _param(self, name, axes, shape, init) for name, (axes, shape, init) in layer_param_specs(c).items()}
         q, k, v = attention_inputs(c, p, x, cos, sin)
-        x = layer_output(c, p, x, attend(q, k, v, mask))
+        x = layer_output(c, p, x, attend(q, k, v, mask, bias))
         if kv_index is None:
             return x, None
         take = jax.vmap(lambda a, i: a[i])
         return x, (take(k, kv_index), take(v, kv_index))
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked GQA attention. q [b,t,h,d], k/v [b,s,kv,d], mask bool [b,t,s] -> [b,t,h,d].
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """Masked GQA attention. q [b,t,h,d], k/v [b,s,kv,d], mask bool [b,t,s] -> [b,t,h,d];
+    bias (float [b,t,s], optional) is added to the logits of every head (memory priors).
 
     jax.nn.dot_product_attention with its default (XLA) implementation: softmax in float32, and
     about 25% faster than a hand-written einsum on the CPU. Its cuDNN path would need the GRC mask
     as a bias, so it is not used."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    if bias is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    return jax.nn.dot_product_attention(q, k, v, bias=bias[:, None].astype(q.dtype), mask=mask[:, None])
 
 
 _REMAT_POLICIES = {
@@ -172,7 +175,7 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, pos, mask, kv_index=None, compute_logits=True):
+    def __call__(self, tokens, pos, mask, kv_index=None, compute_logits=True, bias=None):
         c = self.config
         dtype = DTYPES[c.dtype]
         embed = _param(self, "embed", ("vocab", "embed"), (c.total_vocab_size, c.hidden_size))
@@ -188,12 +191,12 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 4,
+            in_axes=(nn.broadcast,) * 5,
             length=c.num_layers,
             unroll=1 if c.scan_layers else c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, kv = layers(c, name="layers")(x, cos, sin, mask, kv_index)
+        x, kv = layers(c, name="layers")(x, cos, sin, mask, kv_index, bias)
         hidden = rms_norm(x, _param(self, "final_norm", ("norm",), (c.hidden_size,), nn.initializers.ones), c.rms_norm_eps)
 
         logits = None
@@ -250,13 +253,15 @@ def param_logical_axes(config: ModelConfig) -> Any:
 
 def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenMeta | None = None, *,
             valid: jax.Array | None = None, kv_index: jax.Array | None = None,
-            compute_logits: bool = True) -> ForwardOutput:
+            compute_logits: bool = True, memory_bias: jax.Array | None = None) -> ForwardOutput:
     """Runs the model over `tokens` [batch, length].
 
     meta=None: a plain causal LM; `valid` (bool [batch, length], default all true) marks the
     real tokens, whose positions count 0, 1, ... from the first real one, as transformers does.
     With meta: the GRC attention rule and positions of `grc_jax.layout`.
     kv_index (int32 [batch, n]): also return every layer's rotated K/V at those row positions.
+    memory_bias (float32 [batch, length], with meta only): added to every READER's attention
+    logits on each LATENT key, per key (memory priors, `grc_jax.priors`); None: no bias at all.
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -275,15 +280,31 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenM
                 raise ValueError(f"meta.{name} has shape {jnp.shape(array)}, tokens {tokens.shape}")
         pos = positions(meta, config.max_segment_len, config.num_latents)
         mask = attention_mask(meta)
-    return Transformer(config).apply({"params": params}, tokens, pos, mask, kv_index, compute_logits)
+    bias = None
+    if memory_bias is not None:
+        if meta is None or jnp.shape(memory_bias) != tokens.shape:
+            raise ValueError(f"memory_bias must be [batch, length]={list(tokens.shape)} with meta, got "
+                             f"{list(jnp.shape(memory_bias))}{' without meta' if meta is None else ''}")
+        bias = reader_latent_bias(meta, memory_bias)
+    return Transformer(config).apply({"params": params}, tokens, pos, mask, kv_index, compute_logits, bias)
 
 
-def attention_probabilities(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenMeta) -> jax.Array:
+def reader_latent_bias(meta: TokenMeta, memory_bias: jax.Array) -> jax.Array:
+    """float32 [b, t, s]: memory_bias[b, s] where query t is a READER and key s a LATENT, else 0
+    (a segment's own tokens read its latents without it)."""
+    reader = (jnp.asarray(meta.kind) == READER)[:, :, None]
+    latent = (jnp.asarray(meta.kind) == LATENT)[:, None, :]
+    return jnp.where(reader & latent, jnp.asarray(memory_bias, jnp.float32)[:, None, :], 0.0)
+
+
+def attention_probabilities(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenMeta,
+                            memory_bias: jax.Array | None = None) -> jax.Array:
     """float32 [layers, batch, q_heads, length, length]: every layer's attention probabilities
     under the GRC rule, for inspecting what a reader attends to (a layer loop outside the
     model's scan, so slow for long rows; the forward pass never computes these)."""
     c = config
     mask = attention_mask(meta)
+    bias = None if memory_bias is None else reader_latent_bias(meta, memory_bias)
     cos, sin = rope_cos_sin(c, positions(meta, c.max_segment_len, c.num_latents))
     x = jnp.take(params["embed"], tokens, axis=0).astype(DTYPES[c.dtype])
     probs = []
@@ -292,9 +313,11 @@ def attention_probabilities(config: ModelConfig, params: Params, tokens: jax.Arr
         q, k, v = attention_inputs(c, p, x, cos, sin)
         k_per_q_head = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
         scores = jnp.einsum("bthd,bshd->bhts", q, k_per_q_head).astype(jnp.float32) / np.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias[:, None]
         probs.append(jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1))
         # The next layer's input exactly as the forward pass computes it, not rebuilt from probs.
-        x = layer_output(c, p, x, attend(q, k, v, mask))
+        x = layer_output(c, p, x, attend(q, k, v, mask, bias))
     return jnp.stack(probs)
 
 

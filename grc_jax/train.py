@@ -110,7 +110,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         latent_ids=tuple(tokenizer.latent_ids(model_config.num_latents)), row_len=d.row_len,
         max_segments_per_row=d.max_segments_per_row, max_negatives=d.max_negatives,
         reader_distractors=d.reader_distractors, reader_task=d.reader_task,
-        bos_id=special("bos"), eos_id=special("eos"), eor_id=special("eor"), pad_id=special("pad"))
+        bos_id=special("bos"), eos_id=special("eos"), eor_id=special("eor"), pad_id=special("pad"),
+        question_segments=config.train.memory_prior)
     return Setup(model_config, tokenizer, train_files, eval_dir, build, tokens), params
 
 
@@ -150,8 +151,10 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_conf
                tx: optax.GradientTransformation, schedule: optax.Schedule, config: ml_collections.ConfigDict):
     weights = {"gen": config.loss.gen, "rep": config.loss.rep, "comp": config.loss.comp}
     accum = config.train.grad_accum
+    prior = config.train.prior_temperature if config.train.memory_prior else None
     if accum == 1:
-        loss_fn = functools.partial(losses.grc_loss, model_config, weights=weights, temperature=config.loss.temperature)
+        loss_fn = functools.partial(losses.grc_loss, model_config, weights=weights, temperature=config.loss.temperature,
+                                    prior_temperature=prior)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     else:
         # Micro-batches in a scan whose losses and gradients add up to the whole batch's: token
@@ -160,7 +163,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_conf
         totals = {"gen": batch["gen_weight"].sum(), "comp": batch["comp_weight"].sum()}
         micro_weights = {**weights, "rep": weights["rep"] / accum}
         loss_fn = functools.partial(losses.grc_loss, model_config, weights=micro_weights,
-                                    temperature=config.loss.temperature, token_totals=totals)
+                                    temperature=config.loss.temperature, token_totals=totals, prior_temperature=prior)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 

@@ -49,6 +49,13 @@ def defaults() -> ml_collections.ConfigDict:
         steps=1000, global_batch=16, grad_accum=1, seed=0,
         learning_rate=1e-3, warmup_steps=50, end_learning_rate_fraction=0.1, weight_decay=0.01,
         b1=0.9, b2=0.95, clip_norm=1.0,
+        # Memory priors (docs/design.md section 8, grc_jax/priors.py): every reader's question is
+        # laid out as a segment too, and the reader's attention on memory m's keys gets
+        # log_softmax_m(cos(question, memory m) / prior_temperature). Off: the one-pass forward
+        # of today. On: a two-phase forward, about twice the step's compute. The temperature is
+        # fixed (not learned), so the same value serves inference (Engine.generate's
+        # prior_temperature, the held-out evaluation).
+        memory_prior=False, prior_temperature=0.05,
     ))
     c.loss = ml_collections.ConfigDict(dict(gen=1.0, rep=1.0, comp=1.0, temperature=0.02))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -86,6 +93,7 @@ _NUMBERS: dict[str, tuple[str, Any]] = {
     "loss.rep": (">= 0 and finite", lambda x: 0 <= x < math.inf),
     "loss.comp": (">= 0 and finite", lambda x: 0 <= x < math.inf),
     "loss.temperature": ("> 0 and finite", lambda x: 0 < x < math.inf),
+    "train.prior_temperature": ("> 0 and finite", lambda x: 0 < x < math.inf),
     "model.rms_norm_eps": ("> 0 and finite", lambda x: 0 < x < math.inf),
     "model.rope_theta": ("> 0 and finite", lambda x: 0 < x < math.inf),
     "model.initializer_range": ("> 0 and finite", lambda x: 0 < x < math.inf),

@@ -117,7 +117,7 @@ def make_batch(
 
 
 def brute_force(q, k_pages, v_pages, cu_q_lens, mem_table, mem_lens, tok_table, tok_lens,
-                sm_scale=None, soft_cap=None):
+                sm_scale=None, soft_cap=None, mem_page_bias=None):
     """The semantics read literally, one query and one head at a time, in float64."""
     q, k_pages, v_pages = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k_pages, v_pages))
     cu_q_lens, mem_table, mem_lens, tok_table, tok_lens = map(
@@ -131,12 +131,16 @@ def brute_force(q, k_pages, v_pages, cu_q_lens, mem_table, mem_lens, tok_table, 
         for i in range(q_len):
             row, p = cu_q_lens[s] + i, tok_lens[s] - q_len + i
             slots = [(mem_table[s, j], t) for j in range(mem_table.shape[1]) for t in range(mem_lens[s, j])]
+            bias = [0.0 if mem_page_bias is None else float(mem_page_bias[s, j])
+                    for j in range(mem_table.shape[1]) for t in range(mem_lens[s, j])]
             slots += [(tok_table[s, n // page_size], n % page_size) for n in range(p + 1)]
+            bias += [0.0] * (p + 1)
             for h in range(num_q_heads):
                 kvh = h // (num_q_heads // num_kv_heads)
                 logits = np.array([q[row, h] @ k_pages[pg, t, kvh] for pg, t in slots]) * scale
                 if soft_cap is not None:
                     logits = soft_cap * np.tanh(logits / soft_cap)
+                logits = logits + np.array(bias)
                 w = np.exp(logits - logits.max())
                 out[row, h] = (w / w.sum()) @ np.array([v_pages[pg, t, kvh] for pg, t in slots])
     return out
@@ -427,3 +431,78 @@ def test_gpu_kernel_rejects_shapes_triton_cannot_tile():
     q, k, v, *rest = CASES[0].args()
     with pytest.raises(ValueError, match="head_dim"):
         hybrid_paged_attention_gpu(q[..., :12], k[..., :12], v[..., :12], *rest, interpret=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-memory-page bias (memory priors, docs/design.md section 8).
+
+def page_bias(args, seed: int = 0) -> jax.Array:
+    """A float32 bias per memory-page entry: large enough (sd 3) to reorder the softmax, NaN on
+    every entry a sequence does not own, so reading one shows up as NaN in the output."""
+    mem_lens = np.asarray(args[5])
+    values = np.random.default_rng(seed).normal(0.0, 3.0, mem_lens.shape).astype(np.float32)
+    return jnp.asarray(np.where(mem_lens > 0, values, np.nan))
+
+
+BIAS_CASES = [c for c in CASES if c.mem != "none"] + [CASES[0], CASES[3]]  # with and without memories
+
+
+@pytest.mark.parametrize("case", BIAS_CASES, ids=[str(c) for c in BIAS_CASES])
+def test_reference_with_page_bias_matches_brute_force(case):
+    args = case.args(seed=11)
+    bias = page_bias(args, seed=1)
+    out = f32(hybrid_paged_attention_reference(*args, mem_page_bias=bias))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, brute_force(*args, mem_page_bias=np.asarray(bias)), **tol(case.dtype))
+    if case.mem != "none":  # the bias matters: without it the rows reading memories differ
+        assert not np.allclose(out, f32(hybrid_paged_attention_reference(*args)), **tol(case.dtype))
+
+
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[8], CASES[3]],
+                         ids=lambda c: str(c))  # decode, prefill, mixed with memories; prefill without
+def test_kernels_with_page_bias_match_reference(impl, case):
+    args = case.args(seed=12)
+    bias = page_bias(args, seed=2)
+    if impl == "tpu":
+        out = run_tpu(args, q_block=case.tpu_tuning[0], pages_per_block=case.tpu_tuning[1], mem_page_bias=bias)
+    else:
+        g = case.gpu_tuning
+        out = run_gpu(args, q_block=g[0], pages_per_block=g[1], kv_splits=g[2], mem_page_bias=bias)
+    out = f32(out)
+    assert np.isfinite(out).all()  # the NaN entries of pages nobody owns were never used
+    np.testing.assert_allclose(out, f32(hybrid_paged_attention_reference(*args, mem_page_bias=bias)),
+                               **tol(case.dtype))
+
+
+@pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
+def test_zero_page_bias_equals_no_bias(impl):
+    args = CASES[8].args(seed=13)
+    zero = jnp.zeros(args[4].shape, jnp.float32)
+    np.testing.assert_array_equal(f32(run_impl(impl, args, mem_page_bias=zero)), f32(run_impl(impl, args)))
+
+
+def test_dispatcher_passes_the_bias_and_names_a_misshapen_one():
+    args = CASES[8].args(seed=14)
+    bias = page_bias(args, seed=3)
+    np.testing.assert_array_equal(f32(hybrid_paged_attention(*args, mem_page_bias=bias)),
+                                  f32(hybrid_paged_attention_reference(*args, mem_page_bias=bias)))
+    with pytest.raises(ValueError, match="^hybrid_paged_attention: mem_page_bias must be"):
+        hybrid_paged_attention(*args, mem_page_bias=bias[:, :-1])
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_kernels_with_page_bias_lower_for_their_targets(platform):
+    # The bias rides in SMEM as float32 scalars on TPU and as a flat input on GPU.
+    args = CASES[8].args()
+    specs = [*_specs(args), jax.ShapeDtypeStruct(args[4].shape, jnp.float32)]
+    if platform == "tpu":
+        fn = lambda *a: hybrid_paged_attention_tpu(*a[:8], mem_page_bias=a[8], q_block=4, pages_per_block=2)
+        exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*specs)
+        assert "tpu_custom_call" in exported.mlir_module()
+    else:
+        fn = lambda *a: hybrid_paged_attention_gpu(*a[:8], mem_page_bias=a[8], kv_splits=2)
+        exported = jax.export.export(
+            jax.jit(fn), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*specs)
+        assert "__gpu$xla.gpu.triton" in exported.mlir_module()

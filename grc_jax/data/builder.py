@@ -16,6 +16,10 @@ slot) and the reader must see the positive's memory.
   see the positive only: with distractors and no question, nothing tells the reader which
   memory to reproduce. Negatives the reader does not see go into a segments-only example,
   where they still serve the representative loss.
+- With `question_segments` (memory priors, docs/design.md section 8), a reader's question is
+  laid out once more as a *question segment* `[question]` with its K latents, alone in its
+  example; `seg_question` gives every memory the reader sees that segment's slot, so the
+  question's embedding can weigh the reader's memories. No loss is taken on it.
 
 Loss on token t is stored at the position p just before it: `targets[p] = tokens[t]` and the
 loss's weight at p is 1. p is always t - 1 in storage, in the same example and in t's context.
@@ -33,9 +37,12 @@ from grc_jax.errors import UserError
 from grc_jax.layout import LATENT, READER, TEXT
 
 READER_TASKS = ("continuation", "reconstruction", "none")
-SEG_UNUSED, SEG_QUERY, SEG_DOCUMENT = 0, 1, 2
+SEG_UNUSED, SEG_QUERY, SEG_DOCUMENT, SEG_QUESTION = 0, 1, 2, 3
 BATCH_KEYS = ("tokens", "example", "segment", "kind", "targets", "gen_weight", "comp_weight",
               "seg_latent_index", "seg_kind", "seg_positive", "seg_doc_id")
+# Only with BuildConfig.question_segments: per segment slot, the slot of the question segment of
+# the reader that sees it as a memory, or -1.
+PRIOR_KEYS = ("seg_question",)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +63,8 @@ class BuildConfig:
     # Reconstruction keeps the whole positive in its segment, so the embedding the
     # representative loss sees is the document's, not half of it.
     reader_task: str = "reconstruction"
+    # Memory priors: lay every reader's question out as a segment too (see the module doc).
+    question_segments: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_ids", tuple(int(i) for i in self.latent_ids))
@@ -113,6 +122,7 @@ class Unit:
     seg_positive: np.ndarray  # local slot or -1
     seg_doc_id: np.ndarray
     num_examples: int
+    seg_question: np.ndarray | None = None  # [s]: local slot of the reader's question segment, or -1
 
     @property
     def length(self) -> int:
@@ -260,6 +270,11 @@ def _add_documents(layout: "_Layout", record: TokenizedRecord, config: BuildConf
              for j in order}
     if reader is not None:
         layout.add_reader(reader, loss_from=loss_from, compressive=True)
+        if record.question is not None and config.question_segments:
+            layout.new_example()  # its own example: the reader must not see the question's memory
+            question_slot = layout.add_segment(record.question, SEG_QUESTION, loss_from=None)
+            for slot in slots.values():
+                layout.seg_question[slot] = question_slot
         if negatives:
             layout.new_example()
     for text, negative_id in negatives:
@@ -278,6 +293,7 @@ class _Layout:
         self.seg_kind: list[int] = []
         self.seg_positive: list[int] = []
         self.seg_doc_id: list[int] = []
+        self.seg_question: list[int] = []
         self.example = 0
 
     def new_example(self) -> None:
@@ -294,6 +310,7 @@ class _Layout:
         self.seg_kind.append(seg_kind)
         self.seg_positive.append(-1)
         self.seg_doc_id.append(doc if seg_kind == SEG_DOCUMENT else -1)
+        self.seg_question.append(-1)
         return slot
 
     def add_reader(self, tokens: list[int], loss_from: int, compressive: bool) -> None:
@@ -327,6 +344,7 @@ class _Layout:
             seg_positive=np.asarray(self.seg_positive, np.int32),
             seg_doc_id=np.asarray(self.seg_doc_id, np.int32),
             num_examples=self.example,
+            seg_question=np.asarray(self.seg_question, np.int32),
             **c,
         )
 
@@ -360,7 +378,9 @@ def plan_rows(sizes: Sequence[tuple[int, int]], row_len: int, max_segments_per_r
 def empty_batch(batch_size: int, config: BuildConfig) -> dict[str, np.ndarray]:
     """A batch of padding rows."""
     B, L, S, K = batch_size, config.row_len, config.max_segments_per_row, config.num_latents
+    prior = {"seg_question": np.full((B, S), -1, np.int32)} if config.question_segments else {}
     return {
+        **prior,
         "tokens": np.full((B, L), config.pad_id, np.int32),
         "example": np.zeros((B, L), np.int32),
         "segment": np.zeros((B, L), np.int32),
@@ -398,6 +418,8 @@ def _place(batch: dict[str, np.ndarray], b: int, unit: Unit, at: int, examples: 
     batch["seg_kind"][b, slots:seg_end] = unit.seg_kind
     batch["seg_positive"][b, slots:seg_end] = np.where(unit.seg_positive >= 0, unit.seg_positive + slots, -1)
     batch["seg_doc_id"][b, slots:seg_end] = unit.seg_doc_id
+    if "seg_question" in batch and unit.seg_question is not None:
+        batch["seg_question"][b, slots:seg_end] = np.where(unit.seg_question >= 0, unit.seg_question + slots, -1)
 
 
 def pack_units(units: Sequence[Unit], config: BuildConfig) -> dict[str, np.ndarray]:

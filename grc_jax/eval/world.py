@@ -4,7 +4,13 @@ QA, multi-hop. (`python -m grc_jax.evaluate` is the general evaluation CLI.)
 - retrieval: each held-out query against every held-out document (recall@1, recall@10, nDCG@10);
 - memory QA: the answer read from memories (the right one among distractors) vs no memory,
   as exact match of greedy decoding (computed teacher-forced: greedy reproduces the answer
-  exactly when the argmax at every answer position is the answer token);
+  exactly when the argmax at every answer position is the answer token); the right memory
+  alone, among 1 and 4 look-alikes (the record's hard negatives) and among 1 and 4 random
+  held-out documents;
+- RAG end to end: the question searches every held-out memory, the reader reads the top 1 and
+  the top 4;
+- with memory priors (`train.memory_prior`, docs/design.md section 8), every reader with memories
+  reads them under the prior of its question's embedding, as a run trained with them does;
 - multi-hop: queries about the training world, embedded as they are vs after the model
   generates its own reasoning (self-reason-latent embedding), recall@1 over the training corpus.
 """
@@ -19,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax import layout, model
+from grc_jax import layout, model, priors
 from grc_jax.config import ModelConfig
 from grc_jax.data.builder import answer_text
 
@@ -46,12 +52,14 @@ def retrieval_metrics(queries: np.ndarray, documents: np.ndarray, gold: Sequence
 
 def answer_exact_match(config: ModelConfig, params: model.Params, memories: Sequence[Sequence[Sequence[int]]],
                        readers: Sequence[tuple[list[int], list[int]]], latent_ids: Sequence[int],
-                       batch_size: int = 32) -> float:
+                       batch_size: int = 32, memory_priors: Sequence[Sequence[float]] | None = None) -> float:
     """Fraction of (question, answer+eos) readers that greedy decoding answers exactly, each
-    reader seeing its own list of memory segments (possibly none)."""
+    reader seeing its own list of memory segments (possibly none). memory_priors: per reader,
+    one log-prior per memory segment, added to the reader's logits on that memory's keys."""
     hits = []
     for start in range(0, len(readers), batch_size):
         rows, spans = [], []
+        chunk_priors = None if memory_priors is None else memory_priors[start:start + batch_size]
         for segs, (question, answer) in zip(memories[start:start + batch_size], readers[start:start + batch_size]):
             pieces = layout.example_pieces([list(s)[: config.max_segment_len] for s in segs], question + answer,
                                            latent_ids, config.max_segment_len)
@@ -62,7 +70,15 @@ def answer_exact_match(config: ModelConfig, params: model.Params, memories: Sequ
         packed = [layout.pack_rows([p], length)[0] for p in rows]
         tokens = np.stack([r.tokens for r in packed])
         meta = [np.stack([getattr(r, f) for r in packed]) for f in ("example", "segment", "kind")]
-        predicted = np.asarray(_argmax_jit(config, params, jnp.asarray(tokens), *map(jnp.asarray, meta)))
+        if chunk_priors is None:
+            predicted = np.asarray(_argmax_jit(config, params, jnp.asarray(tokens), *map(jnp.asarray, meta)))
+        else:  # one example per row: its segments are slots 0.. in storage order
+            prior = np.zeros((len(rows), max([len(p) for p in chunk_priors] + [1])), np.float32)
+            for row, values in enumerate(chunk_priors):
+                prior[row, : len(values)] = values
+            bias = priors.latent_key_bias(jnp.asarray(prior), layout.TokenMeta(*map(jnp.asarray, meta)))
+            predicted = np.asarray(_argmax_prior_jit(config, params, jnp.asarray(tokens), *map(jnp.asarray, meta),
+                                                     bias))
         for row, (a, b) in enumerate(spans):
             hits.append(bool((predicted[row, a - 1:b - 1] == tokens[row, a:b]).all()))
     return float(np.mean(hits))
@@ -72,6 +88,36 @@ def answer_exact_match(config: ModelConfig, params: model.Params, memories: Sequ
 def _argmax_jit(config, params, tokens, example, segment, kind):
     out = model.forward(config, params, tokens, layout.TokenMeta(example, segment, kind))
     return jnp.argmax(out.logits[..., : config.vocab_size], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _argmax_prior_jit(config, params, tokens, example, segment, kind, memory_bias):
+    out = model.forward(config, params, tokens, layout.TokenMeta(example, segment, kind), memory_bias=memory_bias)
+    return jnp.argmax(out.logits[..., : config.vocab_size], axis=-1)
+
+
+def distractor_texts(record: dict[str, Any], corpus_texts: Sequence[str], num: int, lookalike: bool,
+                     rng: np.random.Generator) -> list[str]:
+    """The positive and `num` distractors, shuffled: the record's look-alikes (hard negatives)
+    first when `lookalike`, topped up (or, for random ones, drawn) from the other held-out
+    documents."""
+    distractors = [d for d in record.get("negatives", []) if d != record["positive"]][:num] if lookalike else []
+    # A small held-out split may have fewer other documents than `num`.
+    wanted = min(num, len((set(corpus_texts) | set(distractors)) - {record["positive"]}))
+    while len(distractors) < wanted:
+        extra = corpus_texts[int(rng.integers(len(corpus_texts)))]
+        if extra != record["positive"] and extra not in distractors:
+            distractors.append(extra)
+    texts = distractors + [record["positive"]]
+    rng.shuffle(texts)
+    return texts
+
+
+def prior_values(question: np.ndarray, memories: np.ndarray, temperature: float) -> list[float]:
+    """log_softmax(cos / temperature) of unit memory embeddings [m, E] for one question [E]."""
+    if not len(memories):
+        return []
+    return np.asarray(priors.memory_prior(question, memories, temperature)).tolist()
 
 
 # The segments and readers below are laid out exactly as grc_jax.data.builder lays out training
@@ -92,13 +138,15 @@ def reader_tokens(tok: Any, question: str, answer: str, eos_id: int) -> tuple[li
     return tok.encode(question), tok.encode(answer_text(question, answer)) + [eos_id]
 
 
-def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_config: Any) -> dict[str, float]:
-    """All held-out figures for a demo-world directory (`setup` from grc_jax.train.prepare)."""
+def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_config: Any,
+                   memory_prior: bool | None = None) -> dict[str, float]:
+    """All held-out figures for a demo-world directory (`setup` from grc_jax.train.prepare).
+    memory_prior: read memories under priors (None: as the run trained, `train.memory_prior`)."""
     from grc_jax.inference import Engine
 
     world = Path(setup.eval_dir)
     tok, b = setup.tokenizer, setup.build
-    latent_ids, P = list(b.latent_ids), b.max_segment_len
+    P = b.max_segment_len
     engine = Engine(config, params, tok, special_tokens=setup.special_tokens,
                     max_reason_tokens=run_config.reasoning_max_tokens)
     rng = np.random.default_rng(0)
@@ -114,23 +162,9 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
     results.update({f"retrieval/{k}": v for k, v in retrieval_metrics(
         queries, docs, [doc_index[r["positive"]] for r in retrieval]).items()})
 
-    qa = [r for r in heldout if "question" in r and "answer" in r and "positive" in r][:limit]
-    memories = []
-    texts_of_corpus = {d["text"] for d in corpus}
-    for r in qa:
-        distractors = [d for d in r.get("negatives", []) if d != r["positive"]][:NUM_DISTRACTORS]
-        # A small held-out split may have fewer other documents than NUM_DISTRACTORS.
-        wanted = min(NUM_DISTRACTORS, len((texts_of_corpus | set(distractors)) - {r["positive"]}))
-        while len(distractors) < wanted:  # top up with other held-out documents
-            extra = corpus[int(rng.integers(len(corpus)))]["text"]
-            if extra != r["positive"] and extra not in distractors:
-                distractors.append(extra)
-        texts = distractors + [r["positive"]]
-        rng.shuffle(texts)
-        memories.append([document_tokens(tok, t, P) for t in texts])
-    readers = [reader_tokens(tok, r["question"], r["answer"], b.eos_id) for r in qa]
-    results["memory_qa/exact_match"] = answer_exact_match(config, params, memories, readers, latent_ids)
-    results["memory_qa/exact_match_no_memory"] = answer_exact_match(config, params, [[] for _ in qa], readers, latent_ids)
+    use_prior = bool(run_config.train.memory_prior) if memory_prior is None else memory_prior
+    results.update(memory_qa_figures(engine, heldout, corpus, docs, limit, use_prior,
+                                     run_config.train.prior_temperature, rng))
 
     train_corpus = read_jsonl(world / "corpus_train.jsonl")
     train_index = {d["text"]: i for i, d in enumerate(train_corpus)}
@@ -142,4 +176,57 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
     oracle = engine.embed_tokens([query_tokens(tok, r["query"], r["reasoning"], b.eor_id) for r in hops])
     for name, emb in (("plain", plain), ("self_reasoning", reasoned), ("gold_reasoning", oracle)):
         results[f"multihop/recall@1_{name}"] = retrieval_metrics(emb, train_docs, gold)["recall@1"]
+    return results
+
+
+def memory_qa_figures(engine: Any, heldout: Sequence[dict[str, Any]], corpus: Sequence[dict[str, Any]],
+                      docs: np.ndarray, limit: int, use_prior: bool, prior_temperature: float,
+                      rng: np.random.Generator) -> dict[str, float]:
+    """Memory QA exact match (4 look-alikes, none, the right memory alone, 1 look-alike, 1 and 4
+    random distractors) and RAG over the held-out corpus (top 1, top 4), reading under priors
+    when `use_prior`. docs: the corpus's embeddings."""
+    config, params, tok = engine.config, engine.params, engine.tokenizer
+    latent_ids, P, tau = list(engine.latent_ids), config.max_segment_len, prior_temperature
+    results: dict[str, float] = {}
+    qa = [r for r in heldout if "question" in r and "answer" in r and "positive" in r][:limit]
+    readers = [reader_tokens(tok, r["question"], r["answer"], engine.eos_id) for r in qa]
+    corpus_texts = [d["text"] for d in corpus]
+    questions = engine.embed_tokens([q[:P] for q, _ in readers]) if qa else None
+
+    cache = dict(zip(corpus_texts, docs))
+
+    def embedding_of(texts: Sequence[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
+        if missing:
+            cache.update(zip(missing, engine.embed_tokens([document_tokens(tok, t, P) for t in missing])))
+        return np.stack([cache[t] for t in texts]) if texts else docs[:0]
+
+    def exact_match(texts: Sequence[Sequence[str]], doc_embeddings: Sequence[np.ndarray] | None = None) -> float:
+        """Exact match with each question's documents as memories (under priors if on)."""
+        segs = [[document_tokens(tok, t, P) for t in row] for row in texts]
+        values = None
+        if use_prior:
+            if doc_embeddings is None:
+                doc_embeddings = [embedding_of(row) for row in texts]
+            values = [prior_values(q, e, tau) for q, e in zip(questions, doc_embeddings)]
+        return answer_exact_match(config, params, segs, readers, latent_ids, memory_priors=values)
+
+    # The first figure draws from `rng` exactly as it always has: its value is comparable across runs.
+    contexts = [distractor_texts(r, corpus_texts, NUM_DISTRACTORS, True, rng) for r in qa]
+    results["memory_qa/exact_match"] = exact_match(contexts)
+    results["memory_qa/exact_match_no_memory"] = answer_exact_match(config, params, [[] for _ in qa], readers, latent_ids)
+    results["memory_qa/exact_match_alone"] = exact_match([[r["positive"]] for r in qa])
+    for num, lookalike in ((1, True), (1, False), (NUM_DISTRACTORS, False)):
+        name = f"memory_qa/exact_match_{'lookalike' if lookalike else 'random'}{num}"
+        results[name] = exact_match([distractor_texts(r, corpus_texts, num, lookalike, rng) for r in qa])
+    if qa:  # RAG: the question searches all held-out memories; the reader reads the top k
+        scores = questions @ docs.T
+        order = np.argsort(-scores, axis=1, kind="stable")
+        for k in (1, NUM_DISTRACTORS):
+            top = order[:, :k]
+            results[f"rag/exact_match_top{k}"] = exact_match([[corpus_texts[i] for i in row] for row in top],
+                                                             [docs[row] for row in top])
+        results["rag/question_recall@1"] = float(np.mean([corpus_texts[order[i, 0]] == r["positive"]
+                                                          for i, r in enumerate(qa)]))
+
     return results

@@ -97,6 +97,7 @@ class DecodeState:
     step: jax.Array  # int32 []: decode steps run
     rng: jax.Array  # key
     logits: jax.Array  # float32 [B, R, vocab]; R = max_new_tokens with record_logits, else 0
+    mem_page_bias: jax.Array | None = None  # float32 [B, M]: memory priors per page entry; None: none
 
 
 # --- the model over pages ---------------------------------------------------------------
@@ -144,7 +145,7 @@ def feed(config: ModelConfig, params: model.Params, state: DecodeState, n: jax.A
         v_all = v_all.at[write_page + offset, within].set(v[0].astype(v_all.dtype), mode="drop")
         attention = hybrid_paged_attention(
             q[0], k_all, v_all, cu, state.mem_page_table + offset, state.mem_page_lens,
-            tok_table + offset, new_lengths, impl=impl)
+            tok_table + offset, new_lengths, mem_page_bias=state.mem_page_bias, impl=impl)
         return (model.layer_output(config, p, x, attention[None]), k_all, v_all), None
 
     carry = (x, k_all, v_all)
@@ -369,18 +370,22 @@ class Decoder:
 
     def generate(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *,
                  memories: Sequence[Sequence[Hashable]] | None = None, memory_source: MemorySource | None = None,
-                 budgets: Sequence[int] | None = None, seed: int = 0) -> list[list[int]]:
-        """The new tokens of every row (a stop token that ended a row included)."""
+                 budgets: Sequence[int] | None = None, seed: int = 0,
+                 memory_bias: Sequence[Sequence[float]] | None = None) -> list[list[int]]:
+        """The new tokens of every row (a stop token that ended a row included).
+        memory_bias: per row, one float per memory of `memories` (memory priors, docs/design.md
+        section 8), added to the row's attention logits on every key of that memory."""
         out, _ = self.generate_with_logits(prompts, settings, memories=memories, memory_source=memory_source,
-                                           budgets=budgets, seed=seed)
+                                           budgets=budgets, seed=seed, memory_bias=memory_bias)
         return out
 
     def generate_with_logits(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *,
                              memories: Sequence[Sequence[Hashable]] | None = None,
                              memory_source: MemorySource | None = None, budgets: Sequence[int] | None = None,
-                             seed: int = 0) -> tuple[list[list[int]], list[np.ndarray] | None]:
+                             seed: int = 0, memory_bias: Sequence[Sequence[float]] | None = None
+                             ) -> tuple[list[list[int]], list[np.ndarray] | None]:
         """`generate`, plus each row's per-step logits [new tokens, vocab] with record_logits."""
-        batch = self.start(prompts, settings, memories, memory_source, budgets, seed)
+        batch = self.start(prompts, settings, memories, memory_source, budgets, seed, memory_bias=memory_bias)
         try:
             self.advance(batch, settings.max_new_tokens)
             tokens, prompt_lens, total, logits = jax.device_get(
@@ -394,12 +399,13 @@ class Decoder:
 
     def stream(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *, steps_per_chunk: int = 8,
                memories: Sequence[Sequence[Hashable]] | None = None, memory_source: MemorySource | None = None,
-               budgets: Sequence[int] | None = None, seed: int = 0) -> Iterator[list[list[int]]]:
+               budgets: Sequence[int] | None = None, seed: int = 0,
+               memory_bias: Sequence[Sequence[float]] | None = None) -> Iterator[list[list[int]]]:
         """Yields, every `steps_per_chunk` decode steps, the tokens each row made since the last
         yield. The same compiled loop as `generate`, stopped early and resumed with its state."""
         if steps_per_chunk < 1:
             raise ValueError(f"steps_per_chunk must be >= 1, got {steps_per_chunk}")
-        batch = self.start(prompts, settings, memories, memory_source, budgets, seed)
+        batch = self.start(prompts, settings, memories, memory_source, budgets, seed, memory_bias=memory_bias)
         try:
             emitted = np.asarray(jax.device_get(batch.state.prompt_lens))
             step = 0
@@ -448,7 +454,8 @@ class Decoder:
 
     def start(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
               memories: Sequence[Sequence[Hashable]] | None = None, memory_source: MemorySource | None = None,
-              budgets: Sequence[int] | None = None, seed: int = 0, extra: int = 0) -> Batch:
+              budgets: Sequence[int] | None = None, seed: int = 0, extra: int = 0,
+              memory_bias: Sequence[Sequence[float]] | None = None) -> Batch:
         """Admits a batch: pages for its rows and memories (all or nothing), memories written,
         the initial state built. The state owns the pool until `finish`; `extra` reserves
         token slots past the budget (the eor and latents of self-reasoning)."""
@@ -479,6 +486,7 @@ class Decoder:
             raise ValueError(f"{len(memories)} memory lists for {n} prompts")
         if any(memories) and memory_source is None:
             raise ValueError("memories were named but no memory_source was given")
+        bias_rows = _memory_bias_rows(memory_bias, memories)
 
         K = c.num_latents
         wanted = list(dict.fromkeys(m for row in memories for m in row))
@@ -505,7 +513,7 @@ class Decoder:
         # batch's pages back: a page kept by a failed start would be lost for good.
         try:
             return self._start_admitted(prompts, settings, jit_settings, memories, budgets, seed, extra, fetched
-                                        if wanted else None, ids, wanted, req_pages, mem_pages, new)
+                                        if wanted else None, ids, wanted, req_pages, mem_pages, new, bias_rows)
         except BaseException:
             if self.pool is not None and (self.pool.k.is_deleted() or self.pool.v.is_deleted()):
                 # consumed by a failed write: start over with an empty pool
@@ -520,7 +528,8 @@ class Decoder:
     def _start_admitted(self, prompts: list[list[int]], settings: DecodeSettings, jit_settings: DecodeSettings,
                         memories: list[list[Hashable]], budgets: list[int], seed: int, extra: int,
                         fetched: tuple[np.ndarray, np.ndarray] | None, ids: list[int], wanted: list[Hashable],
-                        req_pages: dict, mem_pages: dict, new: list[Hashable]) -> Batch:
+                        req_pages: dict, mem_pages: dict, new: list[Hashable],
+                        bias_rows: list[list[float]] | None = None) -> Batch:
         """`start` after the pages are admitted: the memories written, the state built."""
         c, S, n = self.config, self.page_size, len(prompts)
         K = c.num_latents
@@ -555,13 +564,20 @@ class Decoder:
             mem_lens[b, : len(row_pages)] = slot_lens * len(memories[b])
             offset[b] = c.max_segment_len + K if memories[b] else 0
         record = bucket(settings.max_new_tokens) if settings.record_logits else 0
+        mem_bias = None
+        if bias_rows is not None:  # each memory's value on each of its page entries
+            mem_bias = np.zeros((B, M), np.float32)
+            for b, row in enumerate(bias_rows):
+                per_page = np.repeat(np.asarray(row, np.float32), pages_per_mem)
+                mem_bias[b, : len(per_page)] = per_page
+            mem_bias = jnp.asarray(mem_bias)
         state = DecodeState(
             tokens=jnp.asarray(tokens), pool=self.pool, mem_page_table=jnp.asarray(mem_table),
             mem_page_lens=jnp.asarray(mem_lens), tok_page_table=jnp.asarray(tok_table),
             lengths=jnp.zeros(B, jnp.int32), total=jnp.asarray(prompt_lens), prompt_lens=jnp.asarray(prompt_lens),
             pos_offset=jnp.asarray(offset), budget=jnp.asarray(budget), done=jnp.asarray(budget <= 0),
             step=jnp.zeros((), jnp.int32), rng=rng,
-            logits=jnp.zeros((B, record, c.vocab_size), jnp.float32))
+            logits=jnp.zeros((B, record, c.vocab_size), jnp.float32), mem_page_bias=mem_bias)
         self.pool = None  # the state owns it until _finish hands it back
         return Batch(state, jit_settings, n, ids, wanted)
 
@@ -575,3 +591,17 @@ class Decoder:
             return
         self.pool = pool
         self.allocator.release(batch.requests, batch.memories)
+
+
+def _memory_bias_rows(memory_bias: Sequence[Sequence[float]] | None,
+                      memories: list[list[Hashable]]) -> list[list[float]] | None:
+    """Checks a per-row, per-memory bias against the rows' memories (before anything is allocated)."""
+    if memory_bias is None:
+        return None
+    rows = [[float(x) for x in row] for row in memory_bias]
+    if len(rows) != len(memories) or any(len(r) != len(m) for r, m in zip(rows, memories)):
+        raise ValueError(f"memory_bias must give one value per memory of each row: memories per row "
+                         f"{[len(m) for m in memories]}, bias values per row {[len(r) for r in rows]}")
+    if not all(np.isfinite(r).all() for r in rows):
+        raise ValueError("memory_bias values must be finite")
+    return rows

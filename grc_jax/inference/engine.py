@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grc_jax import chat as chat_lib
-from grc_jax import hf, layout, model, rundir
+from grc_jax import hf, layout, model, priors, rundir
 from grc_jax import special_tokens as special_tokens_lib
 from grc_jax.config import ModelConfig
 from grc_jax.inference.decode import GREEDY, Decoder, Sampling, bucket
@@ -272,37 +272,49 @@ class Engine:
     @_serialized
     def generate(self, prompts: str | Sequence[str], memories: Sequence[int] | Sequence[Sequence[int]] | None = None,
                  max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[str] | None = None,
-                 seed: int = 0, stop: str | Sequence[str] | None = None) -> str | list[str]:
+                 seed: int = 0, stop: str | Sequence[str] | None = None, memory_prior: Any = False,
+                 prior_temperature: float = 0.05) -> str | list[str]:
         """Continues each prompt, reading the named memories (one id list for all prompts, or
         one list per prompt). Stops at eos (or `stop_tokens`, special tokens by name) and at any
         of the `stop` strings (OpenAI's `stop`); neither the stop token nor the stop string, nor
         anything after it, is returned. A stop string that is one added token of the vocabulary
         ends its row inside the decode loop; other stop strings are looked for in the decoded
-        text every STOP_CHECK_STEPS steps, and the batch ends once every row has met one."""
+        text every STOP_CHECK_STEPS steps, and the batch ends once every row has met one.
+
+        memory_prior (docs/design.md section 8): False, no prior; True, each prompt's own
+        embedding (the prompt as one segment, as training lays out a question) against its
+        memories' embeddings; or caller scores, one list of per-memory scores per prompt (another
+        retriever's). The prior log_softmax(scores / prior_temperature) over a prompt's memories is
+        added to its attention logits on each memory's keys. Use the temperature the model was
+        trained with (`train.prior_temperature`)."""
         single = isinstance(prompts, str)
         answers = self._generate([self._encode(t) for t in _texts(prompts, "generate")], memories, max_new_tokens,
-                                 sampling, stop_tokens, seed, stop)
+                                 sampling, stop_tokens, seed, stop, memory_prior, prior_temperature)
         return answers[0] if single else answers
 
     def _generate(self, token_ids: list[list[int]], memories: Any = None, max_new_tokens: int = 64,
                   sampling: Sampling = GREEDY, stop_tokens: Sequence[str] | None = None, seed: int = 0,
-                  stop: str | Sequence[str] | None = None) -> list[str]:
+                  stop: str | Sequence[str] | None = None, memory_prior: Any = False,
+                  prior_temperature: float = 0.05) -> list[str]:
         _check_int("max_new_tokens", max_new_tokens, 1)
         _check_int("seed", seed, 0, MAX_SEED)
         for i, t in enumerate(token_ids):
             if not t:
                 raise ValueError(f"prompt {i} is empty")
         rows = self._memory_rows(memories, len(token_ids))
+        bias = self.memory_priors(token_ids, rows, memory_prior, prior_temperature)
         stops, stop_strings = self._stops(stop_tokens, stop)
         settings = self.decoder.settings(max_new_tokens, sampling, stops)
         out = []
         for start in range(0, len(token_ids), self.batch_size):
-            chunk, keys = token_ids[start:start + self.batch_size], self._pool_keys(rows[start:start + self.batch_size])
+            end = start + self.batch_size
+            chunk, keys = token_ids[start:end], self._pool_keys(rows[start:end])
+            chunk_bias = None if bias is None else bias[start:end]
             if stop_strings:
-                out.extend(self._generate_until_stop(chunk, settings, keys, seed, stops, stop_strings))
+                out.extend(self._generate_until_stop(chunk, settings, keys, seed, stops, stop_strings, chunk_bias))
             else:
                 out.extend(self.decoder.generate(chunk, settings, memories=keys, memory_source=self._memory_source,
-                                                 seed=seed))
+                                                 seed=seed, memory_bias=chunk_bias))
         return [chat_lib.cut_at_stop(self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o),
                                      stop_strings)[0] for o in out]
 
@@ -417,13 +429,34 @@ class Engine:
 
     @_serialized
     def rag(self, question: str, top_k: int = 4, reason: bool = False, max_new_tokens: int = 64,
-            sampling: Sampling = GREEDY) -> RagAnswer:
-        """Search with the question, then answer it reading the top_k memories."""
+            sampling: Sampling = GREEDY, memory_prior: bool = False, prior_temperature: float = 0.05) -> RagAnswer:
+        """Search with the question, then answer it reading the top_k memories (with
+        memory_prior, weighted by the search's own cosine scores: see `generate`)."""
         _check_int("max_new_tokens", max_new_tokens, 1)
         hits = self.search(question, top_k, reason=reason)
         ids = [h.id for h in hits]
-        answer = self.generate(question, memories=ids, max_new_tokens=max_new_tokens, sampling=sampling)
+        prior = [[h.score for h in hits]] if memory_prior else False
+        answer = self.generate(question, memories=ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                               memory_prior=prior, prior_temperature=prior_temperature)
         return RagAnswer(answer, ids, [h.score for h in hits])
+
+    def memory_priors(self, prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], memory_prior: Any,
+                      prior_temperature: float) -> list[list[float]] | None:
+        """Per prompt, the log-prior of each of its memories (see `generate`), or None."""
+        if memory_prior is None or memory_prior is False:
+            return None
+        if prior_temperature <= 0:
+            raise ValueError(f"prior_temperature must be > 0, got {prior_temperature}")
+        if memory_prior is True:
+            questions = self.embed_tokens([list(p)[: self.config.max_segment_len] for p in prompts])
+            scores = [[float(np.dot(q, self.bank.get(m).embedding)) for m in row] for q, row in zip(questions, rows)]
+        else:
+            scores = [[float(x) for x in row] for row in memory_prior]
+            if len(scores) != len(rows) or any(len(s) != len(r) for s, r in zip(scores, rows)):
+                raise ValueError(f"memory_prior scores must give one score per memory of each prompt: memories "
+                                 f"{[len(r) for r in rows]}, scores {[len(s) for s in scores]}")
+        return [np.asarray(priors.log_prior(np.asarray(s, np.float32) / prior_temperature)).tolist() if s else []
+                for s in scores]
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -474,13 +507,14 @@ class Engine:
         return tuple(dict.fromkeys(ids)), tuple(strings)
 
     def _generate_until_stop(self, prompts: list[list[int]], settings: Any, keys: list[list[Any]], seed: int,
-                             stops: tuple[int, ...], stop_strings: tuple[str, ...]) -> list[list[int]]:
+                             stops: tuple[int, ...], stop_strings: tuple[str, ...],
+                             memory_bias: list[list[float]] | None = None) -> list[list[int]]:
         """Decodes in chunks of STOP_CHECK_STEPS steps until every row has met a stop token, a stop
         string or its budget. The same compiled loop as `generate`, so the tokens are the same."""
         made: list[list[int]] = [[] for _ in prompts]
         ended = [False] * len(prompts)
         pieces = self.decoder.stream(prompts, settings, steps_per_chunk=STOP_CHECK_STEPS, memories=keys,
-                                     memory_source=self._memory_source, seed=seed)
+                                     memory_source=self._memory_source, seed=seed, memory_bias=memory_bias)
         with _closing(pieces):
             for chunk in pieces:
                 for b, new in enumerate(chunk):

@@ -32,6 +32,7 @@ def hybrid_paged_attention(
     *,
     sm_scale: float | None = None,
     soft_cap: float | None = None,
+    mem_page_bias: jax.Array | None = None,
     impl: str | None = None,
     **kernel_options: Any,
 ) -> jax.Array:
@@ -45,6 +46,9 @@ def hybrid_paged_attention(
     valid slots of each (0 = unused entry);
     tok_page_table: int32[num_seqs, max_tok_pages]; tok_lens: int32[num_seqs], tokens in the
     token pages including this call's (already written) new tokens.
+    mem_page_bias: optional float32[num_seqs, max_mem_pages], one scalar per memory page
+    entry, added to the logits of every slot of that page before the softmax (memory priors,
+    docs/design.md section 8); entries with mem_page_lens 0 are never used. None: no bias.
     Query i of sequence s sits at position tok_lens[s] - q_len_s + i and sees all valid memory
     slots plus token slots 0..position, under one float32 softmax; GQA maps q head h to kv head
     h // (num_q_heads // num_kv_heads). Returns [num_tokens, num_q_heads, head_dim] in q.dtype.
@@ -57,13 +61,16 @@ def hybrid_paged_attention(
         raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {impl!r}")
     if name == "reference" and kernel_options:
         raise TypeError(f"the reference takes no kernel options, got {sorted(kernel_options)}")
-    check_shapes(q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, tok_page_table, tok_lens)
+    check_shapes(q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, tok_page_table, tok_lens,
+                 mem_page_bias)
+    bias = {} if mem_page_bias is None else {"mem_page_bias": mem_page_bias}  # None: the call of old
     return IMPLS[name](
         q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, tok_page_table, tok_lens,
-        sm_scale=sm_scale, soft_cap=soft_cap, **kernel_options)
+        sm_scale=sm_scale, soft_cap=soft_cap, **bias, **kernel_options)
 
 
-def check_shapes(q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, tok_page_table, tok_lens) -> None:
+def check_shapes(q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, tok_page_table, tok_lens,
+                 mem_page_bias=None) -> None:
     """Raises ValueError naming the argument whose shape does not fit the others (shapes are
     static, so this also runs under jit; page ids and lengths are values and are not checked)."""
     def need(ok: bool, message: str) -> None:
@@ -86,3 +93,7 @@ def check_shapes(q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, 
     need(mem_page_lens.shape == mem_page_table.shape,
          f"mem_page_lens has shape {list(mem_page_lens.shape)}, mem_page_table {list(mem_page_table.shape)}")
     need(tok_lens.shape == (num_seqs,), f"tok_lens must be [num_seqs={num_seqs}], got shape {list(tok_lens.shape)}")
+    if mem_page_bias is not None:
+        need(mem_page_bias.shape == mem_page_table.shape,
+             f"mem_page_bias must be [num_seqs, max_mem_pages]={list(mem_page_table.shape)} like mem_page_table, "
+             f"got shape {list(mem_page_bias.shape)}")

@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .reference import block_seq_ranges, safe_page_tables
+from .reference import block_seq_ranges, safe_page_bias, safe_page_tables
 
 def _precision(dtype) -> lax.Precision | None:
     # f32 dots in IEEE f32, not TF32; bf16 products are exact in the f32 accumulator anyway.
@@ -34,12 +34,13 @@ def _pow2_at_least(n: int) -> int:
 
 
 def _kernel(
-    cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref,
-    q_ref, k_ref, v_ref,
-    o_ref, m_out_ref, l_out_ref,
-    *, page_size, ppb, group, q_block, num_kv_heads, mem_entries, entries, splits,
-    sm_scale, soft_cap, pv_dtype,
+    cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref, *refs,
+    page_size, ppb, group, q_block, num_kv_heads, mem_entries, entries, splits,
+    sm_scale, soft_cap, pv_dtype, has_bias,
 ):
+    # With a bias, its flat per-entry values come after the scalars; then the usual refs.
+    bias_ref = refs[0] if has_bias else None
+    q_ref, k_ref, v_ref, o_ref, m_out_ref, l_out_ref = refs[1:] if has_bias else refs
     blk, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, head_dim = q_ref.shape
     cols = ppb * page_size
@@ -76,6 +77,8 @@ def _kernel(
                               mask=fetch, other=0)
             mem_entry = jnp.minimum(i * ppb + page_in_step, mem_entries - 1)
             n_valid = mem_lens_ref[s * mem_entries + mem_entry]
+            if bias_ref is not None:  # entries were zeroed where unused; token steps get none
+                col_bias = jnp.where(is_mem, bias_ref[s * mem_entries + mem_entry], 0.0)
             pos = (i - mem_steps) * cols + c
             col_ok = jnp.where(is_mem, fetch & (offset < n_valid), pos < tok_seen)
             key_pos = jnp.where(is_mem, -1, pos)
@@ -91,6 +94,8 @@ def _kernel(
                                precision=_precision(qk_dtype)) * sm_scale
             if soft_cap is not None:
                 logits = soft_cap * jnp.tanh(logits / soft_cap)
+            if bias_ref is not None:
+                logits = logits + col_bias[None, :]
             vis = row_ok & col_ok[None, :] & ((key_pos[None, :] - base) * group <= r)
             logits = jnp.where(vis, logits, -jnp.inf)
             m_new = jnp.maximum(m, logits.max(axis=1))
@@ -135,6 +140,7 @@ def hybrid_paged_attention_gpu(
     pv_in_kv_dtype: bool = False,
     num_warps: int = 4,
     num_stages: int = 2,
+    mem_page_bias: jax.Array | None = None,
 ) -> jax.Array:
     """Arguments as for `hybrid_paged_attention` (dispatch.py), plus tuning knobs.
     Needs power-of-two head_dim (>= 16) and page_size.
@@ -173,6 +179,8 @@ def hybrid_paged_attention_gpu(
     lo, hi = block_seq_ranges(cu_q_lens, num_blocks, qb)
     scalars = (cu_q_lens.astype(jnp.int32), tok_lens.astype(jnp.int32), n_mem,
                mem_lens.reshape(-1).astype(jnp.int32), table.reshape(-1), lo, hi)
+    if mem_page_bias is not None:
+        scalars += (pad_to(safe_page_bias(mem_page_bias, mem_page_lens), ppb).reshape(-1),)
 
     qp = jnp.pad(q, ((0, num_blocks * qb - num_tokens), (0, 0), (0, 0)))
     qp = qp.reshape(num_blocks, qb, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
@@ -183,7 +191,8 @@ def hybrid_paged_attention_gpu(
         _kernel, page_size=page_size, ppb=ppb, group=group, q_block=qb,
         num_kv_heads=num_kv_heads, mem_entries=mem_entries, entries=table.shape[1],
         splits=splits, sm_scale=head_dim**-0.5 if sm_scale is None else sm_scale,
-        soft_cap=soft_cap, pv_dtype=k_pages.dtype if pv_in_kv_dtype else jnp.float32)
+        soft_cap=soft_cap, pv_dtype=k_pages.dtype if pv_in_kv_dtype else jnp.float32,
+        has_bias=mem_page_bias is not None)
     # Row-major reshape: free on GPU.
     k_flat = k_pages.reshape(-1, head_dim)
     v_flat = v_pages.reshape(-1, head_dim)

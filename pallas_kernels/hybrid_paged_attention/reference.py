@@ -47,6 +47,12 @@ def safe_page_tables(
     return mem.astype(jnp.int32), tok.astype(jnp.int32)
 
 
+def safe_page_bias(mem_page_bias: jax.Array, mem_page_lens: jax.Array) -> jax.Array:
+    """float32 per-memory-page bias with every unused entry set to 0: an entry a sequence does
+    not own may hold anything (NaN included) and must not reach the softmax."""
+    return jnp.where(mem_page_lens > 0, mem_page_bias.astype(jnp.float32), 0.0)
+
+
 def block_seq_ranges(
     cu_q_lens: jax.Array, num_blocks: int, block_tokens: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -71,6 +77,7 @@ def hybrid_paged_attention_reference(
     *,
     sm_scale: float | None = None,
     soft_cap: float | None = None,
+    mem_page_bias: jax.Array | None = None,
 ) -> jax.Array:
     """Gathers each query row's pages, masks, and takes a float32 softmax.
 
@@ -87,6 +94,7 @@ def hybrid_paged_attention_reference(
         mem_page_table, mem_page_lens, tok_page_table, tok_lens, num_pages, page_size
     )
     slot = jnp.arange(page_size)
+    bias = None if mem_page_bias is None else safe_page_bias(mem_page_bias, mem_page_lens)
     tok_slots = jnp.arange(tok_ids.shape[1] * page_size)
     hi = lax.Precision.HIGHEST  # f32 matmuls must not drop to bf16 passes on TPU
 
@@ -101,6 +109,9 @@ def hybrid_paged_attention_reference(
         logits = jnp.einsum("kgd,lkd->kgl", qg, k, precision=hi) * scale
         if soft_cap is not None:
             logits = soft_cap * jnp.tanh(logits / soft_cap)
+        if bias is not None:  # one scalar per memory page, on each of its slots; none on tokens
+            per_slot = jnp.repeat(bias[s], page_size)
+            logits = logits + jnp.concatenate([per_slot, jnp.zeros(tok_slots.shape, jnp.float32)])
         logits = jnp.where(vis, logits, -jnp.inf)
         m = logits.max(axis=-1, keepdims=True)
         w = jnp.where(vis, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)

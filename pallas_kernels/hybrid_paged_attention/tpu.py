@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .reference import block_seq_ranges, safe_page_tables
+from .reference import block_seq_ranges, safe_page_bias, safe_page_tables
 
 _MEM_POS = 1 << 20  # memory slots sit at position -_MEM_POS: before every token
 _LANES = 128  # m and l are kept lane-broadcast: Mosaic wants 128-lane-aligned stores
@@ -44,7 +44,21 @@ def _cdiv(a, b):
 
 def _kernel(
     # scalar prefetch (SMEM)
-    cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref,
+    cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref, *refs,
+    page_size, ppb, group, q_block, mem_entries, entries, sm_scale, soft_cap, pv_dtype, has_bias,
+):
+    # With a bias its per-entry values come first (SMEM, float32), then the usual refs.
+    bias_ref = refs[0] if has_bias else None
+    (q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, m_ref, l_ref, acc_ref) = refs[1:] if has_bias else refs
+    _body(cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref, bias_ref,
+          q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, m_ref, l_ref, acc_ref,
+          page_size=page_size, ppb=ppb, group=group, q_block=q_block, mem_entries=mem_entries,
+          entries=entries, sm_scale=sm_scale, soft_cap=soft_cap, pv_dtype=pv_dtype)
+
+
+def _body(
+    # scalar prefetch (SMEM)
+    cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref, bias_ref,
     # inputs / outputs
     q_ref, k_hbm, v_hbm, o_ref,
     # scratch
@@ -123,6 +137,16 @@ def _kernel(
         tok_cols = jnp.where(is_mem, 0, tok_seen - tok_start)
         return mem_ok | (c < tok_cols), c + jnp.where(is_mem, -_MEM_POS, tok_start)
 
+    def column_bias(c, s, i):
+        """float32 per-column memory-page bias (0 on token steps and unused entries)."""
+        is_mem = i < seq_plan(s)[0]
+        out = jnp.zeros(c.shape, jnp.float32)
+        for j in range(ppb):
+            e = jnp.minimum(i * ppb + j, mem_entries - 1)
+            b = jnp.where(is_mem, bias_ref[s * mem_entries + e], 0.0)
+            out += jnp.where((c >= j * page_size) & (c < (j + 1) * page_size), b, 0.0)
+        return out
+
     def compute(s, i, slot):
         q_start, q_end = cu_ref[s], cu_ref[s + 1]
         r0 = (jnp.maximum(q_start, blk_start) - blk_start) * group
@@ -133,6 +157,7 @@ def _kernel(
         # key_pos <= base + r // group  <=>  (key_pos - base) * group <= r
         vis = col_ok & (r >= r0) & (r < r1) & ((key_pos - base) * group <= r)
         v_ok, _ = columns(lax.broadcasted_iota(jnp.int32, (cols, head_dim), 0), s, i)
+        bias = None if bias_ref is None else column_bias(lax.broadcasted_iota(jnp.int32, (1, cols), 1), s, i)
         for h in range(num_kv_heads):
             q = q_ref[h]
             k = k_buf[slot, :, :, h, :].reshape(cols, head_dim)
@@ -143,6 +168,8 @@ def _kernel(
                 precision=_precision(qk_dtype), preferred_element_type=jnp.float32) * sm_scale
             if soft_cap is not None:
                 logits = soft_cap * jnp.tanh(logits / soft_cap)
+            if bias is not None:
+                logits = logits + bias
             logits = jnp.where(vis, logits, -jnp.inf)
             m_prev = m_ref[h][:, :1]
             m_new = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
@@ -212,6 +239,7 @@ def hybrid_paged_attention_tpu(
     q_block: int | None = None,
     pages_per_block: int | None = None,
     pv_in_kv_dtype: bool = False,
+    mem_page_bias: jax.Array | None = None,
 ) -> jax.Array:
     """Arguments as for `hybrid_paged_attention` (dispatch.py), plus tuning knobs.
     q_block: query tokens per program; pages_per_block: pages per KV step; pv_in_kv_dtype:
@@ -241,6 +269,8 @@ def hybrid_paged_attention_tpu(
     lo, hi = block_seq_ranges(cu_q_lens, num_blocks, qb)
     scalars = (cu_q_lens.astype(jnp.int32), tok_lens.astype(jnp.int32), n_mem,
                mem_lens.reshape(-1).astype(jnp.int32), table.reshape(-1), lo, hi)
+    if mem_page_bias is not None:
+        scalars += (pad_to(safe_page_bias(mem_page_bias, mem_page_lens), ppb).reshape(-1),)
 
     qp = jnp.pad(q, ((0, num_blocks * qb - num_tokens), (0, 0), (0, 0)))
     qp = qp.reshape(num_blocks, qb, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
@@ -250,7 +280,7 @@ def hybrid_paged_attention_tpu(
         _kernel, page_size=page_size, ppb=ppb, group=group, q_block=qb,
         mem_entries=mem_entries, entries=table.shape[1],
         sm_scale=head_dim**-0.5 if sm_scale is None else sm_scale, soft_cap=soft_cap,
-        pv_dtype=k_pages.dtype if pv_in_kv_dtype else jnp.float32)
+        pv_dtype=k_pages.dtype if pv_in_kv_dtype else jnp.float32, has_bias=mem_page_bias is not None)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from grc_jax import special_tokens
 from grc_jax.config import ModelConfig, read_json
-from grc_jax.files import default_mode
+from grc_jax.files import atomic_write_bytes
 from grc_jax.special_tokens import SpecialTokens
 from grc_jax.tokenizer import Tokenizer
 
@@ -47,16 +45,7 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Through a temporary file and a rename: a kill mid-write leaves the previous file whole."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))  # a kill mid-write leaves the previous file whole
 
 
 def write_model_files(workdir: str | Path, config: ModelConfig, tokenizer: Tokenizer, tokens: SpecialTokens) -> None:

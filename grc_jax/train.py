@@ -33,6 +33,7 @@ from grc_jax.config import ModelConfig
 from grc_jax.data import demo_world, pipeline, seqio_source
 from grc_jax.data.builder import BuildConfig
 from grc_jax.errors import UserError, report_user_errors
+from grc_jax.files import atomic_write_json
 from grc_jax.metrics import MetricWriter, model_flops_per_token, peak_flops_per_device
 from grc_jax.special_tokens import SpecialTokens
 from grc_jax.tokenizer import Tokenizer, literal_special_tokens
@@ -257,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         return _already_trained(workdir, saved)
     if jax.process_index() == 0:
         rundir.write_model_files(workdir, mc, setup.tokenizer, setup.special_tokens)
-        _write_json_atomic(workdir / DATA_SETTINGS_FILE, data)
+        atomic_write_json(workdir / DATA_SETTINGS_FILE, data, indent=2)
 
     tx, schedule = make_optimizer(t)
     param_shardings = sharding.logical_to_sharding(model.param_logical_axes(mc), model.param_shapes(mc), mesh, rules)
@@ -351,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             _print_eval(t.steps, result["eval"])
         writer.close()
         if jax.process_index() == 0:
-            _write_json_atomic(workdir / "result.json", result)  # a kill mid-write keeps the previous one
+            atomic_write_json(workdir / "result.json", result, indent=2)  # a kill mid-write keeps the previous one
         if config.export_dir:
             _export(setup, state["params"], config.export_dir)
         return result
@@ -447,12 +448,6 @@ def _unreadable_checkpoint(workdir: Path, step: int, steps: list[int], error: Ex
              else "move it aside to start over")
     return UserError(f"{workdir / 'checkpoints' / str(step)}: the checkpoint of step {step} cannot be read "
                      f"(truncated or damaged? {type(error).__name__}: {first}); {offer}")
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _check_finite(state: dict[str, Any]) -> None:

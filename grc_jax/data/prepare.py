@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +19,7 @@ from typing import Any, Sequence
 from grc_jax.data import arrayrecord, mining, records
 from grc_jax.data.chunking import Chunker
 from grc_jax.data.formats import CONVERTERS, Context, FormatError, Output, Skip
+from grc_jax.files import atomic_write_bytes, atomic_write_json
 from grc_jax.tokenizer import Tokenizer
 
 EXAMPLES_PER_REASON = 3
@@ -67,7 +67,7 @@ def prepare(fmt: str, input_path: str | Path, out_dir: str | Path, *, tokenizer:
              for o in outputs]
     files = _write(lines, out_dir, format_out, records_per_shard)
     report = _report(fmt, input_path, files, outputs, skipped, ctx, mined, mine)
-    _write_atomically(out_dir / "report.json", json.dumps(report, indent=2).encode("utf-8"))
+    atomic_write_json(out_dir / "report.json", report, indent=2)
     return report
 
 
@@ -88,17 +88,8 @@ def _write(lines: list[bytes], out_dir: Path, format_out: str, records_per_shard
     if format_out == "arrayrecord":
         return [str(p) for p in arrayrecord.write_shards(lines, out_dir, records_per_shard)]
     path = out_dir / "records.jsonl"
-    _write_atomically(path, b"".join(line + b"\n" for line in lines))
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in lines))
     return [str(path)]
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _report(fmt: str, input_path: str | Path, files: list[str], outputs: list[Output], skipped: dict[str, list[str]],

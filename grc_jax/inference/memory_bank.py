@@ -22,12 +22,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -35,7 +33,7 @@ import safetensors
 import safetensors.numpy
 
 from grc_jax.config import ModelConfig
-from grc_jax.files import default_mode
+from grc_jax.files import atomic_write, sync_directory
 
 FORMAT_VERSION = 2  # 2 records the model fields of BankSpec; format-1 banks still load
 DIR_FORMAT = "grc_jax memory bank directory"
@@ -164,7 +162,7 @@ class MemoryBank:
                 self._memory_file(memory_id).unlink(missing_ok=True)
             del self._memories[memory_id]
         if self.directory is not None:
-            _fsync_dir(self.directory / MEMORY_DIR)
+            sync_directory(self.directory / MEMORY_DIR)
         self._matrix = self._unit = None
 
     def replace(self, memory_id: int, keys: np.ndarray, values: np.ndarray, embedding: np.ndarray,
@@ -359,7 +357,7 @@ class MemoryBank:
             stale.unlink(missing_ok=True)
         self.directory = directory
         self._write_index(self._next_id)
-        _fsync_dir(directory)
+        sync_directory(directory)
 
     def _memory_file(self, memory_id: int) -> Path:
         return self.directory / MEMORY_DIR / f"{memory_id:012d}.safetensors"
@@ -401,35 +399,6 @@ class MemoryBank:
         if values.shape != keys.shape:
             raise ValueError(f"values have shape {list(values.shape)}, keys {list(keys.shape)}")
         return keys, values, embeddings
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
-    """Writes a file through `write(f)` into a temporary file beside `path`, flushes it to disk
-    and moves it over `path` (then flushes the directory entry): readers and crashes see the
-    old file or the new one, never a part. A new file gets the umask's mode, an old one keeps its own."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else default_mode())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _length(x: Any) -> int | None:

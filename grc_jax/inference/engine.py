@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax import hf, layout, model
+from grc_jax import compile_cache, hf, layout, model, quantize
 from grc_jax.config import ModelConfig
 from grc_jax.inference.decode import GREEDY, Decoder, Sampling, bucket
 from grc_jax.inference.memory_bank import BankSpec, MemoryBank
@@ -62,7 +62,14 @@ class Engine:
                  eos_token: str = "</s>", eor_token: str | None = "<|end_of_reasoning|>",
                  bank: MemoryBank | None = None, num_pages: int | None = None, page_size: int = 16,
                  prefill_chunk: int = 256, max_reason_tokens: int = 64, batch_size: int = 32,
-                 prompts: dict[str, str] | None = None, impl: str | None = None):
+                 prompts: dict[str, str] | None = None, impl: str | None = None, weights: str = "float",
+                 compilation_cache: str | bool | None = None):
+        # weights="int8": generation reads int8 dense weights with per-channel scales
+        # (grc_jax/quantize.py); compression and embedding passes stay float, so memories and
+        # banks are the float model's. compilation_cache: grc_jax/compile_cache.py (None = default).
+        if weights not in ("float", "int8"):
+            raise ValueError(f"weights must be 'float' or 'int8', got {weights!r}")
+        self.compilation_cache_dir = compile_cache.enable(compilation_cache)
         self.config, self.params = config, params
         self.tokenizer = _with_latents(tokenizer, config)
         self.latent_ids = tuple(self.tokenizer.latent_ids(config.num_latents))
@@ -73,7 +80,9 @@ class Engine:
         self.bank.spec.check_same(self.bank_spec, "memory bank")
         if num_pages is None:
             num_pages = int(np.clip(DEFAULT_POOL_BYTES // page_bytes(config, page_size), 64, 16384))
-        self.decoder = Decoder(config, params, num_pages=num_pages, page_size=page_size,
+        self.weights = weights
+        decode_params = quantize.quantize_params(params, config.tie_word_embeddings) if weights == "int8" else params
+        self.decoder = Decoder(config, decode_params, num_pages=num_pages, page_size=page_size,
                                prefill_chunk=prefill_chunk, impl=impl)
         self.max_reason_tokens = max_reason_tokens
         self.batch_size = batch_size

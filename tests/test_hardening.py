@@ -368,3 +368,18 @@ def test_evaluate_out_naming_an_existing_file_is_one_line_before_the_model_loads
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: --out={out}: a file, not a directory; name a directory for report.json"
     assert out.read_text() == "mine"
+
+
+def test_evaluate_names_a_token_flag_the_tokenizer_lacks_before_the_model_loads(tmp_path, capsys):
+    from grc_jax import evaluate
+    from grc_jax.data import demo_world
+    from grc_jax.tokenizer import Tokenizer
+
+    model_dir = tmp_path / "model"  # a tokenizer and no weights: loading the model would fail otherwise
+    Tokenizer(demo_world.train_tokenizer(["Zorvak lives in Quarn."] * 4, vocab_size=300)).save(model_dir)
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["--hf", str(model_dir), "--out", str(tmp_path / "out"), "--eos-token", "<|nope|>",
+                       "--generation", str(tmp_path / "g.jsonl")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --eos-token='<|nope|>' is not a token of the tokenizer at {model_dir}")

@@ -68,7 +68,9 @@ class ModelConfig:
                f"embed_dim must be None or an integer >= 1, got {self.embed_dim!r}")
         for key in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, key)
-            _check(_is_real(value) and 0 < value < math.inf, f"{key} must be a finite number > 0, got {value!r}")
+            _check(_is_real(value), f"{key} must be a number, got {value!r}")
+            _check(value > 0, f"{key} must be > 0, got {value!r}")  # NaN too
+            _check(value < math.inf, f"{key} must be finite, got {value!r}")
         _check(self.architecture in ARCHITECTURES, f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
         # The architecture fixes which attention weights transformers builds: a model that has
         # other ones would export to a checkpoint transformers loads wrongly.

@@ -28,8 +28,9 @@ def test_console_keeps_the_runs_own_lines_and_warnings(level, pathname, shown):
 def test_setup_logging_sends_library_info_to_the_file_only(tmp_path, capsys):
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    handler_filters = {h: list(h.filters) for h in handlers}  # pytest's own capture handlers among them
     absl_handler = absl_logging.get_absl_handler()
-    filters, verbosity = list(absl_handler.filters), absl_logging.get_verbosity()
+    filters, absl_level = list(absl_handler.filters), logging.getLogger("absl").level
     stream = logging.StreamHandler()  # stands for the console handler absl installs under app.run
     root.addHandler(stream)
     try:
@@ -50,8 +51,10 @@ def test_setup_logging_sends_library_info_to_the_file_only(tmp_path, capsys):
                 root.removeHandler(handler)
                 handler.close()
         root.setLevel(level)
+        for handler, kept in handler_filters.items():  # setup_logging filters every console handler
+            handler.filters[:] = kept
         absl_handler.filters[:] = filters
-        absl_logging.set_verbosity(verbosity)
+        logging.getLogger("absl").setLevel(absl_level)  # set_verbosity(-1) would pin WARNING, not restore NOTSET
 
 
 def test_next_steps_are_commands_for_this_run(tmp_path):

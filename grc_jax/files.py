@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -36,7 +37,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     path = Path(path)
     target = Path(os.path.realpath(path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    _remove_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp")
     try:
         os.fchmod(fd, target.stat().st_mode & 0o777 if target.exists() else default_mode())
         with os.fdopen(fd, "wb") as f:
@@ -50,6 +52,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
         raise
     sync_directory(target.parent)
     return path
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Removes the temporary files that killed writes of `target` left beside it
+    (`.NAME.PID-*.tmp` of processes no longer running; `.NAME.*.tmp` of older versions, which
+    named no process). A write under way in a running process is left alone."""
+    for entry in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid = entry.name[len(target.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or process_running(int(pid))):
+            continue
+        if entry.is_file() and not entry.is_symlink():
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -26,7 +26,7 @@ from grc_jax import model, special_tokens
 from grc_jax import special_tokens as special_tokens_lib  # save_pretrained's argument shadows the name
 from grc_jax.config import DTYPES, ModelConfig, from_hf_config, grc_fields, read_json, to_hf_config
 from grc_jax.errors import UserError
-from grc_jax.files import default_mode
+from grc_jax.files import default_mode, process_running
 from grc_jax.special_tokens import SpecialTokens
 from grc_jax.tokenizer import Tokenizer
 
@@ -326,21 +326,11 @@ def _remove_stale_temporaries(target: Path) -> None:
         if kind not in ("tmp", "old") or not entry.is_dir() or entry.is_symlink():
             continue
         pid = tail.split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and process_running(int(pid)):
             continue  # another process is saving the same export now
         if pid.isdigit() and int(pid) == os.getpid():
             continue  # a save of this process (another thread) is under way
         shutil.rmtree(entry, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _write_shards(tensors: dict[str, np.ndarray], out: Path, max_shard_size: int) -> None:

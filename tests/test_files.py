@@ -67,3 +67,17 @@ def test_report_json_and_tensorboard(tmp_path):
     assert events.Tags()["scalars"] == ["eval/retrieval/toy/recall_at_1"]  # the NaN is left out
     (event,) = events.Scalars("eval/retrieval/toy/recall_at_1")
     assert (event.step, event.value) == (7, 0.25)
+
+
+def test_a_write_removes_what_killed_writes_of_the_same_file_left(tmp_path):
+    target = tmp_path / "bank.npz"
+    dead = tmp_path / ".bank.npz.999999999-abc.tmp"  # a pid no process has
+    older = tmp_path / ".bank.npz.k2j_x8.tmp"  # the naming before the pid was in it
+    live = tmp_path / f".bank.npz.{os.getpid()}-q1.tmp"  # a write under way in this process
+    other = tmp_path / ".other.npz.999999999-abc.tmp"  # another file's
+    for f in (dead, older, live, other):
+        f.write_bytes(b"partial")
+    files.atomic_write_bytes(target, b"whole")
+    assert target.read_bytes() == b"whole"
+    assert not dead.exists() and not older.exists()
+    assert live.exists() and other.exists()

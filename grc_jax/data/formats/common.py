@@ -75,6 +75,15 @@ def read_json(path: Path, what: str) -> Any:
         raise FormatError(str(path), f"not UTF-8 ({e.reason} at byte {e.start}); expected {what}") from None
 
 
+def read_json_list(path: Path, what: str) -> Iterator[tuple[str, Any]]:
+    """("file:[i]", item) for each item of a JSON file whose top level is a list (HotpotQA, DPR)."""
+    data = read_json(path, what)
+    if not isinstance(data, list):
+        raise FormatError(str(path), f"a JSON {type(data).__name__}; expected {what}")
+    for i, item in enumerate(data):
+        yield f"{path}:[{i}]", item
+
+
 def read_jsonl(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """("file:line", object) for each non-blank line; anything but a JSON object is an error."""
     require_file(path, what)

@@ -20,18 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from grc_jax.data.formats.common import Context, FormatError, Output, Skip, best_chunk, field, read_json, titled
+from grc_jax.data.formats.common import Context, FormatError, Output, Skip, best_chunk, field, read_json_list, titled
 
 _WHAT = ('HotpotQA JSON: a list of {"question": str, "answer": str, "supporting_facts": [[title, sentence index]], '
          '"context": [[title, [sentences]]]}')
 
 
 def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
-    data = read_json(path, _WHAT)
-    if not isinstance(data, list):
-        raise FormatError(str(path), f"a JSON {type(data).__name__}; expected {_WHAT}")
-    for i, example in enumerate(data):
-        where = f"{path}:[{i}]"
+    for where, example in read_json_list(path, _WHAT):
         yield from _records(example, where, ctx)
 
 

@@ -19,7 +19,7 @@ from grc_jax.data.formats.common import (
     best_chunk,
     field,
     first_chunk,
-    read_json,
+    read_json_list,
     titled,
 )
 
@@ -28,11 +28,8 @@ _WHAT = ('DPR JSON: a list of {"question": str, "answers": [str], "positive_ctxs
 
 
 def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
-    data = read_json(path, _WHAT)
-    if not isinstance(data, list):
-        raise FormatError(str(path), f"a JSON {type(data).__name__}; expected {_WHAT}")
-    for i, example in enumerate(data):
-        yield _record(example, f"{path}:[{i}]", ctx)
+    for where, example in read_json_list(path, _WHAT):
+        yield _record(example, where, ctx)
 
 
 def _passages(example: Any, key: str, where: str) -> list[str]:

@@ -25,7 +25,7 @@ from grc_jax.inference import Engine  # noqa: E402
 
 def evaluate(run: Path, step: int | None, prior_temperature: float, limit: int,
              modes: tuple[bool, ...] = (False, True)) -> dict[str, dict[str, float]]:
-    engine = Engine.from_pretrained(run, step=step, eos_token="</s>")
+    engine = Engine.from_pretrained(run, step=step)  # special tokens from the run directory
     world = run / "demo_world"
     corpus = read_jsonl(world / "corpus_heldout.jsonl")
     heldout = read_jsonl(world / "heldout.jsonl")

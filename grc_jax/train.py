@@ -132,8 +132,9 @@ def resolve_special_tokens(config: ml_collections.ConfigDict, tokenizer: Tokeniz
 
 
 def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    warmup = max(t.warmup_steps, 1)  # optax needs a warmup and a decay of at least one step each
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, t.learning_rate, max(t.warmup_steps, 1), max(t.steps, t.warmup_steps + 1),
+        0.0, t.learning_rate, warmup, max(t.steps, warmup + 1),
         end_value=t.learning_rate * t.end_learning_rate_fraction)
     # No decay on norms and biases, by name: stacked layers give them a leading layers axis.
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
@@ -330,7 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 _report(done, t.steps, metrics, eta=(t.steps - done) * step_time)
                 window_start, window_steps = time.perf_counter(), 0
             if config.eval_every and done % config.eval_every == 0 and done != t.steps and setup.eval_dir:
-                figures = evaluation.evaluate_world(mc, state["params"], setup, config)
+                figures = evaluation.evaluate_world(mc, state["params"], setup, config,
+                                                    memory_prior=config.eval_memory_prior)
                 writer.write(done, figures)
                 evals.append({"step": done, **figures})
                 _print_eval(done, figures)
@@ -348,7 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if evals:
             result["evals"] = evals
         if setup.eval_dir and start < t.steps:
-            result["eval"] = evaluation.evaluate_world(mc, state["params"], setup, config)
+            result["eval"] = evaluation.evaluate_world(mc, state["params"], setup, config,
+                                                       memory_prior=config.eval_memory_prior)
             writer.write(t.steps, result["eval"])
             _print_eval(t.steps, result["eval"])
         writer.close()

@@ -63,6 +63,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.log_every = 20
     c.eval_every = 0  # 0: only at the end
     c.eval_max_queries = 200
+    # How the held-out evaluation reads several memories: under memory priors (True), without
+    # (False), or as the run trained (unset: train.memory_prior). Priors need no training to work
+    # (docs/design.md section 8), so a run trained without them can be read with them.
+    c.eval_memory_prior = config_dict.placeholder(bool)
     c.reasoning_max_tokens = 24
     # Set: the final checkpoint is exported there as an HF directory at the end (what
     # `python -m grc_jax.export --workdir=RUN --out=DIR` writes).

@@ -288,3 +288,30 @@ def test_the_training_switch_runs_the_two_phase_step(tmp_path):
     c.train.prior_temperature = 0.0
     with pytest.raises(ValueError, match="train.prior_temperature"):
         train.train_and_evaluate(c, tmp_path / "bad")
+
+
+@pytest.mark.parametrize("setting", [None, True, False])
+def test_the_held_out_evaluation_reads_as_eval_memory_prior_says(tmp_path, monkeypatch, setting):
+    """`eval_memory_prior` reaches the held-out evaluation (None: as the run trained)."""
+    from grc_jax import train, train_config
+
+    world_dir = tmp_path / "world"
+    demo_world.write_demo_world(str(world_dir), seed=0, num_entities=40, num_heldout=8)
+    seen = []
+    monkeypatch.setattr(world, "evaluate_world",
+                        lambda *args, memory_prior=None: seen.append(memory_prior) or {"memory_qa/exact_match": 0.0})
+    c = train_config.defaults()
+    values = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1, "model.num_heads": 4,
+              "model.num_kv_heads": 2, "model.head_dim": 8, "model.num_latents": 4, "model.max_segment_len": 96,
+              "data.row_len": 384, "data.max_segments_per_row": 8, "data.max_negatives": 2,
+              "data.reader_distractors": 2, "train.steps": 1, "train.global_batch": 8, "train.warmup_steps": 0,
+              "checkpoint.every": 1, "data.train_files": str(world_dir / "train.jsonl"),
+              "data.tokenizer": str(world_dir), "data.eval_dir": str(world_dir)}
+    for key, value in values.items():
+        section, leaf = key.split(".")
+        c[section][leaf] = value
+    c.checkpoint.use_async = False
+    if setting is not None:
+        c.eval_memory_prior = setting
+    train.train_and_evaluate(c, tmp_path / "run")
+    assert seen == [setting]

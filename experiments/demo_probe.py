@@ -84,9 +84,8 @@ def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alik
     for r in qa:
         texts = _draw_memories(r, count, look_alikes, corpus, rng)
         question, answer = reader_tokens(tok, r["question"], r["answer"], engine.eos_id)
-        pieces = layout.example_pieces([document_tokens(tok, t, config.max_segment_len) for t in texts],
-                                       question + answer, list(config.latent_token_ids), config.max_segment_len)
-        row = layout.pack_rows([pieces], sum(len(t) for _, _, t in pieces))[0]
+        row = layout.example_row([document_tokens(tok, t, config.max_segment_len) for t in texts],
+                                 question + answer, config.latent_token_ids, config.max_segment_len)
         at = len(row.tokens) - len(answer) - 1  # the last question token predicts the answer
         meta = layout.TokenMeta(*(jnp.asarray(a[None]) for a in (row.example, row.segment, row.kind)))
         probs = np.asarray(_attention_probs(config, params, jnp.asarray(row.tokens[None]), meta))

@@ -183,6 +183,18 @@ class RowBuilder:
         return Row(*arrays, latent_index)
 
 
+def example_row(segments: Sequence[Sequence[int]], reader: Sequence[int], latent_ids: Sequence[int],
+                max_segment_len: int, length: int | None = None, pad_id: int = 0) -> Row:
+    """One example alone in a row: its segments (each text then its latents), then the reader;
+    padded to `length` (None: no padding)."""
+    builder = RowBuilder(latent_ids, max_segment_len)
+    builder.new_example()
+    for text in segments:
+        builder.add_segment(text)
+    builder.add_reader(reader)
+    return builder.finish(length, pad_id)
+
+
 def join(rows: Sequence[Row]) -> Row:
     """Rows side by side as one row, as packing puts them: each row's example and segment ids
     follow those of the rows before it, its latent positions move with it; padding stays padding."""

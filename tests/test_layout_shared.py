@@ -119,3 +119,35 @@ def test_a_question_segment_longer_than_p_is_cut_as_engine_cuts_it(engine):
     question_slot = int(np.flatnonzero(unit.seg_kind == builder.SEG_QUESTION)[0])
     text = unit.tokens[(unit.segment == question_slot + 1) & (unit.kind == layout.TEXT)]
     np.testing.assert_array_equal(text, long_question[:P])
+
+
+def test_row_builder_join_and_example_row_agree_with_packing():
+    a = layout.example_pieces([[1, 2], [3]], [4, 5], [9, 8], 4)
+    b = layout.example_pieces([[6]], [], [9, 8], 4)
+    packed = layout.pack_rows([a, b], 16, pad_id=7)[0]
+    first = layout.example_row([[1, 2], [3]], [4, 5], [9, 8], 4)
+    second = layout.example_row([[6]], [], [9, 8], 4)
+    joined = layout.join([first, second])
+    n = len(joined.tokens)
+    for got, want in zip(joined, packed):
+        np.testing.assert_array_equal(got, want[:n] if got.ndim == 1 else want)
+    np.testing.assert_array_equal(joined.segment, [1, 1, 1, 1, 2, 2, 2, 0, 0, 3, 3, 3])
+    np.testing.assert_array_equal(joined.latent_index, [[2, 3], [5, 6], [10, 11]])
+    assert (packed.example[n:] == 0).all() and (packed.tokens[n:] == 7).all()
+    assert (packed.kind[n:] == layout.READER).all()
+    np.testing.assert_array_equal(layout.example_row([[1, 2], [3]], [4, 5], [9, 8], 4, length=16, pad_id=7).tokens,
+                                  layout.pack_rows([a], 16, pad_id=7)[0].tokens)
+
+
+def test_row_builder_errors():
+    builder = layout.RowBuilder([9], max_segment_len=2)
+    with pytest.raises(ValueError, match="new_example"):
+        builder.add_reader([1])
+    builder.new_example()
+    with pytest.raises(ValueError, match=r"segment 1 has 3 tokens; it must have 1\.\.2"):
+        builder.add_segment([1, 2, 3])
+    builder.add_segment([1, 2])
+    with pytest.raises(ValueError, match="more than the row length 2"):
+        builder.finish(2)
+    with pytest.raises(ValueError, match="3 segments do not fit 2 rows"):
+        layout.segment_rows([[1], [2], [3]], [9], 2, 3, num_rows=2)

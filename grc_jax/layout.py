@@ -166,9 +166,11 @@ class RowBuilder:
         if self.num_examples == 0:
             raise ValueError("new_example() must come before the first piece of a row")
         n = len(tokens)
-        self._columns[0].extend(int(t) for t in tokens)
-        for column, value in zip(self._columns[1:], (self.num_examples, segment, kind)):
-            column.extend([value] * n)
+        tokens_column, example, segments, kinds = self._columns
+        tokens_column.extend(tokens)
+        example.extend([self.num_examples] * n)
+        segments.extend([segment] * n)
+        kinds.extend([kind] * n)
 
     def finish(self, length: int | None = None, pad_id: int = 0) -> Row:
         """The row, padded to `length` tokens (None: as long as its pieces)."""

@@ -12,6 +12,7 @@ from grc_jax import layout, losses, model, priors
 from grc_jax.config import ModelConfig
 from grc_jax.data import builder, demo_world
 from grc_jax.data.builder import SEG_DOCUMENT, SEG_QUESTION, BuildConfig, TokenizedRecord
+from grc_jax.eval import world
 from grc_jax.eval.distractors import with_distractors
 from grc_jax.inference import Engine
 from grc_jax.tokenizer import Tokenizer
@@ -260,7 +261,7 @@ def test_distractors_lookalike_and_random():
     corpus = [f"doc {i}" for i in range(20)]
     positive, negatives = "doc 0", ["doc 1", "doc 2", "doc 0", "doc 1"]
     rng = np.random.default_rng(0)
-    look = with_distractors(positive, negatives, corpus, 4, rng)
+    look = with_distractors(positive, negatives, corpus, world.NUM_DISTRACTORS, rng)  # the held-out evaluation's
     assert {"doc 0", "doc 1", "doc 2"} <= set(look) and len(look) == len(set(look)) == 5  # both look-alikes, topped up
     rand = with_distractors(positive, negatives, corpus, 4, rng, lookalike=False)
     assert "doc 0" in rand and len(set(rand)) == 5

@@ -46,14 +46,10 @@ NUM_DOCS, DOC_LEN, QUESTION_LEN = 16, 512, 16
 
 
 def segment_rows(segments: np.ndarray) -> tuple[jax.Array, ...]:
-    """[text][latents] rows for segment_pass (all segments the same length here)."""
-    n, length = segments.shape
-    K = CONFIG.num_latents
-    latents = np.broadcast_to(np.asarray(CONFIG.latent_token_ids, np.int32), (n, K))
-    tokens = np.concatenate([segments, latents], axis=1).astype(np.int32)
-    kind = np.concatenate([np.full((n, length), layout.TEXT), np.full((n, K), layout.LATENT)], axis=1)
-    index = np.broadcast_to(np.arange(length, length + K, dtype=np.int32), (n, K))
-    return tuple(jnp.asarray(a, jnp.int32) for a in (tokens, np.ones_like(tokens), kind, index))
+    """[text][latents] rows for segment_pass, laid out as Engine lays them out."""
+    rows = layout.segment_rows(segments.tolist(), CONFIG.latent_token_ids, CONFIG.max_segment_len,
+                               segments.shape[1] + CONFIG.num_latents)
+    return tuple(jnp.asarray(a) for a in (rows.tokens, rows.example, rows.kind, rows.latent_index))
 
 
 def first_token(decoder: Decoder, prompt: list[int], memories: list | None = None, source=None,

@@ -30,10 +30,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from grc_jax import layout, model  # noqa: E402
+from grc_jax.eval.data import load_jsonl  # noqa: E402
+from grc_jax.eval.distractors import with_distractors  # noqa: E402
 from grc_jax.eval.world import answer_exact_match, document_tokens, reader_tokens  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
-
-from memory_probe import read_jsonl  # noqa: E402  (this folder)
 
 
 def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4),
@@ -60,22 +60,15 @@ def _questions(world: Path, split: str = "heldout") -> tuple[list[dict], list[st
     """A split's direct memory-QA records (no multi-hop ones) with a one-word answer, the first
     TRAINED_QUESTIONS of them for "train"; and the split's documents, which random distractors
     come from."""
-    qa = [r for r in read_jsonl(world / f"{split}.jsonl") if {"question", "answer", "positive"} <= r.keys()
+    qa = [r for r in load_jsonl(world / f"{split}.jsonl") if {"question", "answer", "positive"} <= r.keys()
           and "reasoning" not in r and len(r["answer"].split()) == 1]
-    corpus = [d["text"] for d in read_jsonl(world / f"corpus_{split}.jsonl")]
+    corpus = [d["text"] for d in load_jsonl(world / f"corpus_{split}.jsonl")]
     return qa[:TRAINED_QUESTIONS] if split == "train" else qa, corpus
 
 
 def _draw_memories(r: dict, count: int, look_alikes: bool, corpus: list[str], rng: np.random.Generator) -> list[str]:
-    """The positive and `count` distractors, shuffled; `memory_qa_by_distractors` documents the draw."""
-    texts = [d for d in r.get("negatives", []) if d != r["positive"]][:count] if look_alikes else []
-    while len(texts) < count:
-        extra = corpus[int(rng.integers(len(corpus)))]
-        if extra != r["positive"] and extra not in texts:
-            texts.append(extra)
-    texts.append(r["positive"])
-    rng.shuffle(texts)
-    return texts
+    """The positive and `count` distractors, shuffled, drawn as the held-out evaluation draws them."""
+    return with_distractors(r["positive"], r.get("negatives", []), corpus, count, rng, look_alikes)
 
 
 _attention_probs = jax.jit(model.attention_probabilities, static_argnums=0)
@@ -91,9 +84,8 @@ def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alik
     for r in qa:
         texts = _draw_memories(r, count, look_alikes, corpus, rng)
         question, answer = reader_tokens(tok, r["question"], r["answer"], engine.eos_id)
-        pieces = layout.example_pieces([document_tokens(tok, t, config.max_segment_len) for t in texts],
-                                       question + answer, list(config.latent_token_ids), config.max_segment_len)
-        row = layout.pack_rows([pieces], sum(len(t) for _, _, t in pieces))[0]
+        row = layout.example_row([document_tokens(tok, t, config.max_segment_len) for t in texts],
+                                 question + answer, config.latent_token_ids, config.max_segment_len)
         at = len(row.tokens) - len(answer) - 1  # the last question token predicts the answer
         meta = layout.TokenMeta(*(jnp.asarray(a[None]) for a in (row.example, row.segment, row.kind)))
         probs = np.asarray(_attention_probs(config, params, jnp.asarray(row.tokens[None]), meta))
@@ -143,8 +135,8 @@ def main() -> None:
               f"(chance {1 / (count + 1):.2f}), per layer past the first, per head: "
               + "; ".join(" ".join(f"{v:.2f}" for v in layer) for layer in shares))
     splits = {
-        "held-out (multihop_eval.jsonl)": read_jsonl(world / "multihop_eval.jsonl")[: args.queries],
-        "trained (train.jsonl)": [r for r in read_jsonl(world / "train.jsonl") if "reasoning" in r][: args.queries],
+        "held-out (multihop_eval.jsonl)": load_jsonl(world / "multihop_eval.jsonl")[: args.queries],
+        "trained (train.jsonl)": [r for r in load_jsonl(world / "train.jsonl") if "reasoning" in r][: args.queries],
     }
     for name, records in splits.items():
         if not records:

@@ -36,20 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grc_jax import layout, model  # noqa: E402
 from grc_jax.config import ModelConfig  # noqa: E402
 from grc_jax.data import demo_world  # noqa: E402
-from grc_jax.eval.data import read_jsonl as read_numbered_jsonl  # noqa: E402
+from grc_jax.eval.data import load_jsonl  # noqa: E402
 from grc_jax.eval.world import document_tokens, reader_tokens  # noqa: E402
 from grc_jax.tokenizer import Tokenizer  # noqa: E402
 
 P, EOS = 64, 2
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Every object of a JSONL file, by the evaluation's strict reader (a bad line names file:line)."""
-    return [record for _, record in read_numbered_jsonl(path)]
-
-
 def one_word_questions(path: Path) -> list[dict]:
-    return [r for r in read_jsonl(path)
+    return [r for r in load_jsonl(path)
             if "question" in r and "reasoning" not in r and len(r["answer"].split()) == 1]
 
 

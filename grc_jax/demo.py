@@ -30,7 +30,8 @@ QUESTION = "Who keeps an owl?"
 
 
 def _demo_tokenizer(out_dir: Path) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -66,8 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     fwd = jax.jit(model.forward, static_argnums=0)
 
     def one_pass(segments, reader):
-        pieces = layout.example_pieces(segments, reader, latents, config.max_segment_len)
-        row = layout.pack_rows([pieces], sum(len(t) for _, _, t in pieces))[0]
+        row = layout.example_row(segments, reader, latents, config.max_segment_len)
         meta = layout.TokenMeta(*(jnp.asarray(a[None]) for a in (row.example, row.segment, row.kind)))
         index = jnp.asarray(row.latent_index[None])
         out = fwd(config, params, jnp.asarray(row.tokens[None]), meta, kv_index=index.reshape(1, -1))

@@ -7,7 +7,8 @@ Token i may attend to token j iff they share the example, j is not after i, and
 Positions: LATENT j of a segment sits at P + j, the segment's L text tokens at P - L .. P - 1,
 and an example's READER tokens count up from P + K.
 
-The host-side builders below lay out examples and pack them into rows, in numpy.
+The host-side `RowBuilder` below lays out every row the project computes (training, evaluation,
+the demo and `Engine`), in numpy; `example_pieces` and `pack_rows` pack examples with it.
 """
 from __future__ import annotations
 
@@ -88,16 +89,151 @@ def causal_mask(valid: jax.Array) -> jax.Array:
 
 
 # --- host-side builders -------------------------------------------------------------------
+#
+# Every row of the project is laid out here: training (grc_jax/data/builder.py), the held-out
+# evaluation, the demo and `Engine` (a memory computed alone) all go through `RowBuilder`, so a
+# segment is the same arrays wherever it is computed.
 
 
 class Row(NamedTuple):
-    """One packed row, numpy int32 [length] each, plus where every segment's latents sit."""
+    """One row, numpy int32 [length] each, plus where every segment's latents sit.
+
+    `segment_rows` stacks rows: then each array has a leading batch axis, [rows, length]."""
 
     tokens: np.ndarray
     example: np.ndarray
     segment: np.ndarray
     kind: np.ndarray
     latent_index: np.ndarray  # [num_segments_in_row, K]: row positions of each segment's latents
+
+
+def padding(shape: int | tuple[int, ...], pad_id: int = 0) -> tuple[np.ndarray, ...]:
+    """(tokens, example, segment, kind) of padding: pad_id tokens of example 0 and no segment,
+    marked READER (a padding token attends to itself only, see `attention_mask`)."""
+    tokens = np.full(shape, pad_id, np.int32)
+    return tokens, np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.full(shape, READER, np.int32)
+
+
+class RowBuilder:
+    """Lays out a row piece by piece, in storage order.
+
+    `new_example` starts the next example (ids count from 1). `add_segment` appends a segment:
+    its text (TEXT) then the K latent ids (LATENT), under the next segment id (ids count from 1 in
+    the order segments are added, so a segment's slot in `latent_index` is its id - 1).
+    `add_reader` appends READER tokens (segment 0). `finish` pads the row.
+    """
+
+    def __init__(self, latent_ids: Sequence[int], max_segment_len: int | None = None):
+        self.latent_ids = [int(i) for i in latent_ids]
+        self.max_segment_len = max_segment_len  # None: the caller has checked segment lengths
+        self.num_examples = 0
+        self._columns: tuple[list[int], ...] = ([], [], [], [])  # tokens, example, segment, kind
+        self._latent_index: list[list[int]] = []
+
+    @property
+    def length(self) -> int:
+        return len(self._columns[0])
+
+    @property
+    def num_segments(self) -> int:
+        return len(self._latent_index)
+
+    def new_example(self) -> int:
+        self.num_examples += 1
+        return self.num_examples
+
+    def add_segment(self, text: Sequence[int]) -> int:
+        """Appends `text` and the latents as the next segment of the current example; returns
+        the segment's slot."""
+        slot = self.num_segments
+        P = self.max_segment_len
+        if not len(text) or (P is not None and len(text) > P):
+            bound = f"1..{P}" if P is not None else "at least 1"
+            raise ValueError(f"segment {slot + 1} has {len(text)} tokens; it must have {bound}")
+        self._append(text, TEXT, slot + 1)
+        start = self.length
+        self._append(self.latent_ids, LATENT, slot + 1)
+        self._latent_index.append(list(range(start, self.length)))
+        return slot
+
+    def add_reader(self, tokens: Sequence[int]) -> int:
+        """Appends READER tokens to the current example; returns where they start."""
+        start = self.length
+        self._append(tokens, READER, 0)
+        return start
+
+    def _append(self, tokens: Sequence[int], kind: int, segment: int) -> None:
+        if self.num_examples == 0:
+            raise ValueError("new_example() must come before the first piece of a row")
+        n = len(tokens)
+        tokens_column, example, segments, kinds = self._columns
+        tokens_column.extend(tokens)
+        example.extend([self.num_examples] * n)
+        segments.extend([segment] * n)
+        kinds.extend([kind] * n)
+
+    def finish(self, length: int | None = None, pad_id: int = 0) -> Row:
+        """The row, padded to `length` tokens (None: as long as its pieces)."""
+        length = self.length if length is None else length
+        if self.length > length:
+            raise ValueError(f"the row has {self.length} tokens, more than the row length {length}")
+        arrays = padding(length, pad_id)
+        for array, column in zip(arrays, self._columns):
+            array[: self.length] = column
+        K = len(self.latent_ids)
+        latent_index = np.asarray(self._latent_index, np.int32).reshape(-1, K) if K else np.zeros((0, 0), np.int32)
+        return Row(*arrays, latent_index)
+
+
+def example_row(segments: Sequence[Sequence[int]], reader: Sequence[int], latent_ids: Sequence[int],
+                max_segment_len: int, length: int | None = None, pad_id: int = 0) -> Row:
+    """One example alone in a row: its segments (each text then its latents), then the reader;
+    padded to `length` (None: no padding)."""
+    builder = RowBuilder(latent_ids, max_segment_len)
+    builder.new_example()
+    for text in segments:
+        builder.add_segment(text)
+    builder.add_reader(reader)
+    return builder.finish(length, pad_id)
+
+
+def join(rows: Sequence[Row]) -> Row:
+    """Rows side by side as one row, as packing puts them: each row's example and segment ids
+    follow those of the rows before it, its latent positions move with it; padding stays padding."""
+    parts = []
+    at = examples = segments = 0
+    for row in rows:
+        parts.append(Row(row.tokens, np.where(row.example > 0, row.example + examples, 0),
+                         np.where(row.segment > 0, row.segment + segments, 0), row.kind, row.latent_index + at))
+        at += len(row.tokens)
+        examples += int(row.example.max(initial=0))
+        segments += len(row.latent_index)
+    if not parts:
+        return Row(*padding(0), np.zeros((0, 0), np.int32))
+    return Row(*(np.concatenate(arrays) for arrays in zip(*parts)))
+
+
+def segment_rows(segments: Sequence[Sequence[int]], latent_ids: Sequence[int], max_segment_len: int, length: int,
+                 num_rows: int | None = None, pad_id: int = 0) -> Row:
+    """Each segment alone in its row, `[text][K latents]` as example 1 then padding: how a
+    memory or an embedding is computed on its own (`Engine`). Stacked: tokens, example, segment
+    and kind [num_rows, length], latent_index [num_rows, K]; rows past the segments (num_rows
+    defaults to their number) are all padding, with latent_index 0."""
+    num_rows = len(segments) if num_rows is None else num_rows
+    if num_rows < len(segments):
+        raise ValueError(f"{len(segments)} segments do not fit {num_rows} rows")
+    rows = []
+    for text in segments:
+        builder = RowBuilder(latent_ids, max_segment_len)
+        builder.new_example()
+        builder.add_segment(text)
+        rows.append(builder.finish(length, pad_id))
+    arrays = [np.stack([getattr(r, f) for r in rows]) if rows else np.zeros((0, length), np.int32)
+              for f in ("tokens", "example", "segment", "kind")]
+    latent_index = np.zeros((num_rows, len(latent_ids)), np.int32)
+    latent_index[: len(rows)] = [r.latent_index[0] for r in rows]
+    pad = padding((num_rows - len(rows), length), pad_id)
+    return Row(*(np.concatenate([a, p]) for a, p in zip(arrays, pad)), latent_index)
 
 
 def split_segments(tokens: Sequence[int], max_segment_len: int) -> list[list[int]]:
@@ -147,23 +283,17 @@ def pack_rows(examples: Sequence[Sequence[tuple[int, int, list[int]]]], length: 
 
 
 def _build_row(examples: Sequence[Sequence[tuple[int, int, list[int]]]], length: int, pad_id: int) -> Row:
-    tokens, example, segment, kind = (np.zeros(length, np.int32) for _ in range(4))
-    tokens[:] = pad_id
-    kind[:] = READER
-    latent_index: list[list[int]] = []
-    at, next_segment = 0, 1
-    for ex_id, pieces in enumerate(examples, start=1):
-        local_to_row: dict[int, int] = {}
-        for piece_kind, local_segment, piece_tokens in pieces:
-            end = at + len(piece_tokens)
-            tokens[at:end], example[at:end], kind[at:end] = piece_tokens, ex_id, piece_kind
-            if piece_kind != READER:
-                if local_segment not in local_to_row:
-                    local_to_row[local_segment] = next_segment
-                    next_segment += 1
-                segment[at:end] = local_to_row[local_segment]
-            if piece_kind == LATENT:
-                latent_index.append(list(range(at, end)))
-            at = end
-    latents = np.asarray(latent_index, np.int32) if latent_index else np.zeros((0, 0), np.int32)
-    return Row(tokens, example, segment, kind, latents)
+    # example_pieces has checked the segments' lengths, and gives each segment's latents right
+    # after its text: RowBuilder.add_segment lays both out.
+    latent_ids = next((t for pieces in examples for kind, _, t in pieces if kind == LATENT), [])
+    builder = RowBuilder(latent_ids)
+    for pieces in examples:
+        builder.new_example()
+        for kind, _, tokens in pieces:
+            if kind == TEXT:
+                builder.add_segment(tokens)
+            elif kind == READER:
+                builder.add_reader(tokens)
+            elif list(tokens) != builder.latent_ids:
+                raise ValueError("the examples of a row must use the same meta latent tokens")
+    return builder.finish(length, pad_id)

@@ -60,8 +60,8 @@ def segment_priors(embeddings: jax.Array, seg_question: jax.Array, temperature: 
 
 
 def latent_key_bias(prior: jax.Array, meta: layout.TokenMeta) -> jax.Array:
-    """float32 [B, L]: each LATENT token's segment prior (segment id g is slot g - 1, as the row
-    builders number them), 0 on every other token."""
+    """float32 [B, L]: each LATENT token's segment prior (segment id g is slot g - 1, as
+    `layout.RowBuilder` numbers them), 0 on every other token."""
     segment, kind = jnp.asarray(meta.segment), jnp.asarray(meta.kind)
     slot = jnp.clip(segment - 1, 0, prior.shape[1] - 1)
     per_token = jnp.take_along_axis(prior, slot, axis=1)

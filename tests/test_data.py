@@ -165,7 +165,8 @@ def test_documents_longer_than_a_segment_are_cut_with_a_warning(tmp_path, caplog
     cfg = pipeline_config(tok)
     long_doc = " ".join(["word"] * (cfg.max_segment_len + 5))
     path = tmp_path / "long.jsonl"
-    path.write_text(json.dumps({"query": "q", "positive": long_doc}) + "\n" + json.dumps({"query": "q", "positive": "p"}) + "\n")
+    path.write_text(json.dumps({"query": "q", "positive": long_doc}) + "\n"
+                    + json.dumps({"query": "q", "positive": "p"}) + "\n")
     with caplog.at_level("WARNING"):
         pipeline.make_dataset([path], tok, cfg, global_batch=2, num_steps=1, seed=0)
     assert (f"1 of 2 records have documents longer than max_segment_len={cfg.max_segment_len} tokens (first: {path}:1)"

@@ -13,6 +13,7 @@ from grc_jax.config import ModelConfig
 from grc_jax.data import builder, demo_world
 from grc_jax.data.builder import SEG_DOCUMENT, SEG_QUESTION, BuildConfig, TokenizedRecord
 from grc_jax.eval import world
+from grc_jax.eval.distractors import with_distractors
 from grc_jax.inference import Engine
 from grc_jax.tokenizer import Tokenizer
 
@@ -256,15 +257,16 @@ def test_generate_with_priors_reads_like_the_forward_pass_with_the_same_bias(eng
                                 memory_source=engine._memory_source, memory_bias=[[0.0]])
 
 
-def test_distractor_texts_lookalike_and_random():
+def test_distractors_lookalike_and_random():
     corpus = [f"doc {i}" for i in range(20)]
-    record = {"positive": "doc 0", "negatives": ["doc 1", "doc 2", "doc 0"]}
+    positive, negatives = "doc 0", ["doc 1", "doc 2", "doc 0", "doc 1"]
     rng = np.random.default_rng(0)
-    look = world.distractor_texts(record, corpus, 4, True, rng)
-    assert {"doc 0", "doc 1", "doc 2"} <= set(look) and len(set(look)) == 5  # both look-alikes, topped up
-    rand = world.distractor_texts(record, corpus, 4, False, rng)
+    look = with_distractors(positive, negatives, corpus, world.NUM_DISTRACTORS, rng)  # the held-out evaluation's
+    assert {"doc 0", "doc 1", "doc 2"} <= set(look) and len(look) == len(set(look)) == 5  # both look-alikes, topped up
+    rand = with_distractors(positive, negatives, corpus, 4, rng, lookalike=False)
     assert "doc 0" in rand and len(set(rand)) == 5
-    assert world.distractor_texts(record, corpus, 0, False, rng) == ["doc 0"]
+    assert with_distractors(positive, negatives, corpus, 0, rng, lookalike=False) == ["doc 0"]
+    assert sorted(with_distractors(positive, negatives, corpus[:3], 4, rng, lookalike=False)) == corpus[:3]
 
 
 def test_the_training_switch_runs_the_two_phase_step(tmp_path):

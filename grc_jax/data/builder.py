@@ -34,7 +34,7 @@ import numpy as np
 
 from grc_jax.data.records import Record
 from grc_jax.errors import UserError
-from grc_jax.layout import LATENT, READER, TEXT
+from grc_jax.layout import Row, RowBuilder, join, padding
 
 READER_TASKS = ("continuation", "reconstruction", "none")
 SEG_UNUSED, SEG_QUERY, SEG_DOCUMENT, SEG_QUESTION = 0, 1, 2, 3
@@ -131,6 +131,11 @@ class Unit:
     @property
     def num_segments(self) -> int:
         return len(self.seg_kind)
+
+    @property
+    def row(self) -> Row:
+        """The unit's token layout, as grc_jax/layout.py lays out every row."""
+        return Row(self.tokens, self.example, self.segment, self.kind, self.seg_latent_index)
 
 
 def doc_id(text: str) -> int:
@@ -272,7 +277,9 @@ def _add_documents(layout: "_Layout", record: TokenizedRecord, config: BuildConf
         layout.add_reader(reader, loss_from=loss_from, compressive=True)
         if record.question is not None and config.question_segments:
             layout.new_example()  # its own example: the reader must not see the question's memory
-            question_slot = layout.add_segment(record.question, SEG_QUESTION, loss_from=None)
+            # Cut to P as Engine cuts a question it embeds for a prior: the embedding trained is the one served.
+            question = record.question[:config.max_segment_len]
+            question_slot = layout.add_segment(question, SEG_QUESTION, loss_from=None)
             for slot in slots.values():
                 layout.seg_question[slot] = question_slot
         if negatives:
@@ -283,30 +290,28 @@ def _add_documents(layout: "_Layout", record: TokenizedRecord, config: BuildConf
 
 
 class _Layout:
-    """Accumulates a unit's pieces in storage order."""
+    """A unit's pieces in storage order: the row as grc_jax/layout.py lays it out, plus the
+    losses and the per-segment fields training needs."""
 
     def __init__(self, config: BuildConfig):
         self.config = config
-        self.columns: dict[str, list] = {k: [] for k in ("tokens", "example", "segment", "kind", "targets",
-                                                          "gen_weight", "comp_weight")}
-        self.seg_latent_index: list[list[int]] = []
+        self.row = RowBuilder(config.latent_ids, config.max_segment_len)
+        self.targets: list[int] = []
+        self.weights: dict[str, list[float]] = {"gen_weight": [], "comp_weight": []}
         self.seg_kind: list[int] = []
         self.seg_positive: list[int] = []
         self.seg_doc_id: list[int] = []
         self.seg_question: list[int] = []
-        self.example = 0
 
     def new_example(self) -> None:
-        self.example += 1
+        self.row.new_example()
 
     def add_segment(self, text: list[int], seg_kind: int, loss_from: int | None, doc: int = -1) -> int:
         """Appends text and its latents as a new segment (generative loss on text[loss_from:]);
         returns its slot."""
-        slot = len(self.seg_kind)
-        self._append(text, TEXT, slot + 1, loss_from, "gen_weight")
-        start = len(self.columns["tokens"])
-        self._append(list(self.config.latent_ids), LATENT, slot + 1, None, "gen_weight")
-        self.seg_latent_index.append(list(range(start, start + self.config.num_latents)))
+        start = self.row.length
+        slot = self.row.add_segment(text)
+        self._loss(start, text, loss_from, "gen_weight")
         self.seg_kind.append(seg_kind)
         self.seg_positive.append(-1)
         self.seg_doc_id.append(doc if seg_kind == SEG_DOCUMENT else -1)
@@ -314,38 +319,38 @@ class _Layout:
         return slot
 
     def add_reader(self, tokens: list[int], loss_from: int, compressive: bool) -> None:
-        self._append(tokens, READER, 0, loss_from, "comp_weight" if compressive else "gen_weight")
+        start = self.row.add_reader(tokens)
+        self._loss(start, tokens, loss_from, "comp_weight" if compressive else "gen_weight")
 
-    def _append(self, tokens: list[int], kind: int, segment: int, loss_from: int | None, weight: str) -> None:
-        n = len(tokens)
-        start = len(self.columns["tokens"])
-        c = self.columns
-        c["tokens"] += tokens
-        c["example"] += [self.example] * n
-        c["segment"] += [segment] * n
-        c["kind"] += [kind] * n
-        c["targets"] += [0] * n
-        c["gen_weight"] += [0.0] * n
-        c["comp_weight"] += [0.0] * n
+    def _loss(self, start: int, tokens: list[int], loss_from: int | None, weight: str) -> None:
+        """No loss on the tokens just laid out, but on tokens[loss_from:] of the piece at `start`."""
+        grow = self.row.length - len(self.targets)
+        self.targets += [0] * grow
+        for column in self.weights.values():
+            column += [0.0] * grow
         if loss_from is None:
             return
         # Token t of the piece is predicted at the position before it, inside the piece.
-        for t in range(max(loss_from, 1), n):
-            c["targets"][start + t - 1] = tokens[t]
-            c[weight][start + t - 1] = 1.0
+        for t in range(max(loss_from, 1), len(tokens)):
+            self.targets[start + t - 1] = tokens[t]
+            self.weights[weight][start + t - 1] = 1.0
 
     def finish(self, source: str) -> Unit:
-        c = {k: np.asarray(v, np.float32 if k.endswith("weight") else np.int32) for k, v in self.columns.items()}
-        K = self.config.num_latents
+        row = self.row.finish()
         return Unit(
             source=source,
-            seg_latent_index=np.asarray(self.seg_latent_index, np.int32).reshape(-1, K),
+            tokens=row.tokens,
+            example=row.example,
+            segment=row.segment,
+            kind=row.kind,
+            targets=np.asarray(self.targets, np.int32),
+            **{k: np.asarray(v, np.float32) for k, v in self.weights.items()},
+            seg_latent_index=row.latent_index,
             seg_kind=np.asarray(self.seg_kind, np.int32),
             seg_positive=np.asarray(self.seg_positive, np.int32),
             seg_doc_id=np.asarray(self.seg_doc_id, np.int32),
-            num_examples=self.example,
+            num_examples=self.row.num_examples,
             seg_question=np.asarray(self.seg_question, np.int32),
-            **c,
         )
 
 
@@ -379,12 +384,13 @@ def empty_batch(batch_size: int, config: BuildConfig) -> dict[str, np.ndarray]:
     """A batch of padding rows."""
     B, L, S, K = batch_size, config.row_len, config.max_segments_per_row, config.num_latents
     prior = {"seg_question": np.full((B, S), -1, np.int32)} if config.question_segments else {}
+    tokens, example, segment, kind = padding((B, L), config.pad_id)
     return {
         **prior,
-        "tokens": np.full((B, L), config.pad_id, np.int32),
-        "example": np.zeros((B, L), np.int32),
-        "segment": np.zeros((B, L), np.int32),
-        "kind": np.full((B, L), READER, np.int32),
+        "tokens": tokens,
+        "example": example,
+        "segment": segment,
+        "kind": kind,
         "targets": np.zeros((B, L), np.int32),
         "gen_weight": np.zeros((B, L), np.float32),
         "comp_weight": np.zeros((B, L), np.float32),
@@ -396,25 +402,29 @@ def empty_batch(batch_size: int, config: BuildConfig) -> dict[str, np.ndarray]:
 
 
 def rows_to_batch(rows: Sequence[Sequence[Unit]], config: BuildConfig) -> dict[str, np.ndarray]:
-    """Packs each row's units side by side, renumbering examples, segments and slots per row."""
+    """Packs each row's units side by side (`layout.join`), renumbering examples, segments and
+    slots per row."""
     batch = empty_batch(len(rows), config)
     for b, units in enumerate(rows):
-        at = examples = slots = 0
-        for unit in units:
-            _place(batch, b, unit, at, examples, slots)
-            at, examples, slots = at + unit.length, examples + unit.num_examples, slots + unit.num_segments
+        row = join([unit.row for unit in units])
+        at, slots = len(row.tokens), len(row.latent_index)
         if at > config.row_len or slots > config.max_segments_per_row:
             raise ValueError(f"row {b} overflows: {at} tokens, {slots} segments")
+        for key in ("tokens", "example", "segment", "kind"):
+            batch[key][b, :at] = getattr(row, key)
+        batch["seg_latent_index"][b, :slots] = row.latent_index
+        at = slots = 0
+        for unit in units:
+            _place(batch, b, unit, at, slots)
+            at, slots = at + unit.length, slots + unit.num_segments
     return batch
 
 
-def _place(batch: dict[str, np.ndarray], b: int, unit: Unit, at: int, examples: int, slots: int) -> None:
+def _place(batch: dict[str, np.ndarray], b: int, unit: Unit, at: int, slots: int) -> None:
+    """A unit's losses and per-segment fields at its place in row b (its tokens are laid out)."""
     end, seg_end = at + unit.length, slots + unit.num_segments
-    for key in ("tokens", "kind", "targets", "gen_weight", "comp_weight"):
+    for key in ("targets", "gen_weight", "comp_weight"):
         batch[key][b, at:end] = getattr(unit, key)
-    batch["example"][b, at:end] = unit.example + examples
-    batch["segment"][b, at:end] = np.where(unit.segment > 0, unit.segment + slots, 0)
-    batch["seg_latent_index"][b, slots:seg_end] = unit.seg_latent_index + at
     batch["seg_kind"][b, slots:seg_end] = unit.seg_kind
     batch["seg_positive"][b, slots:seg_end] = np.where(unit.seg_positive >= 0, unit.seg_positive + slots, -1)
     batch["seg_doc_id"][b, slots:seg_end] = unit.seg_doc_id

@@ -21,8 +21,16 @@ from absl import logging
 
 from grc_jax.data import seqio_source, streaming
 from grc_jax.data.arrayrecord import is_arrayrecord
-from grc_jax.data.builder import (BuildConfig, TokenizedRecord, Unit, build_unit, plan_rows, rows_to_batch,
-                                  tokenize_records, unit_rng)
+from grc_jax.data.builder import (
+    BuildConfig,
+    TokenizedRecord,
+    Unit,
+    build_unit,
+    plan_rows,
+    rows_to_batch,
+    tokenize_records,
+    unit_rng,
+)
 from grc_jax.data.records import read_records
 from grc_jax.errors import UserError
 from grc_jax.tokenizer import Tokenizer

@@ -60,6 +60,11 @@ def read_jsonl(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[int
         yield number, record
 
 
+def load_jsonl(path: str | Path, what: str = "JSONL file") -> list[dict[str, Any]]:
+    """Every object of a JSONL file, read by `read_jsonl` (a bad line is named `file:line`)."""
+    return [record for _, record in read_jsonl(path, what)]
+
+
 def _string(record: dict[str, Any], key: str, path: Path, number: int, *, required: bool = True,
             nonempty: bool = True, what: str = "") -> str | None:
     value = record.get(key)

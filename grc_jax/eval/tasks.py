@@ -6,7 +6,6 @@ figures, also written to TensorBoard); details hold counts, settings and sample 
 from __future__ import annotations
 
 import dataclasses
-import random
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -16,6 +15,7 @@ from tqdm.auto import tqdm
 
 from grc_jax.eval import metrics
 from grc_jax.eval.data import BeirDataset, QARecord
+from grc_jax.eval.distractors import with_distractors
 from grc_jax.inference.engine import Engine
 from grc_jax.inference.memory_bank import MemoryBank
 from grc_jax.inference.pages import page_bytes
@@ -80,24 +80,10 @@ def retrieval(engine: Engine, data: BeirDataset, options: Options) -> tuple[dict
 
 def qa_contexts(records: Sequence[QARecord], num_distractors: int, seed: int) -> list[list[str]]:
     """Each question's documents: its positive and `num_distractors` distractors (its negatives,
-    topped up with other records' documents), shuffled so the positive has no fixed place."""
-    rng = random.Random(seed)
+    topped up with other records' documents), shuffled (`distractors.with_distractors`)."""
+    rng = np.random.default_rng(seed)
     pool = sorted({t for r in records for t in (r.positive, *r.negatives) if t})
-    contexts = []
-    for r in records:
-        distractors = [d for d in dict.fromkeys(r.negatives) if d != r.positive][:num_distractors]
-        taken = {r.positive, *distractors}
-        want = min(num_distractors - len(distractors), len(pool) - len(taken & set(pool)))
-        while want > 0:  # rejection sampling: listing the rest of the pool per record is quadratic
-            pick = pool[rng.randrange(len(pool))]
-            if pick not in taken:
-                taken.add(pick)
-                distractors.append(pick)
-                want -= 1
-        texts = [r.positive, *distractors]
-        rng.shuffle(texts)
-        contexts.append(texts)
-    return contexts
+    return [with_distractors(r.positive, r.negatives, pool, num_distractors, rng) for r in records]
 
 
 def full_text_prompt(documents: Sequence[str], question: str) -> str:

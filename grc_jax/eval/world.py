@@ -17,7 +17,6 @@ QA, multi-hop. (`python -m grc_jax.evaluate` is the general evaluation CLI.)
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,13 +27,14 @@ import numpy as np
 from grc_jax import layout, model, priors
 from grc_jax.config import ModelConfig
 from grc_jax.data.builder import answer_text
+from grc_jax.eval.data import load_jsonl
+from grc_jax.eval.distractors import with_distractors
 
 NUM_DISTRACTORS = 4
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+# benchmarks/memory_priors_eval.py reads a demo world's files by this name.
+read_jsonl = load_jsonl
 
 
 def retrieval_metrics(queries: np.ndarray, documents: np.ndarray, gold: Sequence[int]) -> dict[str, float]:
@@ -58,22 +58,24 @@ def answer_exact_match(config: ModelConfig, params: model.Params, memories: Sequ
     one log-prior per memory segment, added to the reader's logits on that memory's keys."""
     hits = []
     for start in range(0, len(readers), batch_size):
-        rows, spans = [], []
+        builders, spans = [], []
         chunk_priors = None if memory_priors is None else memory_priors[start:start + batch_size]
         for segs, (question, answer) in zip(memories[start:start + batch_size], readers[start:start + batch_size]):
-            pieces = layout.example_pieces([list(s)[: config.max_segment_len] for s in segs], question + answer,
-                                           latent_ids, config.max_segment_len)
-            rows.append(pieces)
-            size = sum(len(t) for _, _, t in pieces)
-            spans.append((size - len(answer), size))
-        length = max(sum(len(t) for _, _, t in p) for p in rows)
-        packed = [layout.pack_rows([p], length)[0] for p in rows]
+            builder = layout.RowBuilder(latent_ids, config.max_segment_len)
+            builder.new_example()  # one example per row: its segments are slots 0.. in storage order
+            for segment in segs:
+                builder.add_segment(list(segment)[: config.max_segment_len])
+            answer_at = builder.add_reader(question + answer) + len(question)
+            builders.append(builder)
+            spans.append((answer_at, answer_at + len(answer)))
+        length = max(b.length for b in builders)
+        packed = [b.finish(length) for b in builders]
         tokens = np.stack([r.tokens for r in packed])
         meta = [np.stack([getattr(r, f) for r in packed]) for f in ("example", "segment", "kind")]
         if chunk_priors is None:
             predicted = np.asarray(_argmax_jit(config, params, jnp.asarray(tokens), *map(jnp.asarray, meta)))
-        else:  # one example per row: its segments are slots 0.. in storage order
-            prior = np.zeros((len(rows), max([len(p) for p in chunk_priors] + [1])), np.float32)
+        else:
+            prior = np.zeros((len(packed), max([len(p) for p in chunk_priors] + [1])), np.float32)
             for row, values in enumerate(chunk_priors):
                 prior[row, : len(values)] = values
             bias = priors.latent_key_bias(jnp.asarray(prior), layout.TokenMeta(*map(jnp.asarray, meta)))
@@ -94,23 +96,6 @@ def _argmax_jit(config, params, tokens, example, segment, kind):
 def _argmax_prior_jit(config, params, tokens, example, segment, kind, memory_bias):
     out = model.forward(config, params, tokens, layout.TokenMeta(example, segment, kind), memory_bias=memory_bias)
     return jnp.argmax(out.logits[..., : config.vocab_size], axis=-1)
-
-
-def distractor_texts(record: dict[str, Any], corpus_texts: Sequence[str], num: int, lookalike: bool,
-                     rng: np.random.Generator) -> list[str]:
-    """The positive and `num` distractors, shuffled: the record's look-alikes (hard negatives)
-    first when `lookalike`, topped up (or, for random ones, drawn) from the other held-out
-    documents."""
-    distractors = [d for d in record.get("negatives", []) if d != record["positive"]][:num] if lookalike else []
-    # A small held-out split may have fewer other documents than `num`.
-    wanted = min(num, len((set(corpus_texts) | set(distractors)) - {record["positive"]}))
-    while len(distractors) < wanted:
-        extra = corpus_texts[int(rng.integers(len(corpus_texts)))]
-        if extra != record["positive"] and extra not in distractors:
-            distractors.append(extra)
-    texts = distractors + [record["positive"]]
-    rng.shuffle(texts)
-    return texts
 
 
 def prior_values(question: np.ndarray, memories: np.ndarray, temperature: float) -> list[float]:
@@ -153,10 +138,10 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
     limit = run_config.eval_max_queries
     results: dict[str, float] = {}
 
-    corpus = read_jsonl(world / "corpus_heldout.jsonl")
+    corpus = load_jsonl(world / "corpus_heldout.jsonl")
     doc_index = {d["text"]: i for i, d in enumerate(corpus)}
     docs = engine.embed_tokens([document_tokens(tok, d["text"], P) for d in corpus])
-    heldout = read_jsonl(world / "heldout.jsonl")
+    heldout = load_jsonl(world / "heldout.jsonl")
     retrieval = [r for r in heldout if "query" in r and "positive" in r][:limit]
     queries = engine.embed_tokens([query_tokens(tok, r["query"], None, b.eor_id) for r in retrieval])
     results.update({f"retrieval/{k}": v for k, v in retrieval_metrics(
@@ -166,10 +151,10 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
     results.update(memory_qa_figures(engine, heldout, corpus, docs, limit, use_prior,
                                      run_config.train.prior_temperature, rng))
 
-    train_corpus = read_jsonl(world / "corpus_train.jsonl")
+    train_corpus = load_jsonl(world / "corpus_train.jsonl")
     train_index = {d["text"]: i for i, d in enumerate(train_corpus)}
     train_docs = engine.embed_tokens([document_tokens(tok, d["text"], P) for d in train_corpus])
-    hops = [r for r in read_jsonl(world / "multihop_eval.jsonl") if r.get("positive") in train_index][:limit]
+    hops = [r for r in load_jsonl(world / "multihop_eval.jsonl") if r.get("positive") in train_index][:limit]
     gold = [train_index[r["positive"]] for r in hops]
     plain = engine.embed_tokens([query_tokens(tok, r["query"], None, b.eor_id) for r in hops])
     reasoned, _ = engine.embed_with_reasoning_tokens([tok.encode(r["query"]) for r in hops])
@@ -212,13 +197,17 @@ def memory_qa_figures(engine: Any, heldout: Sequence[dict[str, Any]], corpus: Se
         return answer_exact_match(config, params, segs, readers, latent_ids, memory_priors=values)
 
     # The first figure draws from `rng` exactly as it always has: its value is comparable across runs.
-    contexts = [distractor_texts(r, corpus_texts, NUM_DISTRACTORS, True, rng) for r in qa]
-    results["memory_qa/exact_match"] = exact_match(contexts)
-    results["memory_qa/exact_match_no_memory"] = answer_exact_match(config, params, [[] for _ in qa], readers, latent_ids)
+    def contexts(num: int, lookalike: bool) -> list[list[str]]:
+        return [with_distractors(r["positive"], r.get("negatives", []), corpus_texts, num, rng, lookalike) for r in qa]
+
+    contexts_4 = contexts(NUM_DISTRACTORS, True)
+    results["memory_qa/exact_match"] = exact_match(contexts_4)
+    results["memory_qa/exact_match_no_memory"] = answer_exact_match(config, params, [[] for _ in qa], readers,
+                                                                    latent_ids)
     results["memory_qa/exact_match_alone"] = exact_match([[r["positive"]] for r in qa])
     for num, lookalike in ((1, True), (1, False), (NUM_DISTRACTORS, False)):
         name = f"memory_qa/exact_match_{'lookalike' if lookalike else 'random'}{num}"
-        results[name] = exact_match([distractor_texts(r, corpus_texts, num, lookalike, rng) for r in qa])
+        results[name] = exact_match(contexts(num, lookalike))
     if qa:  # RAG: the question searches all held-out memories; the reader reads the top k
         scores = questions @ docs.T
         order = np.argsort(-scores, axis=1, kind="stable")

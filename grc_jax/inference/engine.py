@@ -559,18 +559,11 @@ class Engine:
             chunk = [list(s) for s in segments[start:start + size]]
             if any(not 1 <= len(s) <= P for s in chunk):
                 raise ValueError(f"segments must have 1..{P} tokens")
-            B, width = bucket(len(chunk)), min(bucket(max(map(len, chunk)) + K), P + K)
-            tokens, example, kind = (np.zeros((B, width), np.int32) for _ in range(3))
-            kind[:] = layout.READER
-            index = np.zeros((B, K), np.int32)
-            for i, seg in enumerate(chunk):
-                n = len(seg)
-                tokens[i, : n + K] = seg + list(self.latent_ids)
-                example[i, : n + K] = 1
-                kind[i, :n], kind[i, n:n + K] = layout.TEXT, layout.LATENT
-                index[i] = np.arange(n, n + K)
-            k, v, e = jax.device_get(segment_pass(self.config, self.params, *map(jnp.asarray, (tokens, example, kind,
-                                                                                                 index))))
+            width = min(bucket(max(map(len, chunk)) + K), P + K)
+            # Laid out by the code that lays out training rows: the memory is the one training shaped.
+            rows = layout.segment_rows(chunk, self.latent_ids, P, width, num_rows=bucket(len(chunk)))
+            k, v, e = jax.device_get(segment_pass(self.config, self.params, *map(jnp.asarray, (
+                rows.tokens, rows.example, rows.kind, rows.latent_index))))
             keys.append(k[: len(chunk)])
             values.append(v[: len(chunk)])
             embeddings.append(e[: len(chunk)])

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
-from grc_jax.eval.world import document_tokens, memory_qa_figures, read_jsonl  # noqa: E402
+from grc_jax.eval.data import load_jsonl  # noqa: E402
+from grc_jax.eval.world import document_tokens, memory_qa_figures  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
 
 
@@ -27,8 +28,8 @@ def evaluate(run: Path, step: int | None, prior_temperature: float, limit: int,
              modes: tuple[bool, ...] = (False, True)) -> dict[str, dict[str, float]]:
     engine = Engine.from_pretrained(run, step=step)  # special tokens from the run directory
     world = run / "demo_world"
-    corpus = read_jsonl(world / "corpus_heldout.jsonl")
-    heldout = read_jsonl(world / "heldout.jsonl")
+    corpus = load_jsonl(world / "corpus_heldout.jsonl")
+    heldout = load_jsonl(world / "heldout.jsonl")
     P = engine.config.max_segment_len
     docs = engine.embed_tokens([document_tokens(engine.tokenizer, d["text"], P) for d in corpus])
     return {("priors" if on else "no_priors"): memory_qa_figures(engine, heldout, corpus, docs, limit, on,

@@ -33,9 +33,6 @@ from grc_jax.eval.distractors import with_distractors
 NUM_DISTRACTORS = 4
 
 
-# benchmarks/memory_priors_eval.py reads a demo world's files by this name.
-read_jsonl = load_jsonl
-
 
 def retrieval_metrics(queries: np.ndarray, documents: np.ndarray, gold: Sequence[int]) -> dict[str, float]:
     """recall@1, recall@10 and nDCG@10 with one relevant document per query, computed by

@@ -129,6 +129,18 @@ class _Weights:
         return sorted(n for n in self.files if n not in self.used and not n.endswith(_IGNORED_SUFFIXES))
 
 
+def read_checkpoint_config(path: str | Path) -> ModelConfig:
+    """The architecture and shapes of a local HF directory or `.gguf` file, read without its
+    weights (its GRC fields, if any, are not read: ModelConfig's defaults stand in)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from grc_jax import gguf
+        return from_hf_config(gguf.hf_config(path), source=str(path))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    return from_hf_config(read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+
+
 def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_segment_len: int | None = None,
                     **overrides: Any) -> tuple[ModelConfig, model.Params]:
     """(config, params) from a local HF directory (config.json + safetensors) or a `.gguf` file.

@@ -91,6 +91,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
     params = None
     if config.model.hf_path:
         m = config.model
+        # The checkpoint fixes the architecture and shapes: a model.* key that disagrees fails
+        # before the weights load.
+        train_config.check_checkpoint_fields(config, hf.read_checkpoint_config(m.hf_path), m.hf_path)
         model_config, params = hf.load_pretrained(
             m.hf_path, m.num_latents, max_segment_len=m.max_segment_len, pooling=m.pooling, embed_dim=m.embed_dim,
             param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)

@@ -304,6 +304,68 @@ def test_every_config_file_gives_a_valid_model(path):
         assert train_config.model_config(c, vocab_size=1000).num_latents == c.model.num_latents
 
 
+def test_the_model_section_is_model_configs_fields_and_defaults():
+    """One list of fields and one set of defaults: the training config's model section is
+    ModelConfig's, less what the tokenizer (vocab_size), a checkpoint (rope_scaling) and the
+    architecture (qk_norm, qkv_bias) give."""
+    import dataclasses
+
+    from grc_jax.config import ModelConfig
+
+    c = train_config.defaults()
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(c.model.keys()) == fields - {"vocab_size", "rope_scaling"} | {"hf_path"}
+    assert train_config.model_config(c, vocab_size=100) == ModelConfig(vocab_size=100)
+
+
+@pytest.mark.parametrize("architecture, qk_norm, qkv_bias", [
+    ("LlamaForCausalLM", False, False), ("Qwen2ForCausalLM", False, True), ("Qwen3ForCausalLM", True, False)])
+def test_the_architecture_fixes_qk_norm_and_qkv_bias(architecture, qk_norm, qkv_bias):
+    c = train_config.defaults()
+    c.model.architecture = architecture
+    built = train_config.model_config(c, vocab_size=100)
+    assert (built.qk_norm, built.qkv_bias) == (qk_norm, qkv_bias)
+    c.model.qk_norm = qk_norm  # agreeing with the architecture is allowed
+    assert train_config.model_config(c, vocab_size=100) == built
+    c.model.qk_norm = not qk_norm
+    with pytest.raises(ValueError, match=rf"^config: model.qk_norm={not qk_norm} does not fit "
+                                         rf"model.architecture='{architecture}', which fixes qk_norm={qk_norm}"):
+        train_config.model_config(c, vocab_size=100)
+
+
+def test_model_errors_name_the_config_key():
+    c = train_config.defaults()
+    c.model.num_heads, c.model.num_kv_heads = 6, 4
+    with pytest.raises(ValueError, match=r"^config: model.num_heads=6 is not a multiple of num_kv_heads=4"):
+        train_config.model_config(c, vocab_size=100)
+
+
+def test_a_checkpoint_fixes_the_architecture_shapes_and_what_the_architecture_fixes(world, tmp_path):
+    """With model.hf_path, the model section's unset keys take the checkpoint's values (qkv_bias
+    from its Qwen2 architecture); a key set to something else fails before the weights load."""
+    from grc_jax import hf, model
+    from grc_jax.config import ModelConfig
+    from grc_jax.tokenizer import Tokenizer
+
+    vocab = len(Tokenizer.from_dir(world))
+    saved = ModelConfig(architecture="Qwen2ForCausalLM", qkv_bias=True, vocab_size=vocab, hidden_size=32,
+                        intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_latents=4,
+                        max_segment_len=96, rms_norm_eps=1e-5)
+    ckpt = hf.save_pretrained(saved, model.init_params(saved, jax.random.key(0)), tmp_path / "ckpt")
+    unset = {f"model.{key}": None for key in train_config.CHECKPOINT_FIELDS}  # num_latents 4, P 96 as saved
+    unset.update({"data.bos_token": "<s>", "data.eos_token": "</s>", "data.pad_token": "<pad>",
+                  "data.eor_token": "<|end_of_reasoning|>"})  # the demo world's; the checkpoint names none
+    setup, params = train.prepare(config_for(world, **unset, **{"model.hf_path": str(ckpt)}), tmp_path / "run")
+    assert setup.model_config == saved and params is not None
+    for key, value in (("model.qkv_bias", False), ("model.hidden_size", 48), ("model.rms_norm_eps", 1e-6),
+                       ("model.architecture", "Qwen3ForCausalLM")):
+        name = key.split(".")[1]
+        config = config_for(world, **{**unset, "model.hf_path": str(ckpt), key: value})
+        with pytest.raises(ValueError, match=rf"^config: model.{name}={value!r}, but the checkpoint {ckpt} has "
+                                             rf"{name}={getattr(saved, name)!r}; leave model.{name} unset"):
+            train.prepare(config, tmp_path / "run")
+
+
 def test_malformed_data_line_names_file_and_line(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = (world / "train.jsonl").read_text().splitlines()[:5]

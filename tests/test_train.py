@@ -20,7 +20,8 @@ from grc_jax.data import demo_world
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = {
     "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
-    "model.num_kv_heads": 2, "model.head_dim": 8, "model.num_latents": 4, "model.max_segment_len": 96,
+    "model.num_kv_heads": 2, "model.head_dim": 8, "model.tie_word_embeddings": True, "model.num_latents": 4,
+    "model.max_segment_len": 96,
     "data.row_len": 384, "data.max_segments_per_row": 8, "data.max_negatives": 2, "data.reader_distractors": 2,
     "train.steps": 8, "train.global_batch": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 2,
     "checkpoint.every": 2, "log_every": 1,
@@ -66,6 +67,24 @@ def run_cli(config: Path, workdir: Path, *extra: str, env_devices: int = 1, extr
 def losses_of(workdir: Path) -> dict[int, float]:
     history = json.loads((workdir / "result.json").read_text())["history"]
     return {h["step"]: h["loss"] for h in history}
+
+
+def kill_and_resume(config: Path, workdir: Path, kill_after: int) -> dict[int, float]:
+    """Runs `config` on `workdir`, SIGKILLs it once step `kill_after` is logged, reruns it to the
+    end, and returns the losses the rerun logged (it resumes from the last checkpoint)."""
+    proc = run_cli(config, workdir)
+    for line in proc.stdout:
+        if line.startswith(f"step {kill_after}/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, f"run ended before step {kill_after}"
+    resumed = run_cli(config, workdir)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    after = losses_of(workdir)
+    assert 1 < min(after) <= kill_after + 1, f"killed after step {kill_after}, resumed at {min(after)}"
+    return after
 
 
 @pytest.fixture(scope="module")
@@ -156,19 +175,7 @@ def test_eight_device_mesh_matches_one_device(world, tmp_path, reference):
 @pytest.mark.subprocess
 def test_sigkill_at_a_random_step_then_resume_gives_the_same_losses(world, tmp_path, reference):
     kill_after = random.randint(3, 6)
-    config = config_file(tmp_path, world)
-    proc = run_cli(config, tmp_path / "run")
-    for line in proc.stdout:
-        if line.startswith(f"step {kill_after}/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, f"run ended before step {kill_after}"
-    resumed = run_cli(config, tmp_path / "run")
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out[-3000:]
-    after = losses_of(tmp_path / "run")
-    assert 1 < min(after) <= kill_after + 1, f"killed after step {kill_after}, resumed at {min(after)}"
+    after = kill_and_resume(config_file(tmp_path, world), tmp_path / "run", kill_after)
     for step, loss in after.items():
         assert loss == pytest.approx(reference[step], rel=1e-6), (kill_after, step)
 

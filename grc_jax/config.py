@@ -85,7 +85,8 @@ class ModelConfig:
         _check(self.num_latents >= 1, f"num_latents must be >= 1, got {self.num_latents}")
         _check(self.max_segment_len >= 1, f"max_segment_len must be >= 1, got {self.max_segment_len}")
         _check(self.pooling in POOLINGS, f"pooling {self.pooling!r} is not one of {POOLINGS}")
-        _check(self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        _check(self.remat_policy in REMAT_POLICIES,
+               f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         for key in ("param_dtype", "dtype"):
             _check(getattr(self, key) in DTYPES, f"{key} {getattr(self, key)!r} is not one of {tuple(DTYPES)}")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import re
 import signal
 import time
@@ -279,9 +278,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                           donate_argnums=0)
 
         block, blocks = sharding.host_batch_block(batch_sharding, t.global_batch)
-        dataset = pipeline.make_dataset(setup.train_files, literal_special_tokens(setup.tokenizer), setup.build, global_batch=t.global_batch,
-                                        num_steps=t.steps, seed=t.seed, block=block, blocks=blocks,
-                                        skip_malformed=config.data.skip_malformed, mixture=config.data.mixture)
+        dataset = pipeline.make_dataset(setup.train_files, literal_special_tokens(setup.tokenizer), setup.build,
+                                        global_batch=t.global_batch, num_steps=t.steps, seed=t.seed, block=block,
+                                        blocks=blocks, skip_malformed=config.data.skip_malformed,
+                                        mixture=config.data.mixture)
         iterator = pipeline.make_iterator(dataset)
         manager = ocp.CheckpointManager(
             rundir.checkpoints_dir(workdir),

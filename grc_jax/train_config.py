@@ -19,7 +19,6 @@ from grc_jax.config import ModelConfig, architecture_fields
 from grc_jax.data.demo_world import MAX_ENTITIES as MAX_DEMO_WORLD_ENTITIES
 from grc_jax.errors import UserError
 
-
 # The model section is ModelConfig's fields (grc_jax/config.py, which says what each means) with
 # ModelConfig's defaults: one list and one set of defaults. Where the two used to differ, ModelConfig's
 # won (num_latents 16, max_segment_len 512, untied embeddings, a 64-wide model): it is what
@@ -54,7 +53,8 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = _model_section()
     c.data = ml_collections.ConfigDict(dict(
-        train_files=config_dict.placeholder(str),  # comma-separated JSONL/ArrayRecord files or globs, or seqio:TASK[:SPLIT]; unset: the demo world
+        # comma-separated JSONL/ArrayRecord files or globs, or seqio:TASK[:SPLIT]; unset: the demo world
+        train_files=config_dict.placeholder(str),
         # Instead of train_files, weighted sources "FILES:WEIGHT,FILES:WEIGHT" (FILES a file or glob); the
         # weights are the sources' shares of the records in the batches. ArrayRecord files and mixtures are
         # read lazily, each host only its share (grc_jax/data/streaming.py).
@@ -197,14 +197,16 @@ def find_unknown_override(argv: list[str], flag: str = "config") -> str | None:
             if not isinstance(node, ml_collections.ConfigDict) or key not in node:
                 siblings = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 prefix = ".".join(path[:depth])
-                close = [f"{prefix}.{k}" if prefix else k for k in difflib.get_close_matches(key, siblings, n=3, cutoff=0.5)]
+                close = [f"{prefix}.{k}" if prefix else k
+                         for k in difflib.get_close_matches(key, siblings, n=3, cutoff=0.5)]
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys here: {', '.join(siblings)}"
                 return f"unknown key {'.'.join(path)!r} in --{flag}.{'.'.join(path)}{hint}"
             node = node[key]
     return None
 
 
-def check_keys(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None, prefix: str = "") -> None:
+def check_keys(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+               prefix: str = "") -> None:
     """Raises ValueError for a key `defaults()` does not have, naming the closest valid ones."""
     reference = defaults() if reference is None else reference
     for key in c.keys():

@@ -61,7 +61,8 @@ def run_cli(config: Path, workdir: Path, *extra: str, env_devices: int = 1, extr
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices}", "PYTHONUNBUFFERED": "1",
            **(extra_env or {})}
     cmd = [sys.executable, "-m", "grc_jax.train", f"--config={config}", f"--workdir={workdir}", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
 
 
 def losses_of(workdir: Path) -> dict[int, float]:
@@ -123,12 +124,14 @@ def test_weight_decay_spares_norms_and_biases_of_stacked_layers():
     tx, _ = train.make_optimizer(t)
     ones = lambda *shape: np.ones(shape, np.float32)
     params = {"embed": ones(6, 4), "final_norm": ones(4),
-              "layers": {"input_norm": ones(2, 4), "q_norm": ones(2, 2), "q_bias": ones(2, 2, 2), "q_proj": ones(2, 4, 2, 2)}}
+              "layers": {"input_norm": ones(2, 4), "q_norm": ones(2, 2), "q_bias": ones(2, 2, 2),
+                         "q_proj": ones(2, 4, 2, 2)}}
     state = tx.init(params)
     for _ in range(3):  # the first step's learning rate is 0 (warmup)
         updates, state = tx.update(jax.tree.map(np.zeros_like, params), state, params)
         params = optax.apply_updates(params, updates)
-    decayed = {"/".join(str(k.key) for k in path): bool(np.all(p < 1)) for path, p in jax.tree_util.tree_leaves_with_path(params)}
+    decayed = {"/".join(str(k.key) for k in path): bool(np.all(p < 1))
+               for path, p in jax.tree_util.tree_leaves_with_path(params)}
     assert decayed == {"embed": True, "final_norm": False, "layers/input_norm": False, "layers/q_norm": False,
                        "layers/q_bias": False, "layers/q_proj": True}
 
@@ -141,7 +144,8 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(world, tmp_path):
     from grc_jax.data import pipeline
 
     setup, _ = train.prepare(config_for(world), tmp_path)
-    batch = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=8, num_steps=1, seed=0)[0]
+    batch = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=8, num_steps=1,
+                                  seed=0)[0]
     params = model.init_params(setup.model_config, jax.random.key(0))
     sgd = optax.sgd(1.0)  # new params = params - gradient
 
@@ -168,7 +172,8 @@ def test_eight_device_mesh_matches_one_device(world, tmp_path, reference):
     result = train.train_and_evaluate(config, tmp_path)
     eight = {h["step"]: h["loss"] for h in result["history"]}
     # Different reduction orders across 8 shards: float32 rounding, growing slowly with the steps.
-    np.testing.assert_allclose([eight[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)], rtol=2e-4)
+    np.testing.assert_allclose([eight[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)],
+                               rtol=2e-4)
 
 
 @pytest.mark.slow
@@ -394,8 +399,9 @@ def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_pat
     """`python -m grc_jax.train --config=configs/tiny.py`, shortened by overrides. 4 held-out people
     (the fewest a world may have): fewer other documents than the evaluation's 4 distractors."""
     proc = run_cli(REPO / "configs" / "tiny.py", tmp_path / "run", "--config.train.steps=2",
-                   "--config.data.demo_world_entities=40", "--config.data.demo_world_heldout=4", "--config.eval_max_queries=4",
-                   "--config.reasoning_max_tokens=4", "--config.log_every=1", "--config.eval_every=1")
+                   "--config.data.demo_world_entities=40", "--config.data.demo_world_heldout=4",
+                   "--config.eval_max_queries=4", "--config.reasoning_max_tokens=4", "--config.log_every=1",
+                   "--config.eval_every=1")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "step 2/2 | loss" in out

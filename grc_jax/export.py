@@ -34,15 +34,14 @@ def _export(args: argparse.Namespace) -> Path:
     if not rundir.is_run_dir(args.workdir):
         raise FileNotFoundError(f"{args.workdir}: not a training run directory (no {rundir.MODEL_CONFIG_FILE})")
     rundir.check_step(args.workdir, args.step)
-    return export_run(args.workdir, args.out, args.step)
+    out = export_run(args.workdir, args.out, args.step)
+    print(f"exported {args.workdir} to {out}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    # the message names the file or flag; a traceback would bury it
-    out = report_user_errors(_export, extra=(OSError, ValueError))(args)
-    print(f"exported {args.workdir} to {out}", flush=True)
-    return out
+    # a user error's message names the file or flag; a traceback would bury it
+    return report_user_errors(_export, extra=(OSError, ValueError))(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ def _stored(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray]:
     return data, gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float32)
 
 
+def _finish(w: gguf.GGUFWriter) -> None:
+    """Writes what `w` was given (header, metadata, tensors) and closes the file."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_tiny_gguf(path: Path, arch: str, qtype: Q, *, tied: bool = False, pre: str = "smollm",
                     add_bos: bool = False, rope_freqs: np.ndarray | None = None,
                     seed: int = 0) -> dict[str, np.ndarray]:
@@ -139,10 +147,7 @@ def write_tiny_gguf(path: Path, arch: str, qtype: Q, *, tied: bool = False, pre:
     tensor("output_norm.weight", "model.norm.weight", (D,), norm=True)
     if not tied:
         tensor("output.weight", "lm_head.weight", (V, D))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return ref
 
 
@@ -304,10 +309,7 @@ def _bare_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, Q | N
     w = gguf.GGUFWriter(str(path), arch)
     for name, (data, raw) in tensors.items():
         w.add_tensor(name, data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return path
 
 
@@ -332,10 +334,7 @@ def _rewrite(src: Path, out: Path, tensors) -> Path:
     for t in reader.tensors:
         for name, data, raw in tensors(t.name, np.asarray(t.data)):
             w.add_tensor(name, data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return out
 
 
@@ -360,10 +359,7 @@ def test_sentencepiece_tokenizer_is_refused_by_name(tmp_path):
     w.add_tokenizer_model("llama")
     w.add_token_list(["<unk>", "<s>", "</s>"])
     w.add_tensor("token_embd.weight", np.zeros((3, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(ValueError, match=rf"{path}: tokenizer.ggml.model 'llama' is not supported"):
         grc_gguf.load_tokenizer(path)
 

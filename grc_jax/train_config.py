@@ -19,10 +19,10 @@ from grc_jax.config import ModelConfig, architecture_fields
 from grc_jax.data.demo_world import MAX_ENTITIES as MAX_DEMO_WORLD_ENTITIES
 from grc_jax.errors import UserError
 
-# The model section is ModelConfig's fields (grc_jax/config.py, which says what each means) with
-# ModelConfig's defaults: one list and one set of defaults. Where the two used to differ, ModelConfig's
-# won (num_latents 16, max_segment_len 512, untied embeddings, a 64-wide model): it is what
-# hf.load_pretrained, Engine and the tests build, and configs/*.py set the values they train with.
+# The model section is ModelConfig's fields (grc_jax/config.py) with ModelConfig's defaults: one list
+# and one set of defaults. Where the two used to differ, ModelConfig's won (num_latents 16,
+# max_segment_len 512, untied embeddings, a 64-wide model): it is what hf.load_pretrained, Engine and
+# the tests build, and configs/*.py set the values they train with.
 # Not keys: the tokenizer gives vocab_size, and only a checkpoint gives rope_scaling.
 _NOT_KEYED = ("vocab_size", "rope_scaling")
 # What a checkpoint fixes. Unset (None), these are ModelConfig's defaults for a model trained from
@@ -183,7 +183,6 @@ def check_checkpoint_fields(c: ml_collections.ConfigDict, checkpoint: ModelConfi
         if key in fields and fields[key] != getattr(checkpoint, key):
             raise UserError(f"config: model.{key}={fields[key]!r}, but the checkpoint {source} has "
                             f"{key}={getattr(checkpoint, key)!r}; leave model.{key} unset to take the checkpoint's")
-
 
 
 def find_unknown_override(argv: list[str], flag: str = "config") -> str | None:

@@ -38,7 +38,8 @@ setup(
         "prometheus-client>=0.26,<1",
     ],
     extras_require={
-        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "pyyaml>=6.0",
+        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "pyyaml>=6.0",
                  "pyarrow>=26.0.1,<27",
                  # the server's tests: the official client against a live server (openai 3.63.0, httpx 0.29.0)
                  "openai>=3.63,<4", "httpx>=0.29,<1",

@@ -347,7 +347,8 @@ def write_real(rows: list[dict], model_path: str, args: argparse.Namespace) -> N
         target = targets[r["weights"]] if r["weights"] == "float32" or r["batch"] == 1 else None
         met = "" if target is None else ("yes" if r["speedup"] >= target else "**no**")
         lines.append(f"| {r['batch']} | {r['weights']} | {r['ours_tok_s']:.1f} | {r['hf_tok_s']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['median_speedup']:.2f}x | {'' if target is None else f'>= {target}x'} | "
+                     f"{r['speedup']:.2f}x | {r['median_speedup']:.2f}x | "
+                     f"{'' if target is None else f'>= {target}x'} | "
                      f"{met} | {r['agree_hf']} | {r['agree_float']} |")
     errs = [r["logit_rel_err"] for r in rows if r["weights"] == "int8"]
     lines += ["", f"- int8 against float32, first generated token of every prompt: max |logit difference| / max "
@@ -388,7 +389,8 @@ def main() -> None:
     model_path = args.model or default_model()
     if args.first_token:
         if model_path is None:
-            parser.error("--first-token needs --model=PATH (an HF directory or .gguf): the smollm2 extra is not installed")
+            parser.error("--first-token needs --model=PATH (an HF directory or .gguf): "
+                         "the smollm2 extra is not installed")
         figures = {w: first_token(model_path, w) for w in args.weights.split(",")}
         if not args.no_write:
             write_first_token(figures, model_path, args.weights)
@@ -430,20 +432,22 @@ def main() -> None:
              "Greedy generation of exactly the given number of new tokens after a 16-token prompt, same random "
              "Llama weights on both sides; time of a whole call (prefill included), best of the repetitions "
              "(ours and theirs interleaved, half a second idle before each call, so neither side runs while the "
-             "other's worker threads still spin) after a warm-up call each; the ratio of the medians is given too. Ours: `grc_jax.inference.Decoder` (one jitted while_loop, paged KV, the "
+             "other's worker threads still spin) after a warm-up call each; the ratio of the medians is given "
+             "too. Ours: `grc_jax.inference.Decoder` (one jitted while_loop, paged KV, the "
              "XLA reference of hybrid paged attention). Theirs: `LlamaForCausalLM.generate` (torch, KV cache, "
              "SDPA), with torch's default thread count and with one thread: on a loaded machine torch's "
              "spinning OpenMP threads can make two threads slower than one (the 100M shape runs only the "
              "setting that won an 8-token probe). On a machine shared with other jobs absolute figures "
              "move by up to 2x between runs; both sides of a row were measured interleaved in one process.", "",
-             "| shape | params | batch | reps | ours tok/s | transformers tok/s (torch threads) | ours / transformers | "
-             "ratio of medians | target | met | greedy agreement |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | params | batch | reps | ours tok/s | transformers tok/s (torch threads) | "
+             "ours / transformers | ratio of medians | target | met | greedy agreement |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = targets.get(r["shape"])
         met = "" if target is None else ("yes" if r["speedup"] >= target else "**no**")
-        lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['reps']} | {r['ours_tok_s']:.1f} | "
-                     f"{r['hf_tok_s']:.1f} ({r['threads']}) | {r['speedup']:.2f}x | {r['median_speedup']:.2f}x | "
-                     f">= {target}x | {met} | "
+        lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['reps']} | "
+                     f"{r['ours_tok_s']:.1f} | {r['hf_tok_s']:.1f} ({r['threads']}) | {r['speedup']:.2f}x | "
+                     f"{r['median_speedup']:.2f}x | >= {target}x | {met} | "
                      f"first {r['agree']} of {r['new_tokens']} tokens |")
     lines.append("")
     for shape in dict.fromkeys(r["shape"] for r in rows):

@@ -32,9 +32,9 @@ def get_config():
     c.train.steps = 220  # ~44 minutes of steps on 2 cores, leaving room for loading, compiling, evaluating
     c.train.global_batch = 4  # rows per step
     c.train.learning_rate = 2e-4  # a pretrained model: 10x below tiny's from-scratch rate
-    c.train.warmup_steps = 20
+    c.train.warmup_steps = 20  # linear warmup, then cosine decay
     c.checkpoint.every = 110  # a checkpoint (params + Adam state) is about 1.5 GB
-    c.checkpoint.keep = 1
-    c.log_every = 10
+    c.checkpoint.keep = 1  # one checkpoint on disk at a time
+    c.log_every = 10  # steps between progress lines: a step takes about 12 s
     c.eval_every = 0  # the held-out evaluation runs once, at the end
     return c

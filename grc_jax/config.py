@@ -74,12 +74,9 @@ class ModelConfig:
         _check(self.architecture in ARCHITECTURES, f"architecture {self.architecture!r} is not one of {ARCHITECTURES}")
         # The architecture fixes which attention weights transformers builds: a model that has
         # other ones would export to a checkpoint transformers loads wrongly.
-        _check(self.qk_norm == (self.architecture == "Qwen3ForCausalLM"),
-               f"qk_norm={self.qk_norm} does not fit architecture {self.architecture!r}: "
-               "Qwen3ForCausalLM has q/k norms, the others do not")
-        _check(self.qkv_bias == (self.architecture == "Qwen2ForCausalLM"),
-               f"qkv_bias={self.qkv_bias} does not fit architecture {self.architecture!r}: "
-               "Qwen2ForCausalLM has q/k/v biases, the others do not")
+        for key, value in architecture_fields(self.architecture).items():
+            _check(getattr(self, key) == value, f"{key}={getattr(self, key)} does not fit architecture "
+                                                f"{self.architecture!r}: {_ARCHITECTURE_FIELD_RULES[key]}")
         _check(self.num_heads >= 1 and self.num_kv_heads >= 1,
                f"num_heads and num_kv_heads must be >= 1, got {self.num_heads} and {self.num_kv_heads}")
         _check(self.num_heads % self.num_kv_heads == 0,
@@ -88,7 +85,8 @@ class ModelConfig:
         _check(self.num_latents >= 1, f"num_latents must be >= 1, got {self.num_latents}")
         _check(self.max_segment_len >= 1, f"max_segment_len must be >= 1, got {self.max_segment_len}")
         _check(self.pooling in POOLINGS, f"pooling {self.pooling!r} is not one of {POOLINGS}")
-        _check(self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        _check(self.remat_policy in REMAT_POLICIES,
+               f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
         for key in ("param_dtype", "dtype"):
             _check(getattr(self, key) in DTYPES, f"{key} {getattr(self, key)!r} is not one of {tuple(DTYPES)}")
 
@@ -106,6 +104,18 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# The ModelConfig fields an architecture fixes, and why (the attention weights transformers builds).
+_ARCHITECTURE_FIELD_RULES = {
+    "qkv_bias": "Qwen2ForCausalLM has q/k/v biases, the others do not",
+    "qk_norm": "Qwen3ForCausalLM has q/k norms, the others do not",
+}
+
+
+def architecture_fields(architecture: str) -> dict[str, bool]:
+    """The fields `architecture` fixes (`qkv_bias`, `qk_norm`): derived from it, never chosen."""
+    return {"qkv_bias": architecture == "Qwen2ForCausalLM", "qk_norm": architecture == "Qwen3ForCausalLM"}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -193,8 +203,7 @@ def _from_hf_config(hf: dict[str, Any], source: str, **grc: Any) -> ModelConfig:
         rope_theta=float(rope_theta),
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM",
-        qk_norm=arch == "Qwen3ForCausalLM",
+        **architecture_fields(arch),
         **grc,
     )
 

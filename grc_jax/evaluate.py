@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from grc_jax import rundir
-from grc_jax.errors import USER_ERRORS, one_line
+from grc_jax.errors import report_user_errors
 from grc_jax.eval import data as eval_data
 from grc_jax.eval import report as eval_report
 from grc_jax.eval import tasks
@@ -152,12 +151,8 @@ def _checkpoint_step(args: argparse.Namespace) -> int:
     if args.step is not None:
         return args.step
     if args.checkpoint:
-        return max(_saved_steps(args.checkpoint), default=0)
+        return max(rundir.saved_steps(args.checkpoint), default=0)
     return 0
-
-
-def _saved_steps(run_dir: str) -> list[int]:
-    return rundir.saved_steps(run_dir)
 
 
 def _check_token_flags(source: str, is_run: bool, flags: dict[str, str | None]) -> None:
@@ -196,9 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.step is not None:
         if args.hf:
             raise UsageError("--step picks a checkpoint of a training run: it goes with --checkpoint, not --hf")
-        saved = _saved_steps(args.checkpoint)
-        if args.step not in saved:
-            raise UsageError(f"--step={args.step}: {args.checkpoint} has checkpoints at steps {saved}")
+        rundir.check_step(args.checkpoint, args.step)
     if args.gen_template.count("{question}") != 1:
         raise UsageError("--gen-template must contain {question} exactly once")
     out_dir = Path(args.out)
@@ -284,12 +277,8 @@ def _print_task(task: str, metrics: dict[str, float]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (InputError, UsageError) + USER_ERRORS as e:
-        # the message already names the file and line; a traceback would bury it
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    # the message already names the file and line; a traceback would bury it
+    report = report_user_errors(run, extra=(InputError, UsageError))(args)
     print(f"report: {Path(args.out) / eval_report.REPORT_FILE}", flush=True)
     return report
 

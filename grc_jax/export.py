@@ -7,10 +7,10 @@ custom code and in `Engine.from_pretrained`, with the run's special tokens and c
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from grc_jax import rundir
+from grc_jax.errors import report_user_errors
 
 
 def export_run(workdir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
@@ -30,20 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    try:
-        if not rundir.is_run_dir(args.workdir):
-            raise FileNotFoundError(f"{args.workdir}: not a training run directory (no {rundir.MODEL_CONFIG_FILE})")
-        if args.step is not None and args.step not in rundir.saved_steps(args.workdir):
-            raise ValueError(f"--step={args.step}: {args.workdir} has checkpoints at steps "
-                             f"{rundir.saved_steps(args.workdir)}")
-        out = export_run(args.workdir, args.out, args.step)
-    except (OSError, ValueError) as e:  # the message names the file or flag; a traceback would bury it
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def _export(args: argparse.Namespace) -> Path:
+    if not rundir.is_run_dir(args.workdir):
+        raise FileNotFoundError(f"{args.workdir}: not a training run directory (no {rundir.MODEL_CONFIG_FILE})")
+    rundir.check_step(args.workdir, args.step)
+    out = export_run(args.workdir, args.out, args.step)
     print(f"exported {args.workdir} to {out}", flush=True)
     return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    # a user error's message names the file or flag; a traceback would bury it
+    return report_user_errors(_export, extra=(OSError, ValueError))(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -119,14 +119,28 @@ class _Weights:
         with safe_open(self.files[key], framework="numpy") as f:
             array = f.get_tensor(key)
         if array.dtype.kind in "biu":  # a silent cast of an integer or bool tensor would load garbage
-            raise UserError(f"{self.files[key]}: tensor {key!r} has dtype {array.dtype}; weights must be floating point")
+            raise UserError(f"{self.files[key]}: tensor {key!r} has dtype {array.dtype}; "
+                            "weights must be floating point")
         if tuple(array.shape) != tuple(shape):
-            raise UserError(f"{self.files[key]}: tensor {key!r} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+            raise UserError(f"{self.files[key]}: tensor {key!r} has shape {tuple(array.shape)}, "
+                            f"expected {tuple(shape)}")
         self.used.add(key)
         return array
 
     def unused(self) -> list[str]:
         return sorted(n for n in self.files if n not in self.used and not n.endswith(_IGNORED_SUFFIXES))
+
+
+def read_checkpoint_config(path: str | Path) -> ModelConfig:
+    """The architecture and shapes of a local HF directory or `.gguf` file, read without its
+    weights (its GRC fields, if any, are not read: ModelConfig's defaults stand in)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from grc_jax import gguf
+        return from_hf_config(gguf.hf_config(path), source=str(path))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory")
+    return from_hf_config(read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
 
 
 def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_segment_len: int | None = None,
@@ -247,7 +261,8 @@ def _add_latent_rows(config: ModelConfig, params: model.Params) -> model.Params:
 
 def to_hf_tensors(config: ModelConfig, params: model.Params) -> dict[str, np.ndarray]:
     """Our params as HF-named numpy arrays, in the parameter dtype."""
-    out = {"model.embed_tokens.weight": np.asarray(params["embed"]), "model.norm.weight": np.asarray(params["final_norm"])}
+    out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
+           "model.norm.weight": np.asarray(params["final_norm"])}
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = np.asarray(params["lm_head"]).T
     for ours, (suffix, _, to_hf) in _layer_tensors(config).items():
@@ -298,7 +313,8 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
         if config.embed_dim is not None:
             save_file({"embed_head": np.asarray(params["embed_head"])}, str(tmp / GRC_HEAD_FILE))
         if tokenizer is not None:
-            special_tokens_lib.with_names(tokenizer, tokens).with_latents(config.num_latents, config.vocab_size).save(tmp)
+            named = special_tokens_lib.with_names(tokenizer, tokens)
+            named.with_latents(config.num_latents, config.vocab_size).save(tmp)
             if tokens.chat_template is not None:
                 (tmp / CHAT_TEMPLATE_FILE).write_text(tokens.chat_template, encoding="utf-8")
         for file in tmp.iterdir():  # safetensors writes 0600: a serving job under another user could not read it

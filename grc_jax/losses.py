@@ -43,7 +43,8 @@ def contrastive_loss(embeddings: jax.Array, seg_kind: jax.Array, seg_positive: j
     candidate = (kind == DOCUMENT)[None, :] & ~duplicate
     scores = jnp.where(candidate, scores, -jnp.inf)
     positive_score = jnp.take_along_axis(scores, positive[:, None], axis=1)[:, 0]
-    per_query = jax.nn.logsumexp(jnp.where(is_query[:, None], scores, 0.0), axis=1) - jnp.where(is_query, positive_score, 0.0)
+    per_query = (jax.nn.logsumexp(jnp.where(is_query[:, None], scores, 0.0), axis=1)
+                 - jnp.where(is_query, positive_score, 0.0))
     count = is_query.sum()
     loss = jnp.where(is_query, per_query, 0.0).sum() / jnp.maximum(count, 1)
     hit = (jnp.argmax(scores, axis=1) == positive) & is_query

@@ -20,6 +20,7 @@ from typing import Any
 
 from grc_jax import special_tokens
 from grc_jax.config import ModelConfig, read_json
+from grc_jax.errors import UserError
 from grc_jax.files import atomic_write_bytes
 from grc_jax.special_tokens import SpecialTokens
 from grc_jax.tokenizer import Tokenizer
@@ -103,6 +104,13 @@ def saved_steps(workdir: str | Path) -> list[int]:
     """The finished checkpoints' steps, ascending (Orbax names a step being written otherwise)."""
     directory = Path(workdir) / CHECKPOINTS_DIR
     return sorted(int(p.name) for p in directory.glob("*") if re.fullmatch(r"\d+", p.name))
+
+
+def check_step(workdir: str | Path, step: int | None) -> None:
+    """Raises UserError, naming `--step` and the steps there are, when `step` is given and the run
+    has no finished checkpoint at it (the CLIs check before anything loads)."""
+    if step is not None and step not in (saved := saved_steps(workdir)):
+        raise UserError(f"--step={step}: {workdir} has checkpoints at steps {saved}")
 
 
 def restore_params(workdir: str | Path, config: ModelConfig, step: int | None = None) -> tuple[Any, int]:

@@ -44,10 +44,12 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     if -1 in shape:
         rest = math.prod(s for s in shape if s != -1)
         if num_devices % rest:
-            raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes {dict(zip(MESH_AXES, shape))}")
+            raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes "
+                             f"{dict(zip(MESH_AXES, shape))}")
         shape[shape.index(-1)] = num_devices // rest
     if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh: {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, there are {num_devices}")
+        raise ValueError(f"mesh: {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                         f"there are {num_devices}")
     return tuple(shape)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import re
 import signal
 import time
@@ -91,6 +90,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
     params = None
     if config.model.hf_path:
         m = config.model
+        # The checkpoint fixes the architecture and shapes: a model.* key that disagrees fails
+        # before the weights load.
+        train_config.check_checkpoint_fields(config, hf.read_checkpoint_config(m.hf_path), m.hf_path)
         model_config, params = hf.load_pretrained(
             m.hf_path, m.num_latents, max_segment_len=m.max_segment_len, pooling=m.pooling, embed_dim=m.embed_dim,
             param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
@@ -277,9 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                           donate_argnums=0)
 
         block, blocks = sharding.host_batch_block(batch_sharding, t.global_batch)
-        dataset = pipeline.make_dataset(setup.train_files, literal_special_tokens(setup.tokenizer), setup.build, global_batch=t.global_batch,
-                                        num_steps=t.steps, seed=t.seed, block=block, blocks=blocks,
-                                        skip_malformed=config.data.skip_malformed, mixture=config.data.mixture)
+        dataset = pipeline.make_dataset(setup.train_files, literal_special_tokens(setup.tokenizer), setup.build,
+                                        global_batch=t.global_batch, num_steps=t.steps, seed=t.seed, block=block,
+                                        blocks=blocks, skip_malformed=config.data.skip_malformed,
+                                        mixture=config.data.mixture)
         iterator = pipeline.make_iterator(dataset)
         manager = ocp.CheckpointManager(
             rundir.checkpoints_dir(workdir),

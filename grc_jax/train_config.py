@@ -2,34 +2,59 @@
 
 Config files (`configs/*.py`) start from `defaults()` and change values; since the dict is
 locked, a mistyped key in a file or in a `--config.a.b=` flag fails at once, naming the
-closest valid key.
+closest valid key. The model section's keys and defaults are ModelConfig's (grc_jax/config.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
+import typing
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from grc_jax.config import ModelConfig
+from grc_jax.config import ModelConfig, architecture_fields
 from grc_jax.data.demo_world import MAX_ENTITIES as MAX_DEMO_WORLD_ENTITIES
 from grc_jax.errors import UserError
+
+# The model section is ModelConfig's fields (grc_jax/config.py) with ModelConfig's defaults: one list
+# and one set of defaults. Where the two used to differ, ModelConfig's won (num_latents 16,
+# max_segment_len 512, untied embeddings, a 64-wide model): it is what hf.load_pretrained, Engine and
+# the tests build, and configs/*.py set the values they train with.
+# Not keys: the tokenizer gives vocab_size, and only a checkpoint gives rope_scaling.
+_NOT_KEYED = ("vocab_size", "rope_scaling")
+# What a checkpoint fixes. Unset (None), these are ModelConfig's defaults for a model trained from
+# scratch and the checkpoint's values with model.hf_path; set, they must agree with the checkpoint.
+CHECKPOINT_FIELDS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "rms_norm_eps", "initializer_range", "rope_theta", "tie_word_embeddings")
+# What the architecture fixes (config.architecture_fields): derived from model.architecture or the
+# checkpoint's; a value set here must agree with it.
+ARCHITECTURE_FIELDS = ("qkv_bias", "qk_norm")
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
+
+def _model_section() -> ml_collections.ConfigDict:
+    types = typing.get_type_hints(ModelConfig)
+    section: dict[str, Any] = {"hf_path": config_dict.placeholder(str)}  # a local HF directory or .gguf to start from
+    for field in dataclasses.fields(ModelConfig):
+        if field.name in _NOT_KEYED:
+            continue
+        if field.name in CHECKPOINT_FIELDS + ARCHITECTURE_FIELDS or field.default is None:
+            kind = next(t for t in typing.get_args(types[field.name]) or (types[field.name],) if t is not type(None))
+            section[field.name] = config_dict.placeholder(kind)
+        else:
+            section[field.name] = field.default
+    return ml_collections.ConfigDict(section)
 
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(dict(
-        hf_path=config_dict.placeholder(str),  # start from a local HF checkpoint directory
-        architecture="LlamaForCausalLM", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-        num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, initializer_range=0.02, rope_theta=10000.0, tie_word_embeddings=True,
-        qkv_bias=False, qk_norm=False,
-        num_latents=8, max_segment_len=128, pooling="mean", embed_dim=config_dict.placeholder(int),
-        param_dtype="float32", dtype="float32", scan_layers=True, remat_policy="none",
-    ))
+    c.model = _model_section()
     c.data = ml_collections.ConfigDict(dict(
-        train_files=config_dict.placeholder(str),  # comma-separated JSONL/ArrayRecord files or globs, or seqio:TASK[:SPLIT]; unset: the demo world
+        # comma-separated JSONL/ArrayRecord files or globs, or seqio:TASK[:SPLIT]; unset: the demo world
+        train_files=config_dict.placeholder(str),
         # Instead of train_files, weighted sources "FILES:WEIGHT,FILES:WEIGHT" (FILES a file or glob); the
         # weights are the sources' shares of the records in the batches. ArrayRecord files and mixtures are
         # read lazily, each host only its share (grc_jax/data/streaming.py).
@@ -123,6 +148,8 @@ def check_values(c: ml_collections.ConfigDict) -> None:
             raise UserError(f"config: mesh.{axis}={size} must be >= 1, or -1 for the devices left over")
     for key, (want, ok) in _NUMBERS.items():
         value = _value(c, key)
+        if value is None:  # an unset model field: ModelConfig's default, or the checkpoint's
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
             raise UserError(f"config: {key}={value} must be {want}")
     if c.data.train_files is None and c.data.demo_world_entities > MAX_DEMO_WORLD_ENTITIES:
@@ -132,11 +159,34 @@ def check_values(c: ml_collections.ConfigDict) -> None:
         raise UserError("config: give data.train_files or data.mixture, not both")
 
 
+def set_model_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The model section's ModelConfig fields that have a value (unset ones are None)."""
+    return {k: v for k, v in c.model.items() if k != "hf_path" and v is not None}
+
+
 def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """The ModelConfig a training config describes, for a model trained from scratch."""
-    m = c.model
-    fields = {k: m[k] for k in m if k != "hf_path"}
-    return ModelConfig(vocab_size=vocab_size, **fields)
+    """The ModelConfig a training config describes, for a model trained from scratch: the fields
+    set, ModelConfig's defaults for the others, and what the architecture fixes derived from it."""
+    fields = set_model_fields(c)
+    architecture = fields.get("architecture", _MODEL_DEFAULTS["architecture"])
+    for key, value in architecture_fields(architecture).items():
+        if fields.setdefault(key, value) != value:
+            raise UserError(f"config: model.{key}={fields[key]} does not fit model.architecture={architecture!r}, "
+                            f"which fixes {key}={value}; leave model.{key} unset")
+    try:
+        return ModelConfig(vocab_size=vocab_size, **fields)
+    except UserError as e:  # ModelConfig names its field; say the config's key
+        raise UserError(f"config: model.{e}") from None
+
+
+def check_checkpoint_fields(c: ml_collections.ConfigDict, checkpoint: ModelConfig, source: str) -> None:
+    """Raises UserError naming a model.* key set to other than what the checkpoint at `source` has
+    (its architecture and shapes, and what the architecture fixes)."""
+    fields = set_model_fields(c)
+    for key in CHECKPOINT_FIELDS + ARCHITECTURE_FIELDS:
+        if key in fields and fields[key] != getattr(checkpoint, key):
+            raise UserError(f"config: model.{key}={fields[key]!r}, but the checkpoint {source} has "
+                            f"{key}={getattr(checkpoint, key)!r}; leave model.{key} unset to take the checkpoint's")
 
 
 def find_unknown_override(argv: list[str], flag: str = "config") -> str | None:
@@ -150,14 +200,16 @@ def find_unknown_override(argv: list[str], flag: str = "config") -> str | None:
             if not isinstance(node, ml_collections.ConfigDict) or key not in node:
                 siblings = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 prefix = ".".join(path[:depth])
-                close = [f"{prefix}.{k}" if prefix else k for k in difflib.get_close_matches(key, siblings, n=3, cutoff=0.5)]
+                close = [f"{prefix}.{k}" if prefix else k
+                         for k in difflib.get_close_matches(key, siblings, n=3, cutoff=0.5)]
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys here: {', '.join(siblings)}"
                 return f"unknown key {'.'.join(path)!r} in --{flag}.{'.'.join(path)}{hint}"
             node = node[key]
     return None
 
 
-def check_keys(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None, prefix: str = "") -> None:
+def check_keys(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+               prefix: str = "") -> None:
     """Raises ValueError for a key `defaults()` does not have, naming the closest valid ones."""
     reference = defaults() if reference is None else reference
     for key in c.keys():

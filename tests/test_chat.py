@@ -201,7 +201,8 @@ PROMPT = "where does zorvak live"
 def _transformers_new_tokens(directory: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        out = model.generate(torch.tensor([prompt_ids]),
+                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                              max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, len(prompt_ids):].tolist()
 
@@ -318,7 +319,8 @@ def test_no_chat_template_is_a_clear_error_and_a_given_one_sees_every_special_to
     assert engine.chat_template is None
     with pytest.raises(ValueError, match="no chat template"):
         engine.chat([{"role": "user", "content": "hello"}])
-    template = "{{ unk_token }}|{{ eos_token }}|{{ bos_token is defined }}|{% for m in messages %}{{ m.content }}{% endfor %}"
+    template = ("{{ unk_token }}|{{ eos_token }}|{{ bos_token is defined }}|"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
     given = Engine(engine.config, engine.params, engine.tokenizer, special_tokens=engine.special_tokens,
                    chat_template=template, **ENGINE_OPTIONS)
     hf_tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -45,7 +45,8 @@ def run(tmp_path_factory) -> Path:
     tok_dir.mkdir()
     inner.save(str(tok_dir / "tokenizer.json"))
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None, "chat_template": SMOLLM2_TEMPLATE}))
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+         "chat_template": SMOLLM2_TEMPLATE}))
     config = config_for(world, **{"data.tokenizer": str(tok_dir), "data.bos_token": "<|endoftext|>",
                                   "data.eor_token": "</think>", "train.steps": 2, "checkpoint.every": 2,
                                   "export_dir": str(tmp / "export")})

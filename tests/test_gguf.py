@@ -3,6 +3,7 @@ test writes with gguf's writer (float and quantised tensors), and on SmolLM2-135
 `smollm2` extra is installed; the errors for what is not supported."""
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -10,17 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from gguf import GGMLQuantizationType as Q
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from grc_jax import assets, hf, model
-from grc_jax import gguf as grc_gguf
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+grc_gguf = importlib.import_module("grc_jax.gguf")  # it needs the gguf package, whose absence skips above
+Q = gguf.GGMLQuantizationType
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 4
@@ -71,6 +71,14 @@ def _stored(w: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray]:
         return w.astype(np.float32), w.astype(np.float32)
     data = gguf.quants.quantize(w.astype(np.float32), qtype)
     return data, gguf.quants.dequantize(data, qtype).reshape(w.shape).astype(np.float32)
+
+
+def _finish(w: gguf.GGUFWriter) -> None:
+    """Writes what `w` was given (header, metadata, tensors) and closes the file."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def write_tiny_gguf(path: Path, arch: str, qtype: Q, *, tied: bool = False, pre: str = "smollm",
@@ -139,10 +147,7 @@ def write_tiny_gguf(path: Path, arch: str, qtype: Q, *, tied: bool = False, pre:
     tensor("output_norm.weight", "model.norm.weight", (D,), norm=True)
     if not tied:
         tensor("output.weight", "lm_head.weight", (V, D))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return ref
 
 
@@ -304,10 +309,7 @@ def _bare_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, Q | N
     w = gguf.GGUFWriter(str(path), arch)
     for name, (data, raw) in tensors.items():
         w.add_tensor(name, data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return path
 
 
@@ -332,10 +334,7 @@ def _rewrite(src: Path, out: Path, tensors) -> Path:
     for t in reader.tensors:
         for name, data, raw in tensors(t.name, np.asarray(t.data)):
             w.add_tensor(name, data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return out
 
 
@@ -360,10 +359,7 @@ def test_sentencepiece_tokenizer_is_refused_by_name(tmp_path):
     w.add_tokenizer_model("llama")
     w.add_token_list(["<unk>", "<s>", "</s>"])
     w.add_tensor("token_embd.weight", np.zeros((3, 4), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(ValueError, match=rf"{path}: tokenizer.ggml.model 'llama' is not supported"):
         grc_gguf.load_tokenizer(path)
 

@@ -275,7 +275,8 @@ def test_demo_hf_opens_an_export_whose_k_is_not_4(tmp_path, tiny, capsys):
 def test_a_save_removes_what_killed_saves_left(tmp_path, tiny):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = [tmp_path / f".export.tmp-{dead.pid}-abc", tmp_path / ".export.tmp-x1y2z3", tmp_path / f".export.old-{dead.pid}"]
+    stale = [tmp_path / f".export.tmp-{dead.pid}-abc", tmp_path / ".export.tmp-x1y2z3",
+             tmp_path / f".export.old-{dead.pid}"]
     live = tmp_path / f".export.tmp-{os.getppid()}-abc"  # a save under way in a running process
     for d in stale + [live]:
         d.mkdir()
@@ -327,7 +328,8 @@ def test_bad_config_json_values_name_the_file_and_key(export, change, message):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda g: {k: v for k, v in g.items() if k != "max_segment_len"}, r"grc_config.json: missing key 'max_segment_len'"),
+    (lambda g: {k: v for k, v in g.items() if k != "max_segment_len"},
+     r"grc_config.json: missing key 'max_segment_len'"),
     (lambda g: {**g, "num_latents": "2"}, r"grc_config.json: num_latents has the wrong type: '2'"),
     (lambda g: [g], r"grc_config.json: must hold a JSON object, got list"),
 ])
@@ -364,9 +366,11 @@ def test_evaluate_out_naming_an_existing_file_is_one_line_before_the_model_loads
     out = tmp_path / "report.txt"
     out.write_text("mine")
     with pytest.raises(SystemExit) as exit_:
-        evaluate.main(["--hf", str(tmp_path / "no_model"), "--out", str(out), "--generation", str(tmp_path / "g.jsonl")])
+        evaluate.main(["--hf", str(tmp_path / "no_model"), "--out", str(out),
+                       "--generation", str(tmp_path / "g.jsonl")])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == f"error: --out={out}: a file, not a directory; name a directory for report.json"
+    assert capsys.readouterr().err.strip() == (
+        f"error: --out={out}: a file, not a directory; name a directory for report.json")
     assert out.read_text() == "mine"
 
 

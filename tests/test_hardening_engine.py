@@ -101,7 +101,8 @@ def test_threads_compressing_at_once_each_get_their_own_memories(fresh):
     e = fresh
     texts = [f"{d} ({n})" for n in range(3) for d in DOCS]
     out: dict[int, list[int]] = {}
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, e.compress(texts[i])[0])) for i in range(len(texts))]
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, e.compress(texts[i])[0]))
+               for i in range(len(texts))]
     for t in threads:
         t.start()
     for t in threads:

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_hf import ARCH_CONFIGS, VOCAB, hf_last_hidden, hf_logits, make_hf_model
 
 from grc_jax import hf, layout, model
 from grc_jax.config import ModelConfig
-from tiny_hf import ARCH_CONFIGS, VOCAB, hf_last_hidden, hf_logits, make_hf_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -256,7 +256,8 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 def test_missing_shard_file_is_named(tmp_path):
     config = ModelConfig(vocab_size=VOCAB, num_latents=K)
-    out = hf.save_pretrained(config, model.init_params(config, jax.random.key(0)), tmp_path / "s", max_shard_size=20_000)
+    out = hf.save_pretrained(config, model.init_params(config, jax.random.key(0)), tmp_path / "s",
+                             max_shard_size=20_000)
     shard = sorted(set(json.loads((out / hf.INDEX_FILE).read_text())["weight_map"].values()))[1]
     (out / shard).unlink()
     with pytest.raises(FileNotFoundError, match=rf"{shard}: weights file named in"):

@@ -32,14 +32,17 @@ def test_contrastive_loss_matches_brute_force_with_duplicates_masked():
     seg_doc_id = np.array([[-1, 10, 11, -1], [-1, 10, 12, 13], [14, 11, -1, -1]])  # doc 10 appears twice
     loss, metrics = losses.contrastive_loss(jnp.asarray(emb), jnp.asarray(seg_kind), jnp.asarray(seg_positive),
                                             jnp.asarray(seg_doc_id), 0.1)
-    np.testing.assert_allclose(float(loss), brute_force_infonce(emb, seg_kind, seg_positive, seg_doc_id, 0.1), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), brute_force_infonce(emb, seg_kind, seg_positive, seg_doc_id, 0.1),
+                               rtol=1e-5)
     assert int(metrics["rep_queries"]) == 3
 
 
 def test_contrastive_loss_has_finite_gradients_and_pulls_the_positive_closer():
     rng = np.random.default_rng(1)
     emb = jnp.asarray(rng.normal(size=(2, 3, 8)))
-    kind, positive, doc = jnp.array([[1, 2, 2], [1, 2, 2]]), jnp.array([[1, -1, -1], [2, -1, -1]]), jnp.array([[-1, 1, 2], [-1, 3, 4]])
+    kind = jnp.array([[1, 2, 2], [1, 2, 2]])
+    positive = jnp.array([[1, -1, -1], [2, -1, -1]])
+    doc = jnp.array([[-1, 1, 2], [-1, 3, 4]])
 
     def loss(e):
         e = e / jnp.linalg.norm(e, axis=-1, keepdims=True)

@@ -1,14 +1,13 @@
 """The streaming input path: ArrayRecord read lazily and per host, weighted mixtures, exact resume."""
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import config_file, losses_of, run_cli
+from test_train import config_file, kill_and_resume, losses_of, run_cli
 
 from grc_jax.data import arrayrecord, demo_world, pipeline, streaming
 from grc_jax.data.builder import BuildConfig
@@ -177,18 +176,7 @@ def test_arrayrecord_training_killed_and_resumed_gives_the_same_losses(world_sha
     assert reference.returncode == 0, out[-3000:]
     expected = losses_of(tmp_path / "reference")
     kill_after = 3  # after the step-2 checkpoint: the resumed run redoes steps 3 and 4
-    proc = run_cli(config, tmp_path / "run")
-    for line in proc.stdout:
-        if line.startswith(f"step {kill_after}/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, f"run ended before step {kill_after}"
-    resumed = run_cli(config, tmp_path / "run")
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out[-3000:]
-    after = losses_of(tmp_path / "run")
-    assert 1 < min(after) <= kill_after + 1, f"killed after step {kill_after}, resumed at {min(after)}"
+    after = kill_and_resume(config, tmp_path / "run", kill_after)
     for step, loss in after.items():
         assert loss == pytest.approx(expected[step], rel=1e-6), (kill_after, step)
 

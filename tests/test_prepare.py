@@ -138,7 +138,8 @@ def test_squad_v2_answer_holding_chunks_and_skips(tmp_path):
          "question": "When did the recent large eruption begin?", "answer": "2021"},
         # the answer straddles chunks 2 and 3: a 12-word window around it
         {"positive": "active volcanoes in Europe. Its most recent large eruption began in 2021.",
-         "negatives": [VESUVIUS, KRAKATOA], "question": "What began in 2021?", "answer": "Its most recent large eruption"},
+         "negatives": [VESUVIUS, KRAKATOA], "question": "What began in 2021?",
+         "answer": "Its most recent large eruption"},
         # answer_start 0 is wrong: the answer is found by its text
         {"positive": VESUVIUS, "negatives": [ETNA, KRAKATOA], "question": "Which city did Vesuvius destroy?",
          "answer": "Pompeii"},
@@ -177,7 +178,8 @@ def test_squad_chunks_with_the_models_tokenizer(tmp_path, tokenizer_dir):
         assert any(record["positive"] in c for c in contexts)
         for negative in record.get("negatives", []):
             assert len(tokenizer.encode(negative)) <= P
-    assert [r["answer"] for r in out] == ["Sicily", "2021", "Pompeii", "China"]  # the straddling answer is too long here
+    # the straddling answer is too long here
+    assert [r["answer"] for r in out] == ["Sicily", "2021", "Pompeii", "China"]
     # an answer inside one chunk gets that very chunk
     assert out[0]["positive"] == next(c for c in chunker.chunks(etna) if "Sicily" in c)
 
@@ -240,7 +242,8 @@ def test_nq_dpr_layout(tmp_path):
         # 29 words in chunks of 12: the chunk with the answer
         {"query": "when did the eiffel tower open", "positive": "1889 for the World's Fair.",
          "question": "when did the eiffel tower open", "answer": "1889"},
-        {"query": "who was the first man on the moon", "positive": "Apollo 11\nApollo 11 landed on the Moon in July 1969."},
+        {"query": "who was the first man on the moon",
+         "positive": "Apollo 11\nApollo 11 landed on the Moon in July 1969."},
     ]
     assert skips(report) == {"no positive passage": (1, [f"{DATA}/nq/nq-dev.json:[1]"])}
     assert report["notes"] == {"no answer in the positive passage (record without question/answer)": 1}
@@ -344,10 +347,13 @@ BAD = [
      r"beir/corpus.jsonl:2: missing key 'text'; expected a corpus.jsonl line"),
     ("beir", lambda t: _beir(t, DOC, QUERY, "query-id\tcorpus-id\tscore\nq1\td1\n"),
      r"beir/qrels/train.tsv:2: 2 tab-separated columns; expected a qrels line"),
-    ("beir", lambda t: _beir(t, DOC, QUERY, "q1\td9\t1\n"), r"beir/qrels/train.tsv:1: corpus id 'd9' is not in corpus.jsonl"),
-    ("beir", lambda t: _beir(t, DOC, "[1, 2]\n", "q1\td1\t1\n"), r"beir/queries.jsonl:1: a JSON list, expected a queries"),
+    ("beir", lambda t: _beir(t, DOC, QUERY, "q1\td9\t1\n"),
+     r"beir/qrels/train.tsv:1: corpus id 'd9' is not in corpus.jsonl"),
+    ("beir", lambda t: _beir(t, DOC, "[1, 2]\n", "q1\td1\t1\n"),
+     r"beir/queries.jsonl:1: a JSON list, expected a queries"),
     ("beir", lambda t: _write(t, "beir/corpus.jsonl", DOC).parent, r"beir/queries.jsonl: no such file; expected"),
-    ("msmarco", lambda t: _write(t, "t.tsv", "q\tp\tn\nq\tp\tn\tm\n"), r"t.tsv:2: 4 tab-separated columns; expected query<TAB>positive"),
+    ("msmarco", lambda t: _write(t, "t.tsv", "q\tp\tn\nq\tp\tn\tm\n"),
+     r"t.tsv:2: 4 tab-separated columns; expected query<TAB>positive"),
     ("msmarco", lambda t: _write(t, "t.jsonl", '{"query": "q", "pos": "p"}\n'),
      r"t.jsonl:1: no text column 'positive' \(columns: query, pos\); expected a 'query'"),
     ("msmarco", lambda t: _write(t, "t.jsonl", '{"query": "q", "positive": "p", "negative": 3}\n'),
@@ -367,11 +373,12 @@ BAD = [
     ("hotpotqa", lambda t: _write(t, "h.json", '[{"question": "q", "answer": "a", "supporting_facts": [["U", 0]], '
                                                '"context": [["T", ["s"]]]}]'),
      r"h.json:\[0\].supporting_facts\[0\]: title 'U' is not in the example's context"),
-    ("nq", lambda t: _write(t, "n.json", '[{"answers": ["a"], "positive_ctxs": []}]'), r"n.json:\[0\]: missing key 'question'"),
+    ("nq", lambda t: _write(t, "n.json", '[{"answers": ["a"], "positive_ctxs": []}]'),
+     r"n.json:\[0\]: missing key 'question'"),
     ("nq", lambda t: _write(t, "n.json", '[{"question": "q", "answers": ["a"], "positive_ctxs": [{"title": "t"}]}]'),
      r"n.json:\[0\].positive_ctxs\[0\]: missing key 'text'"),
-    ("text", lambda t: _write(t, "x.jsonl", '{"body": "b"}\n'), r"x.jsonl:1: missing key 'text'; expected a JSON object "
-                                                                r"with a text field 'text' \(choose it with --text-field\)"),
+    ("text", lambda t: _write(t, "x.jsonl", '{"body": "b"}\n'),
+     r"x.jsonl:1: missing key 'text'; expected a JSON object with a text field 'text' \(choose it with --text-field\)"),
     ("records", lambda t: _write(t, "r.jsonl", '{"text": "ok"}\n{"query": "q", "positive": 3}\n'),
      r"r.jsonl:2: field 'positive' must be a string, got number; expected a GRC record"),
 ]
@@ -402,4 +409,5 @@ def test_bad_format_from_the_cli_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "grc_jax.data.prepare", "msmarco", f"--input={bad}",
                            f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr == f"prepare: error: {bad}:1: 1 tab-separated columns; expected query<TAB>positive[<TAB>negative]\n"
+    assert proc.stderr == (f"prepare: error: {bad}:1: 1 tab-separated columns; "
+                           "expected query<TAB>positive[<TAB>negative]\n")

@@ -20,7 +20,8 @@ from grc_jax.data import demo_world
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = {
     "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
-    "model.num_kv_heads": 2, "model.head_dim": 8, "model.num_latents": 4, "model.max_segment_len": 96,
+    "model.num_kv_heads": 2, "model.head_dim": 8, "model.tie_word_embeddings": True, "model.num_latents": 4,
+    "model.max_segment_len": 96,
     "data.row_len": 384, "data.max_segments_per_row": 8, "data.max_negatives": 2, "data.reader_distractors": 2,
     "train.steps": 8, "train.global_batch": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 2,
     "checkpoint.every": 2, "log_every": 1,
@@ -60,12 +61,31 @@ def run_cli(config: Path, workdir: Path, *extra: str, env_devices: int = 1, extr
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices}", "PYTHONUNBUFFERED": "1",
            **(extra_env or {})}
     cmd = [sys.executable, "-m", "grc_jax.train", f"--config={config}", f"--workdir={workdir}", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
 
 
 def losses_of(workdir: Path) -> dict[int, float]:
     history = json.loads((workdir / "result.json").read_text())["history"]
     return {h["step"]: h["loss"] for h in history}
+
+
+def kill_and_resume(config: Path, workdir: Path, kill_after: int) -> dict[int, float]:
+    """Runs `config` on `workdir`, SIGKILLs it once step `kill_after` is logged, reruns it to the
+    end, and returns the losses the rerun logged (it resumes from the last checkpoint)."""
+    proc = run_cli(config, workdir)
+    for line in proc.stdout:
+        if line.startswith(f"step {kill_after}/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, f"run ended before step {kill_after}"
+    resumed = run_cli(config, workdir)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    after = losses_of(workdir)
+    assert 1 < min(after) <= kill_after + 1, f"killed after step {kill_after}, resumed at {min(after)}"
+    return after
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +124,14 @@ def test_weight_decay_spares_norms_and_biases_of_stacked_layers():
     tx, _ = train.make_optimizer(t)
     ones = lambda *shape: np.ones(shape, np.float32)
     params = {"embed": ones(6, 4), "final_norm": ones(4),
-              "layers": {"input_norm": ones(2, 4), "q_norm": ones(2, 2), "q_bias": ones(2, 2, 2), "q_proj": ones(2, 4, 2, 2)}}
+              "layers": {"input_norm": ones(2, 4), "q_norm": ones(2, 2), "q_bias": ones(2, 2, 2),
+                         "q_proj": ones(2, 4, 2, 2)}}
     state = tx.init(params)
     for _ in range(3):  # the first step's learning rate is 0 (warmup)
         updates, state = tx.update(jax.tree.map(np.zeros_like, params), state, params)
         params = optax.apply_updates(params, updates)
-    decayed = {"/".join(str(k.key) for k in path): bool(np.all(p < 1)) for path, p in jax.tree_util.tree_leaves_with_path(params)}
+    decayed = {"/".join(str(k.key) for k in path): bool(np.all(p < 1))
+               for path, p in jax.tree_util.tree_leaves_with_path(params)}
     assert decayed == {"embed": True, "final_norm": False, "layers/input_norm": False, "layers/q_norm": False,
                        "layers/q_bias": False, "layers/q_proj": True}
 
@@ -122,7 +144,8 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(world, tmp_path):
     from grc_jax.data import pipeline
 
     setup, _ = train.prepare(config_for(world), tmp_path)
-    batch = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=8, num_steps=1, seed=0)[0]
+    batch = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=8, num_steps=1,
+                                  seed=0)[0]
     params = model.init_params(setup.model_config, jax.random.key(0))
     sgd = optax.sgd(1.0)  # new params = params - gradient
 
@@ -149,26 +172,15 @@ def test_eight_device_mesh_matches_one_device(world, tmp_path, reference):
     result = train.train_and_evaluate(config, tmp_path)
     eight = {h["step"]: h["loss"] for h in result["history"]}
     # Different reduction orders across 8 shards: float32 rounding, growing slowly with the steps.
-    np.testing.assert_allclose([eight[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)], rtol=2e-4)
+    np.testing.assert_allclose([eight[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)],
+                               rtol=2e-4)
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_sigkill_at_a_random_step_then_resume_gives_the_same_losses(world, tmp_path, reference):
     kill_after = random.randint(3, 6)
-    config = config_file(tmp_path, world)
-    proc = run_cli(config, tmp_path / "run")
-    for line in proc.stdout:
-        if line.startswith(f"step {kill_after}/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, f"run ended before step {kill_after}"
-    resumed = run_cli(config, tmp_path / "run")
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out[-3000:]
-    after = losses_of(tmp_path / "run")
-    assert 1 < min(after) <= kill_after + 1, f"killed after step {kill_after}, resumed at {min(after)}"
+    after = kill_and_resume(config_file(tmp_path, world), tmp_path / "run", kill_after)
     for step, loss in after.items():
         assert loss == pytest.approx(reference[step], rel=1e-6), (kill_after, step)
 
@@ -304,6 +316,68 @@ def test_every_config_file_gives_a_valid_model(path):
         assert train_config.model_config(c, vocab_size=1000).num_latents == c.model.num_latents
 
 
+def test_the_model_section_is_model_configs_fields_and_defaults():
+    """One list of fields and one set of defaults: the training config's model section is
+    ModelConfig's, less what the tokenizer (vocab_size), a checkpoint (rope_scaling) and the
+    architecture (qk_norm, qkv_bias) give."""
+    import dataclasses
+
+    from grc_jax.config import ModelConfig
+
+    c = train_config.defaults()
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(c.model.keys()) == fields - {"vocab_size", "rope_scaling"} | {"hf_path"}
+    assert train_config.model_config(c, vocab_size=100) == ModelConfig(vocab_size=100)
+
+
+@pytest.mark.parametrize("architecture, qk_norm, qkv_bias", [
+    ("LlamaForCausalLM", False, False), ("Qwen2ForCausalLM", False, True), ("Qwen3ForCausalLM", True, False)])
+def test_the_architecture_fixes_qk_norm_and_qkv_bias(architecture, qk_norm, qkv_bias):
+    c = train_config.defaults()
+    c.model.architecture = architecture
+    built = train_config.model_config(c, vocab_size=100)
+    assert (built.qk_norm, built.qkv_bias) == (qk_norm, qkv_bias)
+    c.model.qk_norm = qk_norm  # agreeing with the architecture is allowed
+    assert train_config.model_config(c, vocab_size=100) == built
+    c.model.qk_norm = not qk_norm
+    with pytest.raises(ValueError, match=rf"^config: model.qk_norm={not qk_norm} does not fit "
+                                         rf"model.architecture='{architecture}', which fixes qk_norm={qk_norm}"):
+        train_config.model_config(c, vocab_size=100)
+
+
+def test_model_errors_name_the_config_key():
+    c = train_config.defaults()
+    c.model.num_heads, c.model.num_kv_heads = 6, 4
+    with pytest.raises(ValueError, match=r"^config: model.num_heads=6 is not a multiple of num_kv_heads=4"):
+        train_config.model_config(c, vocab_size=100)
+
+
+def test_a_checkpoint_fixes_the_architecture_shapes_and_what_the_architecture_fixes(world, tmp_path):
+    """With model.hf_path, the model section's unset keys take the checkpoint's values (qkv_bias
+    from its Qwen2 architecture); a key set to something else fails before the weights load."""
+    from grc_jax import hf, model
+    from grc_jax.config import ModelConfig
+    from grc_jax.tokenizer import Tokenizer
+
+    vocab = len(Tokenizer.from_dir(world))
+    saved = ModelConfig(architecture="Qwen2ForCausalLM", qkv_bias=True, vocab_size=vocab, hidden_size=32,
+                        intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_latents=4,
+                        max_segment_len=96, rms_norm_eps=1e-5)
+    ckpt = hf.save_pretrained(saved, model.init_params(saved, jax.random.key(0)), tmp_path / "ckpt")
+    unset = {f"model.{key}": None for key in train_config.CHECKPOINT_FIELDS}  # num_latents 4, P 96 as saved
+    unset.update({"data.bos_token": "<s>", "data.eos_token": "</s>", "data.pad_token": "<pad>",
+                  "data.eor_token": "<|end_of_reasoning|>"})  # the demo world's; the checkpoint names none
+    setup, params = train.prepare(config_for(world, **unset, **{"model.hf_path": str(ckpt)}), tmp_path / "run")
+    assert setup.model_config == saved and params is not None
+    for key, value in (("model.qkv_bias", False), ("model.hidden_size", 48), ("model.rms_norm_eps", 1e-6),
+                       ("model.architecture", "Qwen3ForCausalLM")):
+        name = key.split(".")[1]
+        config = config_for(world, **{**unset, "model.hf_path": str(ckpt), key: value})
+        with pytest.raises(ValueError, match=rf"^config: model.{name}={value!r}, but the checkpoint {ckpt} has "
+                                             rf"{name}={getattr(saved, name)!r}; leave model.{name} unset"):
+            train.prepare(config, tmp_path / "run")
+
+
 def test_malformed_data_line_names_file_and_line(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = (world / "train.jsonl").read_text().splitlines()[:5]
@@ -325,8 +399,9 @@ def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_pat
     """`python -m grc_jax.train --config=configs/tiny.py`, shortened by overrides. 4 held-out people
     (the fewest a world may have): fewer other documents than the evaluation's 4 distractors."""
     proc = run_cli(REPO / "configs" / "tiny.py", tmp_path / "run", "--config.train.steps=2",
-                   "--config.data.demo_world_entities=40", "--config.data.demo_world_heldout=4", "--config.eval_max_queries=4",
-                   "--config.reasoning_max_tokens=4", "--config.log_every=1", "--config.eval_every=1")
+                   "--config.data.demo_world_entities=40", "--config.data.demo_world_heldout=4",
+                   "--config.eval_max_queries=4", "--config.reasoning_max_tokens=4", "--config.log_every=1",
+                   "--config.eval_every=1")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "step 2/2 | loss" in out

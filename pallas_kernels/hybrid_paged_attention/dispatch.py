@@ -78,7 +78,8 @@ def check_shapes(q, k_pages, v_pages, cu_q_lens, mem_page_table, mem_page_lens, 
             raise ValueError(f"hybrid_paged_attention: {message}")
 
     need(q.ndim == 3, f"q must be [num_tokens, num_q_heads, head_dim], got shape {list(q.shape)}")
-    need(k_pages.ndim == 4, f"k_pages must be [num_pages, page_size, num_kv_heads, head_dim], got {list(k_pages.shape)}")
+    need(k_pages.ndim == 4,
+         f"k_pages must be [num_pages, page_size, num_kv_heads, head_dim], got {list(k_pages.shape)}")
     need(v_pages.shape == k_pages.shape, f"v_pages has shape {list(v_pages.shape)}, k_pages {list(k_pages.shape)}")
     need(q.shape[2] == k_pages.shape[3], f"q's head_dim {q.shape[2]} differs from k_pages' {k_pages.shape[3]}")
     need(q.shape[1] % k_pages.shape[2] == 0,

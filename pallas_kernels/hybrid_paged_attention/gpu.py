@@ -20,6 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from .reference import block_seq_ranges, safe_page_bias, safe_page_tables
 
+
 def _precision(dtype) -> lax.Precision | None:
     # f32 dots in IEEE f32, not TF32; bf16 products are exact in the f32 accumulator anyway.
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None

@@ -30,7 +30,8 @@ _QRELS = "a qrels line 'query-id<TAB>corpus-id<TAB>score' with an integer score"
 
 def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
     if not path.is_dir():
-        raise FormatError(str(path), "not a directory; expected a BEIR directory with corpus.jsonl, queries.jsonl, qrels/")
+        raise FormatError(str(path), "not a directory; expected a BEIR directory with corpus.jsonl, queries.jsonl, "
+                                     "qrels/")
     corpus = {_id(obj, where, _CORPUS): titled(_text(obj, "title", where, _CORPUS, optional=True),
                                                _text(obj, "text", where, _CORPUS))
               for where, obj in read_jsonl(path / "corpus.jsonl", _CORPUS)}
@@ -67,8 +68,8 @@ def _split_file(path: Path, split: str | None) -> Path:
             split = "train"
         else:
             split = available[0]
-    return require_file(qrels / f"{split}.tsv", f"the qrels of split {split!r} (have: {', '.join(available) or 'none'}; "
-                                                f"choose one with --split)")
+    return require_file(qrels / f"{split}.tsv", f"the qrels of split {split!r} "
+                                                f"(have: {', '.join(available) or 'none'}; choose one with --split)")
 
 
 def _qrels(path: Path) -> Iterator[tuple[str, str, str, int]]:

@@ -70,7 +70,8 @@ def read_json(path: Path, what: str) -> Any:
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise FormatError(f"{path}:{e.lineno}", f"invalid JSON ({e.msg} at column {e.colno}); expected {what}") from None
+        raise FormatError(f"{path}:{e.lineno}",
+                          f"invalid JSON ({e.msg} at column {e.colno}); expected {what}") from None
     except UnicodeDecodeError as e:
         raise FormatError(str(path), f"not UTF-8 ({e.reason} at byte {e.start}); expected {what}") from None
 

@@ -29,10 +29,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from grc_jax import layout, model  # noqa: E402
+from grc_jax import layout  # noqa: E402
 from grc_jax.eval.world import answer_exact_match, document_tokens, reader_tokens  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
 
+from attention_probs import attention_probabilities  # noqa: E402  (this folder)
 from memory_probe import read_jsonl  # noqa: E402  (this folder)
 
 
@@ -78,7 +79,7 @@ def _draw_memories(r: dict, count: int, look_alikes: bool, corpus: list[str], rn
     return texts
 
 
-_attention_probs = jax.jit(model.attention_probabilities, static_argnums=0)
+_attention_probs = jax.jit(attention_probabilities, static_argnums=0)
 
 
 def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alikes: bool = True) -> np.ndarray:

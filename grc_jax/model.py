@@ -170,8 +170,8 @@ def run_layers(config: ModelConfig, layers: Any, x: jax.Array, cos: jax.Array, s
 
     layers: the stacked layer parameters (leading `layers` axis), run in a `lax.scan`, unrolled
     when `config.scan_layers` is false; or a tuple of per-layer trees (`unstack_layers`), run as a
-    Python loop over separate arrays. remat: rematerialise each layer in the backward pass by
-    `config.remat_policy` (training's memory saving; a no-op policy "none" leaves it off).
+    Python loop over separate arrays. remat: rematerialise each layer in the backward pass as
+    `config.remat_policy` says ("none": not at all); `forward` asks for it, decode does not.
     """
     def layer(state: tuple[jax.Array, Any], xs: tuple[Params, Any]) -> tuple[tuple[jax.Array, Any], Any]:
         x, carry = state

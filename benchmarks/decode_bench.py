@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grc_jax import hf  # noqa: E402
-from grc_jax.inference.decode import Decoder  # noqa: E402
+from grc_jax.inference.decoder import Decoder  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PROMPT_LEN = 16
@@ -460,8 +460,8 @@ def main() -> None:
         lines.append("- What made 100M fast enough (`python benchmarks/layer_loop_bench.py`): XLA:CPU copies a "
                      "layer's weights out of the stacked [layers, ...] arrays on every step of a `lax.scan` over "
                      "them, so a batch-1 step moved the 400 MB of weights twice. On the CPU the Decoder keeps the "
-                     "layer weights as per-layer arrays and unrolls the layer loop (`decode.unstack_layers`), at "
-                     "the cost of a second copy of the layer weights.")
+                     "layer weights as per-layer arrays and unrolls the layer loop (`model.unstack_layers`, "
+                     "`inference/strategy.py`), at the cost of a second copy of the layer weights.")
     write_section("Decode throughput vs transformers (decode_bench.py)", "\n".join(lines))
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grc_jax import model  # noqa: E402
 from grc_jax.config import ModelConfig  # noqa: E402
-from grc_jax.inference.decode import Decoder, unstack_layers  # noqa: E402
+from grc_jax.inference.decoder import Decoder  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
                      num_kv_heads=4, head_dim=64, tie_word_embeddings=True, num_latents=16)
@@ -71,7 +71,7 @@ def bare_loop(mode: str):
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no stray arguments
     params = jax.block_until_ready(model.init_params(CONFIG, jax.random.key(0)))
-    per_layer = unstack_layers(params)["layers"]
+    per_layer = model.unstack_layers(params)["layers"]
     print(f"jax {jax.__version__} ({jax.default_backend()}), ~100M shape, batch 1, ms per step:")
     for mode in ("scan", "static slices", "per-layer arrays"):
         layers = per_layer if mode == "per-layer arrays" else params["layers"]

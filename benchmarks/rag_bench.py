@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grc_jax import hf, layout, model  # noqa: E402
 from grc_jax.config import ModelConfig  # noqa: E402
 from grc_jax.inference import MemoryBank  # noqa: E402
-from grc_jax.inference.decode import Decoder  # noqa: E402
+from grc_jax.inference.decoder import Decoder  # noqa: E402
 from grc_jax.inference.engine import segment_pass  # noqa: E402
 
 from decode_bench import machine, write_section  # noqa: E402

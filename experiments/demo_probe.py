@@ -29,11 +29,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from grc_jax import layout, model  # noqa: E402
+from grc_jax import layout  # noqa: E402
 from grc_jax.eval.data import load_jsonl  # noqa: E402
 from grc_jax.eval.distractors import with_distractors  # noqa: E402
 from grc_jax.eval.world import answer_exact_match, document_tokens, reader_tokens  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
+
+from attention_probs import attention_probabilities  # noqa: E402  (this folder)
 
 
 def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4),
@@ -71,7 +73,7 @@ def _draw_memories(r: dict, count: int, look_alikes: bool, corpus: list[str], rn
     return with_distractors(r["positive"], r.get("negatives", []), corpus, count, rng, look_alikes)
 
 
-_attention_probs = jax.jit(model.attention_probabilities, static_argnums=0)
+_attention_probs = jax.jit(attention_probabilities, static_argnums=0)
 
 
 def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alikes: bool = True) -> np.ndarray:

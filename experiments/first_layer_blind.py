@@ -8,8 +8,8 @@ every layer. In the first layer those latents' K/V are the same for every memory
 token ids at the same positions P..P+K-1), so they carry nothing about their memory; a reader
 there only sees M copies of one set of K keys, a sink whose weight grows with the number of
 memories M and dilutes the reader's own tokens, which it must gather the asked name from. This
-wrapper replaces `grc_jax.model.forward` (for GRC rows without `kv_index`) by a layer loop whose
-first layer masks READER -> LATENT, to measure what that sink costs. Engine paths (retrieval,
+wrapper replaces `grc_jax.model.forward` (for GRC rows without `kv_index`) by the model's layer loop
+with an attention whose first layer masks READER -> LATENT, to measure what that sink costs. Engine paths (retrieval,
 decoding) keep the usual model, which they may: a lone segment or a reader without memories
 computes the same either way.
 """
@@ -19,7 +19,6 @@ import runpy
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,12 +32,13 @@ def forward(config, params, tokens, meta=None, **kwargs) -> model.ForwardOutput:
         return _forward(config, params, tokens, meta, **kwargs)
     mask = layout.attention_mask(meta)
     reader_to_latent = (meta.kind == layout.READER)[:, :, None] & (meta.kind == layout.LATENT)[:, None, :]
+
+    def first_layer_blind(layer, q, k, v, carry):
+        return model.attend(q, k, v, jnp.where(layer == 0, mask & ~reader_to_latent, mask)), carry, None
+
     cos, sin = model.rope_cos_sin(config, layout.positions(meta, config.max_segment_len, config.num_latents))
-    x = jnp.take(params["embed"], tokens, axis=0).astype(model.DTYPES[config.dtype])
-    for i in range(config.num_layers):
-        p = jax.tree.map(lambda a: a[i], params["layers"])
-        q, k, v = model.attention_inputs(config, p, x, cos, sin)
-        x = model.layer_output(config, p, x, model.attend(q, k, v, mask & ~reader_to_latent if i == 0 else mask))
+    x = model.embed_tokens(config, params, jnp.asarray(tokens))
+    x = model.run_layers(config, params["layers"], x, cos, sin, first_layer_blind, remat=True)[0]
     hidden = model.rms_norm(x, params["final_norm"], config.rms_norm_eps)
     logits = model.lm_logits(config, params, hidden) if kwargs.get("compute_logits", True) else None
     return model.ForwardOutput(logits, hidden, None, None)

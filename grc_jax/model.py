@@ -1,14 +1,16 @@
 """The Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3) with GRC's meta latent tokens.
 
-Linen `init`/`apply` underneath, but the public surface is functional: `init_params` returns a
-plain pytree and `forward(config, params, tokens, meta)` runs it. Layer parameters are always
-stacked on a leading `layers` axis; `scan_layers=False` unrolls the same scan instead of
-looping, so one parameter layout serves both.
+The public surface is functional: `init_params` returns a plain pytree (declared by a Linen
+module, which gives each parameter its initializer and logical axes) and `forward(config,
+params, tokens, meta)` runs it. Layer parameters are always stacked on a leading `layers` axis.
+`run_layers` is the one loop over the layers, with the attention passed in as a function: a
+dense mask in `forward` (training), the paged pool in `grc_jax.inference.loop`, recorded
+probabilities in experiments/.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -96,7 +98,8 @@ def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], t
         "down_proj": (("mlp", "embed"), (F, D), normal),
     }
     if c.qkv_bias:
-        specs.update(q_bias=(("q_heads", "head_dim"), (H, Dh), zeros), k_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros),
+        specs.update(q_bias=(("q_heads", "head_dim"), (H, Dh), zeros),
+                     k_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros),
                      v_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros))
     if c.qk_norm:
         specs.update(q_norm=(("norm",), (Dh,), ones), k_norm=(("norm",), (Dh,), ones))
@@ -114,8 +117,10 @@ def attention_inputs(config: ModelConfig, p: Params, x: jax.Array, cos: jax.Arra
     if c.qk_norm:
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
-    q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_q_heads", "head_dim"))
-    k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+    q = nn.with_logical_constraint(apply_rope(q, cos, sin),
+                                   ("activation_batch", "activation_length", "activation_q_heads", "head_dim"))
+    k = nn.with_logical_constraint(apply_rope(k, cos, sin),
+                                   ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
     return q, k, v
 
 
@@ -128,32 +133,10 @@ def layer_output(config: ModelConfig, p: Params, x: jax.Array, attention: jax.Ar
     h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
     gate = dense(h, p["gate_proj"], dtype)
     up = dense(h, p["up_proj"], dtype)
-    act = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    act = nn.with_logical_constraint(jax.nn.silu(gate) * up,
+                                     ("activation_batch", "activation_length", "activation_mlp"))
     x = x + dense(act, p["down_proj"], dtype)
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-
-
-def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init: Any = None):
-    init = init or nn.initializers.normal(module.config.initializer_range)
-    dtype = DTYPES[module.config.param_dtype]
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-class Block(nn.Module):
-    """One decoder layer. Returns the K/V at `kv_index` as the scan's per-layer output."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x, cos, sin, mask, kv_index, bias=None):
-        c = self.config
-        p = {name: _param(self, name, axes, shape, init) for name, (axes, shape, init) in layer_param_specs(c).items()}
-        q, k, v = attention_inputs(c, p, x, cos, sin)
-        x = layer_output(c, p, x, attend(q, k, v, mask, bias))
-        if kv_index is None:
-            return x, None
-        take = jax.vmap(lambda a, i: a[i])
-        return x, (take(k, kv_index), take(v, kv_index))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -173,6 +156,66 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
+# attention(layer, q, k, v, carry) -> (output [b,t,h,d], carry, this layer's result). `layer` is
+# the layer's index (traced in a scan); `carry` is whatever the caller threads through the layers
+# (the paged K/V pool in decode); the results of all layers come back stacked on a leading axis.
+Attention = Callable[[Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any, Any]]
+
+
+def run_layers(config: ModelConfig, layers: Any, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               attention: Attention, carry: Any = None, *, remat: bool = False) -> tuple[jax.Array, Any, Any]:
+    """The decoder layers over x [b,t,D]: the one layer loop of training, decode and inspection,
+    which differ only in `attention`. Returns (x after the last layer, the final carry, the
+    layers' results stacked).
+
+    layers: the stacked layer parameters (leading `layers` axis), run in a `lax.scan`, unrolled
+    when `config.scan_layers` is false; or a tuple of per-layer trees (`unstack_layers`), run as a
+    Python loop over separate arrays. remat: rematerialise each layer in the backward pass as
+    `config.remat_policy` says ("none": not at all); `forward` asks for it, decode does not.
+    """
+    def layer(state: tuple[jax.Array, Any], xs: tuple[Params, Any]) -> tuple[tuple[jax.Array, Any], Any]:
+        x, carry = state
+        p, index = xs
+        q, k, v = attention_inputs(config, p, x, cos, sin)
+        out, carry, result = attention(index, q, k, v, carry)
+        return (layer_output(config, p, x, out), carry), result
+
+    if remat and config.remat_policy != "none":
+        # prevent_cse only outside a scan, which already keeps XLA from merging the recomputation.
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+    if isinstance(layers, tuple):
+        results = []
+        for index, p in enumerate(layers):
+            (x, carry), result = layer((x, carry), (p, index))
+            results.append(result)
+        return x, carry, jax.tree.map(lambda *a: jnp.stack(a), *results)
+    count = jax.tree.leaves(layers)[0].shape[0]
+    (x, carry), results = jax.lax.scan(layer, (x, carry), (layers, jnp.arange(count, dtype=jnp.int32)),
+                                       unroll=1 if config.scan_layers else count)
+    return x, carry, results
+
+
+def masked_attention(mask: jax.Array, bias: jax.Array | None = None,
+                     kv_index: jax.Array | None = None) -> Attention:
+    """Training's attention: `attend` under a dense mask [b,t,s]; each layer's result is its
+    rotated K/V at the row positions kv_index [b, n] (None: no result)."""
+    take = jax.vmap(lambda a, i: a[i])
+
+    def attention(layer: Any, q: jax.Array, k: jax.Array, v: jax.Array, carry: Any) -> tuple[jax.Array, Any, Any]:
+        kv = None if kv_index is None else (take(k, kv_index), take(v, kv_index))
+        return attend(q, k, v, mask, bias), carry, kv
+
+    return attention
+
+
+def unstack_layers(params: Params) -> Params:
+    """The parameters with `layers` as a tuple of per-layer trees, which `run_layers` runs as an
+    unrolled Python loop over separate arrays (the decode loop's choice on the CPU,
+    `grc_jax.inference.strategy`)."""
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count))}
+
 
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """float32 next-token logits over the whole vocabulary (meta latent rows included)."""
@@ -182,45 +225,51 @@ def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Arr
     return jnp.matmul(hidden, head.astype(DTYPES[config.dtype]), preferred_element_type=jnp.float32)
 
 
-class Transformer(nn.Module):
+def embed_tokens(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """The input embeddings [b, t, D] in the compute dtype."""
+    x = jnp.take(params["embed"], tokens, axis=0).astype(DTYPES[config.dtype])
+    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+
+def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init: Any = None):
+    init = init or nn.initializers.normal(module.config.initializer_range)
+    dtype = DTYPES[module.config.param_dtype]
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class _LayerParams(nn.Module):
+    """One decoder layer's parameters; `_Params` stacks them with `nn.scan` over the layers."""
+
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, pos, mask, kv_index=None, compute_logits=True, bias=None):
+    def __call__(self, carry: None) -> tuple[None, None]:
+        for name, (axes, shape, init) in layer_param_specs(self.config).items():
+            _param(self, name, axes, shape, init)
+        return carry, None
+
+
+class _Params(nn.Module):
+    """Declares every parameter: its place in the tree, shape, initializer and logical axes.
+
+    Only `init` runs it (`init_params`, `param_shapes`, `param_logical_axes`); `forward` computes
+    with the plain tree. The layers are declared through `nn.scan`, which stacks them on a
+    leading axis named "layers" and gives each layer its own initializer key."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self) -> None:
         c = self.config
-        dtype = DTYPES[c.dtype]
-        embed = _param(self, "embed", ("vocab", "embed"), (c.total_vocab_size, c.hidden_size))
-        x = jnp.take(embed, tokens, axis=0).astype(dtype)
-        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-
-        cos, sin = rope_cos_sin(c, pos)
-
-        block = Block
-        if c.remat_policy != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers)
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 5,
-            length=c.num_layers,
-            unroll=1 if c.scan_layers else c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, kv = layers(c, name="layers")(x, cos, sin, mask, kv_index, bias)
-        hidden = rms_norm(x, _param(self, "final_norm", ("norm",), (c.hidden_size,), nn.initializers.ones), c.rms_norm_eps)
-
-        logits = None
-        if compute_logits:
-            head = {"embed": embed}
-            if not c.tie_word_embeddings:
-                head["lm_head"] = _param(self, "lm_head", ("embed", "vocab"), (c.hidden_size, c.total_vocab_size))
-            logits = nn.with_logical_constraint(lm_logits(c, head, hidden),
-                                                ("activation_batch", "activation_length", "activation_vocab"))
+        _param(self, "embed", ("vocab", "embed"), (c.total_vocab_size, c.hidden_size))
+        layers = nn.scan(_LayerParams, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        layers(c, name="layers")(None)
+        _param(self, "final_norm", ("norm",), (c.hidden_size,), nn.initializers.ones)
+        if not c.tie_word_embeddings:
+            _param(self, "lm_head", ("embed", "vocab"), (c.hidden_size, c.total_vocab_size))
         if c.embed_dim is not None:
             _param(self, "embed_head", ("embed", "embed_out"), (c.hidden_size, c.embed_dim))
-        keys, values = kv if kv is not None else (None, None)
-        return ForwardOutput(logits, hidden, keys, values)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
@@ -229,9 +278,7 @@ def init_params(config: ModelConfig, rng: jax.Array) -> Params:
     The mean initialisation of `init_latent_rows` is for latents added to a trained model: over
     random embeddings the mean is a near-zero vector, and K identical latents learn to differ
     only slowly (on the demo world, answering from memory stayed at chance for 600 steps)."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    mask = jnp.ones((1, 1, 1), bool)
-    return nn.unbox(Transformer(config).init(rng, tokens, tokens, mask)["params"])
+    return nn.unbox(_Params(config).init(rng)["params"])
 
 
 def init_latent_rows(config: ModelConfig, params: Params) -> Params:
@@ -247,9 +294,7 @@ def init_latent_rows(config: ModelConfig, params: Params) -> Params:
 
 
 def _boxed_shapes(config: ModelConfig) -> Any:
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    mask = jnp.ones((1, 1, 1), bool)
-    return jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), tokens, tokens, mask))["params"]
+    return jax.eval_shape(lambda: _Params(config).init(jax.random.key(0)))["params"]
 
 
 def param_shapes(config: ModelConfig) -> Any:
@@ -297,7 +342,16 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenM
             raise ValueError(f"memory_bias must be [batch, length]={list(tokens.shape)} with meta, got "
                              f"{list(jnp.shape(memory_bias))}{' without meta' if meta is None else ''}")
         bias = reader_latent_bias(meta, memory_bias)
-    return Transformer(config).apply({"params": params}, tokens, pos, mask, kv_index, compute_logits, bias)
+    x = embed_tokens(config, params, tokens)
+    cos, sin = rope_cos_sin(config, pos)
+    x, _, kv = run_layers(config, params["layers"], x, cos, sin, masked_attention(mask, bias, kv_index), remat=True)
+    hidden = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    logits = None
+    if compute_logits:
+        logits = nn.with_logical_constraint(lm_logits(config, params, hidden),
+                                            ("activation_batch", "activation_length", "activation_vocab"))
+    keys, values = kv if kv is not None else (None, None)
+    return ForwardOutput(logits, hidden, keys, values)
 
 
 def reader_latent_bias(meta: TokenMeta, memory_bias: jax.Array) -> jax.Array:
@@ -306,30 +360,6 @@ def reader_latent_bias(meta: TokenMeta, memory_bias: jax.Array) -> jax.Array:
     reader = (jnp.asarray(meta.kind) == READER)[:, :, None]
     latent = (jnp.asarray(meta.kind) == LATENT)[:, None, :]
     return jnp.where(reader & latent, jnp.asarray(memory_bias, jnp.float32)[:, None, :], 0.0)
-
-
-def attention_probabilities(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenMeta,
-                            memory_bias: jax.Array | None = None) -> jax.Array:
-    """float32 [layers, batch, q_heads, length, length]: every layer's attention probabilities
-    under the GRC rule, for inspecting what a reader attends to (a layer loop outside the
-    model's scan, so slow for long rows; the forward pass never computes these)."""
-    c = config
-    mask = attention_mask(meta)
-    bias = None if memory_bias is None else reader_latent_bias(meta, memory_bias)
-    cos, sin = rope_cos_sin(c, positions(meta, c.max_segment_len, c.num_latents))
-    x = jnp.take(params["embed"], tokens, axis=0).astype(DTYPES[c.dtype])
-    probs = []
-    for i in range(c.num_layers):
-        p = jax.tree.map(lambda a: a[i], params["layers"])
-        q, k, v = attention_inputs(c, p, x, cos, sin)
-        k_per_q_head = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k_per_q_head).astype(jnp.float32) / np.sqrt(q.shape[-1])
-        if bias is not None:
-            scores = scores + bias[:, None]
-        probs.append(jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1))
-        # The next layer's input exactly as the forward pass computes it, not rebuilt from probs.
-        x = layer_output(c, p, x, attend(q, k, v, mask, bias))
-    return jnp.stack(probs)
 
 
 def pool_latents(config: ModelConfig, params: Params, hidden: jax.Array, latent_index: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ embeddings. The second phase recomputes the segment tokens (same values) rather 
 the readers out of the packed row, which costs about one more forward and backward pass.
 
 At inference the same prior becomes one scalar per memory page of the hybrid paged attention
-kernel (`grc_jax.inference.decode`).
+kernel (`grc_jax.inference.loop`).
 """
 from __future__ import annotations
 

@@ -19,9 +19,10 @@ import pytest
 
 from grc_jax import hf, layout, model
 from grc_jax.config import ModelConfig
-from grc_jax.inference import decode
-from grc_jax.inference.decode import Decoder, Sampling, sample_logits
+from grc_jax.inference import loop, strategy
+from grc_jax.inference.decoder import Decoder, DecodeSettings
 from grc_jax.inference.pages import OutOfPages
+from grc_jax.inference.sampling import Sampling, sample_logits
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_hf  # noqa: E402
@@ -85,10 +86,11 @@ def memory_kv(params, segment):
 def test_greedy_decode_equals_uncached_forward(params, per_layer_weights):
     # per-layer: the CPU default (an unrolled loop over separate arrays); stacked: the scan that
     # accelerators run.
-    decoder = Decoder(CONFIG, params, num_pages=64, page_size=4, prefill_chunk=8, per_layer_weights=per_layer_weights)
+    decoder = Decoder(CONFIG, params, num_pages=64, page_size=4, prefill_chunk=8,
+                      per_layer_weights=per_layer_weights)
     assert isinstance(decoder.params["layers"], tuple) == per_layer_weights
     # 11 + 10 tokens: a 32-token buffer of 8 token pages; the loops attend over 4, then 6 of them
-    assert decode.table_widths(8, None) == (4, 6, 8)
+    assert strategy.table_widths(8, None) == (4, 6, 8)
     out, logits = decoder.generate_with_logits(PROMPTS, decoder.settings(10, record_logits=True))
     for prompt, generated, step_logits in zip(PROMPTS, out, logits):
         ref = plain_step_logits(params, prompt, generated)
@@ -213,6 +215,17 @@ def test_closing_a_stream_early_frees_its_pages(decoder):
     assert decoder.allocator.num_free == 64
 
 
+def test_a_new_token_limit_compiles_no_new_loop(decoder):
+    """The limit is each row's budget in the state, not a compiled setting: two limits whose
+    buffers fall in one size bucket run one program."""
+    short = decoder.generate(PROMPTS, decoder.settings(3))
+    compiled = loop.run._cache_size()
+    longer = decoder.generate(PROMPTS, decoder.settings(4))
+    assert loop.run._cache_size() == compiled
+    assert [row[:3] for row in longer] == short and all(len(row) == 4 for row in longer)
+    assert decoder.settings(3).loop_settings() == decoder.settings(4).loop_settings()
+
+
 def test_decode_state_buffers_are_donated(decoder):
     batch = decoder.start(PROMPTS, decoder.settings(4))
     state = batch.state
@@ -244,8 +257,8 @@ def test_reason_embed_matches_the_segment_embedding_of_its_own_trace(decoder, pa
 def test_out_of_pages_leaves_the_decoder_usable(decoder):
     want = decoder.generate(PROMPTS, decoder.settings(6))
     before = decoder.allocator.snapshot()
-    with pytest.raises(OutOfPages, match=r"out of KV pages: prompt 1 \(201 tokens\) needs 51 page\(s\) of 4 slots, 11 of "
-                                         r"64 are free .*; this batch's prompts need \[53, 51, 51\] token pages"):
+    with pytest.raises(OutOfPages, match=r"out of KV pages: prompt 1 \(201 tokens\) needs 51 page\(s\) of 4 slots, "
+                                         r"11 of 64 are free .*; this batch's prompts need \[53, 51, 51\] token pages"):
         # the first row (11 + 200 tokens) takes 53 of the 64 pages; the second cannot fit
         decoder.generate(PROMPTS, decoder.settings(200))
     after = decoder.allocator.snapshot()
@@ -262,13 +275,14 @@ def test_bad_requests_get_errors_that_name_the_problem(decoder):
     with pytest.raises(ValueError, match="memories were named but no memory_source"):
         decoder.generate([[1]], s, memories=[["a"]])
     with pytest.raises(ValueError, match="settings.page_size=16 but the pool's pages hold 4"):
-        decoder.generate([[1]], decode.DecodeSettings(max_new_tokens=2))
+        decoder.generate([[1]], DecodeSettings(max_new_tokens=2))
     with pytest.raises(KeyError, match="unknown"):
-        decoder.generate([[1]], s, memories=[["zz"]], memory_source=lambda ids: (_ for _ in ()).throw(KeyError("unknown")))
+        decoder.generate([[1]], s, memories=[["zz"]],
+                         memory_source=lambda ids: (_ for _ in ()).throw(KeyError("unknown")))
     K, shape = CONFIG.num_latents, (CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim)
     for slots in (K - 1, K + 1):
         short = np.zeros((1, shape[0], slots, *shape[1:]), np.float32)
-        with pytest.raises(ValueError, match=rf"memory_source gave keys of shape \[1, {shape[0]}, {slots}, .*for memories "
-                                             rf"\['m'\]; this model reads .*\[1, {shape[0]}, {K}, "):
+        with pytest.raises(ValueError, match=rf"memory_source gave keys of shape \[1, {shape[0]}, {slots}, .*for "
+                                             rf"memories \['m'\]; this model reads .*\[1, {shape[0]}, {K}, "):
             decoder.generate([[1]], s, memories=[["m"]], memory_source=lambda ids: (short, short))
     assert decoder.allocator.num_free == 64

@@ -1,5 +1,7 @@
 """The model under the GRC rule: a segment's embedding and memory depend on its own text only."""
 import dataclasses
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,9 @@ import pytest
 
 from grc_jax import layout, model
 from grc_jax.config import ModelConfig, from_hf_config, to_hf_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from attention_probs import attention_probabilities  # noqa: E402  (inspection, built on model.run_layers)
 
 P, K, V = 16, 4, 64
 CONFIG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -79,8 +84,9 @@ def test_reader_sees_segments_only_through_memory():
     mask), yet its output depends on that text, through the segment's latents."""
     *_, out, row = run([([DOC, [12, 13]], [20, 21, 22])])
     meta = layout.TokenMeta(row.example[None], row.segment[None], row.kind[None])
-    probs = np.asarray(model.attention_probabilities(CONFIG, PARAMS, jnp.asarray(row.tokens[None]), meta))[:, 0]
-    reader, text, latent = ((row.kind == kind) & (row.example > 0) for kind in (layout.READER, layout.TEXT, layout.LATENT))
+    probs = np.asarray(attention_probabilities(CONFIG, PARAMS, jnp.asarray(row.tokens[None]), meta))[:, 0]
+    reader, text, latent = ((row.kind == kind) & (row.example > 0)
+                            for kind in (layout.READER, layout.TEXT, layout.LATENT))
     assert np.all(probs[:, :, reader][..., text] == 0)
     assert np.all(probs[:, :, reader][..., latent].sum(-1) > 0)
     *_, out2, _ = run([([[12, 13, 14, 15, 16, 17, 18], [12, 13]], [20, 21, 22])])
@@ -88,9 +94,11 @@ def test_reader_sees_segments_only_through_memory():
 
 
 def test_attention_probabilities_are_the_forward_pass_attention():
+    """Inspection through the shared layer loop (`model.run_layers` with an attention that
+    records its probabilities) sees the attention the forward pass runs."""
     *_, out, row = run([([DOC, [12, 13, 14]], [20, 21, 22]), ([[30, 31]], [32, 33])])
     meta = layout.TokenMeta(row.example[None], row.segment[None], row.kind[None])
-    probs = np.asarray(model.attention_probabilities(CONFIG, PARAMS, jnp.asarray(row.tokens[None]), meta))
+    probs = np.asarray(attention_probabilities(CONFIG, PARAMS, jnp.asarray(row.tokens[None]), meta))
     assert probs.shape == (CONFIG.num_layers, 1, CONFIG.num_heads, len(row.tokens), len(row.tokens))
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     allowed = np.asarray(layout.attention_mask(meta))[0]
@@ -149,7 +157,8 @@ def test_every_parameter_has_logical_axes():
 def test_forward_is_jittable_with_config_static():
     tokens = jnp.ones((1, 5), jnp.int32)
     jitted = jax.jit(model.forward, static_argnums=0)
-    np.testing.assert_allclose(jitted(CONFIG, PARAMS, tokens).logits, model.forward(CONFIG, PARAMS, tokens).logits, atol=1e-6)
+    np.testing.assert_allclose(jitted(CONFIG, PARAMS, tokens).logits, model.forward(CONFIG, PARAMS, tokens).logits,
+                               atol=1e-6)
 
 
 def test_forward_input_errors():

@@ -3,6 +3,9 @@ forward against the one-pass one, train/serve identity of the priors, the constr
 case on attention weights, and the inference option down to the paged kernel's page bias."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +19,9 @@ from grc_jax.eval import world
 from grc_jax.eval.distractors import with_distractors
 from grc_jax.inference import Engine
 from grc_jax.tokenizer import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from attention_probs import attention_probabilities  # noqa: E402  (inspection, built on model.run_layers)
 
 P, K = 16, 4
 WEIGHTS = {"gen": 1.0, "rep": 1.0, "comp": 1.0}
@@ -191,8 +197,8 @@ def test_a_reader_with_priors_attends_almost_only_to_the_right_memory(config, pa
                                                   config.latent_token_ids, P)], 160)[0]
     meta = layout.TokenMeta(*(jnp.asarray(getattr(row, f))[None] for f in ("example", "segment", "kind")))
     bias = priors.latent_key_bias(jnp.asarray(prior)[None], meta)
-    probs_on = np.asarray(model.attention_probabilities(config, params, jnp.asarray(row.tokens)[None], meta, bias))
-    probs_off = np.asarray(model.attention_probabilities(config, params, jnp.asarray(row.tokens)[None], meta))
+    probs_on = np.asarray(attention_probabilities(config, params, jnp.asarray(row.tokens)[None], meta, bias))
+    probs_off = np.asarray(attention_probabilities(config, params, jnp.asarray(row.tokens)[None], meta))
     readers = np.flatnonzero((row.kind == layout.READER) & (row.example > 0))  # padding is READER too
     right_keys, wrong_keys = row.latent_index[0], row.latent_index[1:].reshape(-1)
 

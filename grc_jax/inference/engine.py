@@ -23,9 +23,10 @@ from grc_jax import chat as chat_lib
 from grc_jax import compile_cache, hf, layout, model, priors, quantize, rundir
 from grc_jax import special_tokens as special_tokens_lib
 from grc_jax.config import ModelConfig
-from grc_jax.inference.decode import GREEDY, Decoder, Sampling, bucket
+from grc_jax.inference.decoder import Decoder, bucket
 from grc_jax.inference.memory_bank import BankSpec, MemoryBank
 from grc_jax.inference.pages import page_bytes
+from grc_jax.inference.sampling import GREEDY, Sampling
 from grc_jax.special_tokens import FROM_MODEL, SpecialTokens
 from grc_jax.tokenizer import Tokenizer, literal_special_tokens
 

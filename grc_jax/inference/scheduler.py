@@ -33,16 +33,9 @@ import numpy as np
 
 from grc_jax import model
 from grc_jax.config import ModelConfig
-from grc_jax.inference.decode import (
-    Decoder,
-    DecodeSettings,
-    DecodeState,
-    _prefill,
-    bucket,
-    feed,
-    final_hidden,
-    table_widths,
-)
+from grc_jax.inference import strategy
+from grc_jax.inference.decoder import Decoder, bucket
+from grc_jax.inference.loop import DecodeState, LoopSettings, feed, final_hidden, prefill
 from grc_jax.inference.pages import OutOfPages, write_memories
 from pallas_kernels.hybrid_paged_attention.dispatch import default_impl
 
@@ -64,7 +57,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
                 top_k: jax.Array) -> jax.Array:
     """int32 [B]: row b greedy when temperature[b] == 0, else sampled from softmax(logits /
     temperature) cut to the top_k tokens and then to the smallest set of mass >= top_p (the
-    order of `decode.sample_logits`)."""
+    order of `sampling.sample_logits`)."""
     V = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampled_rows = temperature > 0
@@ -89,14 +82,14 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
-def prefill_slots(config: ModelConfig, settings: DecodeSettings, params: model.Params, state: SlotState) -> SlotState:
+def prefill_slots(config: ModelConfig, settings: LoopSettings, params: model.Params, state: SlotState) -> SlotState:
     """Feeds every row's prompt tokens that have no K/V yet but the last, `settings.prefill_chunk`
-    tokens per call (decode.py's prefill); `state` is donated."""
-    return state.replace(inner=_prefill(config, settings, params, state.inner))
+    tokens per call (`loop.prefill`); `state` is donated."""
+    return state.replace(inner=prefill(config, settings, params, state.inner))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
-def decode_slots(config: ModelConfig, settings: DecodeSettings, params: model.Params, state: SlotState,
+def decode_slots(config: ModelConfig, settings: LoopSettings, params: model.Params, state: SlotState,
                  until: jax.Array) -> SlotState:
     """Decode steps until every row is done or `step` reaches `until`; `state` is donated.
     Rows must be prefilled (`prefill_slots`)."""
@@ -124,10 +117,7 @@ def decode_slots(config: ModelConfig, settings: DecodeSettings, params: model.Pa
         return jnp.max(jnp.where(s.done, 0, -(-(s.lengths + 1) // S)))
 
     cond = lambda s: (s.step < until) & ~jnp.all(s.done)
-    widths = table_widths(inner.tok_page_table.shape[1], settings.impl)
-    for w in widths[:-1]:
-        inner = jax.lax.while_loop(lambda s, w=w: cond(s) & (need(s) <= w), functools.partial(body, width=w), inner)
-    inner = jax.lax.while_loop(cond, functools.partial(body, width=widths[-1]), inner)
+    inner = strategy.while_loop(cond, body, need, inner, inner.tok_page_table.shape[1], settings.impl)
     return state.replace(inner=inner)
 
 
@@ -178,8 +168,8 @@ class SlotBatch:
         self.memory_source = memory_source
         K = self.config.num_latents
         self.pages_per_memory = -(-K // S)
-        self.settings = DecodeSettings(max_new_tokens=0, stop_token_ids=tuple(stop_token_ids), page_size=S,
-                                       prefill_chunk=decoder.prefill_chunk, impl=decoder.impl)
+        self.settings = LoopSettings(stop_token_ids=tuple(stop_token_ids), prefill_chunk=decoder.prefill_chunk,
+                                     impl=decoder.impl)
         M = max(1, max_memories * self.pages_per_memory)
         if (decoder.impl or default_impl()) != "reference":
             M = bucket(M)

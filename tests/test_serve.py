@@ -301,6 +301,33 @@ def test_requests_wait_while_the_page_pool_is_full_and_then_run(server, client):
     assert batch.pages_in_use == 0
 
 
+def test_a_server_on_a_bank_directory_reads_only_the_memories_requests_use(export, tmp_path, monkeypatch):
+    from grc_jax.inference import memory_bank
+
+    writer = Engine.from_pretrained(export, **ENGINE_OPTIONS)
+    writer.bank = MemoryBank.open(tmp_path / "bank", writer.bank_spec)
+    ids = [row[0] for row in writer.compress(DOCS)]
+    want = writer.generate(PROMPTS[0], memories=[ids[2], ids[0]], max_new_tokens=8)
+    reads: list[int] = []
+    real = memory_bank._read_kv
+    monkeypatch.setattr(memory_bank, "_read_kv", lambda file, *a: reads.append(int(file.stem)) or real(file, *a))
+    engine = Engine.from_pretrained(export, **ENGINE_OPTIONS)
+    engine.bank = MemoryBank.open(tmp_path / "bank", engine.bank_spec)
+    srv = InProcessServer(engine)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as h:
+            assert h.get("/v1/memories").json()["total"] == len(DOCS)
+            hits = h.post("/v1/memories/search", json={"query": DOCS[1], "top_k": 1}).json()["data"]
+            assert hits[0]["id"] == ids[1]
+        assert reads == []  # listing and search read embeddings only
+        got = srv.client().completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8,
+                                              extra_body={"memory_ids": [ids[2], ids[0]]})
+        assert got.choices[0].text == want
+        assert sorted(reads) == sorted([ids[2], ids[0]])
+    finally:
+        srv.close()
+
+
 # --- bad input and auth -------------------------------------------------------------------
 
 

@@ -72,8 +72,8 @@ def _free_port() -> int:
 class InProcessServer:
     """uvicorn on a thread of this process, on a free loopback port."""
 
-    def __init__(self, engine: Engine, api_key: str | None = None):
-        self.worker = Worker(engine, **SERVER_OPTIONS)
+    def __init__(self, engine: Engine, api_key: str | None = None, worker: Worker | None = None):
+        self.worker = worker or Worker(engine, **SERVER_OPTIONS)
         self.app = create_app(self.worker, model_name="tiny", api_key=api_key)
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -224,6 +224,40 @@ def test_memories_add_list_get_replace_delete_search_and_rag(server, client, ref
     h.close()
 
 
+def test_memory_priors_give_what_engine_generate_and_rag_give(server, client, reference):
+    _clear_bank(server)
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as h:
+        ids = [row[0] for row in h.post("/v1/memories", json={"texts": DOCS}).json()["ids"]]
+        reference.bank = MemoryBank(reference.bank_spec)
+        ref_ids = [row[0] for row in reference.compress(DOCS)]
+        read = [2, 0, 3]
+        differs = 0
+        requests = []
+        for prompt in PROMPTS[:4]:
+            want = reference.generate(prompt, memories=[ref_ids[i] for i in read], max_new_tokens=12,
+                                      memory_prior=True)
+            plain = reference.generate(prompt, memories=[ref_ids[i] for i in read], max_new_tokens=12)
+            body = {"prompt": prompt, "max_tokens": 12, "memory_ids": [ids[i] for i in read]}
+            got = h.post("/v1/completions", json={**body, "memory_prior": True}).json()["choices"][0]["text"]
+            assert got == want
+            assert h.post("/v1/completions", json=body).json()["choices"][0]["text"] == plain
+            differs += want != plain
+            requests += [({**body, "memory_prior": True}, want), (body, plain)]
+        assert differs  # the priors change some answer, so equal answers mean something
+        # with requests without priors in the same decode chunks, each still gets its own answer
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: h.post("/v1/completions", json=r[0]).json()["choices"][0]["text"],
+                                     requests))
+        assert together == [want for _, want in requests]
+
+        rag = h.post("/v1/rag", json={"question": PROMPTS[0], "top_k": 3, "max_tokens": 12,
+                                      "memory_prior": True}).json()
+        want = reference.rag(PROMPTS[0], top_k=3, max_new_tokens=12, memory_prior=True)
+        assert rag["answer"] == want.answer and rag["memory_ids"] == [ids[ref_ids.index(i)] for i in want.memory_ids]
+        bad = h.post("/v1/completions", json={"prompt": "Belna", "memory_prior": True, "prior_temperature": 0})
+        assert bad.status_code == 422 and "prior_temperature" in bad.json()["error"]["message"]
+
+
 # --- continuous batching ------------------------------------------------------------------
 
 
@@ -324,6 +358,49 @@ def test_a_server_on_a_bank_directory_reads_only_the_memories_requests_use(expor
                                               extra_body={"memory_ids": [ids[2], ids[0]]})
         assert got.choices[0].text == want
         assert sorted(reads) == sorted([ids[2], ids[0]])
+    finally:
+        srv.close()
+
+
+def test_health_says_ok_only_after_the_warm_up_and_then_requests_compile_nothing(export):
+    from grc_jax.inference import engine as engine_module
+    from grc_jax.inference import scheduler
+
+    engine = Engine.from_pretrained(export, **ENGINE_OPTIONS)
+    # shapes no other test's server uses, so the compile caches below see this server's programs only
+    worker = Worker(engine, slots=3, max_len=72, max_memories=2, steps_per_chunk=4)
+    gate, warmed = threading.Event(), threading.Event()
+    real = worker.warm_up
+
+    def gated_warm_up():
+        assert gate.wait(TIMEOUT)
+        real()
+        warmed.set()
+
+    worker.warm_up = gated_warm_up
+    srv = InProcessServer(engine, worker=worker)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as h:
+            r = h.get("/health")
+            assert r.status_code == 503 and r.json() == {"status": "warming up"}
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a request sent now waits, then runs
+                early = pool.submit(h.post, "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4})
+                time.sleep(0.3)
+                assert not early.done()
+                gate.set()
+                deadline = time.monotonic() + TIMEOUT
+                while (r := h.get("/health")).status_code != 200:
+                    assert r.status_code == 503 and time.monotonic() < deadline
+                    time.sleep(0.05)
+                assert warmed.is_set() and r.json() == {"status": "ok"}
+                assert early.result(TIMEOUT).status_code == 200
+            compiled = [f._cache_size() for f in (scheduler.decode_slots, scheduler.prefill_slots,
+                                                  engine_module.segment_pass)]
+            prompt = " ".join(PROMPTS)  # about 20 tokens: the smallest prefill capacity
+            assert h.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6}).status_code == 200
+            assert h.post("/v1/embeddings", json={"input": DOCS[0]}).status_code == 200
+            assert [f._cache_size() for f in (scheduler.decode_slots, scheduler.prefill_slots,
+                                              engine_module.segment_pass)] == compiled
     finally:
         srv.close()
 

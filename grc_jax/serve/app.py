@@ -45,8 +45,10 @@ def render_messages(engine: Any, messages: list[dict[str, Any]]) -> str:
 
 
 def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, metrics: Metrics | None = None,
-               default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI application over a started-or-not `worker` (its lifespan starts and stops it)."""
+               default_max_tokens: int = 256, memory_prior: bool = False, prior_temperature: float = 0.05) -> FastAPI:
+    """The FastAPI application over a started-or-not `worker` (its lifespan starts and stops it).
+    memory_prior, prior_temperature: how requests with memories read them when they do not say
+    (the extra-body fields of the same names)."""
     from contextlib import asynccontextmanager
 
     engine = worker.engine
@@ -158,7 +160,12 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             max_tokens = max(1, min(default, worker.batch.max_len - prompt_len))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return dict(max_tokens=max_tokens, stops=stops, temperature=req.temperature or 0.0,
-                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed)
+                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+                    **prior_of(req))
+
+    def prior_of(req: s._Sampling | s.RagRequest) -> dict[str, Any]:
+        return dict(memory_prior=memory_prior if req.memory_prior is None else req.memory_prior,
+                    prior_temperature=prior_temperature if req.prior_temperature is None else req.prior_temperature)
 
     def start(prompt: list[int], params: dict[str, Any], memory_ids: list[int]) -> GenerationJob:
         try:
@@ -204,6 +211,8 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
     async def health():
         if not worker.alive:
             return _error(503, "the engine thread is not running", kind="server_error")
+        if not worker.ready.is_set():  # compiling its programs; requests queue meanwhile
+            return JSONResponse({"status": "warming up"}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -429,8 +438,11 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         prompt = tokens_of(req.question, "question")
         hits = await search_hits(req.question, req.top_k, req.reason)
         ids = [h.id for h in hits]
+        prior = prior_of(req)
+        if prior["memory_prior"]:  # the search's own scores, as Engine.rag weighs them
+            prior["memory_prior"] = [h.score for h in hits]
         job = start(prompt, dict(max_tokens=req.max_tokens, stops=[], temperature=req.temperature, top_p=req.top_p,
-                                 top_k=0, seed=req.seed), ids)
+                                 top_k=0, seed=req.seed, **prior), ids)
         text, done = await collect(job, started)
         return s.RagResponse(answer=text, memory_ids=ids, scores=[h.score for h in hits],
                              finish_reason=done.finish_reason,

@@ -11,7 +11,8 @@ tokens, prompts of 8-40 words, a different one per request) until the level's re
 used up. Output tokens/s = the tokens the server reports (`usage`) / the level's wall time;
 time to first token = from sending a request to its first non-empty text. One client is the
 one-at-a-time baseline: every level runs on the same server, after a warm-up request that
-compiles the decode program and bursts that compile each prefill capacity. Figures go to benchmarks/RESULTS.md unless --no-write.
+compiles the decode program and bursts that compile each prefill capacity. Figures go to
+benchmarks/RESULTS.md unless --no-write.
 """
 from __future__ import annotations
 

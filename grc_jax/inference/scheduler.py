@@ -172,7 +172,8 @@ class SlotBatch:
     `lend_pool` hands it back for calls such as `Decoder.reason_embed`)."""
 
     def __init__(self, decoder: Decoder, *, slots: int = 16, max_len: int = 1024, max_memories: int = 16,
-                 steps_per_chunk: int = 8, stop_token_ids: Sequence[int] = (), memory_source: MemorySource | None = None):
+                 steps_per_chunk: int = 8, stop_token_ids: Sequence[int] = (),
+                 memory_source: MemorySource | None = None):
         if slots < 1 or max_len < 2 or max_memories < 0 or steps_per_chunk < 1:
             raise ValueError(f"slots, max_len, max_memories, steps_per_chunk must be >= 1, 2, 0, 1; got "
                              f"{slots}, {max_len}, {max_memories}, {steps_per_chunk}")
@@ -278,7 +279,7 @@ class SlotBatch:
 
     def cancel_all(self, error: BaseException) -> None:
         """Ends every running and waiting request (their callbacks see `finished`)."""
-        for b, row in enumerate(self.rows):
+        for row in self.rows:
             if row is not None:
                 row.request.error = error
                 row.request.on_tokens([], True)

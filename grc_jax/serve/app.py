@@ -237,25 +237,23 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         prompt_tokens = sum(map(len, prompts))
         metrics.prompt_tokens.inc(prompt_tokens)
         if req.stream:
+            def piece(index: int, text: str, finish: str | None) -> str:
+                return sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]})
+
             async def stream():
                 made = 0
                 for i, job in enumerate(jobs):
                     if texts[i]:
-                        yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                                   "choices": [{"index": i, "text": texts[i], "finish_reason": None, "logprobs": None}]})
+                        yield piece(i, texts[i], None)
                     try:
                         async for kind, value in events(job):
                             if kind == "delta":
-                                yield sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                           "model": model, "choices": [{"index": i, "text": value, "finish_reason": None,
-                                                                        "logprobs": None}]})
+                                yield piece(i, value, None)
                             else:
                                 made += value.completion_tokens
                                 metrics.generation_tokens.inc(value.completion_tokens)
-                                yield sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                           "model": model, "choices": [{"index": i, "text": "",
-                                                                        "finish_reason": value.finish_reason,
-                                                                        "logprobs": None}]})
+                                yield piece(i, "", value.finish_reason)
                     except Exception as e:
                         yield sse({"error": {"message": str(e), "type": "server_error"}})
                         break
@@ -335,8 +333,8 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         if req.dimensions is not None and req.dimensions != dim:
             raise ApiError(400, f"dimensions: this model's embeddings have {dim} dimensions", "dimensions")
         prefix = engine.tokenize(req.instruction) if req.instruction else []
-        segments = [(prefix + tokens_of(x, "input", i if len(inputs) > 1 or not isinstance(req.input, str) else None))[:P]
-                    for i, x in enumerate(inputs)]
+        indexed = len(inputs) > 1 or not isinstance(req.input, str)  # name input[i] in errors
+        segments = [(prefix + tokens_of(x, "input", i if indexed else None))[:P] for i, x in enumerate(inputs)]
         if req.reason:
             if engine.eor_id is None:
                 raise ApiError(400, "reason: this model has no end-of-reasoning token", "reason")
@@ -376,8 +374,8 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             return out
 
         rows = await worker.call(read)
-        return s.MemoriesAdded(ids=ids, segments=[[m.text for m in row] for row in rows],
-                               embeddings=[[m.embedding for m in row] for row in rows] if req.return_embeddings else None)
+        embeddings = [[m.embedding for m in row] for row in rows] if req.return_embeddings else None
+        return s.MemoriesAdded(ids=ids, segments=[[m.text for m in row] for row in rows], embeddings=embeddings)
 
     @app.get("/v1/memories", response_model=s.MemoryPage, response_model_exclude_none=True)
     async def list_memories(offset: int = 0, limit: int = 100, embeddings: bool = False):

@@ -483,7 +483,7 @@ def _start_cli(export: Path, bank: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "grc_jax.serve", f"--model={export}", f"--bank={bank}", f"--port={port}",
          "--slots=4", "--max-len=128", "--page-size=4", "--num-pages=128", "--steps-per-chunk=4",
-         "--log-level=warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         "--log-level=warning", "--no-warm-up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _wait_healthy(proc: subprocess.Popen, port: int) -> None:

@@ -393,9 +393,10 @@ class SlotBatch:
                 **{k: getattr(state, k) for k in self._SAMPLING_FIELDS}}
 
     def _upload(self) -> None:
-        h = self._host
-        inner = self.state.inner.replace(**{k: jnp.asarray(h[k]) for k in self._INNER_FIELDS})
-        self.state = SlotState(inner, *(jnp.asarray(h[k]) for k in self._SAMPLING_FIELDS))
+        # one device_put of every field: a transfer each, no per-array dispatch of a conversion
+        new = jax.device_put({k: self._host[k] for k in (*self._INNER_FIELDS, *self._SAMPLING_FIELDS)})
+        inner = self.state.inner.replace(**{k: new[k] for k in self._INNER_FIELDS})
+        self.state = SlotState(inner, *(new[k] for k in self._SAMPLING_FIELDS))
         self._dirty = False
 
     def _reset_after_failure(self) -> None:

@@ -39,6 +39,41 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
+class _AuthAndCount:
+    """ASGI middleware: the API key check (every route but /health) and the request counter by
+    route and status. Plain ASGI rather than `@app.middleware("http")`, whose wrapper costs a
+    task and a memory stream per request and a hand-off per streamed chunk."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.api_key is not None and scope["path"] != "/health":
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                self.metrics.requests.labels(scope["path"], "401").inc()
+                await _error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                             kind="authentication_error")(scope, receive, send)
+                return
+        status = 500  # unless a response starts
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")  # set by the router on this scope
+            self.metrics.requests.labels(getattr(route, "path", "unknown"), str(status)).inc()
+
+
 def render_messages(engine: Any, messages: list[dict[str, Any]]) -> str:
     """The chat prompt for `messages`: the model's chat template, as `Engine.render_chat` renders it."""
     return engine.render_chat(messages)
@@ -97,19 +132,7 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
     async def _bug(request: Request, e: Exception):
         return _error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                metrics.requests.labels(request.url.path, "401").inc()
-                return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                              kind="authentication_error")
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unknown"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -174,14 +197,21 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             field = "memory_ids" if "memories" in str(e) else "max_tokens"
             raise ApiError(400, f"{field}: {e}", field) from None
 
-    async def events(job: GenerationJob) -> AsyncIterator[tuple[str, Any]]:
+    async def events(job: GenerationJob) -> AsyncIterator[list[tuple[str, Any]]]:
+        """The job's ("delta", text) and ("done", Finished) events, in lists of all that were
+        waiting at once (a stream writes each list in one send); an ("error", e) raises e."""
         try:
             while True:
-                kind, value = await job.events.get()
-                if kind == "error":
-                    raise value
-                yield kind, value
-                if kind == "done":
+                batch = [await job.events.get()]
+                while not job.events.empty():
+                    batch.append(job.events.get_nowait())
+                for i, (kind, value) in enumerate(batch):
+                    if kind == "error":
+                        if i:
+                            yield batch[:i]
+                        raise value
+                yield batch
+                if batch[-1][0] == "done":
                     return
         finally:
             job.cancelled = True  # a client that left stops its row at the next chunk
@@ -189,15 +219,16 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
     async def collect(job: GenerationJob, started: float) -> tuple[str, Finished]:
         parts, first = [], True
         try:
-            async for kind, value in events(job):
-                if kind == "delta":
-                    if first:
-                        metrics.ttft.observe(time.monotonic() - started)
-                        first = False
-                    parts.append(value)
-                else:
-                    metrics.generation_tokens.inc(value.completion_tokens)
-                    return "".join(parts), value
+            async for batch in events(job):
+                for kind, value in batch:
+                    if kind == "delta":
+                        if first:
+                            metrics.ttft.observe(time.monotonic() - started)
+                            first = False
+                        parts.append(value)
+                    else:
+                        metrics.generation_tokens.inc(value.completion_tokens)
+                        return "".join(parts), value
         except KeyError as e:
             raise ApiError(404, f"memory_ids: {e.args[0] if e.args else e}", "memory_ids") from None
         raise RuntimeError("generation ended without finishing")
@@ -242,26 +273,32 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
                             "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]})
 
             async def stream():
-                made = 0
+                made, out = 0, []  # `out`: chunks not sent yet; the last ones go with [DONE] in one send
                 for i, job in enumerate(jobs):
                     if texts[i]:
-                        yield piece(i, texts[i], None)
+                        out.append(piece(i, texts[i], None))
                     try:
-                        async for kind, value in events(job):
-                            if kind == "delta":
-                                yield piece(i, value, None)
-                            else:
-                                made += value.completion_tokens
-                                metrics.generation_tokens.inc(value.completion_tokens)
-                                yield piece(i, "", value.finish_reason)
+                        async for batch in events(job):
+                            for kind, value in batch:
+                                if kind == "delta":
+                                    out.append(piece(i, value, None))
+                                else:
+                                    made += value.completion_tokens
+                                    metrics.generation_tokens.inc(value.completion_tokens)
+                                    out.append(piece(i, "", value.finish_reason))
+                            if batch[-1][0] != "done":
+                                yield "".join(out)
+                                out.clear()
                     except Exception as e:
-                        yield sse({"error": {"message": str(e), "type": "server_error"}})
+                        out.append(sse({"error": {"message": str(e), "type": "server_error"}}))
                         break
                 if (req.stream_options or {}).get("include_usage"):
-                    yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                               "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made,
-                                                        "total_tokens": prompt_tokens + made}})
-                yield "data: [DONE]\n\n"
+                    out.append(sse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                                    "model": model, "choices": [],
+                                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made,
+                                              "total_tokens": prompt_tokens + made}}))
+                out.append("data: [DONE]\n\n")
+                yield "".join(out)
 
             return StreamingResponse(stream(), media_type="text/event-stream")
         choices, made = [], 0
@@ -297,24 +334,29 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
 
             async def stream():
-                yield chunk({"role": "assistant", "content": ""}, None)
-                made = 0
+                # the role goes with the first text; the end, usage and [DONE] in one send
+                out, made = [chunk({"role": "assistant", "content": ""}, None)], 0
                 try:
-                    async for kind, value in events(job):
-                        if kind == "delta":
-                            yield chunk({"content": value}, None)
-                        else:
-                            made = value.completion_tokens
-                            metrics.generation_tokens.inc(made)
-                            yield chunk({}, value.finish_reason)
+                    async for batch in events(job):
+                        for kind, value in batch:
+                            if kind == "delta":
+                                out.append(chunk({"content": value}, None))
+                            else:
+                                made = value.completion_tokens
+                                metrics.generation_tokens.inc(made)
+                                out.append(chunk({}, value.finish_reason))
+                        if batch[-1][0] != "done":
+                            yield "".join(out)
+                            out.clear()
                 except Exception as e:
-                    yield sse({"error": {"message": str(e), "type": "server_error"}})
+                    out.append(sse({"error": {"message": str(e), "type": "server_error"}}))
                 if (req.stream_options or {}).get("include_usage"):
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                               "model": model, "choices": [],
-                               "usage": {"prompt_tokens": len(prompt), "completion_tokens": made,
-                                         "total_tokens": len(prompt) + made}})
-                yield "data: [DONE]\n\n"
+                    out.append(sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                                    "model": model, "choices": [],
+                                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": made,
+                                              "total_tokens": len(prompt) + made}}))
+                out.append("data: [DONE]\n\n")
+                yield "".join(out)
 
             return StreamingResponse(stream(), media_type="text/event-stream")
         text, done = await collect(job, started)

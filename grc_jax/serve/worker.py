@@ -52,12 +52,16 @@ class GenerationJob:
         self.sent = ""
         self.cancelled = False
         self.request: SlotRequest | None = None
+        self.outbox: list | None = None  # set by the Worker: events wait there for its one hand-over per step
         # memory priors: None, True (the prompt's own embedding) or the caller's scores; temperature
         self.prior: tuple[bool | list[float], float] | None = None
         self._closed = False
 
     def _post(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.outbox is not None:
+            self.outbox.append((self, event))
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def on_tokens(self, new: list[int], finished: bool) -> bool:
         if self._closed:
@@ -128,6 +132,9 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="grc-engine", daemon=True)
         self.steps = 0
         self.warm_up_on_start = warm_up
+        # Events of every job, handed to the event loop once per step: one wake-up of the loop
+        # per chunk, not one per request and chunk.
+        self._outbox: list[tuple[GenerationJob, tuple]] = []
         self.ready = threading.Event()  # set once warmed up (at once without a warm-up): /health says ok
 
     # --- the asyncio side -------------------------------------------------------------------
@@ -172,6 +179,7 @@ class Worker:
         memories under priors (docs/design.md section 8) from the prompt's own embedding (True)
         or from these scores, one per memory, as `Engine.generate` does."""
         job = GenerationJob(self.engine, self.stop_ids, stops, asyncio.get_running_loop())
+        job.outbox = self._outbox
         if memory_prior is not False and memory_prior is not None and len(memory_ids) > 1:
             # one memory gets prior 0 (log_softmax of one score): no bias, nothing to compute
             prior = True if memory_prior is True else [float(x) for x in memory_prior]
@@ -256,11 +264,26 @@ class Worker:
             except Exception as e:  # a bug, not a bad request: end what ran, keep serving
                 log.exception("engine step failed")
                 self.batch.cancel_all(e)
+            self._hand_over()
             if self.on_step is not None:
                 try:
                     self.on_step(self)
                 except Exception:
                     log.exception("metrics update failed")
+
+    def _hand_over(self) -> None:
+        """Puts the step's events on their jobs' queues: one call into each event loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        self._outbox.clear()
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
 
     def _handle(self, items: list) -> None:
         embeds = [i for i in items if isinstance(i, _Batched) and i.kind == "embed"]
@@ -348,3 +371,8 @@ class Worker:
             n = len(item.items)
             item.future.set_result(out[start:start + n])
             start += n
+
+
+def _deliver(events: list[tuple[GenerationJob, tuple]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)

@@ -20,6 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a training run directory or an HF export")
     p.add_argument("--bank", help="memory bank directory (made when absent); without it memories live in memory only")
+    p.add_argument("--bank-cache-mb", type=int, default=256,
+                   help="memories' keys and values kept in memory after their first read from the bank (MiB)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("GRC_API_KEY"),
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.from_pretrained(args.model, num_pages=args.num_pages, page_size=args.page_size,
                                         prefill_chunk=args.prefill_chunk, eos_token=args.eos_token, eor_token=eor)
         if args.bank:
-            engine.bank = MemoryBank.open(args.bank, engine.bank_spec)
+            engine.bank = MemoryBank.open(args.bank, engine.bank_spec, kv_cache_bytes=max(0, args.bank_cache_mb) << 20)
         worker = Worker(engine, slots=args.slots, max_len=args.max_len, max_memories=args.max_memories,
                         steps_per_chunk=args.steps_per_chunk, warm_up=args.warm_up)
     except (OSError, ValueError, KeyError) as e:

@@ -124,7 +124,7 @@ def main() -> None:
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # the server compiles its programs before it says ready
         while True:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the server did not start")

@@ -11,7 +11,8 @@ tokens, prompts of 8-40 words, a different one per request) until the level's re
 used up. Output tokens/s = the tokens the server reports (`usage`) / the level's wall time;
 time to first token = from sending a request to its first non-empty text. One client is the
 one-at-a-time baseline: every level runs on the same server, after a warm-up request that
-compiles the decode program and bursts that compile each prefill capacity. Figures go to benchmarks/RESULTS.md unless --no-write.
+compiles the decode program and bursts that compile each prefill capacity. Figures go to
+benchmarks/RESULTS.md unless --no-write.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def main() -> None:
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900  # the server compiles its programs before it says ready
         while True:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the server did not start")

@@ -72,8 +72,8 @@ def _free_port() -> int:
 class InProcessServer:
     """uvicorn on a thread of this process, on a free loopback port."""
 
-    def __init__(self, engine: Engine, api_key: str | None = None):
-        self.worker = Worker(engine, **SERVER_OPTIONS)
+    def __init__(self, engine: Engine, api_key: str | None = None, worker: Worker | None = None):
+        self.worker = worker or Worker(engine, **SERVER_OPTIONS)
         self.app = create_app(self.worker, model_name="tiny", api_key=api_key)
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -224,6 +224,40 @@ def test_memories_add_list_get_replace_delete_search_and_rag(server, client, ref
     h.close()
 
 
+def test_memory_priors_give_what_engine_generate_and_rag_give(server, client, reference):
+    _clear_bank(server)
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as h:
+        ids = [row[0] for row in h.post("/v1/memories", json={"texts": DOCS}).json()["ids"]]
+        reference.bank = MemoryBank(reference.bank_spec)
+        ref_ids = [row[0] for row in reference.compress(DOCS)]
+        read = [2, 0, 3]
+        differs = 0
+        requests = []
+        for prompt in PROMPTS[:4]:
+            want = reference.generate(prompt, memories=[ref_ids[i] for i in read], max_new_tokens=12,
+                                      memory_prior=True)
+            plain = reference.generate(prompt, memories=[ref_ids[i] for i in read], max_new_tokens=12)
+            body = {"prompt": prompt, "max_tokens": 12, "memory_ids": [ids[i] for i in read]}
+            got = h.post("/v1/completions", json={**body, "memory_prior": True}).json()["choices"][0]["text"]
+            assert got == want
+            assert h.post("/v1/completions", json=body).json()["choices"][0]["text"] == plain
+            differs += want != plain
+            requests += [({**body, "memory_prior": True}, want), (body, plain)]
+        assert differs  # the priors change some answer, so equal answers mean something
+        # with requests without priors in the same decode chunks, each still gets its own answer
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: h.post("/v1/completions", json=r[0]).json()["choices"][0]["text"],
+                                     requests))
+        assert together == [want for _, want in requests]
+
+        rag = h.post("/v1/rag", json={"question": PROMPTS[0], "top_k": 3, "max_tokens": 12,
+                                      "memory_prior": True}).json()
+        want = reference.rag(PROMPTS[0], top_k=3, max_new_tokens=12, memory_prior=True)
+        assert rag["answer"] == want.answer and rag["memory_ids"] == [ids[ref_ids.index(i)] for i in want.memory_ids]
+        bad = h.post("/v1/completions", json={"prompt": "Belna", "memory_prior": True, "prior_temperature": 0})
+        assert bad.status_code == 422 and "prior_temperature" in bad.json()["error"]["message"]
+
+
 # --- continuous batching ------------------------------------------------------------------
 
 
@@ -299,6 +333,76 @@ def test_requests_wait_while_the_page_pool_is_full_and_then_run(server, client):
     assert [together[0], together[6]] == alone
     batch.decoder.allocator.check()
     assert batch.pages_in_use == 0
+
+
+def test_a_server_on_a_bank_directory_reads_only_the_memories_requests_use(export, tmp_path, monkeypatch):
+    from grc_jax.inference import memory_bank
+
+    writer = Engine.from_pretrained(export, **ENGINE_OPTIONS)
+    writer.bank = MemoryBank.open(tmp_path / "bank", writer.bank_spec)
+    ids = [row[0] for row in writer.compress(DOCS)]
+    want = writer.generate(PROMPTS[0], memories=[ids[2], ids[0]], max_new_tokens=8)
+    reads: list[int] = []
+    real = memory_bank._read_kv
+    monkeypatch.setattr(memory_bank, "_read_kv", lambda file, *a: reads.append(int(file.stem)) or real(file, *a))
+    engine = Engine.from_pretrained(export, **ENGINE_OPTIONS)
+    engine.bank = MemoryBank.open(tmp_path / "bank", engine.bank_spec)
+    srv = InProcessServer(engine)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as h:
+            assert h.get("/v1/memories").json()["total"] == len(DOCS)
+            hits = h.post("/v1/memories/search", json={"query": DOCS[1], "top_k": 1}).json()["data"]
+            assert hits[0]["id"] == ids[1]
+        assert reads == []  # listing and search read embeddings only
+        got = srv.client().completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8,
+                                              extra_body={"memory_ids": [ids[2], ids[0]]})
+        assert got.choices[0].text == want
+        assert sorted(reads) == sorted([ids[2], ids[0]])
+    finally:
+        srv.close()
+
+
+def test_health_says_ok_only_after_the_warm_up_and_then_requests_compile_nothing(export):
+    from grc_jax.inference import engine as engine_module
+    from grc_jax.inference import scheduler
+
+    engine = Engine.from_pretrained(export, **ENGINE_OPTIONS)
+    # shapes no other test's server uses, so the compile caches below see this server's programs only
+    worker = Worker(engine, slots=3, max_len=72, max_memories=2, steps_per_chunk=4)
+    gate, warmed = threading.Event(), threading.Event()
+    real = worker.warm_up
+
+    def gated_warm_up():
+        assert gate.wait(TIMEOUT)
+        real()
+        warmed.set()
+
+    worker.warm_up = gated_warm_up
+    srv = InProcessServer(engine, worker=worker)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as h:
+            r = h.get("/health")
+            assert r.status_code == 503 and r.json() == {"status": "warming up"}
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a request sent now waits, then runs
+                early = pool.submit(h.post, "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4})
+                time.sleep(0.3)
+                assert not early.done()
+                gate.set()
+                deadline = time.monotonic() + TIMEOUT
+                while (r := h.get("/health")).status_code != 200:
+                    assert r.status_code == 503 and time.monotonic() < deadline
+                    time.sleep(0.05)
+                assert warmed.is_set() and r.json() == {"status": "ok"}
+                assert early.result(TIMEOUT).status_code == 200
+            compiled = [f._cache_size() for f in (scheduler.decode_slots, scheduler.prefill_slots,
+                                                  engine_module.segment_pass)]
+            prompt = " ".join(PROMPTS)  # about 20 tokens: the smallest prefill capacity
+            assert h.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6}).status_code == 200
+            assert h.post("/v1/embeddings", json={"input": DOCS[0]}).status_code == 200
+            assert [f._cache_size() for f in (scheduler.decode_slots, scheduler.prefill_slots,
+                                              engine_module.segment_pass)] == compiled
+    finally:
+        srv.close()
 
 
 # --- bad input and auth -------------------------------------------------------------------
@@ -379,7 +483,7 @@ def _start_cli(export: Path, bank: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "grc_jax.serve", f"--model={export}", f"--bank={bank}", f"--port={port}",
          "--slots=4", "--max-len=128", "--page-size=4", "--num-pages=128", "--steps-per-chunk=4",
-         "--log-level=warning"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+         "--log-level=warning", "--no-warm-up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _wait_healthy(proc: subprocess.Popen, port: int) -> None:

@@ -12,6 +12,10 @@ On disk a bank is either
   A bank opened on a directory writes every change through before the call returns: an add
   writes the new memories' files and then `bank.json`, a replace rewrites one file, a remove
   deletes files; no change rewrites the whole bank.
+  Opening a directory reads each file's header and embedding only (search and listing work at
+  once); a memory's keys and values are read from its file when first used, and kept in a
+  least-recently-used cache of `kv_cache_bytes` (the page pool holds what decoding reads, so
+  the cache only spares re-reads). A bank of 100k memories starts without reading 180 GB.
 Every file is written by `atomic_write`: a temporary file beside the target, flushed to disk and
 moved over it with `os.replace`, so a crash mid-save leaves the previous file whole. `load` reads
 both forms and checks the ids (unique, below the next id) and that every list is as long as the
@@ -19,9 +23,11 @@ ids.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
+import threading
 import uuid
 import zipfile
 from pathlib import Path
@@ -41,6 +47,7 @@ DIR_FORMAT_VERSION = 1
 INDEX_FILE = "bank.json"
 MEMORY_DIR = "memories"
 _ARRAY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+KV_CACHE_BYTES = 256 << 20  # the default bound on keys and values read from a bank directory and kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,20 +101,88 @@ def weights_fingerprint(config: ModelConfig, params: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-@dataclasses.dataclass
 class Memory:
-    keys: np.ndarray  # [layers, K, kv_heads, head_dim]
-    values: np.ndarray
-    embedding: np.ndarray  # float32 [embed_dim]
-    text: str | None = None
-    version: int = 0
+    """One memory: its embedding (float32 [embed_dim]), text and version, and its keys and
+    values ([layers, K, kv_heads, head_dim] each). These are held in memory, or, for a memory of
+    a bank directory, read from its file when first asked for (through the bank's cache)."""
+
+    __slots__ = ("embedding", "text", "version", "_kv", "_file", "_cache")
+
+    def __init__(self, keys: np.ndarray | None, values: np.ndarray | None, embedding: np.ndarray,
+                 text: str | None = None, version: int = 0, *, file: Path | None = None,
+                 cache: _KVCache | None = None):
+        if (keys is None) == (file is None):
+            raise ValueError("a memory needs its keys and values, or the file that holds them (not both)")
+        self.embedding, self.text, self.version = embedding, text, version
+        self._kv = None if keys is None else (keys, values)
+        self._file, self._cache = file, cache
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.kv()[0]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.kv()[1]
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether keys and values are read from a file (lazily) rather than held here."""
+        return self._kv is None
+
+    def kv(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._kv is not None:
+            return self._kv
+        return self._cache.get(self._file, self.version)
+
+
+class _KVCache:
+    """Keys and values read from memory files, least recently used dropped past `max_bytes`.
+    An entry remembers its version: a replaced memory's old contents are never served."""
+
+    def __init__(self, spec: BankSpec, max_bytes: int):
+        self.spec, self.max_bytes = spec, max_bytes
+        self._entries: collections.OrderedDict[Path, tuple[int, np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # the engine thread reads; a handler thread may too
+
+    def get(self, file: Path, version: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            entry = self._entries.get(file)
+            if entry is not None and entry[0] == version:
+                self._entries.move_to_end(file)
+                return entry[1], entry[2]
+        kv = _read_kv(file, self.spec, version)
+        self.put(file, version, kv)
+        return kv
+
+    def put(self, file: Path, version: int, kv: tuple[np.ndarray, np.ndarray]) -> None:
+        with self._lock:
+            self._pop(file)
+            size = kv[0].nbytes + kv[1].nbytes
+            if size > self.max_bytes:
+                return
+            self._entries[file] = (version, *kv)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                self._pop(next(iter(self._entries)))
+
+    def drop(self, file: Path) -> None:
+        with self._lock:
+            self._pop(file)
+
+    def _pop(self, file: Path) -> None:
+        entry = self._entries.pop(file, None)
+        if entry is not None:
+            self._bytes -= entry[1].nbytes + entry[2].nbytes
 
 
 class MemoryBank:
     """Memories by id, with a cosine-similarity search over their embeddings."""
 
-    def __init__(self, spec: BankSpec):
+    def __init__(self, spec: BankSpec, kv_cache_bytes: int = KV_CACHE_BYTES):
         self.spec = spec
+        self._cache = _KVCache(spec, kv_cache_bytes)  # keys and values of memories read from files
         self.uid = uuid.uuid4().hex  # tells banks apart in the page pool's cache
         self._memories: dict[int, Memory] = {}
         self._next_id = 0
@@ -149,6 +224,7 @@ class MemoryBank:
             for memory_id, memory in new.items():
                 self._write_memory(memory_id, memory)
             self._write_index(self._next_id + n)
+            new = {memory_id: self._on_disk(memory_id, memory) for memory_id, memory in new.items()}
         self._memories.update(new)
         self._next_id += n
         self._matrix = self._unit = None
@@ -160,6 +236,7 @@ class MemoryBank:
         for memory_id in ids:
             if self.directory is not None:
                 self._memory_file(memory_id).unlink(missing_ok=True)
+                self._cache.drop(self._memory_file(memory_id))
             del self._memories[memory_id]
         if self.directory is not None:
             sync_directory(self.directory / MEMORY_DIR)
@@ -174,6 +251,8 @@ class MemoryBank:
         memory = Memory(k[0], v[0], e[0], text, old.version + 1)
         if self.directory is not None:
             self._write_memory(memory_id, memory)
+            self._cache.drop(self._memory_file(memory_id))
+            memory = self._on_disk(memory_id, memory)
         self._memories[memory_id] = memory
         self._matrix = self._unit = None
 
@@ -191,7 +270,8 @@ class MemoryBank:
         """keys, values [n, layers, K, kv_heads, head_dim] of the named memories."""
         ids = list(ids)
         self._need(ids)
-        return (np.stack([self._memories[i].keys for i in ids]), np.stack([self._memories[i].values for i in ids]))
+        kvs = [self._memories[i].kv() for i in ids]  # a memory of a bank directory is read here, once
+        return np.stack([k for k, _ in kvs]), np.stack([v for _, v in kvs])
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [n], embeddings float32 [n, dim]) in id order."""
@@ -239,19 +319,20 @@ class MemoryBank:
         return atomic_write(path, lambda f: _write_npz(f, arrays))
 
     @classmethod
-    def open(cls, directory: str | Path, spec: BankSpec) -> "MemoryBank":
+    def open(cls, directory: str | Path, spec: BankSpec, kv_cache_bytes: int = KV_CACHE_BYTES) -> "MemoryBank":
         """The bank kept in `directory` (made, empty, when absent), checked against the model's
-        `spec`; from now on every add, replace and remove is on disk before it returns."""
+        `spec`; from now on every add, replace and remove is on disk before it returns. Keys and
+        values are read when first used; at most `kv_cache_bytes` of them stay in memory."""
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory}: a file, not a memory bank directory (a single-file .npz bank loads with "
                              f"MemoryBank.load; `MemoryBank.load(FILE).save_to_directory(DIR)` converts it)")
         if (directory / INDEX_FILE).is_file():
-            bank = cls._load_directory(directory, spec)
+            bank = cls._load_directory(directory, spec, kv_cache_bytes=kv_cache_bytes)
         else:
             if directory.is_dir() and any(directory.iterdir()):
                 raise ValueError(f"{directory}: not empty and has no {INDEX_FILE}; not a memory bank directory")
-            bank = cls(spec)
+            bank = cls(spec, kv_cache_bytes)
             bank._attach(directory)
         return bank
 
@@ -260,12 +341,12 @@ class MemoryBank:
         directory = Path(directory)
         if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise ValueError(f"{directory}: exists and is not an empty directory")
-        bank = MemoryBank(self.spec)
-        bank._memories = dict(self._memories)
+        bank = MemoryBank(self.spec, self._cache.max_bytes)
         bank._next_id = self._next_id
         bank._attach(directory)
-        for memory_id, memory in bank._memories.items():
+        for memory_id, memory in self._memories.items():
             bank._write_memory(memory_id, memory)
+            bank._memories[memory_id] = bank._on_disk(memory_id, memory, keep=False)
         return bank
 
     @classmethod
@@ -316,7 +397,8 @@ class MemoryBank:
         return bank
 
     @classmethod
-    def _load_directory(cls, directory: Path, expect: BankSpec | None, attach: bool = True) -> "MemoryBank":
+    def _load_directory(cls, directory: Path, expect: BankSpec | None, attach: bool = True,
+                        kv_cache_bytes: int = KV_CACHE_BYTES) -> "MemoryBank":
         index_path = directory / INDEX_FILE
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -333,10 +415,10 @@ class MemoryBank:
             spec.check_same(expect, f"memory bank {directory}")
         if spec.dtype not in _ARRAY_DTYPES:
             raise ValueError(f"{index_path}: memory dtype {spec.dtype!r} is not one of {sorted(_ARRAY_DTYPES)}")
-        bank = cls(spec)
+        bank = cls(spec, kv_cache_bytes)
         memories: dict[int, Memory] = {}
         for file in sorted((directory / MEMORY_DIR).glob("*.safetensors")):
-            memory_id, memory = _read_memory_file(file, spec)
+            memory_id, memory = _read_memory_header(file, spec, bank._cache)
             memories[memory_id] = memory
         # An add writes its memories before bank.json: a crash between leaves files past the
         # stored next id, which are acknowledged-or-not but whole; count them in.
@@ -361,6 +443,14 @@ class MemoryBank:
 
     def _memory_file(self, memory_id: int) -> Path:
         return self.directory / MEMORY_DIR / f"{memory_id:012d}.safetensors"
+
+    def _on_disk(self, memory_id: int, memory: Memory, keep: bool = True) -> Memory:
+        """`memory`, just written to its file, as a memory read from there; with `keep`, its
+        keys and values go into the cache (a new memory is likely read soon)."""
+        file = self._memory_file(memory_id)
+        if keep:
+            self._cache.put(file, memory.version, memory.kv())
+        return Memory(None, None, memory.embedding, memory.text, memory.version, file=file, cache=self._cache)
 
     def _write_index(self, next_id: int) -> None:
         index = {"format": DIR_FORMAT, "format_version": DIR_FORMAT_VERSION, "spec": dataclasses.asdict(self.spec),
@@ -426,31 +516,59 @@ def _check_contents(path: Path, ids: list, next_id: Any, lengths: dict[str, int 
             f"{'no list of' if n is None else n} {what}" for what, n in wrong.items()))
 
 
-def _read_memory_file(file: Path, spec: BankSpec) -> tuple[int, Memory]:
+def _read_memory_header(file: Path, spec: BankSpec, cache: _KVCache) -> tuple[int, Memory]:
+    """A memory file's id, text, version and embedding, with its keys' and values' dtype and
+    shape checked against `spec` from the header; the keys and values stay unread."""
     try:
         with safetensors.safe_open(file, framework="numpy") as f:
             metadata = f.metadata() or {}
-        tensors = dict(safetensors.deserialize(file.read_bytes()))
-        memory_id, version = int(metadata["id"]), int(metadata["version"])
-        text = json.loads(metadata["text"])
+            memory_id, version = int(metadata["id"]), int(metadata["version"])
+            text = json.loads(metadata["text"])
+            names = set(f.keys())
+            for name, shape, dtype in (("keys", spec.memory_shape, spec.dtype),
+                                       ("values", spec.memory_shape, spec.dtype),
+                                       ("embedding", (spec.embed_dim,), "float32")):
+                if name not in names:
+                    raise _BadFile(f"no tensor {name!r}")
+                t = f.get_slice(name)
+                want = _SAFETENSORS_DTYPES[dtype]
+                if t.get_dtype() != want or tuple(t.get_shape()) != tuple(shape):
+                    raise _BadFile(f"tensor {name!r} is {t.get_dtype()} {list(t.get_shape())}, the bank's spec says "
+                                   f"{want} {list(shape)}")
+            embedding = f.get_tensor("embedding")
+    except _BadFile as e:
+        raise ValueError(f"{file}: {e}") from None
     except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as e:
         raise ValueError(f"{file}: not a memory file ({e!r})") from None
     if file.name != f"{memory_id:012d}.safetensors":
         raise ValueError(f"{file}: holds memory id {memory_id}, its name says otherwise")
-    arrays = {}
-    for name, shape, dtype in (("keys", spec.memory_shape, spec.dtype), ("values", spec.memory_shape, spec.dtype),
-                               ("embedding", (spec.embed_dim,), "float32")):
-        if name not in tensors:
-            raise ValueError(f"{file}: no tensor {name!r}")
-        t = tensors[name]
-        want = _SAFETENSORS_DTYPES[dtype]
-        if t["dtype"] != want or tuple(t["shape"]) != tuple(shape):
-            raise ValueError(f"{file}: tensor {name!r} is {t['dtype']} {list(t['shape'])}, the bank's spec says "
-                             f"{want} {list(shape)}")
-        arrays[name] = np.frombuffer(bytearray(t["data"]), _ARRAY_DTYPES[dtype]).reshape(shape)
     if not (text is None or isinstance(text, str)):
         raise ValueError(f"{file}: text must be a string or null")
-    return memory_id, Memory(arrays["keys"], arrays["values"], arrays["embedding"], text, version)
+    return memory_id, Memory(None, None, embedding, text, version, file=file, cache=cache)
+
+
+class _BadFile(Exception):
+    pass
+
+
+def _read_kv(file: Path, spec: BankSpec, version: int) -> tuple[np.ndarray, np.ndarray]:
+    """A memory file's keys and values (read only these tensors), checked against `spec` and
+    the version the bank expects."""
+    try:
+        with safetensors.safe_open(file, framework="numpy") as f:
+            found = int((f.metadata() or {}).get("version", -1))
+            keys, values = f.get_tensor("keys"), f.get_tensor("values")
+    except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as e:
+        raise ValueError(f"{file}: cannot read the memory's keys and values ({e!r})") from None
+    if found != version:
+        raise ValueError(f"{file}: holds version {found} of the memory, the bank expects {version} (was the bank "
+                         f"directory changed by another process?)")
+    dtype = _ARRAY_DTYPES[spec.dtype]
+    for what, array in (("keys", keys), ("values", values)):
+        if array.dtype != dtype or array.shape != spec.memory_shape:
+            raise ValueError(f"{file}: {what} are {array.dtype} {list(array.shape)}, the bank's spec says "
+                             f"{spec.dtype} {list(spec.memory_shape)}")
+    return keys, values
 
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

@@ -13,6 +13,10 @@ chunks the host
   capacity in query rows, used or not) before the next chunk decodes.
 A request whose pages are not free waits, in arrival order, until rows finish.
 
+A row may read its memories under memory priors (docs/design.md section 8): the request's
+`memory_bias`, one log-prior per memory, goes on each of that memory's page entries, as
+`Decoder.start` lays it out; rows without one get 0 there (no bias).
+
 Every row samples with its own temperature, top-k, top-p and seed (the compiled program is the
 same for all of them), and row b's n-th new token uses the key fold_in(key(seed_b), n): a
 request's tokens do not depend on which other requests share its chunk.
@@ -131,6 +135,7 @@ class SlotRequest:
     max_tokens: int
     on_tokens: Callable[[list[int], bool], bool]
     memories: list[Hashable] = dataclasses.field(default_factory=list)
+    memory_bias: list[float] | None = None  # one log-prior per entry of `memories`; None: none
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -157,7 +162,8 @@ class SlotBatch:
     `lend_pool` hands it back for calls such as `Decoder.reason_embed`)."""
 
     def __init__(self, decoder: Decoder, *, slots: int = 16, max_len: int = 1024, max_memories: int = 16,
-                 steps_per_chunk: int = 8, stop_token_ids: Sequence[int] = (), memory_source: MemorySource | None = None):
+                 steps_per_chunk: int = 8, stop_token_ids: Sequence[int] = (),
+                 memory_source: MemorySource | None = None):
         if slots < 1 or max_len < 2 or max_memories < 0 or steps_per_chunk < 1:
             raise ValueError(f"slots, max_len, max_memories, steps_per_chunk must be >= 1, 2, 0, 1; got "
                              f"{slots}, {max_len}, {max_memories}, {steps_per_chunk}")
@@ -201,6 +207,12 @@ class SlotBatch:
         if len(request.memories) > self.max_memories:
             raise RequestTooLarge(f"{len(request.memories)} memories; this server reads at most {self.max_memories} "
                                   f"per request")
+        if request.memory_bias is not None:
+            if len(request.memory_bias) != len(request.memories):
+                raise ValueError(f"memory_bias has {len(request.memory_bias)} values for {len(request.memories)} "
+                                 f"memories")
+            if not np.isfinite(np.asarray(request.memory_bias, np.float64)).all():
+                raise ValueError("memory_bias values must be finite")
         pages = -(-(len(request.prompt) + request.max_tokens) // S) + len(request.memories) * self.pages_per_memory
         if pages > self.decoder.allocator.num_pages:
             raise RequestTooLarge(f"the request needs {pages} KV pages of {S} tokens; the pool has "
@@ -257,7 +269,7 @@ class SlotBatch:
 
     def cancel_all(self, error: BaseException) -> None:
         """Ends every running and waiting request (their callbacks see `finished`)."""
-        for b, row in enumerate(self.rows):
+        for row in self.rows:
             if row is not None:
                 row.request.error = error
                 row.request.on_tokens([], True)
@@ -284,7 +296,8 @@ class SlotBatch:
         inner = DecodeState(tokens=zeros((B, W)), pool=pool, mem_page_table=zeros((B, M)), mem_page_lens=zeros((B, M)),
                             tok_page_table=zeros((B, T)), lengths=zeros(B), total=zeros(B), prompt_lens=zeros(B),
                             pos_offset=zeros(B), budget=zeros(B), done=jnp.ones(B, bool), step=zeros(()),
-                            rng=jax.random.key(0), logits=zeros((B, 0, self.config.vocab_size), jnp.float32))
+                            rng=jax.random.key(0), logits=zeros((B, 0, self.config.vocab_size), jnp.float32),
+                            mem_page_bias=zeros((B, M), jnp.float32))
         return SlotState(inner, zeros(B, jnp.float32), jnp.ones(B, jnp.float32), zeros(B), zeros(B, jnp.uint32))
 
     def _admit(self) -> None:
@@ -333,6 +346,9 @@ class SlotBatch:
             row_pages = [p for m in request.memories for p in mem_pages[m]]
             host["mem_page_table"][b, : len(row_pages)] = row_pages
             host["mem_page_lens"][b, : len(row_pages)] = slot_lens * len(request.memories)
+            if request.memory_bias is not None:  # each memory's value on each of its page entries
+                host["mem_page_bias"][b, : len(row_pages)] = np.repeat(
+                    np.asarray(request.memory_bias, np.float32), self.pages_per_memory)
             host["total"][b] = host["prompt_lens"][b] = n
             host["pos_offset"][b] = P + K if request.memories else 0
             host["budget"][b] = request.max_tokens
@@ -358,8 +374,8 @@ class SlotBatch:
         h["prompt_lens"][slots] = h["total"][slots] = h["lengths"][slots] = 0
         self._dirty = True
 
-    _INNER_FIELDS = ("tokens", "mem_page_table", "mem_page_lens", "tok_page_table", "lengths", "total", "prompt_lens",
-                     "pos_offset", "budget", "done")
+    _INNER_FIELDS = ("tokens", "mem_page_table", "mem_page_lens", "mem_page_bias", "tok_page_table", "lengths", "total",
+                     "prompt_lens", "pos_offset", "budget", "done")
     _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
 
     def _row_fields(self, state: SlotState) -> dict:
@@ -367,9 +383,10 @@ class SlotBatch:
                 **{k: getattr(state, k) for k in self._SAMPLING_FIELDS}}
 
     def _upload(self) -> None:
-        h = self._host
-        inner = self.state.inner.replace(**{k: jnp.asarray(h[k]) for k in self._INNER_FIELDS})
-        self.state = SlotState(inner, *(jnp.asarray(h[k]) for k in self._SAMPLING_FIELDS))
+        # one device_put of every field: a transfer each, no per-array dispatch of a conversion
+        new = jax.device_put({k: self._host[k] for k in (*self._INNER_FIELDS, *self._SAMPLING_FIELDS)})
+        inner = self.state.inner.replace(**{k: new[k] for k in self._INNER_FIELDS})
+        self.state = SlotState(inner, *(new[k] for k in self._SAMPLING_FIELDS))
         self._dirty = False
 
     def _reset_after_failure(self) -> None:

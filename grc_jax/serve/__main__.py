@@ -20,6 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a training run directory or an HF export")
     p.add_argument("--bank", help="memory bank directory (made when absent); without it memories live in memory only")
+    p.add_argument("--bank-cache-mb", type=int, default=256,
+                   help="memories' keys and values kept in memory after their first read from the bank (MiB)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("GRC_API_KEY"),
@@ -38,8 +40,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="end-of-reasoning token of self-reasoned embeddings; a model whose tokenizer lacks it "
                         "serves without them")
     p.add_argument("--default-max-tokens", type=int, default=256, help="a chat request's max_tokens when it sets none")
+    p.add_argument("--memory-prior", action="store_true",
+                   help="requests read their memories under memory priors (docs/design.md section 8) unless they "
+                        "send memory_prior=false")
+    p.add_argument("--prior-temperature", type=float, default=0.05,
+                   help="the priors' temperature: the model's train.prior_temperature")
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="skip compiling the decode, prefill and embedding programs at start (/health says ok at "
+                        "once; the first requests compile them)")
     p.add_argument("--log-level", default="info")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prior_temperature <= 0:
+        p.error(f"--prior-temperature must be > 0, got {args.prior_temperature}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,14 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.from_pretrained(args.model, num_pages=args.num_pages, page_size=args.page_size,
                                         prefill_chunk=args.prefill_chunk, eos_token=args.eos_token, eor_token=eor)
         if args.bank:
-            engine.bank = MemoryBank.open(args.bank, engine.bank_spec)
+            engine.bank = MemoryBank.open(args.bank, engine.bank_spec, kv_cache_bytes=max(0, args.bank_cache_mb) << 20)
         worker = Worker(engine, slots=args.slots, max_len=args.max_len, max_memories=args.max_memories,
-                        steps_per_chunk=args.steps_per_chunk)
+                        steps_per_chunk=args.steps_per_chunk, warm_up=args.warm_up)
     except (OSError, ValueError, KeyError) as e:
         print(f"grc_jax.serve: {e}", file=sys.stderr)
         return 2
     app = create_app(worker, model_name=args.model_name or Path(args.model).resolve().name, api_key=args.api_key,
-                     default_max_tokens=args.default_max_tokens)
+                     default_max_tokens=args.default_max_tokens, memory_prior=args.memory_prior,
+                     prior_temperature=args.prior_temperature)
     # On SIGTERM or SIGINT uvicorn stops accepting, waits for in-flight requests, then runs the
     # app's shutdown (which drains and stops the engine thread).
     server = _server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

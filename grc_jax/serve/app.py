@@ -39,14 +39,51 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
+class _AuthAndCount:
+    """ASGI middleware: the API key check (every route but /health) and the request counter by
+    route and status. Plain ASGI rather than `@app.middleware("http")`, whose wrapper costs a
+    task and a memory stream per request and a hand-off per streamed chunk."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.api_key is not None and scope["path"] != "/health":
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                self.metrics.requests.labels(scope["path"], "401").inc()
+                await _error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                             kind="authentication_error")(scope, receive, send)
+                return
+        status = 500  # unless a response starts
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")  # set by the router on this scope
+            self.metrics.requests.labels(getattr(route, "path", "unknown"), str(status)).inc()
+
+
 def render_messages(engine: Any, messages: list[dict[str, Any]]) -> str:
     """The chat prompt for `messages`: the model's chat template, as `Engine.render_chat` renders it."""
     return engine.render_chat(messages)
 
 
 def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, metrics: Metrics | None = None,
-               default_max_tokens: int = 256) -> FastAPI:
-    """The FastAPI application over a started-or-not `worker` (its lifespan starts and stops it)."""
+               default_max_tokens: int = 256, memory_prior: bool = False, prior_temperature: float = 0.05) -> FastAPI:
+    """The FastAPI application over a started-or-not `worker` (its lifespan starts and stops it).
+    memory_prior, prior_temperature: how requests with memories read them when they do not say
+    (the extra-body fields of the same names)."""
     from contextlib import asynccontextmanager
 
     engine = worker.engine
@@ -95,19 +132,7 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
     async def _bug(request: Request, e: Exception):
         return _error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                metrics.requests.labels(request.url.path, "401").inc()
-                return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                              kind="authentication_error")
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unknown"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(_AuthAndCount, api_key=api_key, metrics=metrics)
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -158,7 +183,12 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             max_tokens = max(1, min(default, worker.batch.max_len - prompt_len))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return dict(max_tokens=max_tokens, stops=stops, temperature=req.temperature or 0.0,
-                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed)
+                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+                    **prior_of(req))
+
+    def prior_of(req: s._Sampling | s.RagRequest) -> dict[str, Any]:
+        return dict(memory_prior=memory_prior if req.memory_prior is None else req.memory_prior,
+                    prior_temperature=prior_temperature if req.prior_temperature is None else req.prior_temperature)
 
     def start(prompt: list[int], params: dict[str, Any], memory_ids: list[int]) -> GenerationJob:
         try:
@@ -167,14 +197,21 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             field = "memory_ids" if "memories" in str(e) else "max_tokens"
             raise ApiError(400, f"{field}: {e}", field) from None
 
-    async def events(job: GenerationJob) -> AsyncIterator[tuple[str, Any]]:
+    async def events(job: GenerationJob) -> AsyncIterator[list[tuple[str, Any]]]:
+        """The job's ("delta", text) and ("done", Finished) events, in lists of all that were
+        waiting at once (a stream writes each list in one send); an ("error", e) raises e."""
         try:
             while True:
-                kind, value = await job.events.get()
-                if kind == "error":
-                    raise value
-                yield kind, value
-                if kind == "done":
+                batch = [await job.events.get()]
+                while not job.events.empty():
+                    batch.append(job.events.get_nowait())
+                for i, (kind, value) in enumerate(batch):
+                    if kind == "error":
+                        if i:
+                            yield batch[:i]
+                        raise value
+                yield batch
+                if batch[-1][0] == "done":
                     return
         finally:
             job.cancelled = True  # a client that left stops its row at the next chunk
@@ -182,15 +219,16 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
     async def collect(job: GenerationJob, started: float) -> tuple[str, Finished]:
         parts, first = [], True
         try:
-            async for kind, value in events(job):
-                if kind == "delta":
-                    if first:
-                        metrics.ttft.observe(time.monotonic() - started)
-                        first = False
-                    parts.append(value)
-                else:
-                    metrics.generation_tokens.inc(value.completion_tokens)
-                    return "".join(parts), value
+            async for batch in events(job):
+                for kind, value in batch:
+                    if kind == "delta":
+                        if first:
+                            metrics.ttft.observe(time.monotonic() - started)
+                            first = False
+                        parts.append(value)
+                    else:
+                        metrics.generation_tokens.inc(value.completion_tokens)
+                        return "".join(parts), value
         except KeyError as e:
             raise ApiError(404, f"memory_ids: {e.args[0] if e.args else e}", "memory_ids") from None
         raise RuntimeError("generation ended without finishing")
@@ -204,6 +242,8 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
     async def health():
         if not worker.alive:
             return _error(503, "the engine thread is not running", kind="server_error")
+        if not worker.ready.is_set():  # compiling its programs; requests queue meanwhile
+            return JSONResponse({"status": "warming up"}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -228,33 +268,37 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         prompt_tokens = sum(map(len, prompts))
         metrics.prompt_tokens.inc(prompt_tokens)
         if req.stream:
+            def piece(index: int, text: str, finish: str | None) -> str:
+                return sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]})
+
             async def stream():
-                made = 0
+                made, out = 0, []  # `out`: chunks not sent yet; the last ones go with [DONE] in one send
                 for i, job in enumerate(jobs):
                     if texts[i]:
-                        yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                                   "choices": [{"index": i, "text": texts[i], "finish_reason": None, "logprobs": None}]})
+                        out.append(piece(i, texts[i], None))
                     try:
-                        async for kind, value in events(job):
-                            if kind == "delta":
-                                yield sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                           "model": model, "choices": [{"index": i, "text": value, "finish_reason": None,
-                                                                        "logprobs": None}]})
-                            else:
-                                made += value.completion_tokens
-                                metrics.generation_tokens.inc(value.completion_tokens)
-                                yield sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                           "model": model, "choices": [{"index": i, "text": "",
-                                                                        "finish_reason": value.finish_reason,
-                                                                        "logprobs": None}]})
+                        async for batch in events(job):
+                            for kind, value in batch:
+                                if kind == "delta":
+                                    out.append(piece(i, value, None))
+                                else:
+                                    made += value.completion_tokens
+                                    metrics.generation_tokens.inc(value.completion_tokens)
+                                    out.append(piece(i, "", value.finish_reason))
+                            if batch[-1][0] != "done":
+                                yield "".join(out)
+                                out.clear()
                     except Exception as e:
-                        yield sse({"error": {"message": str(e), "type": "server_error"}})
+                        out.append(sse({"error": {"message": str(e), "type": "server_error"}}))
                         break
                 if (req.stream_options or {}).get("include_usage"):
-                    yield sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                               "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made,
-                                                        "total_tokens": prompt_tokens + made}})
-                yield "data: [DONE]\n\n"
+                    out.append(sse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                                    "model": model, "choices": [],
+                                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made,
+                                              "total_tokens": prompt_tokens + made}}))
+                out.append("data: [DONE]\n\n")
+                yield "".join(out)
 
             return StreamingResponse(stream(), media_type="text/event-stream")
         choices, made = [], 0
@@ -290,24 +334,29 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
 
             async def stream():
-                yield chunk({"role": "assistant", "content": ""}, None)
-                made = 0
+                # the role goes with the first text; the end, usage and [DONE] in one send
+                out, made = [chunk({"role": "assistant", "content": ""}, None)], 0
                 try:
-                    async for kind, value in events(job):
-                        if kind == "delta":
-                            yield chunk({"content": value}, None)
-                        else:
-                            made = value.completion_tokens
-                            metrics.generation_tokens.inc(made)
-                            yield chunk({}, value.finish_reason)
+                    async for batch in events(job):
+                        for kind, value in batch:
+                            if kind == "delta":
+                                out.append(chunk({"content": value}, None))
+                            else:
+                                made = value.completion_tokens
+                                metrics.generation_tokens.inc(made)
+                                out.append(chunk({}, value.finish_reason))
+                        if batch[-1][0] != "done":
+                            yield "".join(out)
+                            out.clear()
                 except Exception as e:
-                    yield sse({"error": {"message": str(e), "type": "server_error"}})
+                    out.append(sse({"error": {"message": str(e), "type": "server_error"}}))
                 if (req.stream_options or {}).get("include_usage"):
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                               "model": model, "choices": [],
-                               "usage": {"prompt_tokens": len(prompt), "completion_tokens": made,
-                                         "total_tokens": len(prompt) + made}})
-                yield "data: [DONE]\n\n"
+                    out.append(sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                                    "model": model, "choices": [],
+                                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": made,
+                                              "total_tokens": len(prompt) + made}}))
+                out.append("data: [DONE]\n\n")
+                yield "".join(out)
 
             return StreamingResponse(stream(), media_type="text/event-stream")
         text, done = await collect(job, started)
@@ -326,8 +375,8 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         if req.dimensions is not None and req.dimensions != dim:
             raise ApiError(400, f"dimensions: this model's embeddings have {dim} dimensions", "dimensions")
         prefix = engine.tokenize(req.instruction) if req.instruction else []
-        segments = [(prefix + tokens_of(x, "input", i if len(inputs) > 1 or not isinstance(req.input, str) else None))[:P]
-                    for i, x in enumerate(inputs)]
+        indexed = len(inputs) > 1 or not isinstance(req.input, str)  # name input[i] in errors
+        segments = [(prefix + tokens_of(x, "input", i if indexed else None))[:P] for i, x in enumerate(inputs)]
         if req.reason:
             if engine.eor_id is None:
                 raise ApiError(400, "reason: this model has no end-of-reasoning token", "reason")
@@ -367,8 +416,8 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             return out
 
         rows = await worker.call(read)
-        return s.MemoriesAdded(ids=ids, segments=[[m.text for m in row] for row in rows],
-                               embeddings=[[m.embedding for m in row] for row in rows] if req.return_embeddings else None)
+        embeddings = [[m.embedding for m in row] for row in rows] if req.return_embeddings else None
+        return s.MemoriesAdded(ids=ids, segments=[[m.text for m in row] for row in rows], embeddings=embeddings)
 
     @app.get("/v1/memories", response_model=s.MemoryPage, response_model_exclude_none=True)
     async def list_memories(offset: int = 0, limit: int = 100, embeddings: bool = False):
@@ -429,8 +478,11 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         prompt = tokens_of(req.question, "question")
         hits = await search_hits(req.question, req.top_k, req.reason)
         ids = [h.id for h in hits]
+        prior = prior_of(req)
+        if prior["memory_prior"]:  # the search's own scores, as Engine.rag weighs them
+            prior["memory_prior"] = [h.score for h in hits]
         job = start(prompt, dict(max_tokens=req.max_tokens, stops=[], temperature=req.temperature, top_p=req.top_p,
-                                 top_k=0, seed=req.seed), ids)
+                                 top_k=0, seed=req.seed, **prior), ids)
         text, done = await collect(job, started)
         return s.RagResponse(answer=text, memory_ids=ids, scores=[h.score for h in hits],
                              finish_reason=done.finish_reason,

@@ -31,6 +31,9 @@ class _Sampling(_Request):
     n: int | None = Field(None, ge=1)
     logprobs: Any = None
     memory_ids: list[MemoryId] | None = None  # GRC: memories the answer reads (extra_body)
+    # GRC: read them under memory priors (docs/design.md section 8); None: the server's default
+    memory_prior: bool | None = None
+    prior_temperature: float | None = Field(None, gt=0.0)
 
 
 class CompletionRequest(_Sampling):
@@ -184,6 +187,8 @@ class RagRequest(_Request):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    memory_prior: bool | None = None  # priors from the search's own scores, as Engine.rag
+    prior_temperature: float | None = Field(None, gt=0.0)
 
 
 class RagResponse(BaseModel):

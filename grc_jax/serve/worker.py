@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from grc_jax.inference import Engine
+from grc_jax.inference.decode import bucket
 from grc_jax.inference.scheduler import SlotBatch, SlotRequest
 
 log = logging.getLogger("grc_jax.serve")
@@ -51,10 +52,16 @@ class GenerationJob:
         self.sent = ""
         self.cancelled = False
         self.request: SlotRequest | None = None
+        self.outbox: list | None = None  # set by the Worker: events wait there for its one hand-over per step
+        # memory priors: None, True (the prompt's own embedding) or the caller's scores; temperature
+        self.prior: tuple[bool | list[float], float] | None = None
         self._closed = False
 
     def _post(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.outbox is not None:
+            self.outbox.append((self, event))
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def on_tokens(self, new: list[int], finished: bool) -> bool:
         if self._closed:
@@ -111,7 +118,7 @@ class Worker:
     """Owns the Engine on one thread; see the module docstring."""
 
     def __init__(self, engine: Engine, *, slots: int = 16, max_len: int = 1024, max_memories: int = 16,
-                 steps_per_chunk: int = 8, on_step: Callable[[Worker], None] | None = None):
+                 steps_per_chunk: int = 8, on_step: Callable[[Worker], None] | None = None, warm_up: bool = True):
         self.engine = engine
         tokenizer = engine.tokenizer
         ids = {engine.eos_id} | {tokenizer.token_to_id(t) for t in END_TOKENS}
@@ -124,6 +131,11 @@ class Worker:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="grc-engine", daemon=True)
         self.steps = 0
+        self.warm_up_on_start = warm_up
+        # Events of every job, handed to the event loop once per step: one wake-up of the loop
+        # per chunk, not one per request and chunk.
+        self._outbox: list[tuple[GenerationJob, tuple]] = []
+        self.ready = threading.Event()  # set once warmed up (at once without a warm-up): /health says ok
 
     # --- the asyncio side -------------------------------------------------------------------
 
@@ -158,12 +170,20 @@ class Worker:
         self.inbox.put(_Batched("compress", texts, future))
         return await asyncio.wrap_future(future)
 
-    def generation(self, prompt: list[int], max_tokens: int, *, memory_ids: Sequence[int] = (), stops: Sequence[str] = (),
-                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None
-                   ) -> GenerationJob:
+    def generation(self, prompt: list[int], max_tokens: int, *, memory_ids: Sequence[int] = (),
+                   stops: Sequence[str] = (), temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                   seed: int | None = None, memory_prior: bool | Sequence[float] = False,
+                   prior_temperature: float = 0.05) -> GenerationJob:
         """Queues a generation; raises RequestTooLarge (a request that can never run) or
-        KeyError (an unknown memory id) at once. Read the job's `events`."""
+        KeyError (an unknown memory id) at once. Read the job's `events`. memory_prior: read the
+        memories under priors (docs/design.md section 8) from the prompt's own embedding (True)
+        or from these scores, one per memory, as `Engine.generate` does."""
         job = GenerationJob(self.engine, self.stop_ids, stops, asyncio.get_running_loop())
+        job.outbox = self._outbox
+        if memory_prior is not False and memory_prior is not None and len(memory_ids) > 1:
+            # one memory gets prior 0 (log_softmax of one score): no bias, nothing to compute
+            prior = True if memory_prior is True else [float(x) for x in memory_prior]
+            job.prior = (prior, float(prior_temperature))
         request = SlotRequest(prompt=list(prompt), max_tokens=max_tokens, on_tokens=job.on_tokens,
                               memories=[int(m) for m in memory_ids], temperature=temperature, top_p=top_p,
                               top_k=top_k, seed=seed if seed is not None else time.time_ns() % 2**32)
@@ -174,7 +194,53 @@ class Worker:
 
     # --- the engine thread ------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Compiles what the first requests would otherwise wait for: the decode chunk, the
+        prefill of every capacity the batch uses (32, 64, ... up to the prefill chunk), and the
+        embedding and compression pass of one segment of every width it pads to. Runs on the engine
+        thread before it takes requests (they queue meanwhile)."""
+        started = time.monotonic()
+        engine, batch = self.engine, self.batch
+        token = next(t for t in range(engine.config.vocab_size) if t not in self.stop_ids)
+        K, P = engine.config.num_latents, engine.config.max_segment_len
+        widths = {min(bucket(n + K), P + K): n for n in range(P, 0, -1)}  # each segment width, shortest n
+        for n in sorted(widths.values()):
+            engine.embed_tokens([[token] * n])
+        limit, capacity = batch.settings.prefill_chunk, 32
+        while True:
+            self._warm_prefill(min(capacity, limit), token)
+            if capacity >= limit:
+                break
+            capacity *= 2
+        log.info("warmed up in %.1f s", time.monotonic() - started)
+
+    def _warm_prefill(self, capacity: int, token: int) -> None:
+        """Runs rows of `token` whose prompts together leave `capacity` tokens to prefill (the
+        capacity `SlotBatch.step` picks for them), each making one token."""
+        per_row = self.batch.max_len - 2  # prompt + 1 new token fit a row; the last prompt token is decoded
+        if per_row < 1:
+            return
+        rows = [min(per_row, capacity - i) for i in range(0, capacity, per_row)]
+        if len(rows) > self.batch.slots:
+            return
+        requests = [SlotRequest(prompt=[token] * (n + 1), max_tokens=1, on_tokens=lambda new, done: False)
+                    for n in rows]
+        try:
+            for request in requests:
+                self.batch.submit(request)
+        except ValueError:  # more pages than the pool has: this capacity compiles on first use
+            self.batch.waiting.clear()
+            return
+        while self.batch.running or self.batch.waiting:
+            self.batch.step()
+
     def _loop(self) -> None:
+        if self.warm_up_on_start:
+            try:
+                self.warm_up()
+            except Exception:  # serve anyway: the programs compile on first use
+                log.exception("warm-up failed")
+        self.ready.set()
         while True:
             idle = not self.batch.running and not self.batch.waiting
             if self._stop.is_set() and idle and self.inbox.empty():
@@ -198,15 +264,31 @@ class Worker:
             except Exception as e:  # a bug, not a bad request: end what ran, keep serving
                 log.exception("engine step failed")
                 self.batch.cancel_all(e)
+            self._hand_over()
             if self.on_step is not None:
                 try:
                     self.on_step(self)
                 except Exception:
                     log.exception("metrics update failed")
 
+    def _hand_over(self) -> None:
+        """Puts the step's events on their jobs' queues: one call into each event loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        self._outbox.clear()
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                pass
+
     def _handle(self, items: list) -> None:
         embeds = [i for i in items if isinstance(i, _Batched) and i.kind == "embed"]
         compresses = [i for i in items if isinstance(i, _Batched) and i.kind == "compress"]
+        self._set_priors([i for i in items if isinstance(i, GenerationJob) and i.prior is not None])
         for item in items:
             if isinstance(item, GenerationJob):
                 self._admit_generation(item)
@@ -217,8 +299,34 @@ class Worker:
         if compresses:
             self._run_batched(compresses, self._compress_texts, split_rows=False)
 
+    def _set_priors(self, jobs: list[GenerationJob]) -> None:
+        """Each job's memory bias, `Engine.memory_priors` of its prompt and memories: the jobs
+        that share a prior temperature in one call (their prompts embedded together)."""
+        groups: dict[tuple[bool, float], list[GenerationJob]] = {}
+        for job in jobs:
+            groups.setdefault((job.prior[0] is True, job.prior[1]), []).append(job)
+        for (own, temperature), group in groups.items():
+            try:
+                rows = [job.request.memories for job in group]
+                how = True if own else [job.prior[0] for job in group]
+                bias = self.engine.memory_priors([job.request.prompt for job in group], rows, how, temperature)
+            except Exception:  # one bad request (a memory deleted meanwhile, bad scores): each alone
+                for job in group:
+                    try:
+                        job.request.memory_bias = self.engine.memory_priors(
+                            [job.request.prompt], [job.request.memories], True if own else [job.prior[0]],
+                            temperature)[0]
+                    except Exception as e:
+                        job.request.error = e
+                continue
+            for job, row in zip(group, bias):
+                job.request.memory_bias = row
+
     def _admit_generation(self, job: GenerationJob) -> None:
         request = job.request
+        if request.error is not None:
+            job.on_tokens([], True)
+            return
         try:
             # Memory ids to page-pool keys now, on this thread: an id deleted since the handler
             # checked it fails this request alone.
@@ -263,3 +371,8 @@ class Worker:
             n = len(item.items)
             item.future.set_result(out[start:start + n])
             start += n
+
+
+def _deliver(events: list[tuple[GenerationJob, tuple]]) -> None:
+    for job, event in events:
+        job.events.put_nowait(event)

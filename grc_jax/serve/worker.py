@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from grc_jax.inference import Engine
-from grc_jax.inference.decode import bucket
+from grc_jax.inference.decoder import bucket
 from grc_jax.inference.scheduler import SlotBatch, SlotRequest
 
 log = logging.getLogger("grc_jax.serve")

@@ -32,6 +32,10 @@ from grc_jax.serve import Worker, create_app
 from grc_jax.serve.app import render_messages
 from grc_jax.tokenizer import Tokenizer
 
+# Live servers (in-process and CLI subprocesses), about 100 s of the suite on two workers: the
+# whole module is in the `slow` tier, so `-m "not slow"` stays a quick check.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["Zorvak lives in Quarn and keeps an owl.", "Belna is a glassblower from Ostreth.",
         "The river Quarn floods every spring.", "Ostreth has a glass market on the hill."]

@@ -421,6 +421,7 @@ def smollm2():
     return path, engine, reference, ref_tok
 
 
+@pytest.mark.slow  # real-model load or whole training runs: 15-30 s each
 def test_smollm2_logits_equal_transformers(smollm2):
     _, engine, reference, ref_tok = smollm2
     c = engine.config
@@ -435,6 +436,7 @@ def test_smollm2_logits_equal_transformers(smollm2):
     assert scale > 10 and np.abs(ours - theirs).max() <= 1e-3 * scale, (np.abs(ours - theirs).max(), scale)
 
 
+@pytest.mark.slow  # real-model load or whole training runs: 15-30 s each
 def test_smollm2_greedy_chat_answer_equals_transformers(smollm2):
     _, engine, reference, ref_tok = smollm2
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -450,6 +452,7 @@ def test_smollm2_greedy_chat_answer_equals_transformers(smollm2):
     assert ours == theirs and "Paris" in ours, (ours, theirs)
 
 
+@pytest.mark.slow  # real-model load or whole training runs: 15-30 s each
 def test_smollm2_config_resolves_smollm2_s_own_tokens(tmp_path):
     """configs/smollm2_135m.py: the file from the extra, its tokenizer and special tokens (two
     training steps cost minutes on 2 cores, so the suite stops at what training is set up with)."""

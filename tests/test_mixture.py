@@ -169,6 +169,7 @@ def shard_config(tmp_path: Path, world: Path, **changes) -> Path:
                                            "train.steps": 4, **changes})
 
 
+@pytest.mark.slow  # real-model load or whole training runs: 15-30 s each
 def test_arrayrecord_training_killed_and_resumed_gives_the_same_losses(world_shards, tmp_path):
     config = shard_config(tmp_path, world_shards)
     reference = run_cli(config, tmp_path / "reference")
@@ -181,6 +182,7 @@ def test_arrayrecord_training_killed_and_resumed_gives_the_same_losses(world_sha
         assert loss == pytest.approx(expected[step], rel=1e-6), (kill_after, step)
 
 
+@pytest.mark.slow  # real-model load or whole training runs: 15-30 s each
 def test_two_processes_train_on_their_shares(world_shards, tmp_path):
     """launch/local.sh, two processes with jax.distributed: each logs that it reads half of the records."""
     config = shard_config(tmp_path, world_shards, **{"train.steps": 2, "checkpoint.every": 2})

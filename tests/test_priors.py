@@ -323,3 +323,22 @@ def test_the_held_out_evaluation_reads_as_eval_memory_prior_says(tmp_path, monke
         c.eval_memory_prior = setting
     train.train_and_evaluate(c, tmp_path / "run")
     assert seen == [setting]
+
+
+def test_reasoned_priors_come_from_the_prompts_self_reasoned_embedding(config, params, tokenizer):
+    engine = Engine(config, params, tokenizer, num_pages=128, page_size=4, prefill_chunk=16, batch_size=8,
+                    eor_token="<|end_of_reasoning|>", max_reason_tokens=4)
+    ids = [i for row in engine.compress(DOCS[:3]) for i in row]
+    prompt = tokenizer.encode(QUESTION)
+    tau = 0.05
+    bias = engine.memory_priors([prompt], [ids], "reason", tau)[0]
+    question_emb, trace = engine.embed_with_reasoning_tokens([prompt])
+    mem_emb = engine.embed_tokens([tokenizer.encode(d)[:P] for d in DOCS[:3]])
+    np.testing.assert_allclose(bias, np.asarray(priors.memory_prior(question_emb[0], mem_emb, tau)), rtol=1e-5,
+                               atol=1e-5)
+    # The trace changes the embedding, so the prior differs from the plain prompt's.
+    assert trace[0] and np.abs(np.asarray(bias) - engine.memory_priors([prompt], [ids], True, tau)[0]).max() > 1e-4
+    # Generation under "reason" is generation under those scores given by the caller.
+    scores = [[float(np.dot(question_emb[0], engine.bank.get(m).embedding)) for m in ids]]
+    assert (engine.generate(QUESTION, memories=ids, max_new_tokens=4, memory_prior="reason")
+            == engine.generate(QUESTION, memories=ids, max_new_tokens=4, memory_prior=scores))

@@ -294,7 +294,8 @@ class Engine:
 
         memory_prior (docs/design.md section 8): False, no prior; True, each prompt's own
         embedding (the prompt as one segment, as training lays out a question) against its
-        memories' embeddings; or caller scores, one list of per-memory scores per prompt (another
+        memories' embeddings; "reason", the prompt's self-reasoned embedding (as
+        `embed(..., reason=True)`; for questions that need a second hop); or caller scores, one list of per-memory scores per prompt (another
         retriever's). The prior log_softmax(scores / prior_temperature) over a prompt's memories is
         added to its attention logits on each memory's keys. Use the temperature the model was
         trained with (`train.prior_temperature`)."""
@@ -458,8 +459,13 @@ class Engine:
             return None
         if prior_temperature <= 0:
             raise ValueError(f"prior_temperature must be > 0, got {prior_temperature}")
-        if memory_prior is True:
-            questions = self.embed_tokens([list(p)[: self.config.max_segment_len] for p in prompts])
+        if memory_prior is True or memory_prior == "reason":
+            segments = [list(p)[: self.config.max_segment_len] for p in prompts]
+            # "reason": the prompt embedded after its own reasoning trace, as multi-hop retrieval
+            # embeds a query; a question that names one person but asks about another (the
+            # mentor's colour) then points to the memory that answers it, not the one it names.
+            questions = (self.embed_with_reasoning_tokens(segments)[0] if memory_prior == "reason"
+                         else self.embed_tokens(segments))
             scores = [[float(np.dot(q, self.bank.get(m).embedding)) for m in row] for q, row in zip(questions, rows)]
         else:
             scores = [[float(x) for x in row] for row in memory_prior]

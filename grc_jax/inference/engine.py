@@ -296,9 +296,10 @@ class Engine:
         embedding (the prompt as one segment, as training lays out a question) against its
         memories' embeddings; "reason", the prompt's self-reasoned embedding (as
         `embed(..., reason=True)`; for questions that need a second hop); or caller scores, one
-        list of per-memory scores per prompt (another retriever's). The prior log_softmax(scores / prior_temperature) over a prompt's memories is
-        added to its attention logits on each memory's keys. Use the temperature the model was
-        trained with (`train.prior_temperature`)."""
+        list of per-memory scores per prompt (another retriever's). The prior
+        log_softmax(scores / prior_temperature) over a prompt's memories is added to its attention
+        logits on each memory's keys. Use the temperature the model was trained with
+        (`train.prior_temperature`)."""
         single = isinstance(prompts, str)
         answers = self._generate([self._encode(t) for t in _texts(prompts, "generate")], memories, max_new_tokens,
                                  sampling, stop_tokens, seed, stop, memory_prior, prior_temperature)

@@ -316,38 +316,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         history: list[dict[str, float]] = []
         evals: list[dict[str, float]] = []  # the periodic held-out evaluations, the final one apart
         window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
-        for step in range(start, t.steps):
-            batch = _to_global(next(iterator), batch_sharding, t.global_batch)
-            state, metrics = step_fn(state, batch)
-            window_steps += 1
-            done = step + 1
-            if done % config.log_every == 0 or done == t.steps:
-                _check_finite(state)
-                metrics = jax.tree.map(float, jax.device_get(metrics))
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / window_steps
-                metrics.update(step_time=step_time, tokens_per_second=tokens_per_step / step_time)
-                if peak:
-                    metrics["mfu"] = flops_per_token * tokens_per_step / step_time / (peak * jax.device_count())
-                writer.write(done, metrics)
-                history.append({"step": done, **metrics})
-                _report(done, t.steps, metrics, eta=(t.steps - done) * step_time)
-                window_start, window_steps = time.perf_counter(), 0
-            if config.eval_every and done % config.eval_every == 0 and done != t.steps and setup.eval_dir:
-                figures = evaluation.evaluate_world(mc, state["params"], setup, config,
-                                                    memory_prior=config.eval_memory_prior)
-                writer.write(done, figures)
-                evals.append({"step": done, **figures})
-                _print_eval(done, figures)
-            if done % config.checkpoint.every == 0 or done == t.steps:
-                save(done)
-            synced = done % config.log_every == 0 or done % config.checkpoint.every == 0
-            if preemption.agreed(synced) or manager.reached_preemption(done):
-                if manager.latest_step() != done:
+        try:
+            for step in range(start, t.steps):
+                batch = _to_global(next(iterator), batch_sharding, t.global_batch)
+                state, metrics = step_fn(state, batch)
+                window_steps += 1
+                done = step + 1
+                if done % config.log_every == 0 or done == t.steps:
+                    _check_finite(state)
+                    metrics = jax.tree.map(float, jax.device_get(metrics))
+                    elapsed = time.perf_counter() - window_start
+                    step_time = elapsed / window_steps
+                    metrics.update(step_time=step_time, tokens_per_second=tokens_per_step / step_time)
+                    if peak:
+                        metrics["mfu"] = flops_per_token * tokens_per_step / step_time / (peak * jax.device_count())
+                    writer.write(done, metrics)
+                    history.append({"step": done, **metrics})
+                    _report(done, t.steps, metrics, eta=(t.steps - done) * step_time)
+                    window_start, window_steps = time.perf_counter(), 0
+                if config.eval_every and done % config.eval_every == 0 and done != t.steps and setup.eval_dir:
+                    figures = evaluation.evaluate_world(mc, state["params"], setup, config,
+                                                        memory_prior=config.eval_memory_prior)
+                    writer.write(done, figures)
+                    evals.append({"step": done, **figures})
+                    _print_eval(done, figures)
+                if done % config.checkpoint.every == 0 or done == t.steps:
                     save(done)
-                manager.wait_until_finished()
-                logging.warning("stopped for preemption at step %d", done)
-                return {"preempted_at": done, "history": history}
+                synced = done % config.log_every == 0 or done % config.checkpoint.every == 0
+                if preemption.agreed(synced) or manager.reached_preemption(done):
+                    if manager.latest_step() != done:
+                        save(done)
+                    manager.wait_until_finished()
+                    logging.warning("stopped for preemption at step %d", done)
+                    return {"preempted_at": done, "history": history}
+        except BaseException:
+            # A checkpoint still being written when a step fails (a bad record met mid-stream, a
+            # non-finite loss, ^C) is finished first: exiting would abandon it half-written, and the
+            # run could only restart from the one before.
+            manager.wait_until_finished()
+            raise
         manager.wait_until_finished()
         result: dict[str, Any] = {"history": history, "train_seconds": time.perf_counter() - run_start}
         if evals:

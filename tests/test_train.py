@@ -244,6 +244,37 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     assert saved and max(saved) < bad_step
 
 
+class _FailingIterator:
+    """The training iterator, raising a data error at its `fail_at`-th batch."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def __next__(self):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise ValueError("data.jsonl:7: record needs 629 tokens, more than row_len 512")
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+
+@pytest.mark.slow
+def test_an_error_mid_run_finishes_the_checkpoint_being_written(world, tmp_path, monkeypatch):
+    # The asynchronous save of step 3 is still being written when the 4th batch fails; the error
+    # must not leave it half-written (before, the exit abandoned it and the run lost 3 steps).
+    make_iterator = train.pipeline.make_iterator
+    monkeypatch.setattr(train.pipeline, "make_iterator", lambda ds: _FailingIterator(make_iterator(ds), 4))
+    config = config_for(world, **{"train.steps": 6, "checkpoint.every": 3, "checkpoint.use_async": True})
+    with pytest.raises(ValueError, match="data.jsonl:7"):
+        train.train_and_evaluate(config, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+
+
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize("every", [100, 1], ids=["between_checkpoints", "on_a_checkpoint_step"])

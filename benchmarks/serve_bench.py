@@ -72,18 +72,27 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> tup
     """(seconds to the first non-empty text or None, completion tokens the server reports)."""
     body = {"prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    start, first, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - start
-    return first, tokens
+    for attempt in range(3):
+        start, first, tokens, answered = time.perf_counter(), None, 0, False
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                answered = True
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                        first = time.perf_counter() - start
+            return first, tokens
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # Unanswered: a kept-alive connection that the server closed as the request went out
+            # (a client held off the CPU past uvicorn's 5 s keep-alive); the request never ran.
+            if answered or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -176,6 +176,7 @@ class SlotBatch:
         self.pages_per_memory = -(-K // S)
         self.settings = LoopSettings(stop_token_ids=tuple(stop_token_ids), prefill_chunk=decoder.prefill_chunk,
                                      impl=decoder.impl)
+        self._prefill_by_capacity: dict[int, LoopSettings] = {}
         M = max(1, max_memories * self.pages_per_memory)
         if (decoder.impl or default_impl()) != "reference":
             M = bucket(M)
@@ -235,12 +236,12 @@ class SlotBatch:
             self._upload()
         try:
             if self._unfed:
-                settings = dataclasses.replace(self.settings, prefill_chunk=min(
-                    self.settings.prefill_chunk, bucket(self._unfed, 32)))
-                self.state = prefill_slots(self.config, settings, self.decoder.params, self.state)
+                self.state = prefill_slots(self.config, self._prefill_settings(self._unfed), self.decoder.params,
+                                           self.state)
                 self._unfed = 0
+            # a NumPy scalar: a jax.numpy one would cost a dispatch of its own every chunk
             self.state = decode_slots(self.config, self.settings, self.decoder.params, self.state,
-                                      jnp.int32(self._step + self.steps_per_chunk))
+                                      np.int32(self._step + self.steps_per_chunk))
         except BaseException:
             self._reset_after_failure()
             raise
@@ -289,6 +290,16 @@ class SlotBatch:
         return self.decoder.allocator.num_pages - self.decoder.allocator.num_free
 
     # --- internals -------------------------------------------------------------------------
+
+    def _prefill_settings(self, unfed: int) -> LoopSettings:
+        """The settings of a prefill call for `unfed` prompt tokens: its capacity bucketed to them
+        (a call costs its capacity in query rows, used or not). Made once per capacity, not per chunk."""
+        capacity = min(self.settings.prefill_chunk, bucket(unfed, 32))
+        settings = self._prefill_by_capacity.get(capacity)
+        if settings is None:
+            settings = self._prefill_by_capacity[capacity] = dataclasses.replace(self.settings,
+                                                                                prefill_chunk=capacity)
+        return settings
 
     def _empty_state(self, pool) -> SlotState:
         B, W, T, M = self._shapes

@@ -188,7 +188,8 @@ def main() -> None:
         port = free_port()
         cmd = [sys.executable, "-m", "grc_jax.serve", f"--model={model_path}", f"--port={port}",
                "--log-level=warning", *args.server_args.split()]
-        server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)})
         url, server_pid = f"http://127.0.0.1:{port}", server.pid
     try:
         deadline = time.monotonic() + 900  # the server compiles its programs before it says ready

@@ -125,6 +125,24 @@ def decode_slots(config: ModelConfig, settings: LoopSettings, params: model.Para
     return state.replace(inner=inner)
 
 
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _unpack_rows(packed: jax.Array, layout: tuple[tuple[str, tuple[int, ...], str], ...]) -> dict[str, jax.Array]:
+    """The fields `SlotBatch._upload` packed into int32 [B, sum of widths], by (name, trailing
+    shape, dtype name)."""
+    out, start = {}, 0
+    for name, shape, dtype in layout:
+        width = int(np.prod(shape, dtype=np.int64))
+        part = packed[:, start:start + width].reshape(packed.shape[0], *shape)
+        start += width
+        if dtype == "bool":
+            out[name] = part != 0
+        elif dtype == "int32":
+            out[name] = part
+        else:
+            out[name] = jax.lax.bitcast_convert_type(part, jnp.dtype(dtype))
+    return out
+
+
 @dataclasses.dataclass
 class SlotRequest:
     """One generation request. `on_tokens(new_tokens, finished)` is called from the engine
@@ -176,6 +194,7 @@ class SlotBatch:
         self.pages_per_memory = -(-K // S)
         self.settings = LoopSettings(stop_token_ids=tuple(stop_token_ids), prefill_chunk=decoder.prefill_chunk,
                                      impl=decoder.impl)
+        self._prefill_by_capacity: dict[int, LoopSettings] = {}
         M = max(1, max_memories * self.pages_per_memory)
         if (decoder.impl or default_impl()) != "reference":
             M = bucket(M)
@@ -194,6 +213,7 @@ class SlotBatch:
         # the device's changes to tokens, lengths, total, done come back with each chunk's tokens.
         self._host = {k: np.array(v) for k, v in jax.device_get(self._row_fields(self.state)).items()}
         self._dirty = False
+        self._layout: tuple | None = None  # of the packed upload (`_upload`)
 
     # --- what callers use ------------------------------------------------------------------
 
@@ -235,12 +255,12 @@ class SlotBatch:
             self._upload()
         try:
             if self._unfed:
-                settings = dataclasses.replace(self.settings, prefill_chunk=min(
-                    self.settings.prefill_chunk, bucket(self._unfed, 32)))
-                self.state = prefill_slots(self.config, settings, self.decoder.params, self.state)
+                self.state = prefill_slots(self.config, self._prefill_settings(self._unfed), self.decoder.params,
+                                           self.state)
                 self._unfed = 0
+            # a NumPy scalar: a jax.numpy one would cost a dispatch of its own every chunk
             self.state = decode_slots(self.config, self.settings, self.decoder.params, self.state,
-                                      jnp.int32(self._step + self.steps_per_chunk))
+                                      np.int32(self._step + self.steps_per_chunk))
         except BaseException:
             self._reset_after_failure()
             raise
@@ -289,6 +309,16 @@ class SlotBatch:
         return self.decoder.allocator.num_pages - self.decoder.allocator.num_free
 
     # --- internals -------------------------------------------------------------------------
+
+    def _prefill_settings(self, unfed: int) -> LoopSettings:
+        """The settings of a prefill call for `unfed` prompt tokens: its capacity bucketed to them
+        (a call costs its capacity in query rows, used or not). Made once per capacity, not per chunk."""
+        capacity = min(self.settings.prefill_chunk, bucket(unfed, 32))
+        settings = self._prefill_by_capacity.get(capacity)
+        if settings is None:
+            settings = self._prefill_by_capacity[capacity] = dataclasses.replace(self.settings,
+                                                                                prefill_chunk=capacity)
+        return settings
 
     def _empty_state(self, pool) -> SlotState:
         B, W, T, M = self._shapes
@@ -383,8 +413,17 @@ class SlotBatch:
                 **{k: getattr(state, k) for k in self._SAMPLING_FIELDS}}
 
     def _upload(self) -> None:
-        # one device_put of every field: a transfer each, no per-array dispatch of a conversion
-        new = jax.device_put({k: self._host[k] for k in (*self._INNER_FIELDS, *self._SAMPLING_FIELDS)})
+        # Every field's rows packed side by side into one int32 array (floats and uint32 by their
+        # bits): one transfer and one small program, where a device_put per field cost ~15
+        # transfers' worth of host work every chunk that rows joined or left.
+        names = (*self._INNER_FIELDS, *self._SAMPLING_FIELDS)
+        host = [self._host[k] for k in names]
+        B = host[0].shape[0]
+        packed = np.concatenate([(a.astype(np.int32) if a.dtype == np.bool_ else a).reshape(B, -1).view(np.int32)
+                                 for a in host], axis=1)
+        if self._layout is None:  # the fields' shapes and dtypes never change
+            self._layout = tuple((k, a.shape[1:], a.dtype.name) for k, a in zip(names, host))
+        new = _unpack_rows(packed, self._layout)
         inner = self.state.inner.replace(**{k: new[k] for k in self._INNER_FIELDS})
         self.state = SlotState(inner, *(new[k] for k in self._SAMPLING_FIELDS))
         self._dirty = False

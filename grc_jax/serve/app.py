@@ -236,6 +236,11 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
     def sse(payload: Any) -> str:
         return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
+    def sse_head(rid: str, kind: str, created: int, model: str) -> str:
+        """A stream's chunks differ only in their choices: the rest is rendered once per request,
+        as `data: {...` without its closing brace."""
+        return sse({"id": rid, "object": kind, "created": created, "model": model})[:-3]
+
     # --- OpenAI routes --------------------------------------------------------------------------
 
     @app.get("/health")
@@ -268,9 +273,12 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         prompt_tokens = sum(map(len, prompts))
         metrics.prompt_tokens.inc(prompt_tokens)
         if req.stream:
+            created = int(time.time())  # one value for every chunk of the stream, as OpenAI's
+            head = sse_head(rid, "text_completion", created, model)
+
             def piece(index: int, text: str, finish: str | None) -> str:
-                return sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]})
+                return (f'{head},"choices":[{{"index":{index},"text":{json.dumps(text)},'
+                        f'"finish_reason":{json.dumps(finish)},"logprobs":null}}]}}\n\n')
 
             async def stream():
                 made, out = 0, []  # `out`: chunks not sent yet; the last ones go with [DONE] in one send
@@ -293,7 +301,7 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
                         out.append(sse({"error": {"message": str(e), "type": "server_error"}}))
                         break
                 if (req.stream_options or {}).get("include_usage"):
-                    out.append(sse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                    out.append(sse({"id": rid, "object": "text_completion", "created": created,
                                     "model": model, "choices": [],
                                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made,
                                               "total_tokens": prompt_tokens + made}}))
@@ -329,9 +337,12 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         metrics.prompt_tokens.inc(len(prompt))
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", req.model or model_name
         if req.stream:
+            created = int(time.time())
+            head = sse_head(rid, "chat.completion.chunk", created, model)
+
             def chunk(delta: dict, finish: str | None) -> str:
-                return sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+                return (f'{head},"choices":[{{"index":0,"delta":{json.dumps(delta, separators=(",", ":"))},'
+                        f'"finish_reason":{json.dumps(finish)},"logprobs":null}}]}}\n\n')
 
             async def stream():
                 # the role goes with the first text; the end, usage and [DONE] in one send
@@ -351,7 +362,7 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
                 except Exception as e:
                     out.append(sse({"error": {"message": str(e), "type": "server_error"}}))
                 if (req.stream_options or {}).get("include_usage"):
-                    out.append(sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                    out.append(sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                                     "model": model, "choices": [],
                                     "usage": {"prompt_tokens": len(prompt), "completion_tokens": made,
                                               "total_tokens": len(prompt) + made}}))

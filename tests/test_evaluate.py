@@ -182,7 +182,7 @@ def test_bad_beir_inputs_name_the_file_and_line(tmp_path):
     root = write_beir(tmp_path / "g")
     with open(root / "corpus.jsonl", "a", encoding="utf-8") as f:
         f.write('{"_id": "d5", "text": "unterminated\n')
-    assert _error(lambda: load_beir(root)).startswith(f"{root / 'corpus.jsonl'}:5: not valid JSON")
+    assert _error(lambda: load_beir(root)).startswith(f"{root / 'corpus.jsonl'}:5: invalid JSON (Unterminated string")
 
     root = write_beir(tmp_path / "h")
     _jsonl(root / "corpus.jsonl", [{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}])
@@ -201,7 +201,7 @@ def test_bad_beir_inputs_name_the_file_and_line(tmp_path):
     root = write_beir(tmp_path / "k")
     with open(root / "corpus.jsonl", "ab") as f:
         f.write(b'{"_id": "d5", "text": "caf\xe9"}\n')  # Latin-1, not UTF-8
-    assert _error(lambda: load_beir(root)) == (f"{root / 'corpus.jsonl'}:5: not UTF-8 text (invalid continuation "
+    assert _error(lambda: load_beir(root)) == (f"{root / 'corpus.jsonl'}:5: not UTF-8 (invalid continuation "
                                                f"byte at byte 26 of the line)")
 
     root = write_beir(tmp_path / "l")  # a byte-order mark and Windows line ends are fine

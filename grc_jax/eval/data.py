@@ -9,6 +9,9 @@ BEIR layout (https://github.com/beir-cellar/beir), one directory per dataset:
   per-query exclusions; BRIGHT's "N/A" placeholder is ignored, as its runner does);
 - `qrels/<split>.tsv`: tab-separated `query-id corpus-id score` with that header line; only the
   queries it names are evaluated.
+
+Perplexity text (`load_texts`): a plain UTF-8 text file is one document; a `.jsonl` file holds one
+document per line in its `text` field.
 """
 from __future__ import annotations
 
@@ -199,3 +202,17 @@ def load_qa(path: str | Path, *, need_documents: bool, limit: int | None = None)
         raise InputError(path, None, "no records with a 'question'")
     return out
 
+
+def load_texts(path: str | Path) -> list[str]:
+    """The documents of a perplexity text file: a `.jsonl` file's `text` fields (one document a
+    line), or a plain UTF-8 text file as one document. Empty text is an error."""
+    path = need_file(path, "text file")
+    if path.suffix.lower() == ".jsonl":
+        texts = [_string(record, "text", path, number) for number, record in read_jsonl(path, "text file")]
+        if not texts:
+            raise InputError(path, None, "no records with a 'text'")
+        return texts
+    text = "".join(line for _, line in read_lines(path))
+    if not text.strip():
+        raise InputError(path, None, "the text file is empty")
+    return [text]

@@ -241,6 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             latency_tokens=args.latency_tokens, seed=args.seed, ppl_window=args.ppl_window,
                             ppl_max_tokens=args.ppl_max_tokens)
 
+    per_file = {"generation": (tasks.generation, inputs.generation), "perplexity": (tasks.perplexity, inputs.texts)}
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
     for task in chosen:
@@ -253,20 +254,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif task == "memory_qa":
             m, details["memory_qa"] = tasks.memory_qa(engine, inputs.qa, options)
             metrics.update(m)
-        elif task == "generation":
-            for name, records in inputs.generation.items():
-                m, d = tasks.generation(engine, name, records, options)
+        elif task in per_file:  # one run per input file, reported under the file's name
+            task_fn, named_inputs = per_file[task]
+            for name, items in named_inputs.items():
+                m, details.setdefault(task, {})[name] = task_fn(engine, name, items, options)
                 metrics.update(m)
-                details.setdefault("generation", {})[name] = d
         elif task == "latency":
             records = inputs.qa if inputs.qa is not None else next(iter(inputs.generation.values()))
             m, details["latency"] = tasks.latency(engine, records, options)
             metrics.update(m)
-        elif task == "perplexity":
-            for name, documents in inputs.texts.items():
-                m, d = tasks.perplexity(engine, name, documents, options)
-                metrics.update(m)
-                details.setdefault("perplexity", {})[name] = d
         details.setdefault("seconds", {})[task] = round(time.time() - task_started, 3)
         _print_task(task, metrics)
 

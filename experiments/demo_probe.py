@@ -30,12 +30,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from grc_jax import layout  # noqa: E402
+from grc_jax.eval.attention import attention_probabilities  # noqa: E402
 from grc_jax.eval.data import load_jsonl  # noqa: E402
 from grc_jax.eval.distractors import with_distractors  # noqa: E402
 from grc_jax.eval.world import answer_exact_match, document_tokens, reader_tokens  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
-
-from attention_probs import attention_probabilities  # noqa: E402  (this folder)
 
 
 def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4),

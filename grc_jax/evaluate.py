@@ -10,7 +10,10 @@ Tasks (`--task`, a comma list; `all` runs every task whose inputs are given):
   compression ratio (document tokens / memory slots);
 - generation (`--generation=FILE`, repeatable): exact match of GSM8K-style final answers;
 - latency (inputs of memory_qa, else of generation): time to first token, tokens/s and KV
-  bytes per mode; time per embedding, self-reasoned embedding and compression.
+  bytes per mode; time per embedding, self-reasoned embedding and compression;
+- perplexity (`--text=FILE`, repeatable; plain UTF-8 text, or JSONL with a `text` field): the plain
+  language model's perplexity and NLL per token over non-overlapping windows of `--ppl-window`
+  tokens (at most `--ppl-max-tokens` per file), with the tokens and windows scored.
 
 Writes OUT/report.json, TensorBoard scalars under OUT/tensorboard and OUT/summary.png.
 Bad input stops the run before the model is loaded, with `file:line: what is wrong`.
@@ -30,7 +33,7 @@ from grc_jax.eval import report as eval_report
 from grc_jax.eval import tasks
 from grc_jax.eval.data import InputError
 
-TASKS = ("retrieval", "memory_qa", "generation", "latency")
+TASKS = ("retrieval", "memory_qa", "generation", "latency", "perplexity")
 
 
 class UsageError(ValueError):
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="qrels/<split>.tsv")
     p.add_argument("--qa", metavar="FILE", help="memory QA JSONL: question, answer, positive, negatives")
     p.add_argument("--generation", action="append", metavar="FILE", help="question/answer JSONL (repeatable)")
+    p.add_argument("--text", action="append", metavar="FILE",
+                   help="perplexity text: a UTF-8 text file, or JSONL with a 'text' field (repeatable)")
     p.add_argument("--limit", type=int, help="at most this many queries / records per input")
     p.add_argument("--query-modes", default="plain,reason", help="retrieval query embeddings: plain, reason")
     p.add_argument("--ignore-identical-ids", action="store_true",
@@ -74,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-template", default="{question}", help="generation prompt; {question} is replaced")
     p.add_argument("--latency-samples", type=int, default=4, help="requests timed per mode")
     p.add_argument("--latency-tokens", type=int, default=32, help="tokens generated per timed request")
+    p.add_argument("--ppl-window", type=int, default=512, help="perplexity: tokens per scored window")
+    p.add_argument("--ppl-max-tokens", type=int, help="perplexity: at most this many tokens per text file")
     p.add_argument("--eos-token", help="the token that ends an answer (default: the model's, from its files)")
     p.add_argument("--eor-token", help="end-of-reasoning token (default: the model's, from its files); "
                                        "'none' turns self-reasoning off")
@@ -92,6 +99,7 @@ class Inputs:
     beir: list[eval_data.BeirDataset]
     qa: list[eval_data.QARecord] | None
     generation: dict[str, list[eval_data.QARecord]]
+    texts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def _chosen_tasks(args: argparse.Namespace) -> tuple[list[str], bool]:
@@ -108,15 +116,15 @@ def load_inputs(args: argparse.Namespace, chosen: list[str], implicit: bool) -> 
     """Reads and checks every input before the model is opened. With `all`, a task without its
     inputs is skipped; named explicitly, it is an error."""
     need = {"retrieval": bool(args.beir), "memory_qa": bool(args.qa), "generation": bool(args.generation),
-            "latency": bool(args.qa or args.generation)}
+            "latency": bool(args.qa or args.generation), "perplexity": bool(args.text)}
     flag = {"retrieval": "--beir=DIR", "memory_qa": "--qa=FILE", "generation": "--generation=FILE",
-            "latency": "--qa=FILE or --generation=FILE"}
+            "latency": "--qa=FILE or --generation=FILE", "perplexity": "--text=FILE"}
     for task in chosen:
         if not need[task] and not implicit:
             raise UsageError(f"task {task} needs {flag[task]}")
     chosen = [t for t in chosen if need[t]]
     if not chosen:
-        raise UsageError("nothing to evaluate: give --beir, --qa or --generation inputs")
+        raise UsageError("nothing to evaluate: give --beir, --qa, --generation or --text inputs")
     beir = []
     if "retrieval" in chosen:
         for directory in _comma_list(args.beir):
@@ -136,7 +144,11 @@ def load_inputs(args: argparse.Namespace, chosen: list[str], implicit: bool) -> 
         for file in _comma_list(args.generation):
             generation[_unique_name(Path(file).stem, generation)] = eval_data.load_qa(
                 file, need_documents=False, limit=args.limit)
-    return chosen, Inputs(beir, qa, generation)
+    texts = {}
+    if "perplexity" in chosen:
+        for file in _comma_list(args.text):
+            texts[_unique_name(Path(file).stem, texts)] = eval_data.load_texts(file)
+    return chosen, Inputs(beir, qa, generation, texts)
 
 
 def _unique_name(name: str, taken: dict[str, Any]) -> str:
@@ -185,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                ("--gen-max-new-tokens", args.gen_max_new_tokens, 1),
                                ("--max-reason-tokens", args.max_reason_tokens, 1), ("--num-pages", args.num_pages, 1),
                                ("--page-size", args.page_size, 1), ("--prefill-chunk", args.prefill_chunk, 1),
+                               ("--ppl-window", args.ppl_window, 2), ("--ppl-max-tokens", args.ppl_max_tokens, 2),
                                ("--step", args.step, 0)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
@@ -225,8 +238,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             ignore_identical_ids=args.ignore_identical_ids, num_distractors=args.num_distractors,
                             qa_max_new_tokens=args.qa_max_new_tokens, gen_max_new_tokens=args.gen_max_new_tokens,
                             gen_template=args.gen_template, latency_samples=args.latency_samples,
-                            latency_tokens=args.latency_tokens, seed=args.seed)
+                            latency_tokens=args.latency_tokens, seed=args.seed, ppl_window=args.ppl_window,
+                            ppl_max_tokens=args.ppl_max_tokens)
 
+    per_file = {"generation": (tasks.generation, inputs.generation), "perplexity": (tasks.perplexity, inputs.texts)}
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
     for task in chosen:
@@ -239,11 +254,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif task == "memory_qa":
             m, details["memory_qa"] = tasks.memory_qa(engine, inputs.qa, options)
             metrics.update(m)
-        elif task == "generation":
-            for name, records in inputs.generation.items():
-                m, d = tasks.generation(engine, name, records, options)
+        elif task in per_file:  # one run per input file, reported under the file's name
+            task_fn, named_inputs = per_file[task]
+            for name, items in named_inputs.items():
+                m, details.setdefault(task, {})[name] = task_fn(engine, name, items, options)
                 metrics.update(m)
-                details.setdefault("generation", {})[name] = d
         elif task == "latency":
             records = inputs.qa if inputs.qa is not None else next(iter(inputs.generation.values()))
             m, details["latency"] = tasks.latency(engine, records, options)

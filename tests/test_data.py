@@ -285,7 +285,7 @@ def write_lines(path, lines):
 GOOD = json.dumps({"query": "q", "positive": "p"})
 MALFORMED = [
     ("{not json", "invalid JSON"),
-    ("[1, 2]", "a record must be a JSON object, got array"),
+    ("[1, 2]", "a JSON array, not a JSON object"),
     ('{"qeury": "q", "positive": "p"}', "unknown field 'qeury' (did you mean 'query'?)"),
     ('{"zzz": 1}', "unknown field 'zzz' (known fields: query, reasoning"),
     ('{"text": 5}', "field 'text' must be a string, got number"),

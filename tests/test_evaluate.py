@@ -182,7 +182,7 @@ def test_bad_beir_inputs_name_the_file_and_line(tmp_path):
     root = write_beir(tmp_path / "g")
     with open(root / "corpus.jsonl", "a", encoding="utf-8") as f:
         f.write('{"_id": "d5", "text": "unterminated\n')
-    assert _error(lambda: load_beir(root)).startswith(f"{root / 'corpus.jsonl'}:5: not valid JSON")
+    assert _error(lambda: load_beir(root)).startswith(f"{root / 'corpus.jsonl'}:5: invalid JSON (Unterminated string")
 
     root = write_beir(tmp_path / "h")
     _jsonl(root / "corpus.jsonl", [{"_id": "d1", "text": "a"}, {"_id": "d1", "text": "b"}])
@@ -201,7 +201,7 @@ def test_bad_beir_inputs_name_the_file_and_line(tmp_path):
     root = write_beir(tmp_path / "k")
     with open(root / "corpus.jsonl", "ab") as f:
         f.write(b'{"_id": "d5", "text": "caf\xe9"}\n')  # Latin-1, not UTF-8
-    assert _error(lambda: load_beir(root)) == (f"{root / 'corpus.jsonl'}:5: not UTF-8 text (invalid continuation "
+    assert _error(lambda: load_beir(root)) == (f"{root / 'corpus.jsonl'}:5: not UTF-8 (invalid continuation "
                                                f"byte at byte 26 of the line)")
 
     root = write_beir(tmp_path / "l")  # a byte-order mark and Windows line ends are fine
@@ -280,6 +280,32 @@ def test_cli_reports_bad_input_before_opening_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([f"--checkpoint={tmp_path / 'run'}", f"--beir={root}", "--step=7", f"--out={tmp_path / 'out'}"])
     assert capsys.readouterr().err.strip() == f"error: --step=7: {tmp_path / 'run'} has checkpoints at steps [4]"
+
+
+def test_bad_perplexity_text_is_reported_before_opening_the_model(tmp_path, capsys):
+    def error(*flags: str) -> str:
+        with pytest.raises(SystemExit) as info:
+            evaluate.main([f"--hf={tmp_path / 'no-model'}", f"--out={tmp_path / 'out'}", *flags])
+        assert info.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    assert error(f"--text={tmp_path / 'missing.txt'}") == f"error: {tmp_path / 'missing.txt'}: missing text file"
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n", encoding="utf-8")
+    assert error(f"--text={empty}") == f"error: {empty}: the text file is empty"
+    lines = _jsonl(tmp_path / "texts.jsonl", [{"text": "Zorvak keeps an owl."}, {"title": "no text"}])
+    assert error(f"--text={lines}") == f"error: {lines}:2: record has no 'text' field"
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("one line\ncaf".encode() + b"\xe9\n")
+    assert error(f"--text={latin}") == (f"error: {latin}:2: not UTF-8 (invalid continuation byte at byte 3 "
+                                        f"of the line)")
+    assert error("--task=perplexity", f"--beir={tmp_path}") == "error: task perplexity needs --text=FILE"
+    assert error(f"--text={lines}", "--ppl-window=1") == "error: --ppl-window must be >= 2, got 1"
+    text = tmp_path / "ok.txt"
+    text.write_text("Zorvak keeps an owl.", encoding="utf-8")
+    _, inputs = evaluate.load_inputs(evaluate.build_parser().parse_args(
+        [f"--hf={tmp_path}", f"--text={text}", f"--text={text}", f"--out={tmp_path}"]), ["perplexity"], implicit=False)
+    assert inputs.texts == {"ok": ["Zorvak keeps an owl."], "ok_2": ["Zorvak keeps an owl."]}
 
 
 # --- the CLI end to end ----------------------------------------------------------------------
@@ -395,3 +421,38 @@ def test_cli_reads_a_training_run_directory(tmp_path, tiny, export):
     scalars = events.Scalars("eval/retrieval/toy/plain/ndcg_at_10")
     ndcg = report["metrics"]["retrieval/toy/plain/ndcg@10"]
     assert [(e.step, e.value) for e in scalars] == [(7, pytest.approx(ndcg))]
+
+
+@pytest.mark.slow
+def test_cli_perplexity_is_the_library_perplexity_of_the_same_windows(tmp_path, export):
+    """`--task=all` with only --text runs perplexity alone; each file's figures are
+    `eval.perplexity.perplexity` of the windows `eval.perplexity.text_windows` cuts from it."""
+    import types
+
+    from grc_jax.eval.perplexity import perplexity, text_windows
+    from grc_jax.inference import Engine
+
+    story = tmp_path / "story.txt"
+    story.write_text(" ".join(t for _, t in DOCS.values()) * 3, encoding="utf-8")
+    lines = _jsonl(tmp_path / "lines.jsonl", [{"text": t} for t in QUERIES.values()])
+    out = tmp_path / "out"
+    report = evaluate.main([f"--hf={export}", f"--text={story}", f"--text={lines}", f"--out={out}", "--task=all",
+                            "--ppl-window=8", "--ppl-max-tokens=30", *ENGINE_FLAGS])
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert report["tasks"] == ["perplexity"]
+    engine = Engine.from_pretrained(export)
+    encoder = types.SimpleNamespace(encode=engine.tokenize)  # user text, as every engine call encodes it
+    for name, documents in (("story", [story.read_text(encoding="utf-8")]), ("lines", list(QUERIES.values()))):
+        windows = text_windows(encoder, documents, window=8, max_tokens=30)
+        stream = engine.tokenize("\n\n".join(documents))[:30]
+        assert [t for w in windows for t in w] == stream[: sum(len(w) for w in windows)]
+        expected = perplexity(engine.config, engine.params, windows, batch_size=4)
+        assert report["metrics"][f"perplexity/{name}/perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+        assert report["metrics"][f"perplexity/{name}/nll_per_token"] == pytest.approx(expected["nll_per_token"],
+                                                                                      rel=1e-6)
+        details = report["details"]["perplexity"][name]
+        assert details["tokens_scored"] == expected["tokens_scored"] == sum(len(w) - 1 for w in windows)
+        assert details["windows"] == len(windows) == expected["windows"]
+        assert details["documents"] == len(documents) and details["window"] == 8
+    assert report["details"]["perplexity"]["story"]["windows"] == 4  # 30 tokens of a longer text: 8 + 8 + 8 + 6
+    assert report["metrics"]["perplexity/story/perplexity"] > 1.0  # a random model

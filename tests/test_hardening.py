@@ -213,7 +213,7 @@ def test_deeply_nested_json_is_a_malformed_line(tmp_path):
 
     data = tmp_path / "deep.jsonl"
     data.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")
-    with pytest.raises(errors.UserError, match=rf"^{data}:2: invalid JSON: nested too deeply"):
+    with pytest.raises(errors.UserError, match=rf"^{data}:2: invalid JSON \(nested too deeply\)"):
         records.read_records(data)
     kept, skipped = records.read_records(data, skip_malformed=True)
     assert [r.text for r in kept] == ["fine"] and skipped == 1

@@ -1,7 +1,5 @@
 """The model under the GRC rule: a segment's embedding and memory depend on its own text only."""
 import dataclasses
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +8,7 @@ import pytest
 
 from grc_jax import layout, model
 from grc_jax.config import ModelConfig, from_hf_config, to_hf_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from attention_probs import attention_probabilities  # noqa: E402  (inspection, built on model.run_layers)
+from grc_jax.eval.attention import attention_probabilities
 
 P, K, V = 16, 4, 64
 CONFIG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

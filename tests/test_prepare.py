@@ -350,7 +350,7 @@ BAD = [
     ("beir", lambda t: _beir(t, DOC, QUERY, "q1\td9\t1\n"),
      r"beir/qrels/train.tsv:1: corpus id 'd9' is not in corpus.jsonl"),
     ("beir", lambda t: _beir(t, DOC, "[1, 2]\n", "q1\td1\t1\n"),
-     r"beir/queries.jsonl:1: a JSON list, expected a queries"),
+     r"beir/queries.jsonl:1: a JSON array, not a JSON object; expected a queries"),
     ("beir", lambda t: _write(t, "beir/corpus.jsonl", DOC).parent, r"beir/queries.jsonl: no such file; expected"),
     ("msmarco", lambda t: _write(t, "t.tsv", "q\tp\tn\nq\tp\tn\tm\n"),
      r"t.tsv:2: 4 tab-separated columns; expected query<TAB>positive"),

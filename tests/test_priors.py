@@ -3,9 +3,6 @@ forward against the one-pass one, train/serve identity of the priors, the constr
 case on attention weights, and the inference option down to the paged kernel's page bias."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,12 +13,10 @@ from grc_jax.config import ModelConfig
 from grc_jax.data import builder, demo_world
 from grc_jax.data.builder import SEG_DOCUMENT, SEG_QUESTION, BuildConfig, TokenizedRecord
 from grc_jax.eval import world
+from grc_jax.eval.attention import attention_probabilities
 from grc_jax.eval.distractors import with_distractors
 from grc_jax.inference import Engine
 from grc_jax.tokenizer import Tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from attention_probs import attention_probabilities  # noqa: E402  (inspection, built on model.run_layers)
 
 P, K = 16, 4
 WEIGHTS = {"gen": 1.0, "rep": 1.0, "comp": 1.0}

@@ -16,18 +16,19 @@ nor `reasoning`, `positive` with no query and no question. A JSON `null` counts 
 An entry `seqio:TASK[:SPLIT]` of `files` reads a seqio Task's examples as lines (`seqio_source.py`).
 
 A malformed line raises `ValueError("{file}:{line}: {why}")`; with `skip_malformed=True`
-it is logged as a warning and counted instead. Blank lines are ignored.
+it is logged as a warning and counted instead. Lines are read by `grc_jax/jsonl.py`: blank lines
+are ignored, a byte-order mark on line 1 is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from absl import logging
 
+from grc_jax import jsonl
 from grc_jax.errors import UserError
 
 STRING_FIELDS = ("query", "reasoning", "positive", "question", "answer", "text")
@@ -48,11 +49,11 @@ class Record:
     text: str | None = None
 
 
-def parse_record(line: str, source: str) -> Record:
-    """Parses one non-blank JSONL line; raises ValueError("{source}: {why}") if malformed."""
+def parse_record(line: bytes | str, source: str) -> Record:
+    """Parses one non-blank JSONL line; raises UserError("{source}: {why}") if malformed."""
     try:
-        return _parse(line, source)
-    except _Malformed as e:
+        return _record(jsonl.parse_line(line), source)
+    except (jsonl.LineError, _Malformed) as e:
         raise UserError(f"{source}: {e}") from None
 
 
@@ -65,7 +66,7 @@ def read_records(files: Sequence[str | Path] | str | Path, *,
     skipped = 0
     for source, raw in _numbered_lines(files):
         try:
-            records.append(parse_record(_decode(raw, source), source))
+            records.append(parse_record(raw, source))
         except ValueError as e:
             if not skip_malformed:
                 raise
@@ -86,28 +87,12 @@ def _numbered_lines(files: Iterable[str | Path]) -> Iterator[tuple[str, bytes]]:
         if seqio_source.is_seqio_source(file):
             yield from seqio_source.example_lines(file)
             continue
-        with open(file, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if raw.strip():
-                    yield f"{file}:{number}", raw
+        for number, raw in jsonl.numbered_lines(file):
+            if raw.strip():
+                yield f"{file}:{number}", raw
 
 
-def _decode(raw: bytes, source: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{source}: not UTF-8: {e.reason} at byte {e.start}") from None
-
-
-def _parse(line: str, source: str) -> Record:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _Malformed(f"invalid JSON: {e.msg} at column {e.colno}") from None
-    except RecursionError:  # json's recursive parser on a line of thousands of nested brackets
-        raise _Malformed("invalid JSON: nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise _Malformed(f"a record must be a JSON object, got {_json_type(obj)}")
+def _record(obj: dict[str, Any], source: str) -> Record:
     fields = {k: v for k, v in obj.items() if v is not None}
     for name in fields:
         if name not in FIELDS:
@@ -118,7 +103,7 @@ def _parse(line: str, source: str) -> Record:
     if "negatives" in fields:
         negatives = fields["negatives"]
         if not isinstance(negatives, list):
-            raise _Malformed(f"field 'negatives' must be a list of strings, got {_json_type(negatives)}")
+            raise _Malformed(f"field 'negatives' must be a list of strings, got {jsonl.json_type(negatives)}")
         for i, negative in enumerate(negatives):
             _check_text(f"negatives[{i}]", negative)
         fields["negatives"] = tuple(negatives)
@@ -134,7 +119,7 @@ def _unknown_field(name: str) -> str:
 
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str):
-        raise _Malformed(f"field '{name}' must be a string, got {_json_type(value)}")
+        raise _Malformed(f"field '{name}' must be a string, got {jsonl.json_type(value)}")
     if not value.strip():
         raise _Malformed(f"field '{name}' is empty")
     try:
@@ -162,8 +147,3 @@ def _check_losses(fields: dict[str, Any]) -> None:
     for bad, what in dangling:
         if bad:
             raise _Malformed(f"{what} feeds no loss")
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-    return names.get(type(value), type(value).__name__)

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from grc_jax import jsonl
 from grc_jax.data.arrayrecord import ArrayRecordSource, is_arrayrecord
 from grc_jax.data.builder import BuildConfig, Unit, build_unit, rows_to_batch, tokenize_records
 from grc_jax.data.records import parse_record
@@ -76,12 +77,11 @@ class _JsonlShare:
         self.lines: list[tuple[str, bytes]] = []
         count = 0
         for file in files:
-            with open(file, "rb") as f:
-                for number, raw in enumerate(f, start=1):
-                    if raw.strip():
-                        if count % blocks == block:
-                            self.lines.append((f"{file}:{number}", raw))
-                        count += 1
+            for number, raw in jsonl.numbered_lines(file):
+                if raw.strip():
+                    if count % blocks == block:
+                        self.lines.append((f"{file}:{number}", raw))
+                    count += 1
         self.total = count
 
     def __len__(self) -> int:
@@ -115,11 +115,7 @@ class _LayOut:
     def __call__(self, index: int, item: tuple[str, bytes]) -> Unit | None:
         where, raw = item
         try:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8: {e.reason} at byte {e.start}") from None
-            record = parse_record(line, where)
+            record = parse_record(raw, where)
             tokenized = tokenize_records([record], self.tokenizer.encode_batch)[0]
             return build_unit(tokenized, self.config, np.random.default_rng([self.seed, self.source_id, index]))
         except ValueError as e:

@@ -9,13 +9,17 @@ BEIR layout (https://github.com/beir-cellar/beir), one directory per dataset:
   per-query exclusions; BRIGHT's "N/A" placeholder is ignored, as its runner does);
 - `qrels/<split>.tsv`: tab-separated `query-id corpus-id score` with that header line; only the
   queries it names are evaluated.
+
+Perplexity text (`load_texts`): a plain UTF-8 text file is one document; a `.jsonl` file holds one
+document per line in its `text` field.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterator
+
+from grc_jax import jsonl
 
 BRIGHT_NO_EXCLUSION = "N/A"
 
@@ -37,27 +41,16 @@ def need_file(path: str | Path, what: str) -> Path:
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, text) for every line of a UTF-8 file (a byte-order mark allowed)."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(path, number, f"not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+    for number, raw in jsonl.numbered_lines(path):
+        try:
+            yield number, jsonl.decode_line(raw)
+        except jsonl.LineError as e:
+            raise InputError(path, number, str(e)) from None
 
 
 def read_jsonl(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for every non-blank line."""
-    path = need_file(path, what)
-    for number, line in read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(path, number, f"not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise InputError(path, number, f"expected a JSON object, got {type(record).__name__}")
-        yield number, record
+    """(1-based line number, object) for every non-blank line (`grc_jax.jsonl`'s reading)."""
+    return jsonl.read(need_file(path, what), error=InputError)
 
 
 def load_jsonl(path: str | Path, what: str = "JSONL file") -> list[dict[str, Any]]:
@@ -208,3 +201,18 @@ def load_qa(path: str | Path, *, need_documents: bool, limit: int | None = None)
     if not out:
         raise InputError(path, None, "no records with a 'question'")
     return out
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """The documents of a perplexity text file: a `.jsonl` file's `text` fields (one document a
+    line), or a plain UTF-8 text file as one document. Empty text is an error."""
+    path = need_file(path, "text file")
+    if path.suffix.lower() == ".jsonl":
+        texts = [_string(record, "text", path, number) for number, record in read_jsonl(path, "text file")]
+        if not texts:
+            raise InputError(path, None, "no records with a 'text'")
+        return texts
+    text = "".join(line for _, line in read_lines(path))
+    if not text.strip():
+        raise InputError(path, None, "the text file is empty")
+    return [text]

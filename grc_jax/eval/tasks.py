@@ -1,4 +1,4 @@
-"""The evaluation tasks over an `Engine`: retrieval, memory QA, generation, latency.
+"""The evaluation tasks over an `Engine`: retrieval, memory QA, generation, latency, perplexity.
 
 Each returns (flat metrics, details): metrics are `name -> float` (the report's headline
 figures, also written to TensorBoard); details hold counts, settings and sample outputs.
@@ -8,12 +8,15 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+import types
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from grc_jax.errors import UserError
 from grc_jax.eval import metrics
+from grc_jax.eval import perplexity as ppl
 from grc_jax.eval.data import BeirDataset, QARecord
 from grc_jax.eval.distractors import with_distractors
 from grc_jax.inference.engine import Engine
@@ -38,6 +41,8 @@ class Options:
     latency_samples: int = 4
     latency_tokens: int = 32
     seed: int = 0
+    ppl_window: int = 512
+    ppl_max_tokens: int | None = None
 
 
 def _batches(items: Sequence[Any], size: int, desc: str, unit: str, enabled: bool):
@@ -154,6 +159,25 @@ def generation(engine: Engine, name: str, records: Sequence[QARecord], options: 
                "samples": [{"line": r.line, "question": r.question, "answers": list(r.answers), "output": o,
                             "extracted": metrics.extract_gsm8k_answer(o)}
                            for r, o in zip(records[:NUM_SAMPLES], outputs)]}
+    return out, details
+
+
+# --- perplexity -------------------------------------------------------------------------------
+
+def perplexity(engine: Engine, name: str, documents: Sequence[str], options: Options
+               ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Perplexity of the plain language model (no latents, no memories) on the text, read as
+    non-overlapping windows of `options.ppl_window` tokens (grc_jax/eval/perplexity.py)."""
+    # the engine's encoding of user text: special-token strings typed in it stay text
+    encoder = types.SimpleNamespace(encode=engine.tokenize)
+    windows = ppl.text_windows(encoder, documents, options.ppl_window, options.ppl_max_tokens)
+    if not windows:
+        raise UserError(f"perplexity: {name}: the text is shorter than 2 tokens; nothing to score")
+    scores = ppl.perplexity(engine.config, engine.params, windows, batch_size=options.batch_size)
+    out = {f"perplexity/{name}/perplexity": scores["perplexity"],
+           f"perplexity/{name}/nll_per_token": scores["nll_per_token"]}
+    details = {"documents": len(documents), "window": options.ppl_window, "max_tokens": options.ppl_max_tokens,
+               "tokens_scored": scores["tokens_scored"], "windows": scores["windows"]}
     return out, details
 
 

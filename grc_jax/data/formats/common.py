@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from grc_jax import jsonl
 from grc_jax.data.chunking import Chunker
 
 
@@ -86,24 +87,12 @@ def read_json_list(path: Path, what: str) -> Iterator[tuple[str, Any]]:
 
 
 def read_jsonl(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """("file:line", object) for each non-blank line; anything but a JSON object is an error."""
+    """("file:line", object) for each non-blank line (`grc_jax.jsonl`'s reading); a bad line
+    says why and what was expected."""
     require_file(path, what)
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise FormatError(where, f"not UTF-8 ({e.reason} at byte {e.start}); expected {what}") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FormatError(where, f"invalid JSON ({e.msg} at column {e.colno}); expected {what}") from None
-            if not isinstance(obj, dict):
-                raise FormatError(where, f"a JSON {type(obj).__name__}, expected {what}")
-            yield where, obj
+    error = lambda p, line, reason: FormatError(f"{p}:{line}", f"{reason}; expected {what}")  # noqa: E731
+    for number, obj in jsonl.read(path, error=error):
+        yield f"{path}:{number}", obj
 
 
 def field(obj: Any, key: str | int, where: str, kind: type | tuple[type, ...], what: str) -> Any:

@@ -1,23 +1,21 @@
-"""Every layer's attention probabilities of a forward pass, for inspecting what a reader attends to.
+"""Every layer's attention probabilities of a forward pass, for inspecting what a reader attends
+to (which memory, which of its latents, its own prompt).
 
 Built on the model's own layer loop (`grc_jax.model.run_layers`) with an attention function
 that runs the forward pass's attention and also returns its probabilities, so the hidden states
-each layer hands on are exactly the forward pass's. Not part of the library: the forward pass
-never computes these, and they take [layers, batch, heads, length, length] of memory.
+each layer hands on are exactly the forward pass's. For inspection only: training and serving
+never compute these, and they take [layers, batch, heads, length, length] of memory.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grc_jax import layout, model  # noqa: E402
-from grc_jax.config import ModelConfig  # noqa: E402
+from grc_jax import layout, model
+from grc_jax.config import ModelConfig
 
 
 def attention_probabilities(config: ModelConfig, params: model.Params, tokens: jax.Array, meta: layout.TokenMeta,

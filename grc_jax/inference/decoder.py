@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grc_jax import model
+from grc_jax import compile_cache, model
 from grc_jax.config import ModelConfig
 from grc_jax.inference import strategy
 from grc_jax.inference.loop import DecodeState, LoopSettings, run, run_reason_embed
@@ -185,7 +185,10 @@ class Decoder:
 
     def advance(self, batch: Batch, until: int) -> None:
         """Runs the batch's prefill (once) and decode steps until step `until` or all rows done."""
-        batch.state = run(self.config, batch.settings, self.params, batch.state, jnp.int32(until))
+        # Through the programs directory of the compilation cache: a fresh process then loads the
+        # compiled loop instead of tracing and lowering it (grc_jax/compile_cache.py).
+        batch.state = compile_cache.call_serialized("decode_run", run, (self.config, batch.settings),
+                                                    (self.params, batch.state, jnp.int32(until)))
 
     def start(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
               memories: Sequence[Sequence[Hashable]] | None = None, memory_source: MemorySource | None = None,

@@ -220,15 +220,26 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
         else:  # a new head for a plain HF model, as init_params would make it
             shape = (config.hidden_size, config.embed_dim)
             params["embed_head"] = np.asarray(0.02 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
-    if grc is None:  # the meta latent rows, zero until init_latent_rows sets them
-        params["embed"] = np.concatenate([params["embed"], np.zeros((config.num_latents, D), dtype)])
-        if "lm_head" in params:
-            params["lm_head"] = np.concatenate([params["lm_head"], np.zeros((D, config.num_latents), dtype)], axis=1)
-    # One transfer for the whole tree (jnp.asarray would compile a program per distinct shape).
-    params = jax.device_put(params)
     if grc is None:
-        params = model.init_latent_rows(config, params)
-    return config, params
+        params = _with_latent_rows(config, params)
+    # One transfer for the whole tree (jnp.asarray would compile a program per distinct shape).
+    return config, jax.device_put(params)
+
+
+def _with_latent_rows(config: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """`_add_latent_rows` on host arrays: the meta latent rows of the embedding (and untied
+    head) are the base rows' mean, computed by JAX as `model.init_latent_rows` does (the same
+    bits), and the rows joined on the host, not by compiled programs."""
+    K = config.num_latents
+    params = dict(params)
+    embed = params["embed"]
+    mean = np.asarray(jnp.mean(jax.device_put(embed), axis=0).astype(embed.dtype))
+    params["embed"] = np.concatenate([embed, np.broadcast_to(mean, (K, embed.shape[1]))])
+    if "lm_head" in params:
+        head = params["lm_head"]
+        mean = np.asarray(jnp.mean(jax.device_put(head), axis=1, keepdims=True).astype(head.dtype))
+        params["lm_head"] = np.concatenate([head, np.broadcast_to(mean, (head.shape[0], K))], axis=1)
+    return params
 
 
 def _hf_layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:

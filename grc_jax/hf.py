@@ -222,8 +222,9 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
             params["embed_head"] = np.asarray(0.02 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
     if grc is None:
         params = _with_latent_rows(config, params)
-    # One transfer for the whole tree (jnp.asarray would compile a program per distinct shape).
-    return config, jax.device_put(params)
+    # One transfer for the whole tree (jnp.asarray would compile a program per distinct shape); a
+    # copy, as before, never an alias of host memory that a training step could donate.
+    return config, jax.device_put(params, may_alias=False)
 
 
 def _with_latent_rows(config: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ The `smollm2` shape is a real checkpoint (`--model`: an HF directory, or a .gguf
 when it is installed), generated from float32 and from int8 weights (`grc_jax.quantize`) against
 transformers in float32 on a fixed set of chat prompts; see `bench_real`. `--first-token` times a
 fresh process from start to its first generated token, with an empty and then a warm persistent
-compilation cache (`grc_jax.compile_cache`).
+compilation cache (`grc_jax.compile_cache`: JAX's cache, and the compiled decode loop it keeps so
+that a warm process neither traces nor lowers it).
 
 Both sides get the same random Llama weights (made with transformers, loaded with
 grc_jax.hf.load_pretrained), the same prompts (16 random tokens per row) and greedy decoding of
@@ -277,7 +278,10 @@ def first_token_child(path: str, weights: str) -> None:
     engine = Engine(config, params, Tokenizer.from_dir(tokenizer_dir), eos_token="<|im_end|>", eor_token=None,
                     weights=weights)
     text = engine.generate(FIRST_TOKEN_PROMPT, max_new_tokens=1)
-    print(f"FIRST_TOKEN {time.time() - float(os.environ['BENCH_T0']):.3f} {text!r}", flush=True)
+    seconds = time.time() - float(os.environ["BENCH_T0"])
+    from grc_jax import compile_cache
+    programs = ", ".join(f"{k} {v}" for k, v in sorted(compile_cache.STATS.items())) or "none"
+    print(f"FIRST_TOKEN {seconds:.3f} {text!r} (serialized decode programs: {programs})", flush=True)
 
 
 def first_token(path: str, weights: str, runs: int = 2) -> list[float]:

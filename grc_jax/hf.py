@@ -194,17 +194,16 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     D = config.hidden_size
 
     def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        return np.asarray(weights.get(name, shape)).astype(dtype)
+        return np.asarray(weights.get(name, shape)).astype(dtype, copy=False)
 
     params: dict[str, Any] = {"embed": read("embed_tokens.weight", (stored_vocab, D)),
                               "final_norm": read("norm.weight", (D,))}
     if not config.tie_word_embeddings:
         params["lm_head"] = read("lm_head.weight", (stored_vocab, D)).T
-    shapes = model.param_shapes(config)["layers"]
+    shapes = _hf_layer_shapes(config)
     layers = {}
-    for ours, (suffix, to_ours, to_hf) in _layer_tensors(config).items():
-        hf_shape = to_hf(np.zeros(shapes[ours].shape[1:], np.int8)).shape
-        layers[ours] = np.stack([to_ours(read(f"layers.{i}.{suffix}", hf_shape)) for i in range(config.num_layers)])
+    for ours, (suffix, to_ours, _) in _layer_tensors(config).items():
+        layers[ours] = np.stack([to_ours(read(f"layers.{i}.{suffix}", shapes[ours])) for i in range(config.num_layers)])
     params["layers"] = layers
     if config.tie_word_embeddings and "lm_head.weight" in weights.files:
         # Some tied checkpoints store the head anyway; only a copy of the embedding is harmless.
@@ -221,10 +220,37 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
         else:  # a new head for a plain HF model, as init_params would make it
             shape = (config.hidden_size, config.embed_dim)
             params["embed_head"] = np.asarray(0.02 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
-    params = jax.tree.map(jnp.asarray, params)
     if grc is None:
-        params = _add_latent_rows(config, params)
-    return config, params
+        params = _with_latent_rows(config, params)
+    # One transfer for the whole tree (jnp.asarray would compile a program per distinct shape); a
+    # copy, as before, never an alias of host memory that a training step could donate.
+    return config, jax.device_put(params, may_alias=False)
+
+
+def _with_latent_rows(config: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """`_add_latent_rows` on host arrays: the meta latent rows of the embedding (and untied
+    head) are the base rows' mean, computed by JAX as `model.init_latent_rows` does (the same
+    bits), and the rows joined on the host, not by compiled programs."""
+    K = config.num_latents
+    params = dict(params)
+    embed = params["embed"]
+    mean = np.asarray(jnp.mean(jax.device_put(embed), axis=0).astype(embed.dtype))
+    params["embed"] = np.concatenate([embed, np.broadcast_to(mean, (K, embed.shape[1]))])
+    if "lm_head" in params:
+        head = params["lm_head"]
+        mean = np.asarray(jnp.mean(jax.device_put(head), axis=1, keepdims=True).astype(head.dtype))
+        params["lm_head"] = np.concatenate([head, np.broadcast_to(mean, (head.shape[0], K))], axis=1)
+    return params
+
+
+def _hf_layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The HF shape of one layer's tensor, for each of our layer params (`_layer_tensors`)."""
+    D, H, KV, Dh, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    shapes = {"input_norm": (D,), "post_attention_norm": (D,), "q_proj": (H * Dh, D), "k_proj": (KV * Dh, D),
+              "v_proj": (KV * Dh, D), "o_proj": (D, H * Dh), "gate_proj": (F, D), "up_proj": (F, D),
+              "down_proj": (D, F), "q_bias": (H * Dh,), "k_bias": (KV * Dh,), "v_bias": (KV * Dh,),
+              "q_norm": (Dh,), "k_norm": (Dh,)}
+    return {name: shapes[name] for name in _layer_tensors(c)}
 
 
 _GRC_KEYS = {"num_latents": int, "max_segment_len": int, "pooling": str, "embed_dim": (int, type(None)),

@@ -212,9 +212,14 @@ def unstack_layers(params: Params) -> Params:
     """The parameters with `layers` as a tuple of per-layer trees, which `run_layers` runs as an
     unrolled Python loop over separate arrays (the decode loop's choice on the CPU,
     `grc_jax.inference.strategy`)."""
-    layers = params["layers"]
+    return {**params, "layers": _unstack(params["layers"])}
+
+
+@jax.jit
+def _unstack(layers: Any) -> tuple[Any, ...]:
+    # One program for every slice: eagerly, each layer's slice of each weight is a dispatch.
     count = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count))}
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(count))
 
 
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:

@@ -11,10 +11,9 @@ import dataclasses
 from typing import Callable, Hashable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from grc_jax import model
+from grc_jax import compile_cache, model
 from grc_jax.config import ModelConfig
 from grc_jax.inference import strategy
 from grc_jax.inference.loop import DecodeState, LoopSettings, run, run_reason_embed
@@ -185,7 +184,10 @@ class Decoder:
 
     def advance(self, batch: Batch, until: int) -> None:
         """Runs the batch's prefill (once) and decode steps until step `until` or all rows done."""
-        batch.state = run(self.config, batch.settings, self.params, batch.state, jnp.int32(until))
+        # Through the programs directory of the compilation cache: a fresh process then loads the
+        # compiled loop instead of tracing and lowering it (grc_jax/compile_cache.py).
+        batch.state = compile_cache.call_serialized("decode_run", run, (self.config, batch.settings),
+                                                    (self.params, batch.state, jax.device_put(np.int32(until))))
 
     def start(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
               memories: Sequence[Sequence[Hashable]] | None = None, memory_source: MemorySource | None = None,
@@ -334,14 +336,13 @@ class Decoder:
             for b, row in enumerate(bias_rows):
                 per_page = np.repeat(np.asarray(row, np.float32), pages_per_mem)
                 mem_bias[b, : len(per_page)] = per_page
-            mem_bias = jnp.asarray(mem_bias)
-        return DecodeState(
-            tokens=jnp.asarray(tokens), pool=self.pool, mem_page_table=jnp.asarray(mem_table),
-            mem_page_lens=jnp.asarray(mem_lens), tok_page_table=jnp.asarray(tok_table),
-            lengths=jnp.zeros(B, jnp.int32), total=jnp.asarray(prompt_lens), prompt_lens=jnp.asarray(prompt_lens),
-            pos_offset=jnp.asarray(offset), budget=jnp.asarray(budget), done=jnp.asarray(budget <= 0),
-            step=jnp.zeros((), jnp.int32), rng=rng,
-            logits=jnp.zeros((B, recorded_steps, c.vocab_size), jnp.float32), mem_page_bias=mem_bias)
+        # One transfer of fresh copies (the state is donated; jnp.asarray and jnp.zeros would each
+        # run a small compiled program per shape).
+        host = dict(tokens=tokens, mem_page_table=mem_table, mem_page_lens=mem_lens, tok_page_table=tok_table,
+                    lengths=np.zeros(B, np.int32), total=prompt_lens, prompt_lens=prompt_lens, pos_offset=offset,
+                    budget=budget, done=budget <= 0, step=np.zeros((), np.int32),
+                    logits=np.zeros((B, recorded_steps, c.vocab_size), np.float32), mem_page_bias=mem_bias)
+        return DecodeState(pool=self.pool, rng=rng, **jax.device_put(host, may_alias=False))
 
 
 def _checked_budgets(budgets: Sequence[int] | None, n: int, max_new_tokens: int) -> list[int]:

@@ -17,6 +17,7 @@ and 0 keeps plain generation bit-comparable with those references.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any
@@ -132,6 +133,11 @@ def next_token_logits(config: ModelConfig, params: model.Params, x: jax.Array, c
     return model.lm_logits(config, params, last)[:, : config.vocab_size]
 
 
+# How often each jitted loop was traced in this process (tests check that a warm compilation
+# cache makes a fresh process trace none).
+TRACES: collections.Counter = collections.Counter()
+
+
 # --- the loops --------------------------------------------------------------------------
 
 
@@ -187,6 +193,7 @@ def decode_steps(config: ModelConfig, settings: LoopSettings, params: model.Para
 def run(config: ModelConfig, settings: LoopSettings, params: model.Params, state: DecodeState,
         until: jax.Array) -> DecodeState:
     """Prefill (a no-op once done) then decode steps up to `until`; `state` is donated."""
+    TRACES["run"] += 1
     return decode_steps(config, settings, params, prefill(config, settings, params, state), until)
 
 

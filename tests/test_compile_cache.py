@@ -1,0 +1,98 @@
+"""The compiled decode loop kept in the compilation cache's programs directory
+(grc_jax/compile_cache.py): a fresh process with a warm cache generates the same tokens without
+tracing the loop, and a damaged or stale program file is ignored (traced again, still right)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from grc_jax import compile_cache, hf, model
+from grc_jax.config import ModelConfig
+from grc_jax.data import demo_world
+from grc_jax.inference import Engine
+from grc_jax.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Zorvak lives in Quarn and keeps an owl."
+NEW_TOKENS = 12
+OPTIONS = dict(num_pages=64, page_size=4, prefill_chunk=16)
+
+# A fresh process: open the model, generate greedily, report the token ids, how often the decode
+# loop was traced and what the programs directory did.
+CHILD = f"""
+import json, sys
+from grc_jax import compile_cache
+from grc_jax.inference import Engine, loop
+engine = Engine.from_pretrained(sys.argv[1], **{OPTIONS!r})
+ids = engine.decoder.generate([engine.tokenize({PROMPT!r})], engine.decoder.settings({NEW_TOKENS}))[0]
+print("RESULT " + json.dumps({{"ids": ids, "traces": loop.TRACES["run"], "stats": dict(compile_cache.STATS)}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    tokenizer = Tokenizer(demo_world.train_tokenizer([PROMPT, "Belna is a glassblower from Ostreth."] * 4,
+                                                     vocab_size=300))
+    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, num_latents=4, max_segment_len=16)
+    params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
+    params = jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x, params)  # sharper logits: varied tokens
+    return hf.save_pretrained(config, params, tmp_path_factory.mktemp("cc") / "model", tokenizer)
+
+
+def _child(model_dir: Path, cache: Path) -> dict:
+    env = {**os.environ, compile_cache.ENV: str(cache), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(model_dir)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line is not None, proc.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])
+
+
+def _reference(model_dir: Path, monkeypatch) -> list[int]:
+    """The tokens of the plain jitted loop (no programs directory), in this process."""
+    monkeypatch.setattr(compile_cache, "programs_dir", lambda: None)
+    engine = Engine.from_pretrained(model_dir, **OPTIONS)
+    return engine.decoder.generate([engine.tokenize(PROMPT)], engine.decoder.settings(NEW_TOKENS))[0]
+
+
+def _programs(cache: Path) -> list[Path]:
+    return sorted((cache / compile_cache.PROGRAMS_DIR).glob("decode_run-*.bin"))
+
+
+def test_a_warm_process_loads_the_decode_loop_instead_of_tracing_it(model_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cold = _child(model_dir, cache)
+    assert cold["traces"] == 1 and cold["stats"] == {"compiled": 1, "saved": 1}
+    assert len(_programs(cache)) == 1
+    warm = _child(model_dir, cache)
+    assert warm["traces"] == 0 and warm["stats"] == {"loaded": 1}
+    assert warm["ids"] == cold["ids"] == _reference(model_dir, monkeypatch)
+    assert len(set(cold["ids"])) > 1  # a real continuation, not one repeated token
+
+
+def test_a_damaged_or_stale_program_is_ignored(model_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = _child(model_dir, cache)
+    [program] = _programs(cache)
+    good = program.read_bytes()
+    # Damaged: cut short. The loop is traced again, gives the same tokens, and the file is rewritten.
+    program.write_bytes(good[: len(good) // 2])
+    damaged = _child(model_dir, cache)
+    assert damaged["traces"] == 1 and damaged["stats"] == {"rejected": 1, "compiled": 1, "saved": 1}
+    assert damaged["ids"] == first["ids"]
+    rewritten = program.read_bytes()
+    assert rewritten.startswith(good[: good.index(b"\nsource ")]) and len(rewritten) > len(good) // 2
+    # Stale: a file under this name whose recorded key differs (as if written by other code or versions).
+    key_start = good.index(b"\njax ") + 5
+    program.write_bytes(good[:key_start] + b"0.0.0" + good[key_start + 5:])
+    stale = _child(model_dir, cache)
+    assert stale["traces"] == 1 and stale["stats"] == {"rejected": 1, "compiled": 1, "saved": 1}
+    assert stale["ids"] == first["ids"] == _reference(model_dir, monkeypatch)
+    assert _child(model_dir, cache)["stats"] == {"loaded": 1}  # the rewritten file is good again

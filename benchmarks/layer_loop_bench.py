@@ -11,6 +11,7 @@ whole Decoder both ways, on the ~100M shape of decode_bench.py (batch 1, float32
 
 Prints milliseconds per step (the best of 3 timed calls after a warm-up).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,17 @@ from grc_jax import model  # noqa: E402
 from grc_jax.config import ModelConfig  # noqa: E402
 from grc_jax.inference.decoder import Decoder  # noqa: E402
 
-CONFIG = ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
-                     num_kv_heads=4, head_dim=64, tie_word_embeddings=True, num_latents=16)
+CONFIG = ModelConfig(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_layers=12,
+    num_heads=12,
+    num_kv_heads=4,
+    head_dim=64,
+    tie_word_embeddings=True,
+    num_latents=16,
+)
 STEPS = 128
 
 
@@ -63,6 +73,7 @@ def bare_loop(mode: str):
                     x = one_layer(p, x)
             logits = x[0] @ embed.T
             return x + 1e-9 * logits[:, : c.hidden_size][None]  # keeps the head in the loop
+
         return jax.lax.fori_loop(0, STEPS, step, jnp.ones((1, 1, c.hidden_size)))
 
     return jax.jit(run)

@@ -9,6 +9,7 @@ trained with. Writes the figures as JSON with --out.
 
     python benchmarks/memory_priors_eval.py /tmp/run [--step 400] [--prior-temperature 0.05]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,17 +25,21 @@ from grc_jax.eval.world import document_tokens, memory_qa_figures  # noqa: E402
 from grc_jax.inference import Engine  # noqa: E402
 
 
-def evaluate(run: Path, step: int | None, prior_temperature: float, limit: int,
-             modes: tuple[bool, ...] = (False, True)) -> dict[str, dict[str, float]]:
+def evaluate(
+    run: Path, step: int | None, prior_temperature: float, limit: int, modes: tuple[bool, ...] = (False, True)
+) -> dict[str, dict[str, float]]:
     engine = Engine.from_pretrained(run, step=step)  # special tokens from the run directory
     world = run / "demo_world"
     corpus = load_jsonl(world / "corpus_heldout.jsonl")
     heldout = load_jsonl(world / "heldout.jsonl")
     P = engine.config.max_segment_len
     docs = engine.embed_tokens([document_tokens(engine.tokenizer, d["text"], P) for d in corpus])
-    return {("priors" if on else "no_priors"): memory_qa_figures(engine, heldout, corpus, docs, limit, on,
-                                                                   prior_temperature, np.random.default_rng(0))
-            for on in modes}
+    return {
+        ("priors" if on else "no_priors"): memory_qa_figures(
+            engine, heldout, corpus, docs, limit, on, prior_temperature, np.random.default_rng(0)
+        )
+        for on in modes
+    }
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ question (16 tokens) is answered three ways, each timed from the request to its 
   every query row's pages, so on a CPU this takes minutes (one run, compile included).
 Retrieval for the memory path (embed the question, search the 16 embeddings) is timed too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,20 +41,31 @@ from grc_jax.inference.engine import segment_pass  # noqa: E402
 
 from decode_bench import machine, write_section  # noqa: E402
 
-CONFIG = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
-                     num_kv_heads=2, head_dim=64, num_latents=16, max_segment_len=512)
+CONFIG = ModelConfig(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=688,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    num_latents=16,
+    max_segment_len=512,
+)
 NUM_DOCS, DOC_LEN, QUESTION_LEN = 16, 512, 16
 
 
 def segment_rows(segments: np.ndarray) -> tuple[jax.Array, ...]:
     """[text][latents] rows for segment_pass, laid out as Engine lays them out."""
-    rows = layout.segment_rows(segments.tolist(), CONFIG.latent_token_ids, CONFIG.max_segment_len,
-                               segments.shape[1] + CONFIG.num_latents)
+    rows = layout.segment_rows(
+        segments.tolist(), CONFIG.latent_token_ids, CONFIG.max_segment_len, segments.shape[1] + CONFIG.num_latents
+    )
     return tuple(jnp.asarray(a) for a in (rows.tokens, rows.example, rows.kind, rows.latent_index))
 
 
-def first_token(decoder: Decoder, prompt: list[int], memories: list | None = None, source=None,
-                extra: int = 0) -> tuple[float, int]:
+def first_token(
+    decoder: Decoder, prompt: list[int], memories: list | None = None, source=None, extra: int = 0
+) -> tuple[float, int]:
     """Seconds from the request to its first generated token, and the token."""
     start = time.perf_counter()
     batch = decoder.start([prompt], decoder.settings(1), memories=memories, memory_source=source, extra=extra)
@@ -88,7 +100,9 @@ def main() -> None:
     # offline: one pass per document gives its memory and its embedding
     segment_pass(CONFIG, params, *segment_rows(docs[:4]))[2].block_until_ready()  # compile
     start = time.perf_counter()
-    parts = [jax.device_get(segment_pass(CONFIG, params, *segment_rows(docs[i:i + 4]))) for i in range(0, NUM_DOCS, 4)]
+    parts = [
+        jax.device_get(segment_pass(CONFIG, params, *segment_rows(docs[i : i + 4]))) for i in range(0, NUM_DOCS, 4)
+    ]
     compress_s = time.perf_counter() - start
     keys, values, embeddings = (np.concatenate([p[j] for p in parts]) for j in range(3))
     bank = MemoryBank.for_model(CONFIG)
@@ -140,36 +154,50 @@ def main() -> None:
     ctx_mem, ctx_full = kv_bytes(mem_slots), kv_bytes(NUM_DOCS * DOC_LEN)
     req_mem, req_full = kv_bytes(mem_slots + QUESTION_LEN), kv_bytes(len(full))
     med = statistics.median
-    results = {"memories, warm (ours)": med(warm), "memories, cold (ours)": med(cold),
-               "full documents (transformers)": med(hf_full)}
+    results = {
+        "memories, warm (ours)": med(warm),
+        "memories, cold (ours)": med(cold),
+        "full documents (transformers)": med(hf_full),
+    }
     if full_s is not None:
         results["full documents (ours)"] = full_s
     for name, seconds in results.items():
         print(f"{name:32s} TTFT {seconds * 1e3:10.1f} ms", flush=True)
-    print(f"context K/V: memories {ctx_mem / 2**20:.2f} MiB, documents {ctx_full / 2**20:.2f} MiB "
-          f"({ctx_full / ctx_mem:.1f}x); compress 16 docs {compress_s:.2f} s; retrieval {med(retrieval) * 1e3:.1f} ms")
+    print(
+        f"context K/V: memories {ctx_mem / 2**20:.2f} MiB, documents {ctx_full / 2**20:.2f} MiB "
+        f"({ctx_full / ctx_mem:.1f}x); compress 16 docs {compress_s:.2f} s; retrieval {med(retrieval) * 1e3:.1f} ms"
+    )
     if args.no_write:
         return
 
     c = CONFIG
     lines = [
-        f"Command: `python benchmarks/rag_bench.py --reps {args.reps}{' --ours-full' if full_s else ''}`", "",
-        f"Machine: {machine()}.", "",
+        f"Command: `python benchmarks/rag_bench.py --reps {args.reps}{' --ours-full' if full_s else ''}`",
+        "",
+        f"Machine: {machine()}.",
+        "",
         f"Model: random GRC Llama, {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads / "
         f"{c.num_kv_heads} KV heads x {c.head_dim}, float32, K = {c.num_latents} latents, P = {c.max_segment_len}. "
         f"{NUM_DOCS} documents of {DOC_LEN} random tokens, a {QUESTION_LEN}-token question. TTFT = from the "
         "request to its first generated token (page admission, memory copy when cold, prefill, first step). "
         f"Medians of {args.reps} runs for the memory paths, {max(1, args.reps // 2)} for transformers"
         f"{', one run (compile included) for our own full-document prefill' if full_s else ''}. The machine is "
-        "shared with other jobs; all figures come from one process, back to back.", "",
+        "shared with other jobs; all figures come from one process, back to back.",
+        "",
         "| generator reads | context K/V | request K/V (with the question) | TTFT | TTFT vs memories (warm) |",
         "|---|---|---|---|---|",
         f"| 16 memories, resident in the pool (ours) | {ctx_mem / 2**20:.2f} MiB | {req_mem / 2**20:.2f} MiB | "
         f"{med(warm) * 1e3:.1f} ms | 1x |",
         f"| 16 memories, copied from the bank first (ours) | {ctx_mem / 2**20:.2f} MiB | {req_mem / 2**20:.2f} MiB | "
         f"{med(cold) * 1e3:.1f} ms | {med(cold) / med(warm):.1f}x |",
-        *([f"| 16 full documents, chunked prefill (ours, XLA reference attention) | {ctx_full / 2**20:.2f} MiB | "
-           f"{req_full / 2**20:.2f} MiB | {full_s * 1e3:.0f} ms | {full_s / med(warm):.0f}x |"] if full_s else []),
+        *(
+            [
+                f"| 16 full documents, chunked prefill (ours, XLA reference attention) | {ctx_full / 2**20:.2f} MiB | "
+                f"{req_full / 2**20:.2f} MiB | {full_s * 1e3:.0f} ms | {full_s / med(warm):.0f}x |"
+            ]
+            if full_s
+            else []
+        ),
         f"| 16 full documents, one forward (transformers, SDPA) | {ctx_full / 2**20:.2f} MiB | "
         f"{req_full / 2**20:.2f} MiB | {med(hf_full) * 1e3:.0f} ms | {med(hf_full) / med(warm):.0f}x |",
         "",

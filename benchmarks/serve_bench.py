@@ -20,6 +20,7 @@ compiles the decode program and each level's prefill capacities. The CPU seconds
 the clients used in each level are reported too (Linux). Figures go to benchmarks/RESULTS.md
 unless --no-write.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
-WORDS = ("Zorvak lives in Quarn and keeps an owl . Belna is a glassblower from Ostreth ; her mentor "
-         "rides to the market every spring when the river floods").split()
+WORDS = (
+    "Zorvak lives in Quarn and keeps an owl . Belna is a glassblower from Ostreth ; her mentor "
+    "rides to the market every spring when the river floods"
+).split()
 
 
 def make_tiny_model(out: Path) -> Path:
@@ -55,9 +58,19 @@ def make_tiny_model(out: Path) -> Path:
     from grc_jax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(demo_world.train_tokenizer([" ".join(WORDS)] * 4, vocab_size=400))
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=32, num_latents=8, max_segment_len=128, qk_norm=True,
-                         architecture="Qwen3ForCausalLM")
+    config = ModelConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        num_latents=8,
+        max_segment_len=128,
+        qk_norm=True,
+        architecture="Qwen3ForCausalLM",
+    )
     params = model.init_params(config, jax.random.key(0))
     hf.save_pretrained(config, params, out, tokenizer)
     return out
@@ -70,8 +83,13 @@ def prompt(i: int) -> str:
 
 async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> tuple[float | None, int]:
     """(seconds to the first non-empty text or None, completion tokens the server reports)."""
-    body = {"prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt(i),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     for attempt in range(3):
         start, first, tokens, answered = time.perf_counter(), None, 0, False
         try:
@@ -109,8 +127,15 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-async def level(url: str, clients: int, seconds: float, min_requests: int, max_tokens: int, offset: int,
-                server_pid: int | None = None) -> dict:
+async def level(
+    url: str,
+    clients: int,
+    seconds: float,
+    min_requests: int,
+    max_tokens: int,
+    offset: int,
+    server_pid: int | None = None,
+) -> dict:
     """`clients` clients, each sending requests back to back until `seconds` have passed and it
     has sent `min_requests`."""
     ttfts, tokens, sent = [], 0, 0
@@ -139,9 +164,18 @@ async def level(url: str, clients: int, seconds: float, min_requests: int, max_t
             now = cpu_seconds(server_pid)
             server_cpu = None if now is None else now - server_cpu
     ttfts.sort()
-    return {"clients": clients, "requests": sent, "ttft_samples": len(ttfts), "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
-            "ttft_p99_s": percentile(ttfts, 0.99), "server_cpu_s": server_cpu, "client_cpu_s": client_cpu}
+    return {
+        "clients": clients,
+        "requests": sent,
+        "ttft_samples": len(ttfts),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p99_s": percentile(ttfts, 0.99),
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
+    }
 
 
 def free_port() -> int:
@@ -152,16 +186,20 @@ def free_port() -> int:
 
 def table(rows: list[dict]) -> str:
     base = rows[0]["tokens_per_s"] if rows and rows[0]["clients"] == 1 else None
-    lines = ["| clients | requests | TTFT samples | output tokens | wall s | output tokens/s | vs one at a time | "
-             "TTFT p50 ms | TTFT p99 ms | p99/p50 | server CPU s | client CPU s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| clients | requests | TTFT samples | output tokens | wall s | output tokens/s | vs one at a time | "
+        "TTFT p50 ms | TTFT p99 ms | p99/p50 | server CPU s | client CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     cpu = lambda x: "-" if x is None else f"{x:.1f}"
     for r in rows:
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['ttft_samples']} | {r['tokens']} | {r['wall_s']:.1f} | "
-                     f"{r['tokens_per_s']:.1f} | {ratio} | {1000 * r['ttft_p50_s']:.0f} | "
-                     f"{1000 * r['ttft_p99_s']:.0f} | {r['ttft_p99_s'] / r['ttft_p50_s']:.2f} | "
-                     f"{cpu(r['server_cpu_s'])} | {cpu(r['client_cpu_s'])} |")
+        lines.append(
+            f"| {r['clients']} | {r['requests']} | {r['ttft_samples']} | {r['tokens']} | {r['wall_s']:.1f} | "
+            f"{r['tokens_per_s']:.1f} | {ratio} | {1000 * r['ttft_p50_s']:.0f} | "
+            f"{1000 * r['ttft_p99_s']:.0f} | {r['ttft_p99_s'] / r['ttft_p50_s']:.2f} | "
+            f"{cpu(r['server_cpu_s'])} | {cpu(r['client_cpu_s'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -169,12 +207,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="default: a random model of configs/tiny.py's shape")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--seconds", type=float, default=20.0,
-                   help="each level's length: clients start no new request after it")
+    p.add_argument(
+        "--seconds", type=float, default=20.0, help="each level's length: clients start no new request after it"
+    )
     p.add_argument("--min-requests", type=int, default=2, help="requests each client sends at least")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--server-args", default="--slots=16 --steps-per-chunk=8",
-                   help="extra arguments of python -m grc_jax.serve")
+    p.add_argument(
+        "--server-args", default="--slots=16 --steps-per-chunk=8", help="extra arguments of python -m grc_jax.serve"
+    )
     p.add_argument("--url", help="measure a server already running there instead of starting one")
     p.add_argument("--server-pid", type=int, help="with --url: the server's process id, to report its CPU seconds")
     p.add_argument("--no-write", action="store_true")
@@ -186,10 +226,23 @@ def main() -> None:
     else:
         model_path = Path(args.model) if args.model else make_tiny_model(Path(tmp.name) / "tiny")
         port = free_port()
-        cmd = [sys.executable, "-m", "grc_jax.serve", f"--model={model_path}", f"--port={port}",
-               "--log-level=warning", *args.server_args.split()]
-        server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)})
+        cmd = [
+            sys.executable,
+            "-m",
+            "grc_jax.serve",
+            f"--model={model_path}",
+            f"--port={port}",
+            "--log-level=warning",
+            *args.server_args.split(),
+        ]
+        server = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x),
+            },
+        )
         url, server_pid = f"http://127.0.0.1:{port}", server.pid
     try:
         deadline = time.monotonic() + 900  # the server compiles its programs before it says ready
@@ -207,8 +260,7 @@ def main() -> None:
             asyncio.run(level(url, clients, 0, 1, args.max_tokens, 1_000_000))
         rows, offset = [], 0
         for clients in args.clients:
-            row = asyncio.run(level(url, clients, args.seconds, args.min_requests, args.max_tokens, offset,
-                                    server_pid))
+            row = asyncio.run(level(url, clients, args.seconds, args.min_requests, args.max_tokens, offset, server_pid))
             offset += row["requests"]
             rows.append(row)
             print(json.dumps(row), flush=True)

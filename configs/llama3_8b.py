@@ -3,6 +3,7 @@ TPU v5p-64 / v6e-64 pod slice or 8 nodes of 8 GPUs.
 
 python -m grc_jax.train --config=configs/llama3_8b.py --config.model.hf_path=/ckpt/Meta-Llama-3.1-8B ...
 """
+
 from grc_jax.train_config import defaults
 
 

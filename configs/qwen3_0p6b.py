@@ -3,6 +3,7 @@
 python -m grc_jax.train --config=configs/qwen3_0p6b.py --config.model.hf_path=/ckpt/Qwen3-0.6B \
     --config.data.train_files=gs://.../train-*.jsonl --workdir=gs://.../runs/qwen3_0p6b
 """
+
 from grc_jax.train_config import defaults
 
 

@@ -3,6 +3,7 @@
 python -m grc_jax.train --config=configs/qwen3_4b.py --config.model.hf_path=/ckpt/Qwen3-4B ...
 (launch on every worker; see launch/)
 """
+
 from grc_jax.train_config import defaults
 
 

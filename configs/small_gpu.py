@@ -3,6 +3,7 @@
 python -m grc_jax.train --config=configs/small_gpu.py --config.data.train_files=a.jsonl,b.jsonl \
     --config.data.tokenizer=DIR_WITH_TOKENIZER_JSON --config.data.eval_dir=DEMO_WORLD_STYLE_DIR
 """
+
 from grc_jax.train_config import defaults
 
 

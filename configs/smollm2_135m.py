@@ -10,6 +10,7 @@ held-out evaluation of configs/tiny.py (about 100k tokens of forward passes and 
 decode; estimated 5-10 minutes there); minutes on one GPU. The special tokens are SmolLM2's own,
 named here.
 """
+
 from grc_jax.assets import smollm2_135m_gguf
 from grc_jax.train_config import defaults
 

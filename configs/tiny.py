@@ -12,6 +12,7 @@ self-reasoning 0.111 against 0.000 plain, where the Llama layout got 0.019 again
 train with 2 distractor memories (rows of 448 tokens); the held-out evaluation uses 4, read under
 memory priors.
 """
+
 from grc_jax.train_config import defaults
 
 

@@ -18,6 +18,7 @@ and, for held-out and for trained multi-hop queries:
 
     python experiments/demo_probe.py /tmp/official/run2 [--queries 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ from grc_jax.eval.world import answer_exact_match, document_tokens, reader_token
 from grc_jax.inference import Engine  # noqa: E402
 
 
-def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...] = (0, 1, 2, 4),
-                             look_alikes: bool = True, split: str = "heldout") -> dict[int, float]:
+def memory_qa_by_distractors(
+    engine: Engine,
+    world: Path,
+    counts: tuple[int, ...] = (0, 1, 2, 4),
+    look_alikes: bool = True,
+    split: str = "heldout",
+) -> dict[int, float]:
     """Exact match with each number of distractors: the record's negatives first, as
     `grc_jax.eval.world` draws them (look-alikes in the demo world), or random documents only.
     A count of -1 gives the reader no memory at all."""
@@ -48,8 +54,15 @@ def memory_qa_by_distractors(engine: Engine, world: Path, counts: tuple[int, ...
     out = {}
     for count in counts:
         rng = np.random.default_rng(0)
-        memories = [[document_tokens(tok, t, config.max_segment_len)
-                     for t in _draw_memories(r, count, look_alikes, corpus, rng)] if count >= 0 else [] for r in qa]
+        memories = [
+            [
+                document_tokens(tok, t, config.max_segment_len)
+                for t in _draw_memories(r, count, look_alikes, corpus, rng)
+            ]
+            if count >= 0
+            else []
+            for r in qa
+        ]
         out[count] = answer_exact_match(config, engine.params, memories, readers, list(config.latent_token_ids))
     return out
 
@@ -61,8 +74,11 @@ def _questions(world: Path, split: str = "heldout") -> tuple[list[dict], list[st
     """A split's direct memory-QA records (no multi-hop ones) with a one-word answer, the first
     TRAINED_QUESTIONS of them for "train"; and the split's documents, which random distractors
     come from."""
-    qa = [r for r in load_jsonl(world / f"{split}.jsonl") if {"question", "answer", "positive"} <= r.keys()
-          and "reasoning" not in r and len(r["answer"].split()) == 1]
+    qa = [
+        r
+        for r in load_jsonl(world / f"{split}.jsonl")
+        if {"question", "answer", "positive"} <= r.keys() and "reasoning" not in r and len(r["answer"].split()) == 1
+    ]
     corpus = [d["text"] for d in load_jsonl(world / f"corpus_{split}.jsonl")]
     return qa[:TRAINED_QUESTIONS] if split == "train" else qa, corpus
 
@@ -85,8 +101,12 @@ def attention_on_right_memory(engine: Engine, world: Path, count: int, look_alik
     for r in qa:
         texts = _draw_memories(r, count, look_alikes, corpus, rng)
         question, answer = reader_tokens(tok, r["question"], r["answer"], engine.eos_id)
-        row = layout.example_row([document_tokens(tok, t, config.max_segment_len) for t in texts],
-                                 question + answer, config.latent_token_ids, config.max_segment_len)
+        row = layout.example_row(
+            [document_tokens(tok, t, config.max_segment_len) for t in texts],
+            question + answer,
+            config.latent_token_ids,
+            config.max_segment_len,
+        )
         at = len(row.tokens) - len(answer) - 1  # the last question token predicts the answer
         meta = layout.TokenMeta(*(jnp.asarray(a[None]) for a in (row.example, row.segment, row.kind)))
         probs = np.asarray(_attention_probs(config, params, jnp.asarray(row.tokens[None]), meta))
@@ -110,7 +130,9 @@ def probe(engine: Engine, records: list[dict]) -> tuple[dict[str, float], list[s
         "trace equals gold reasoning": sum(t == r["reasoning"] for t, r in zip(texts, records)) / n,
         "trace names the bridge": sum(t.endswith(f" is {b}.") for t, b in zip(texts, bridges)) / n,
         "text prefix completed with the bridge": sum(
-            tok.decode(c).strip().startswith(b + ".") for c, b in zip(completions, bridges)) / n,
+            tok.decode(c).strip().startswith(b + ".") for c, b in zip(completions, bridges)
+        )
+        / n,
     }, texts
 
 
@@ -124,17 +146,23 @@ def main() -> None:
     engine = Engine.from_pretrained(args.workdir)
     for look_alikes in (True, False):
         figures = memory_qa_by_distractors(engine, world, look_alikes=look_alikes)
-        print(f"memory QA exact match, {'look-alike' if look_alikes else 'random'} distractors: "
-              + ", ".join(f"{n}: {v:.3f}" for n, v in figures.items()))
+        print(
+            f"memory QA exact match, {'look-alike' if look_alikes else 'random'} distractors: "
+            + ", ".join(f"{n}: {v:.3f}" for n, v in figures.items())
+        )
         counts = (-1, 0, 4) if look_alikes else (0, 4)
         figures = memory_qa_by_distractors(engine, world, counts, look_alikes, split="train")
-        print(f"  trained people, {'look-alike' if look_alikes else 'random'} distractors: "
-              + ", ".join(f"{'no memory' if n < 0 else n}: {v:.3f}" for n, v in figures.items()))
+        print(
+            f"  trained people, {'look-alike' if look_alikes else 'random'} distractors: "
+            + ", ".join(f"{'no memory' if n < 0 else n}: {v:.3f}" for n, v in figures.items())
+        )
     for count in (1, 4):
         shares = attention_on_right_memory(engine, world, count)
-        print(f"share of attention to memories on the right one, {count} look-alike distractor(s) "
-              f"(chance {1 / (count + 1):.2f}), per layer past the first, per head: "
-              + "; ".join(" ".join(f"{v:.2f}" for v in layer) for layer in shares))
+        print(
+            f"share of attention to memories on the right one, {count} look-alike distractor(s) "
+            f"(chance {1 / (count + 1):.2f}), per layer past the first, per head: "
+            + "; ".join(" ".join(f"{v:.2f}" for v in layer) for layer in shares)
+        )
     splits = {
         "held-out (multihop_eval.jsonl)": load_jsonl(world / "multihop_eval.jsonl")[: args.queries],
         "trained (train.jsonl)": [r for r in load_jsonl(world / "train.jsonl") if "reasoning" in r][: args.queries],

@@ -13,6 +13,7 @@ with an attention whose first layer masks READER -> LATENT, to measure what that
 decoding) keep the usual model, which they may: a lone segment or a reader without memories
 computes the same either way.
 """
+
 from __future__ import annotations
 
 import runpy

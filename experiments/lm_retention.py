@@ -11,6 +11,7 @@ training run), prints and records:
     python experiments/lm_retention.py "$(python -m grc_jax.assets smollm2)" runs/smollm2 \
         --out retention.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,7 @@ def evaluate(path: str, window: int, max_tokens: int, max_new_tokens: int) -> di
     engine = Engine.from_pretrained(path)
     windows = text_windows(engine.tokenizer, reference_texts(), window, max_tokens)
     figures = perplexity(engine.config, engine.params, windows)
-    answers = {q: engine.chat([{"role": "user", "content": q}], max_new_tokens=max_new_tokens)
-               for q in QUESTIONS}
+    answers = {q: engine.chat([{"role": "user", "content": q}], max_new_tokens=max_new_tokens) for q in QUESTIONS}
     return {"perplexity": figures, "answers": answers}
 
 

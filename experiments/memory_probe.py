@@ -15,6 +15,7 @@ This is the skill the tiny demo's memory-QA figure needs, measured without the o
 competing for the steps. The world is written with `grc_jax.data.demo_world` defaults if
 --world does not hold one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,7 @@ P, EOS = 64, 2
 
 
 def one_word_questions(path: Path) -> list[dict]:
-    return [r for r in load_jsonl(path)
-            if "question" in r and "reasoning" not in r and len(r["answer"].split()) == 1]
+    return [r for r in load_jsonl(path) if "question" in r and "reasoning" not in r and len(r["answer"].split()) == 1]
 
 
 @functools.cache
@@ -69,8 +69,9 @@ def pick_distractors(r: dict, how: str, count: int, pool: Sequence[str], rng: np
     return out
 
 
-def fresh_records(count: int, distractors: int, rng: np.random.Generator, pieces: set[str],
-                  avoid: set[str]) -> list[dict]:
+def fresh_records(
+    count: int, distractors: int, rng: np.random.Generator, pieces: set[str], avoid: set[str]
+) -> list[dict]:
     """`count` one-word question records about people drawn now (seen once, never again), each
     with `distractors` other new people: every other one a look-alike (all attributes but one or
     two the same), the rest random. Names use only the world's name tokens (`pieces`) and none of
@@ -97,9 +98,14 @@ def fresh_records(count: int, distractors: int, rng: np.random.Generator, pieces
             people.append(demo_world.Entity(name, "train", *other, mentor=names[-1]))
         kind = r.choice(demo_world.ATTRIBUTES)
         documents = [demo_world._document(r, e) for e in people]
-        out.append({"positive": documents[0], "negatives": documents[1:],
-                    "question": r.choice(demo_world._QUESTIONS[kind]).format(n=names[0]),
-                    "answer": people[0].attribute(kind)})
+        out.append(
+            {
+                "positive": documents[0],
+                "negatives": documents[1:],
+                "question": r.choice(demo_world._QUESTIONS[kind]).format(n=names[0]),
+                "answer": people[0].attribute(kind),
+            }
+        )
     return out
 
 
@@ -113,8 +119,16 @@ def stack_rows(rows: Sequence[layout.Row], weights: Sequence[np.ndarray]) -> tup
     return tuple(jnp.asarray(a) for a in (tokens, *meta, targets, np.stack(weights)))
 
 
-def batch(records: list[dict], tok: Tokenizer, latent_ids: list[int], distractors: int, length: int,
-          rng: np.random.Generator, how: str = "lookalike", pool: Sequence[str] = ()) -> tuple[jax.Array, ...]:
+def batch(
+    records: list[dict],
+    tok: Tokenizer,
+    latent_ids: list[int],
+    distractors: int,
+    length: int,
+    rng: np.random.Generator,
+    how: str = "lookalike",
+    pool: Sequence[str] = (),
+) -> tuple[jax.Array, ...]:
     """Packed rows (one reader example each) and a weight on each row's answer word."""
     rows, weights = [], []
     for r in records:
@@ -125,7 +139,7 @@ def batch(records: list[dict], tok: Tokenizer, latent_ids: list[int], distractor
         rows.append(layout.pack_rows([pieces], length)[0])
         end = sum(len(t) for _, _, t in pieces)
         weight = np.zeros(length, np.float32)
-        weight[end - len(answer) - 1:end - 2] = 1.0  # the positions predicting the answer word, not eos
+        weight[end - len(answer) - 1 : end - 2] = 1.0  # the positions predicting the answer word, not eos
         weights.append(weight)
     return stack_rows(rows, weights)
 
@@ -158,15 +172,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--distractors", type=int, default=0)
-    parser.add_argument("--kind", choices=("lookalike", "differing", "random"), default="lookalike",
-                        help="which distractor memories training readers see")
+    parser.add_argument(
+        "--kind",
+        choices=("lookalike", "differing", "random"),
+        default="lookalike",
+        help="which distractor memories training readers see",
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--latents", type=int, default=8, help="meta latent tokens per memory (K)")
-    parser.add_argument("--alone-steps", type=int, default=0,
-                        help="for this many first steps readers see the right memory alone (a curriculum)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="train on people drawn anew for every question instead of the world's train people "
-                             "(their distractors are half look-alikes, half random: --kind does not apply)")
+    parser.add_argument(
+        "--alone-steps",
+        type=int,
+        default=0,
+        help="for this many first steps readers see the right memory alone (a curriculum)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train on people drawn anew for every question instead of the world's train people "
+        "(their distractors are half look-alikes, half random: --kind does not apply)",
+    )
     parser.add_argument("--qk-norm", action="store_true", help="Qwen3's q/k norms, as configs/tiny.py")
     args = parser.parse_args()
 
@@ -176,9 +201,19 @@ def main() -> None:
     tok = Tokenizer.from_dir(world)
     train = one_word_questions(world / "train.jsonl")
     heldout = one_word_questions(world / "heldout.jsonl")
-    config = ModelConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_layers=args.layers,
-                         num_heads=4, num_kv_heads=2, head_dim=32, num_latents=args.latents, max_segment_len=P,
-                         architecture="Qwen3ForCausalLM" if args.qk_norm else "LlamaForCausalLM", qk_norm=args.qk_norm)
+    config = ModelConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=args.layers,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        num_latents=args.latents,
+        max_segment_len=P,
+        architecture="Qwen3ForCausalLM" if args.qk_norm else "LlamaForCausalLM",
+        qk_norm=args.qk_norm,
+    )
     K = config.num_latents
     latent_ids = list(config.latent_token_ids)
     doc_len = max(len(document_tokens(tok, r["positive"], P)) for r in train + heldout)
@@ -186,8 +221,9 @@ def main() -> None:
     held_length = 5 * (doc_len + K) + 32
     train_pool = sorted({r["positive"] for r in train})
     held_pool = sorted({r["positive"] for r in heldout})
-    world_names = [json.loads(line)["id"] for f in ("corpus_train.jsonl", "corpus_heldout.jsonl")
-                   for line in open(world / f)]
+    world_names = [
+        json.loads(line)["id"] for f in ("corpus_train.jsonl", "corpus_heldout.jsonl") for line in open(world / f)
+    ]
     pre = demo_world.pre_tokenizer()
     pieces = {p for n in world_names for p in demo_world.name_pieces(n, pre)}
     avoid = {n.lower() for n in world_names}
@@ -195,12 +231,16 @@ def main() -> None:
     params = model.init_params(config, jax.random.key(0))
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(0)
-    held = {how: batch(heldout, tok, latent_ids, 4, held_length, np.random.default_rng(1), how, held_pool)
-            for how in ("lookalike", "random")}
+    held = {
+        how: batch(heldout, tok, latent_ids, 4, held_length, np.random.default_rng(1), how, held_pool)
+        for how in ("lookalike", "random")
+    }
     held["alone"] = batch(heldout, tok, latent_ids, 0, held_length, np.random.default_rng(1))
-    print(f"{args.layers} layers, K = {K}, {'q/k norms, ' if args.qk_norm else ''}lr {args.lr}, "
-          f"{args.distractors} {args.kind} distractor(s), {args.batch} questions/step, "
-          f"documents up to {doc_len} tokens; {len(train)} training and {len(heldout)} held-out questions")
+    print(
+        f"{args.layers} layers, K = {K}, {'q/k norms, ' if args.qk_norm else ''}lr {args.lr}, "
+        f"{args.distractors} {args.kind} distractor(s), {args.batch} questions/step, "
+        f"documents up to {doc_len} tokens; {len(train)} training and {len(heldout)} held-out questions"
+    )
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
         distractors = 0 if i <= args.alone_steps else args.distractors
@@ -213,10 +253,13 @@ def main() -> None:
         params, opt_state, loss, accuracy = step(params, opt_state, *rows)
         if i % 50 == 0:
             held_accuracy = {how: float(evaluate(params, *held_rows)[1]) for how, held_rows in held.items()}
-            print(f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
-                  f"with the right memory alone / 4 look-alike / 4 random distractors {held_accuracy['alone']:.2f} / "
-                  f"{held_accuracy['lookalike']:.2f} / {held_accuracy['random']:.2f} | "
-                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
+                f"with the right memory alone / 4 look-alike / 4 random distractors {held_accuracy['alone']:.2f} / "
+                f"{held_accuracy['lookalike']:.2f} / {held_accuracy['random']:.2f} | "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ examples. A reader that cannot match names can still answer a later query of the
 by elimination (values are distinct), so with Q = M queries its ceiling without matching is the
 mean of 1/M, 1/(M-1), ..., 1 (printed as "no matching").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ ASK, EQUALS, EOS, WHO = 5, 6, 2, 7
 P = 64
 
 
-def example(rng: np.random.Generator, args: argparse.Namespace,
-            name_task: float = 0.0) -> tuple[list[list[int]], list[int], list[int]]:
+def example(
+    rng: np.random.Generator, args: argparse.Namespace, name_task: float = 0.0
+) -> tuple[list[list[int]], list[int], list[int]]:
     """Documents, the reader's tokens and the reader positions that hold an answer token.
 
     With probability `name_task` the example is instead one memory and `[WHO]`, answered with
@@ -56,15 +58,21 @@ def example(rng: np.random.Generator, args: argparse.Namespace,
     if name_task and rng.random() < name_task:
         return documents[:1], [WHO] + names[0] + [EOS], list(range(1, 1 + len(names[0])))
     reader, answers = [], []
-    for t in rng.permutation(args.memories)[:args.queries]:
+    for t in rng.permutation(args.memories)[: args.queries]:
         reader += [ASK] + names[t] if args.name_last else names[t] + [ASK]
         answers.append(len(reader))
         reader.append(values[t])
     return documents, reader + [EOS], answers
 
 
-def batch(rng: np.random.Generator, size: int, length: int, latent_ids: list[int],
-          args: argparse.Namespace, name_task: float = 0.0) -> tuple[jax.Array, ...]:
+def batch(
+    rng: np.random.Generator,
+    size: int,
+    length: int,
+    latent_ids: list[int],
+    args: argparse.Namespace,
+    name_task: float = 0.0,
+) -> tuple[jax.Array, ...]:
     rows, weights = [], []
     for _ in range(size):
         documents, reader, answers = example(rng, args, name_task)
@@ -90,19 +98,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--architecture", choices=("Qwen3ForCausalLM", "LlamaForCausalLM"), default="Qwen3ForCausalLM",
-                        help="Qwen3 has q/k norms, Llama does not")
+    parser.add_argument(
+        "--architecture",
+        choices=("Qwen3ForCausalLM", "LlamaForCausalLM"),
+        default="Qwen3ForCausalLM",
+        help="Qwen3 has q/k norms, Llama does not",
+    )
     parser.add_argument("--tie", action="store_true", help="tied input and output embeddings, as the training defaults")
     parser.add_argument("--init", type=float, default=0.02, help="std of the random init (initializer_range)")
     parser.add_argument("--plain", action="store_true", help="documents as plain context, not memories")
-    parser.add_argument("--filler", type=int, default=0,
-                        help="random filler tokens after each value, for documents of realistic length")
-    parser.add_argument("--name-task", type=float, default=0.0,
-                        help="share of training examples that ask a lone memory for its name (held-out: none)")
+    parser.add_argument(
+        "--filler", type=int, default=0, help="random filler tokens after each value, for documents of realistic length"
+    )
+    parser.add_argument(
+        "--name-task",
+        type=float,
+        default=0.0,
+        help="share of training examples that ask a lone memory for its name (held-out: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and of the training examples")
     parser.add_argument("--latents", type=int, default=8, help="meta latent tokens per memory (K)")
-    parser.add_argument("--name-last", action="store_true",
-                        help="ask `? [name]`, so that the name's last token predicts the value")
+    parser.add_argument(
+        "--name-last", action="store_true", help="ask `? [name]`, so that the name's last token predicts the value"
+    )
     args = parser.parse_args()
     if not 1 <= args.queries <= args.memories:
         parser.error(f"--queries must be in 1..--memories={args.memories}, got {args.queries}")
@@ -117,12 +135,21 @@ def main() -> None:
     if args.syllables + 2 + args.filler > P:
         parser.error(f"a document of --syllables + 2 + --filler tokens must fit the segment length {P}")
 
-    config = ModelConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                         num_layers=args.layers, num_heads=args.hidden // 32, num_kv_heads=args.hidden // 64,
-                         head_dim=32,
-                         num_latents=args.latents, max_segment_len=P,
-                         architecture=args.architecture, qk_norm=args.architecture == "Qwen3ForCausalLM",
-                         initializer_range=args.init, tie_word_embeddings=args.tie)
+    config = ModelConfig(
+        vocab_size=256,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_layers=args.layers,
+        num_heads=args.hidden // 32,
+        num_kv_heads=args.hidden // 64,
+        head_dim=32,
+        num_latents=args.latents,
+        max_segment_len=P,
+        architecture=args.architecture,
+        qk_norm=args.architecture == "Qwen3ForCausalLM",
+        initializer_range=args.init,
+        tie_word_embeddings=args.tie,
+    )
     latent_ids = list(config.latent_token_ids)
     document_len = args.syllables + 2 + args.filler
     length = args.memories * (document_len + config.num_latents) + args.queries * (args.syllables + 2) + 8
@@ -133,19 +160,24 @@ def main() -> None:
     rng = np.random.default_rng(0 if args.seed == 0 else (args.seed, 0))
     held = batch(np.random.default_rng(1), 256, length, latent_ids, args)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
-    print(f"{'plain context' if args.plain else 'memories'}: hidden {args.hidden}, {args.layers} layers, "
-          f"{args.architecture}, {'tied' if args.tie else 'untied'} embeddings, init std {args.init}, "
-          f"{args.memories} documents{f' with {args.filler} filler tokens' if args.filler else ''}, "
-          f"{args.queries} queries each, {args.syllables}-syllable names{' asked last' if args.name_last else ''}"
-          f"{f', name task on {args.name_task:.0%} of training examples' if args.name_task else ''}; "
-          f"without matching at most {no_matching:.2f}")
+    print(
+        f"{'plain context' if args.plain else 'memories'}: hidden {args.hidden}, {args.layers} layers, "
+        f"{args.architecture}, {'tied' if args.tie else 'untied'} embeddings, init std {args.init}, "
+        f"{args.memories} documents{f' with {args.filler} filler tokens' if args.filler else ''}, "
+        f"{args.queries} queries each, {args.syllables}-syllable names{' asked last' if args.name_last else ''}"
+        f"{f', name task on {args.name_task:.0%} of training examples' if args.name_task else ''}; "
+        f"without matching at most {no_matching:.2f}"
+    )
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
         rows = batch(rng, args.batch, length, latent_ids, args, args.name_task)
         params, opt_state, loss, accuracy = step(params, opt_state, *rows)
         if i % 100 == 0:
-            print(f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
-                  f"{float(evaluate(params, *held)[1]):.2f} | {time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
+                f"{float(evaluate(params, *held)[1]):.2f} | {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

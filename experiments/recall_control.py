@@ -10,6 +10,7 @@ model is a 2-layer pre-norm transformer of width --hidden with 4 heads, learned 
 100 steps it prints the value accuracy on a training batch and on 256 fixed held-out examples.
 Without matching names the ceiling is the mean of 1/M, 1/(M-1), ..., for the queries asked.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,19 @@ def init(key: jax.Array, hidden: int, length: int, std: float) -> dict:
     def normal(*shape):
         return std * jax.random.normal(next(keys), shape)
 
-    layer = lambda: {"q": normal(hidden, hidden), "k": normal(hidden, hidden), "v": normal(hidden, hidden),
-                     "o": normal(hidden, hidden), "up": normal(hidden, 3 * hidden), "down": normal(3 * hidden, hidden)}
-    return {"embed": normal(VOCAB, hidden), "position": normal(length, hidden),
-            "layers": [layer() for _ in range(LAYERS)]}
+    layer = lambda: {
+        "q": normal(hidden, hidden),
+        "k": normal(hidden, hidden),
+        "v": normal(hidden, hidden),
+        "o": normal(hidden, hidden),
+        "up": normal(hidden, 3 * hidden),
+        "down": normal(3 * hidden, hidden),
+    }
+    return {
+        "embed": normal(VOCAB, hidden),
+        "position": normal(length, hidden),
+        "layers": [layer() for _ in range(LAYERS)],
+    }
 
 
 def rms_norm(x: jax.Array) -> jax.Array:
@@ -83,8 +93,9 @@ def logits(params: dict, tokens: jax.Array, rope_theta: float | None = None) -> 
     return rms_norm(x) @ params["embed"].T
 
 
-def loss_fn(params: dict, tokens: jax.Array, weight: jax.Array,
-            rope_theta: float | None = None) -> tuple[jax.Array, jax.Array]:
+def loss_fn(
+    params: dict, tokens: jax.Array, weight: jax.Array, rope_theta: float | None = None
+) -> tuple[jax.Array, jax.Array]:
     logp = jax.nn.log_softmax(logits(params, tokens, rope_theta))
     targets = jnp.roll(tokens, -1, axis=1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -102,8 +113,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rope", type=float, nargs="?", const=10000.0, metavar="BASE",
-                        help="rotary positions on q and k (base 10000 unless given) instead of learned positions")
+    parser.add_argument(
+        "--rope",
+        type=float,
+        nargs="?",
+        const=10000.0,
+        metavar="BASE",
+        help="rotary positions on q and k (base 10000 unless given) instead of learned positions",
+    )
     args = parser.parse_args()
     if not 1 <= args.queries <= args.memories:
         parser.error(f"--queries must be in 1..--memories={args.memories}, got {args.queries}")
@@ -127,16 +144,21 @@ def main() -> None:
     held = batch(np.random.default_rng(10_000 + args.seed), 256, args.memories, args.queries)
     no_matching = float(np.mean([1 / (args.memories - i) for i in range(args.queries)]))
     positions = "learned positions" if args.rope is None else f"RoPE base {args.rope:g}"
-    print(f"vanilla transformer: {positions}, hidden {args.hidden}, "
-          f"init std {args.init}, lr {args.lr}, {args.memories} pairs, {args.queries} queries; "
-          f"without matching at most {no_matching:.2f}")
+    print(
+        f"vanilla transformer: {positions}, hidden {args.hidden}, "
+        f"init std {args.init}, lr {args.lr}, {args.memories} pairs, {args.queries} queries; "
+        f"without matching at most {no_matching:.2f}"
+    )
     start = time.perf_counter()
     for i in range(1, args.steps + 1):
         examples = batch(rng, args.batch, args.memories, args.queries)
         params, opt_state, loss, accuracy = step(params, opt_state, *examples)
         if i % 100 == 0:
-            print(f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
-                  f"{float(evaluate(params, *held)[1]):.2f} | {time.perf_counter() - start:.0f} s", flush=True)
+            print(
+                f"step {i}: train loss {float(loss):.2f} accuracy {float(accuracy):.2f} | held-out accuracy "
+                f"{float(evaluate(params, *held)[1]):.2f} | {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ into one-hop answers.
 
     python experiments/two_memory_qa.py runs/tiny [--step N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,9 @@ def main() -> None:
     queries = {
         "plain": engine.embed_tokens([q[:P] for q, _ in two_hop]),
         "self-reasoned": engine.embed_with_reasoning_tokens([tok.encode(r["query"]) for r in records])[0],
-        "gold reasoning": engine.embed_tokens([query_tokens(tok, r["query"], r["reasoning"], engine.eor_id)[:P]
-                                               for r in records]),
+        "gold reasoning": engine.embed_tokens(
+            [query_tokens(tok, r["query"], r["reasoning"], engine.eor_id)[:P] for r in records]
+        ),
     }
     one_hop_queries = engine.embed_tokens([q[:P] for q, _ in one_hop])
 

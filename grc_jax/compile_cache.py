@@ -22,6 +22,7 @@ flax and numpy, the backend, XLA_FLAGS, jax's settings and the source of grc_jax
 pallas_kernels). A file that is missing, unreadable or written under another key is ignored and
 the program traced and compiled again.
 """
+
 from __future__ import annotations
 
 import collections
@@ -51,6 +52,7 @@ def _reset() -> None:
     # JAX decides once, at the first compilation, whether the cache is used; a directory set
     # after that takes effect only once that decision is reset.
     from jax.experimental.compilation_cache import compilation_cache
+
     compilation_cache.reset_cache()
 
 
@@ -90,8 +92,14 @@ def enable(path: str | os.PathLike | bool | None = None) -> str | None:
 PROGRAMS_DIR = "grc_jax_programs"
 _MAGIC = b"GRC_JAX_PROGRAM 1\n"
 # Settings that change how programs are logged or cached, never what they compute.
-_IGNORED_SETTINGS = ("compilation_cache", "persistent_cache", "log_compiles", "logging_level", "debug_log_modules",
-                     "explain_cache_misses")
+_IGNORED_SETTINGS = (
+    "compilation_cache",
+    "persistent_cache",
+    "log_compiles",
+    "logging_level",
+    "debug_log_modules",
+    "explain_cache_misses",
+)
 STATS: collections.Counter = collections.Counter()  # loaded / saved / rejected / compiled (tests, benchmarks)
 _log = logging.getLogger(__name__)
 _programs: dict[tuple, Any] = {}  # this process's executables, by (name, statics, argument signature)
@@ -117,18 +125,19 @@ def call_serialized(name: str, jitted: Callable, static: Sequence[Any], dynamic:
     devices = {d for x in leaves for d in x.sharding.device_set}
     if len(devices) != 1:
         return jitted(*static, *dynamic)
-    signature = (name, tuple(static), jax.tree.structure(dynamic),
-                 tuple((jax.typeof(x), x.sharding) for x in leaves))
+    signature = (name, tuple(static), jax.tree.structure(dynamic), tuple((jax.typeof(x), x.sharding) for x in leaves))
     with _programs_lock:
         compiled = _programs.get(signature)
         if compiled is None:
-            compiled = _programs[signature] = _load_or_compile(name, jitted, static, dynamic, directory,
-                                                               next(iter(devices)))
+            compiled = _programs[signature] = _load_or_compile(
+                name, jitted, static, dynamic, directory, next(iter(devices))
+            )
     return compiled(*dynamic)
 
 
-def _load_or_compile(name: str, jitted: Callable, static: Sequence[Any], dynamic: Sequence[Any], directory: Path,
-                     device: Any) -> Any:
+def _load_or_compile(
+    name: str, jitted: Callable, static: Sequence[Any], dynamic: Sequence[Any], directory: Path, device: Any
+) -> Any:
     from jax.experimental import serialize_executable
 
     key = _key_text(name, static, dynamic)
@@ -139,15 +148,13 @@ def _load_or_compile(name: str, jitted: Callable, static: Sequence[Any], dynamic
             head = _MAGIC + len(key.encode()).to_bytes(8, "little") + key.encode()
             if not data.startswith(head):
                 raise ValueError("written for another program (a stale key)")
-            payload, in_tree, out_tree = pickle.loads(data[len(head):])
-            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
-                                                                 execution_devices=[device])
+            payload, in_tree, out_tree = pickle.loads(data[len(head) :])
+            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=[device])
             STATS["loaded"] += 1
             return compiled
         except Exception as e:  # any damage: this file is not used, the program is made again
             STATS["rejected"] += 1
-            _log.warning("%s: ignoring the serialized program (%s: %s); compiling it again", path,
-                         type(e).__name__, e)
+            _log.warning("%s: ignoring the serialized program (%s: %s); compiling it again", path, type(e).__name__, e)
     lowered = jitted.lower(*static, *dynamic)
     # Compiled afresh, never taken from JAX's cache: an XLA:CPU executable read back from there
     # serializes without its kernels, and the file would fail when run.
@@ -182,12 +189,21 @@ def _key_text(name: str, static: Sequence[Any], dynamic: Sequence[Any]) -> str:
     devices = sorted({d for x in leaves for d in x.sharding.device_set}, key=lambda d: d.id) or jax.devices()[:1]
     backend = devices[0].client
     settings = {k: v for k, v in sorted(jax.config.values.items()) if not any(i in k for i in _IGNORED_SETTINGS)}
-    lines = [f"program {name}", f"python {sys.version.split()[0]}", f"jax {jax.__version__}",
-             f"jaxlib {jaxlib.__version__}", f"flax {flax.__version__}", f"numpy {numpy.__version__}",
-             f"backend {backend.platform} {backend.platform_version}",
-             f"devices {[(d.id, d.device_kind) for d in devices]}",
-             f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}", f"settings {settings!r}", f"source {_source_hash()}",
-             f"static {[repr(a) for a in static]!r}", f"tree {treedef}"]
+    lines = [
+        f"program {name}",
+        f"python {sys.version.split()[0]}",
+        f"jax {jax.__version__}",
+        f"jaxlib {jaxlib.__version__}",
+        f"flax {flax.__version__}",
+        f"numpy {numpy.__version__}",
+        f"backend {backend.platform} {backend.platform_version}",
+        f"devices {[(d.id, d.device_kind) for d in devices]}",
+        f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}",
+        f"settings {settings!r}",
+        f"source {_source_hash()}",
+        f"static {[repr(a) for a in static]!r}",
+        f"tree {treedef}",
+    ]
     lines += [f"arg {jax.typeof(x)} weak={jax.typeof(x).weak_type} {x.sharding}" for x in leaves]
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
 """The model's static description: one frozen dataclass, built from an HF `config.json`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,14 +59,25 @@ class ModelConfig:
     def __post_init__(self):
         # Numbers first: a string or bool here (from a hand-edited config.json) would otherwise
         # fail later as a bare TypeError, or run with a wrong value.
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "num_latents", "max_segment_len"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "num_latents",
+            "max_segment_len",
+        ):
             value = getattr(self, key)
             _check(_is_int(value), f"{key} must be an integer, got {value!r}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
             _check(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
-        _check(self.embed_dim is None or (_is_int(self.embed_dim) and self.embed_dim >= 1),
-               f"embed_dim must be None or an integer >= 1, got {self.embed_dim!r}")
+        _check(
+            self.embed_dim is None or (_is_int(self.embed_dim) and self.embed_dim >= 1),
+            f"embed_dim must be None or an integer >= 1, got {self.embed_dim!r}",
+        )
         for key in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, key)
             _check(_is_real(value), f"{key} must be a number, got {value!r}")
@@ -75,18 +87,26 @@ class ModelConfig:
         # The architecture fixes which attention weights transformers builds: a model that has
         # other ones would export to a checkpoint transformers loads wrongly.
         for key, value in architecture_fields(self.architecture).items():
-            _check(getattr(self, key) == value, f"{key}={getattr(self, key)} does not fit architecture "
-                                                f"{self.architecture!r}: {_ARCHITECTURE_FIELD_RULES[key]}")
-        _check(self.num_heads >= 1 and self.num_kv_heads >= 1,
-               f"num_heads and num_kv_heads must be >= 1, got {self.num_heads} and {self.num_kv_heads}")
-        _check(self.num_heads % self.num_kv_heads == 0,
-               f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            _check(
+                getattr(self, key) == value,
+                f"{key}={getattr(self, key)} does not fit architecture "
+                f"{self.architecture!r}: {_ARCHITECTURE_FIELD_RULES[key]}",
+            )
+        _check(
+            self.num_heads >= 1 and self.num_kv_heads >= 1,
+            f"num_heads and num_kv_heads must be >= 1, got {self.num_heads} and {self.num_kv_heads}",
+        )
+        _check(
+            self.num_heads % self.num_kv_heads == 0,
+            f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}",
+        )
         _check(self.initializer_range > 0, f"initializer_range must be > 0, got {self.initializer_range}")
         _check(self.num_latents >= 1, f"num_latents must be >= 1, got {self.num_latents}")
         _check(self.max_segment_len >= 1, f"max_segment_len must be >= 1, got {self.max_segment_len}")
         _check(self.pooling in POOLINGS, f"pooling {self.pooling!r} is not one of {POOLINGS}")
-        _check(self.remat_policy in REMAT_POLICIES,
-               f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        _check(
+            self.remat_policy in REMAT_POLICIES, f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}"
+        )
         for key in ("param_dtype", "dtype"):
             _check(getattr(self, key) in DTYPES, f"{key} {getattr(self, key)!r} is not one of {tuple(DTYPES)}")
 
@@ -150,15 +170,25 @@ def from_hf_config(hf: dict[str, Any], *, source: str = "config.json", **grc: An
         message = str(e)
         for ours, theirs in _HF_NAMES.items():
             if message.startswith(f"{ours} "):
-                message = theirs + message[len(ours):]
+                message = theirs + message[len(ours) :]
         raise UserError(message if message.startswith(source) else f"{source}: {message}") from None
 
 
-_HF_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim")
+_HF_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 _HF_REALS = ("rms_norm_eps", "rope_theta", "initializer_range")
-_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-             "num_kv_heads": "num_key_value_heads"}
+_HF_NAMES = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
 
 
 def _from_hf_config(hf: dict[str, Any], source: str, **grc: Any) -> ModelConfig:

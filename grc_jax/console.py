@@ -5,6 +5,7 @@ warnings and errors, and at the end the commands that use the finished run. INFO
 libraries underneath (Orbax, absl, grain, JAX) go to `WORKDIR/train.log` only, unless
 `--verbose` asks for them on the console too; that file also keeps the run's own INFO lines.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,11 @@ from typing import Any, Mapping
 from absl import flags
 from absl import logging as absl_logging
 
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Also print the INFO logs of Orbax, absl, grain and JAX on the console "
-                             "(they always go to WORKDIR/train.log).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Also print the INFO logs of Orbax, absl, grain and JAX on the console (they always go to WORKDIR/train.log).",
+)
 
 LOG_FILE = "train.log"
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
@@ -66,8 +70,9 @@ def summary(workdir: str | Path, result: Mapping[str, Any]) -> str:
     """The run's outcome in a few lines: how far it got, its last loss, where the figures are."""
     workdir = Path(workdir)
     if "preempted_at" in result:
-        return (f"stopped at step {result['preempted_at']} with a checkpoint; run the same command again to "
-                f"resume from it")
+        return (
+            f"stopped at step {result['preempted_at']} with a checkpoint; run the same command again to resume from it"
+        )
     lines = []
     history = result.get("history") or []
     if history:
@@ -86,10 +91,12 @@ def next_steps(workdir: str | Path) -> str:
     q = lambda p: shlex.quote(str(p))  # noqa: E731 (one-line quoting helper)
     heldout = run / "demo_world" / "heldout.jsonl"
     data = f"--qa={q(heldout)}" if heldout.is_file() else "--qa=QA.jsonl --beir=BEIR_DIR"
-    return "\n".join([
-        "next steps with this run:",
-        f"  evaluate: python -m grc_jax.evaluate --checkpoint={q(run)} --out={q(run / 'eval')} {data}",
-        f"  serve:    python -m grc_jax.serve --model={q(run)}",
-        f"  export:   python -m grc_jax.export --workdir={q(run)} --out={q(run / 'export')}",
-        f"  logs:     {q(run / LOG_FILE)}",
-    ])
+    return "\n".join(
+        [
+            "next steps with this run:",
+            f"  evaluate: python -m grc_jax.evaluate --checkpoint={q(run)} --out={q(run / 'eval')} {data}",
+            f"  serve:    python -m grc_jax.serve --model={q(run)}",
+            f"  export:   python -m grc_jax.export --workdir={q(run)} --out={q(run / 'export')}",
+            f"  logs:     {q(run / LOG_FILE)}",
+        ]
+    )

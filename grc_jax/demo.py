@@ -6,6 +6,7 @@ memory per document, with the memory's size against the documents' full K/V. Wit
 uses a tiny random model and a tokenizer trained on the demo texts, so similarities are
 meaningless; the shapes, sizes and invariances are the point.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,12 @@ def _demo_tokenizer(out_dir: Path) -> Tokenizer:
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(DOCUMENTS + [QUESTION], trainer)
     tk.save(str(out_dir / "tokenizer.json"))
     return Tokenizer.from_dir(out_dir)
@@ -46,8 +51,12 @@ def _demo_tokenizer(out_dir: Path) -> Tokenizer:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf", help="a local HF model directory (config.json + safetensors + tokenizer.json)")
-    parser.add_argument("--num-latents", type=int, default=None,
-                        help="K (default: an export's own, 16 for a plain HF model, 4 for the random model)")
+    parser.add_argument(
+        "--num-latents",
+        type=int,
+        default=None,
+        help="K (default: an export's own, 16 for a plain HF model, 4 for the random model)",
+    )
     args = parser.parse_args(argv)
     if args.num_latents is not None and args.num_latents < 1:
         parser.error(f"--num-latents must be >= 1, got {args.num_latents}")
@@ -79,14 +88,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     itemsize = jnp.dtype(config.param_dtype).itemsize
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
     doc_tokens = sum(len(d) for d in docs)
-    print(f"model: {config.architecture}, {config.num_layers} layers, hidden {config.hidden_size}, "
-          f"K={K} meta latent tokens, P={config.max_segment_len}")
+    print(
+        f"model: {config.architecture}, {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"K={K} meta latent tokens, P={config.max_segment_len}"
+    )
     print(f"one pass over {row.tokens.size} tokens ({len(docs)} documents + their latents + a question):")
     print(f"  logits      {tuple(out.logits.shape)}  (generation)")
     print(f"  embeddings  {embeddings.shape}  (one unit vector per document; retrieval)")
     print(f"  memories    {tuple(out.keys.shape)} keys + values  (per-layer K/V of each document's latents)")
-    print(f"  memory size {len(docs) * K * kv_per_token} bytes for {len(docs)} documents vs "
-          f"{doc_tokens * kv_per_token} bytes of full-text K/V ({doc_tokens / (len(docs) * K):.1f}x smaller)")
+    print(
+        f"  memory size {len(docs) * K * kv_per_token} bytes for {len(docs)} documents vs "
+        f"{doc_tokens * kv_per_token} bytes of full-text K/V ({doc_tokens / (len(docs) * K):.1f}x smaller)"
+    )
     print("  cosine similarity of the document embeddings:")
     for i, e in enumerate(embeddings):
         print("   ", " ".join(f"{float(e @ f):+.3f}" for f in embeddings), f" doc {i}")

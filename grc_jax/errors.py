@@ -4,6 +4,7 @@ A `UserError` is bad input from the person running a command (a data file, a set
 its message already names the file, line, key or field. The CLIs print it as one line and exit
 with status 2; every other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,13 @@ class UserError(ValueError):
 # File system errors are the user's too: a path that is missing, a file where a directory
 # belongs, no permission. Their message names the path.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+    UserError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 def one_line(e: BaseException) -> str:

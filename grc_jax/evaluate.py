@@ -18,6 +18,7 @@ Tasks (`--task`, a comma list; `all` runs every task whose inputs are given):
 Writes OUT/report.json, TensorBoard scalars under OUT/tensorboard and OUT/summary.png.
 Bad input stops the run before the model is loaded, with `file:line: what is wrong`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m grc_jax.evaluate", description=__doc__.splitlines()[0],
-                                formatter_class=_Help)
+    p = argparse.ArgumentParser(
+        prog="python -m grc_jax.evaluate", description=__doc__.splitlines()[0], formatter_class=_Help
+    )
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", metavar="DIR", help="a training run directory (grc_jax.train's workdir)")
     model.add_argument("--hf", metavar="DIR", help="an HF export (grc_jax.hf.save_pretrained)")
@@ -65,12 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="qrels/<split>.tsv")
     p.add_argument("--qa", metavar="FILE", help="memory QA JSONL: question, answer, positive, negatives")
     p.add_argument("--generation", action="append", metavar="FILE", help="question/answer JSONL (repeatable)")
-    p.add_argument("--text", action="append", metavar="FILE",
-                   help="perplexity text: a UTF-8 text file, or JSONL with a 'text' field (repeatable)")
+    p.add_argument(
+        "--text",
+        action="append",
+        metavar="FILE",
+        help="perplexity text: a UTF-8 text file, or JSONL with a 'text' field (repeatable)",
+    )
     p.add_argument("--limit", type=int, help="at most this many queries / records per input")
     p.add_argument("--query-modes", default="plain,reason", help="retrieval query embeddings: plain, reason")
-    p.add_argument("--ignore-identical-ids", action="store_true",
-                   help="never rank the document whose id is the query's (BEIR's option; ArguAna, Quora)")
+    p.add_argument(
+        "--ignore-identical-ids",
+        action="store_true",
+        help="never rank the document whose id is the query's (BEIR's option; ArguAna, Quora)",
+    )
     p.add_argument("--query-prompt", default="", help="instruction put before every query")
     p.add_argument("--document-prompt", default="", help="instruction put before every document")
     p.add_argument("--num-distractors", type=int, default=4, help="memory QA: distractor documents per question")
@@ -82,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-window", type=int, default=512, help="perplexity: tokens per scored window")
     p.add_argument("--ppl-max-tokens", type=int, help="perplexity: at most this many tokens per text file")
     p.add_argument("--eos-token", help="the token that ends an answer (default: the model's, from its files)")
-    p.add_argument("--eor-token", help="end-of-reasoning token (default: the model's, from its files); "
-                                       "'none' turns self-reasoning off")
+    p.add_argument(
+        "--eor-token",
+        help="end-of-reasoning token (default: the model's, from its files); 'none' turns self-reasoning off",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="texts or prompts per model call")
     p.add_argument("--max-reason-tokens", type=int, default=64, help="self-reasoning trace length bound")
     p.add_argument("--num-pages", type=int, help="KV pool pages (default: about 256 MiB of pages)")
@@ -115,10 +126,20 @@ def _chosen_tasks(args: argparse.Namespace) -> tuple[list[str], bool]:
 def load_inputs(args: argparse.Namespace, chosen: list[str], implicit: bool) -> tuple[list[str], Inputs]:
     """Reads and checks every input before the model is opened. With `all`, a task without its
     inputs is skipped; named explicitly, it is an error."""
-    need = {"retrieval": bool(args.beir), "memory_qa": bool(args.qa), "generation": bool(args.generation),
-            "latency": bool(args.qa or args.generation), "perplexity": bool(args.text)}
-    flag = {"retrieval": "--beir=DIR", "memory_qa": "--qa=FILE", "generation": "--generation=FILE",
-            "latency": "--qa=FILE or --generation=FILE", "perplexity": "--text=FILE"}
+    need = {
+        "retrieval": bool(args.beir),
+        "memory_qa": bool(args.qa),
+        "generation": bool(args.generation),
+        "latency": bool(args.qa or args.generation),
+        "perplexity": bool(args.text),
+    }
+    flag = {
+        "retrieval": "--beir=DIR",
+        "memory_qa": "--qa=FILE",
+        "generation": "--generation=FILE",
+        "latency": "--qa=FILE or --generation=FILE",
+        "perplexity": "--text=FILE",
+    }
     for task in chosen:
         if not need[task] and not implicit:
             raise UsageError(f"task {task} needs {flag[task]}")
@@ -131,9 +152,13 @@ def load_inputs(args: argparse.Namespace, chosen: list[str], implicit: bool) -> 
             dataset = eval_data.load_beir(directory, args.split)
             if args.limit is not None:
                 keep = dataset.query_ids[: args.limit]
-                dataset = dataclasses.replace(dataset, query_ids=keep, query_texts=dataset.query_texts[: args.limit],
-                                              qrels={q: dataset.qrels[q] for q in keep},
-                                              excluded={q: v for q, v in dataset.excluded.items() if q in keep})
+                dataset = dataclasses.replace(
+                    dataset,
+                    query_ids=keep,
+                    query_texts=dataset.query_texts[: args.limit],
+                    qrels={q: dataset.qrels[q] for q in keep},
+                    excluded={q: v for q, v in dataset.excluded.items() if q in keep},
+                )
             # two directories of the same name (a/scifact, b/scifact) must not share metrics
             beir.append(dataclasses.replace(dataset, name=_unique_name(dataset.name, {d.name: d for d in beir})))
     qa = None
@@ -143,7 +168,8 @@ def load_inputs(args: argparse.Namespace, chosen: list[str], implicit: bool) -> 
     if "generation" in chosen or ("latency" in chosen and qa is None):
         for file in _comma_list(args.generation):
             generation[_unique_name(Path(file).stem, generation)] = eval_data.load_qa(
-                file, need_documents=False, limit=args.limit)
+                file, need_documents=False, limit=args.limit
+            )
     texts = {}
     if "perplexity" in chosen:
         for file in _comma_list(args.text):
@@ -190,15 +216,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         query_modes = tuple(m for m in query_modes if m != "reason")
         if not query_modes:
             raise UsageError("--query-modes=reason needs an end-of-reasoning token, but --eor-token=none")
-    for flag, value, least in (("--limit", args.limit, 1), ("--latency-samples", args.latency_samples, 1),
-                               ("--latency-tokens", args.latency_tokens, 1), ("--batch-size", args.batch_size, 1),
-                               ("--num-distractors", args.num_distractors, 0),
-                               ("--qa-max-new-tokens", args.qa_max_new_tokens, 1),
-                               ("--gen-max-new-tokens", args.gen_max_new_tokens, 1),
-                               ("--max-reason-tokens", args.max_reason_tokens, 1), ("--num-pages", args.num_pages, 1),
-                               ("--page-size", args.page_size, 1), ("--prefill-chunk", args.prefill_chunk, 1),
-                               ("--ppl-window", args.ppl_window, 2), ("--ppl-max-tokens", args.ppl_max_tokens, 2),
-                               ("--step", args.step, 0)):
+    for flag, value, least in (
+        ("--limit", args.limit, 1),
+        ("--latency-samples", args.latency_samples, 1),
+        ("--latency-tokens", args.latency_tokens, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--num-distractors", args.num_distractors, 0),
+        ("--qa-max-new-tokens", args.qa_max_new_tokens, 1),
+        ("--gen-max-new-tokens", args.gen_max_new_tokens, 1),
+        ("--max-reason-tokens", args.max_reason_tokens, 1),
+        ("--num-pages", args.num_pages, 1),
+        ("--page-size", args.page_size, 1),
+        ("--prefill-chunk", args.prefill_chunk, 1),
+        ("--ppl-window", args.ppl_window, 2),
+        ("--ppl-max-tokens", args.ppl_max_tokens, 2),
+        ("--step", args.step, 0),
+    ):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be >= {least}, got {value}")
     if args.step is not None:
@@ -210,9 +243,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():  # found now, not after the model has loaded and run
         raise UsageError(f"--out={args.out}: a file, not a directory; name a directory for report.json")
-    _check_token_flags(args.checkpoint or args.hf, bool(args.checkpoint),
-                       {"--eos-token": args.eos_token,
-                        "--eor-token": eor_token if args.eor_token is not None else None})
+    _check_token_flags(
+        args.checkpoint or args.hf,
+        bool(args.checkpoint),
+        {"--eos-token": args.eos_token, "--eor-token": eor_token if args.eor_token is not None else None},
+    )
     chosen, inputs = load_inputs(args, chosen, implicit)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,21 +260,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     source = args.checkpoint or args.hf
     # a token flag not given is the model's own (from its files); FROM_MODEL leaves it to Engine
-    engine_kwargs = dict(eos_token=FROM_MODEL if args.eos_token is None else args.eos_token,
-                         eor_token=FROM_MODEL if args.eor_token is None else eor_token, page_size=args.page_size,
-                         prefill_chunk=args.prefill_chunk, max_reason_tokens=args.max_reason_tokens,
-                         batch_size=args.batch_size, num_pages=args.num_pages,
-                         prompts={"query": args.query_prompt, "document": args.document_prompt})
+    engine_kwargs = dict(
+        eos_token=FROM_MODEL if args.eos_token is None else args.eos_token,
+        eor_token=FROM_MODEL if args.eor_token is None else eor_token,
+        page_size=args.page_size,
+        prefill_chunk=args.prefill_chunk,
+        max_reason_tokens=args.max_reason_tokens,
+        batch_size=args.batch_size,
+        num_pages=args.num_pages,
+        prompts={"query": args.query_prompt, "document": args.document_prompt},
+    )
     if args.checkpoint:
         engine = Engine.from_pretrained(source, step=args.step, **engine_kwargs)
     else:
         engine = Engine.from_pretrained(source, **engine_kwargs)
-    options = tasks.Options(batch_size=args.batch_size, progress=not args.no_progress, query_modes=query_modes,
-                            ignore_identical_ids=args.ignore_identical_ids, num_distractors=args.num_distractors,
-                            qa_max_new_tokens=args.qa_max_new_tokens, gen_max_new_tokens=args.gen_max_new_tokens,
-                            gen_template=args.gen_template, latency_samples=args.latency_samples,
-                            latency_tokens=args.latency_tokens, seed=args.seed, ppl_window=args.ppl_window,
-                            ppl_max_tokens=args.ppl_max_tokens)
+    options = tasks.Options(
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        query_modes=query_modes,
+        ignore_identical_ids=args.ignore_identical_ids,
+        num_distractors=args.num_distractors,
+        qa_max_new_tokens=args.qa_max_new_tokens,
+        gen_max_new_tokens=args.gen_max_new_tokens,
+        gen_template=args.gen_template,
+        latency_samples=args.latency_samples,
+        latency_tokens=args.latency_tokens,
+        seed=args.seed,
+        ppl_window=args.ppl_window,
+        ppl_max_tokens=args.ppl_max_tokens,
+    )
 
     per_file = {"generation": (tasks.generation, inputs.generation), "perplexity": (tasks.perplexity, inputs.texts)}
     metrics: dict[str, float] = {}
@@ -269,10 +318,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step = _checkpoint_step(args)
     c = engine.config
     report = {
-        "model": str(source), "model_kind": "checkpoint" if args.checkpoint else "hf", "step": step,
-        "tasks": chosen, "metrics": metrics, "details": details,
-        "model_config": {"num_layers": c.num_layers, "hidden_size": c.hidden_size, "num_latents": c.num_latents,
-                         "max_segment_len": c.max_segment_len, "dtype": c.dtype},
+        "model": str(source),
+        "model_kind": "checkpoint" if args.checkpoint else "hf",
+        "step": step,
+        "tasks": chosen,
+        "metrics": metrics,
+        "details": details,
+        "model_config": {
+            "num_layers": c.num_layers,
+            "hidden_size": c.hidden_size,
+            "num_latents": c.num_latents,
+            "max_segment_len": c.max_segment_len,
+            "dtype": c.dtype,
+        },
         "settings": {k: v for k, v in vars(args).items()},
         "special_tokens": engine.special_tokens.to_json(),  # what the model's files (or the flags) gave
         "elapsed_s": round(time.time() - started, 3),

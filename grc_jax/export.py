@@ -4,6 +4,7 @@
 The directory (grc_jax.hf.save_pretrained) opens in transformers' AutoModelForCausalLM with no
 custom code and in `Engine.from_pretrained`, with the run's special tokens and chat template.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m grc_jax.export", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, metavar="RUN", help="a training run directory (grc_jax.train's)")
     p.add_argument("--step", type=int, help="the checkpoint step to export (default: the latest)")
-    p.add_argument("--out", required=True, metavar="DIR", help="the HF directory to write (new, empty, or an "
-                                                                "earlier export, which is replaced whole)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the HF directory to write (new, empty, or an earlier export, which is replaced whole)",
+    )
     return p
 
 

@@ -1,4 +1,5 @@
 """Atomic file writes, and the mode of files written through a temporary file or directory."""
+
 from __future__ import annotations
 
 import contextlib
@@ -59,7 +60,7 @@ def _remove_stale_temporaries(target: Path) -> None:
     (`.NAME.PID-*.tmp` of processes no longer running; `.NAME.*.tmp` of older versions, which
     named no process). A write under way in a running process is left alone."""
     for entry in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-        pid = entry.name[len(target.name) + 2:].split("-", 1)[0]
+        pid = entry.name[len(target.name) + 2 :].split("-", 1)[0]
         if pid.isdigit() and (int(pid) == os.getpid() or process_running(int(pid))):
             continue
         if entry.is_file() and not entry.is_symlink():

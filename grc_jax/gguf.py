@@ -12,6 +12,7 @@ loading is `grc_jax.hf`'s: same layout, same GRC additions (meta latent rows, op
 `python -m grc_jax.gguf FILE.gguf` prints what a file holds (architecture, shapes, tensor types,
 special tokens).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,9 @@ from grc_jax.tokenizer import Tokenizer
 try:
     import gguf
 except ImportError:  # an optional dependency: the `hf` extra
-    raise ImportError("reading .gguf files needs the gguf package: pip install 'grc_jax[hf]' "
-                      "(or pip install 'gguf>=0.19,<0.20')") from None
+    raise ImportError(
+        "reading .gguf files needs the gguf package: pip install 'grc_jax[hf]' (or pip install 'gguf>=0.19,<0.20')"
+    ) from None
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -58,8 +60,11 @@ _LAYER_NAMES = {
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
-_GLOBAL_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
-                 "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+ rope scaling, stored as per-frequency factors
 
 # llama.cpp's token types (tokenizer.ggml.token_type)
@@ -67,21 +72,43 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 # How text is split before byte-level BPE, by `tokenizer.ggml.pre`, for the pre-tokenizers of
 # Llama-family models; any other value gets GPT-2's split, as transformers' GGUF loader does.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # Mistral's (llama architecture)
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)  # Mistral's (llama architecture)
 _PRE_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "smaug-bpe", "dbrx", "pixtral",
-                     "midm-2.0", "lfm2", "jina-v5-nano"), _LLAMA3_SPLIT),
+    **dict.fromkeys(
+        (
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "smaug-bpe",
+            "dbrx",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+        ),
+        _LLAMA3_SPLIT,
+    ),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "kormo", "f2llmv2"), _QWEN2_SPLIT),
     **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
     "tekken": _TEKKEN_SPLIT,
@@ -121,8 +148,10 @@ class GGUFFile:
             # A plain ndarray view: numpy's memmap subclass makes the blockwise dequantizer ~5x slower.
             array = gguf.quants.dequantize(t.data.view(np.ndarray), t.tensor_type)
         except NotImplementedError:
-            raise ValueError(f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which the gguf package "
-                             f"{_gguf_version()} cannot dequantize") from None
+            raise ValueError(
+                f"{self.path}: tensor {name!r} has type {t.tensor_type.name}, which the gguf package "
+                f"{_gguf_version()} cannot dequantize"
+            ) from None
         array = np.asarray(array, np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
         if array.shape != tuple(shape):
             raise ValueError(f"{self.path}: tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
@@ -132,6 +161,7 @@ class GGUFFile:
 @functools.cache
 def _gguf_version() -> str:
     from importlib.metadata import version
+
     return version("gguf")
 
 
@@ -148,12 +178,17 @@ def hf_config(path: str | Path | GGUFFile) -> dict[str, Any]:
     f = _open(path)
     heads = f.get("attention.head_count", prefix=True)
     hidden = f.get("embedding_length", prefix=True)
-    head_dim = f.get("attention.key_length", None, prefix=True) or f.get("rope.dimension_count", None, prefix=True) \
+    head_dim = (
+        f.get("attention.key_length", None, prefix=True)
+        or f.get("rope.dimension_count", None, prefix=True)
         or hidden // heads
+    )
     rotary = f.get("rope.dimension_count", None, prefix=True)
     if rotary is not None and rotary != head_dim:
-        raise ValueError(f"{f.path}: {f.arch}.rope.dimension_count={rotary} differs from the head size {head_dim}; "
-                         "partial rotary embeddings are not supported")
+        raise ValueError(
+            f"{f.path}: {f.arch}.rope.dimension_count={rotary} differs from the head size {head_dim}; "
+            "partial rotary embeddings are not supported"
+        )
     embed = f.tensors.get("token_embd.weight")
     if embed is None:
         raise ValueError(f"{f.path}: tensor 'token_embd.weight' is missing")
@@ -177,8 +212,11 @@ def hf_config(path: str | Path | GGUFFile) -> dict[str, Any]:
     scaling = _rope_scaling(f, head_dim, config["rope_theta"])
     if scaling:
         config["rope_scaling"] = scaling
-    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                      ("pad_token_id", "padding_token_id")):
+    for key, name in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         config[key] = f.get(f"tokenizer.ggml.{name}", None)
     return config
 
@@ -194,11 +232,18 @@ def _rope_scaling(f: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | 
     # llama.cpp stores Llama 3.1's scaling as the factor each frequency's wavelength is stretched by.
     # Every Llama 3.x release uses low 1, high 4 over an 8192 context; the largest factor is `factor`.
     stored = f.tensor(_ROPE_FREQS, (head_dim // 2,))
-    params = {"rope_type": "llama3", "factor": float(np.round(stored.max(), 4)), "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    params = {
+        "rope_type": "llama3",
+        "factor": float(np.round(stored.max(), 4)),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     if not np.allclose(stored, _llama3_factors(params, head_dim, theta), rtol=1e-4, atol=1e-6):
-        raise ValueError(f"{f.path}: tensor {_ROPE_FREQS!r} is not Llama 3's rope scaling with low_freq_factor 1, "
-                         "high_freq_factor 4 and an 8192 context; other rope frequency factors are not supported")
+        raise ValueError(
+            f"{f.path}: tensor {_ROPE_FREQS!r} is not Llama 3's rope scaling with low_freq_factor 1, "
+            "high_freq_factor 4 and an 8192 context; other rope frequency factors are not supported"
+        )
     return params
 
 
@@ -223,8 +268,9 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | Path | GGUFFile, num_latents: int | None = None, *, max_segment_len: int | None = None,
-              **overrides: Any) -> tuple[ModelConfig, model.Params]:
+def load_gguf(
+    path: str | Path | GGUFFile, num_latents: int | None = None, *, max_segment_len: int | None = None, **overrides: Any
+) -> tuple[ModelConfig, model.Params]:
     """(config, params) from a `.gguf` file, as `hf.load_pretrained` gives them for an HF directory.
 
     The model gets `num_latents` new meta latent rows (default 16) initialised from the mean
@@ -246,8 +292,10 @@ def load_gguf(path: str | Path | GGUFFile, num_latents: int | None = None, *, ma
         used.add(name)
         return f.tensor(name, shape)
 
-    params: dict[str, Any] = {"embed": read("token_embd.weight", (V, D)).astype(dtype),
-                              "final_norm": read("output_norm.weight", (D,)).astype(dtype)}
+    params: dict[str, Any] = {
+        "embed": read("token_embd.weight", (V, D)).astype(dtype),
+        "final_norm": read("output_norm.weight", (D,)).astype(dtype),
+    }
     if not config.tie_word_embeddings:
         params["lm_head"] = read("output.weight", (V, D)).T.astype(dtype)
     shapes = model.param_shapes(config)["layers"]
@@ -267,8 +315,10 @@ def load_gguf(path: str | Path | GGUFFile, num_latents: int | None = None, *, ma
     params["layers"] = layers
     unused = sorted(set(f.tensors) - used)
     if unused:
-        raise ValueError(f"{f.path}: tensors the {config.architecture} layout does not use: {unused[:8]}"
-                         f"{' ...' if len(unused) > 8 else ''}")
+        raise ValueError(
+            f"{f.path}: tensors the {config.architecture} layout does not use: {unused[:8]}"
+            f"{' ...' if len(unused) > 8 else ''}"
+        )
     if config.embed_dim is not None:  # a new head, as init_params would make it
         shape = (config.hidden_size, config.embed_dim)
         params["embed_head"] = np.asarray(0.02 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
@@ -298,32 +348,52 @@ def load_tokenizer(path: str | Path | GGUFFile) -> Tokenizer:
     f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     kind = f.get("tokenizer.ggml.model", None)
     if kind != "gpt2":
-        raise ValueError(f"{f.path}: tokenizer.ggml.model {kind!r} is not supported; only 'gpt2' (byte-level BPE, "
-                         "as Llama 3, Qwen and SmolLM files have)")
+        raise ValueError(
+            f"{f.path}: tokenizer.ggml.model {kind!r} is not supported; only 'gpt2' (byte-level BPE, "
+            "as Llama 3, Qwen and SmolLM files have)"
+        )
     tokens: list[str] = f.get("tokenizer.ggml.tokens")
     types: list[int] = f.get("tokenizer.ggml.token_type", None) or []
     merges = [tuple(m.split(" ")) for m in f.get("tokenizer.ggml.merges", None) or []]
     spelling = _byte_alphabet()
     alphabet = set(spelling.values())
     # A token written outside the byte alphabet (raw text) is respelled into it, byte by byte.
-    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(tokens)}
-    inner = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                            end_of_word_suffix="", fuse_unk=False))
+    vocab = {
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
+    }
+    inner = tokenizers.Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     split = _PRE_SPLITS.get(f.get("tokenizer.ggml.pre", None))
     if split is None:
         inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        inner.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                       pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                                use_regex=False)])
+        inner.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     inner.decoder = decoders.ByteLevel()
     # A control token spelled outside the byte alphabet is a mislabel; adding it would grow the vocabulary.
-    control = [AddedToken(t, normalized=False, special=True)
-               for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, k in zip(tokens, types)
+        if k == _CONTROL and set(t) <= alphabet
+    ]
     inner.add_special_tokens(control)
-    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types)
-            if k == _USER_DEFINED and t in vocab]
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, k in zip(tokens, types)
+        if k == _USER_DEFINED and t in vocab
+    ]
     inner.add_tokens(user)
 
     special = read_special_tokens(f)
@@ -335,8 +405,9 @@ def load_tokenizer(path: str | Path | GGUFFile) -> Tokenizer:
     add_eos = bool(special.get("add_eos_token")) and names["eos_token"] is not None
     single = " ".join([f"{names['bos_token']}:0"] * add_bos + ["$A:0"] + [f"{names['eos_token']}:0"] * add_eos)
     pair = " ".join([single] + [f"{names['bos_token']}:1"] * add_bos + ["$B:1"] + [f"{names['eos_token']}:1"] * add_eos)
-    specials = [(names["bos_token"], special["bos_token_id"])] * add_bos \
-        + [(names["eos_token"], special["eos_token_id"])] * add_eos
+    specials = [(names["bos_token"], special["bos_token_id"])] * add_bos + [
+        (names["eos_token"], special["eos_token_id"])
+    ] * add_eos
     inner.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
     config = {k: v for k, v in names.items() if v is not None}
     config.update(add_bos_token=add_bos, add_eos_token=add_eos)
@@ -353,15 +424,28 @@ def read_special_tokens(path: str | Path | GGUFFile) -> dict[str, Any]:
     add_eos_token, chat_template.
     """
     f = path if isinstance(path, GGUFFile) else GGUFFile(path)
-    ids = {f"{name}_token_id": f.get(f"tokenizer.ggml.{key}_token_id", None) for name, key in
-           (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"), ("eot", "eot"), ("eom", "eom"))}
-    return {**ids, "add_bos_token": f.get("tokenizer.ggml.add_bos_token", None),
-            "add_eos_token": f.get("tokenizer.ggml.add_eos_token", None),
-            "chat_template": f.get("tokenizer.chat_template", None)}
+    ids = {
+        f"{name}_token_id": f.get(f"tokenizer.ggml.{key}_token_id", None)
+        for name, key in (
+            ("bos", "bos"),
+            ("eos", "eos"),
+            ("pad", "padding"),
+            ("unk", "unknown"),
+            ("eot", "eot"),
+            ("eom", "eom"),
+        )
+    }
+    return {
+        **ids,
+        "add_bos_token": f.get("tokenizer.ggml.add_bos_token", None),
+        "add_eos_token": f.get("tokenizer.ggml.add_eos_token", None),
+        "chat_template": f.get("tokenizer.chat_template", None),
+    }
 
 
-def load(path: str | Path, num_latents: int | None = None,
-         **kwargs: Any) -> tuple[ModelConfig, model.Params, Tokenizer]:
+def load(
+    path: str | Path, num_latents: int | None = None, **kwargs: Any
+) -> tuple[ModelConfig, model.Params, Tokenizer]:
     """(config, params, tokenizer) from one read of the file; kwargs go to `load_gguf`."""
     f = _open(path)
     config, params = load_gguf(f, num_latents, **kwargs)
@@ -371,8 +455,11 @@ def load(path: str | Path, num_latents: int | None = None,
 def describe(path: str | Path) -> dict[str, Any]:
     """What a file holds: architecture, the config it gives, tensor types, special tokens."""
     f = GGUFFile(path)
-    out: dict[str, Any] = {"file": str(f.path), "architecture": f.arch,
-                           "tensor_types": dict(Counter(t.tensor_type.name for t in f.reader.tensors))}
+    out: dict[str, Any] = {
+        "file": str(f.path),
+        "architecture": f.arch,
+        "tensor_types": dict(Counter(t.tensor_type.name for t in f.reader.tensors)),
+    }
     if f.arch in ARCHITECTURES:
         out["config"] = hf_config(f)
     special = read_special_tokens(f)

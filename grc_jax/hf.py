@@ -3,6 +3,7 @@
 Reads and writes safetensors only (no torch needed). The meta latent rows follow the base
 vocabulary; an exported directory records the GRC settings in `grc_config.json`.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -64,8 +65,11 @@ def _layer_tensors(c: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
         "down_proj": ("mlp.down_proj.weight", *transpose),
     }
     if c.qkv_bias:
-        table.update(q_bias=("self_attn.q_proj.bias", *bias(H)), k_bias=("self_attn.k_proj.bias", *bias(KV)),
-                     v_bias=("self_attn.v_proj.bias", *bias(KV)))
+        table.update(
+            q_bias=("self_attn.q_proj.bias", *bias(H)),
+            k_bias=("self_attn.k_proj.bias", *bias(KV)),
+            v_bias=("self_attn.v_proj.bias", *bias(KV)),
+        )
     if c.qk_norm:
         table.update(q_norm=("self_attn.q_norm.weight", *same), k_norm=("self_attn.k_norm.weight", *same))
     return table
@@ -92,8 +96,13 @@ class _Weights:
             root = path.resolve()
             for name, file in weight_map.items():
                 # A shard is a file of this directory: an index must not make us read elsewhere.
-                if not isinstance(file, str) or not file or Path(file).is_absolute() or \
-                        not (path / file).resolve().is_relative_to(root) or (path / file).resolve() == root:
+                if (
+                    not isinstance(file, str)
+                    or not file
+                    or Path(file).is_absolute()
+                    or not (path / file).resolve().is_relative_to(root)
+                    or (path / file).resolve() == root
+                ):
                     raise UserError(f"{index}: weight_map[{name!r}] = {file!r} is not a file name inside {path}")
             self.files = {name: path / file for name, file in weight_map.items()}
         elif (path / WEIGHTS_FILE).is_file():
@@ -105,7 +114,8 @@ class _Weights:
                 raise UserError(
                     f"{path}: only PyTorch pickle weights ({', '.join(pickles)}); grc_jax reads safetensors only. "
                     f"Convert once with transformers: AutoModelForCausalLM.from_pretrained('{path}')"
-                    f".save_pretrained('OUT_DIR') writes model.safetensors.")
+                    f".save_pretrained('OUT_DIR') writes model.safetensors."
+                )
             raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}")
         for file in sorted(set(self.files.values())):
             if not file.is_file():
@@ -119,11 +129,13 @@ class _Weights:
         with safe_open(self.files[key], framework="numpy") as f:
             array = f.get_tensor(key)
         if array.dtype.kind in "biu":  # a silent cast of an integer or bool tensor would load garbage
-            raise UserError(f"{self.files[key]}: tensor {key!r} has dtype {array.dtype}; "
-                            "weights must be floating point")
+            raise UserError(
+                f"{self.files[key]}: tensor {key!r} has dtype {array.dtype}; weights must be floating point"
+            )
         if tuple(array.shape) != tuple(shape):
-            raise UserError(f"{self.files[key]}: tensor {key!r} has shape {tuple(array.shape)}, "
-                            f"expected {tuple(shape)}")
+            raise UserError(
+                f"{self.files[key]}: tensor {key!r} has shape {tuple(array.shape)}, expected {tuple(shape)}"
+            )
         self.used.add(key)
         return array
 
@@ -137,14 +149,16 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if path.suffix == ".gguf":
         from grc_jax import gguf
+
         return from_hf_config(gguf.hf_config(path), source=str(path))
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
     return from_hf_config(read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
 
 
-def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_segment_len: int | None = None,
-                    **overrides: Any) -> tuple[ModelConfig, model.Params]:
+def load_pretrained(
+    path: str | Path, num_latents: int | None = None, *, max_segment_len: int | None = None, **overrides: Any
+) -> tuple[ModelConfig, model.Params]:
     """(config, params) from a local HF directory (config.json + safetensors) or a `.gguf` file.
 
     A plain HF model gets `num_latents` new rows (default 16) initialised from the mean
@@ -156,6 +170,7 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     path = Path(path)
     if path.suffix == ".gguf":  # a llama.cpp file: grc_jax.gguf reads and dequantizes it
         from grc_jax import gguf
+
         return gguf.load_gguf(path, num_latents, max_segment_len=max_segment_len, **overrides)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
@@ -182,8 +197,10 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     stored = hf.get("dtype") or hf.get("torch_dtype")
     if stored is not None and stored not in DTYPES and not {"param_dtype", "dtype"} <= set(overrides):
         key = "dtype" if hf.get("dtype") else "torch_dtype"
-        raise UserError(f"{path / CONFIG_FILE}: {key} {stored!r} is not one of {tuple(DTYPES)}; pass param_dtype= "
-                        f"and dtype= to load it in another")
+        raise UserError(
+            f"{path / CONFIG_FILE}: {key} {stored!r} is not one of {tuple(DTYPES)}; pass param_dtype= "
+            f"and dtype= to load it in another"
+        )
     if stored in DTYPES:  # as transformers loads it: in the checkpoint's dtype, unless told otherwise
         overrides = {"param_dtype": stored, "dtype": stored, **overrides}
     config = from_hf_config(hf, source=str(path / CONFIG_FILE), **fields, **overrides)
@@ -196,8 +213,10 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
     def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
         return np.asarray(weights.get(name, shape)).astype(dtype, copy=False)
 
-    params: dict[str, Any] = {"embed": read("embed_tokens.weight", (stored_vocab, D)),
-                              "final_norm": read("norm.weight", (D,))}
+    params: dict[str, Any] = {
+        "embed": read("embed_tokens.weight", (stored_vocab, D)),
+        "final_norm": read("norm.weight", (D,)),
+    }
     if not config.tie_word_embeddings:
         params["lm_head"] = read("lm_head.weight", (stored_vocab, D)).T
     shapes = _hf_layer_shapes(config)
@@ -211,8 +230,10 @@ def load_pretrained(path: str | Path, num_latents: int | None = None, *, max_seg
             raise UserError(f"{path}: tie_word_embeddings=true, but lm_head.weight differs from embed_tokens.weight")
     unused = weights.unused()
     if unused:
-        raise UserError(f"{path}: tensors the {config.architecture} layout does not use: {unused[:8]}"
-                        f"{' ...' if len(unused) > 8 else ''}")
+        raise UserError(
+            f"{path}: tensors the {config.architecture} layout does not use: {unused[:8]}"
+            f"{' ...' if len(unused) > 8 else ''}"
+        )
     if config.embed_dim is not None:
         if grc is not None:
             with safe_open(_need_file(path / GRC_HEAD_FILE), framework="numpy") as f:
@@ -246,15 +267,32 @@ def _with_latent_rows(config: ModelConfig, params: dict[str, Any]) -> dict[str, 
 def _hf_layer_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The HF shape of one layer's tensor, for each of our layer params (`_layer_tensors`)."""
     D, H, KV, Dh, F = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-    shapes = {"input_norm": (D,), "post_attention_norm": (D,), "q_proj": (H * Dh, D), "k_proj": (KV * Dh, D),
-              "v_proj": (KV * Dh, D), "o_proj": (D, H * Dh), "gate_proj": (F, D), "up_proj": (F, D),
-              "down_proj": (D, F), "q_bias": (H * Dh,), "k_bias": (KV * Dh,), "v_bias": (KV * Dh,),
-              "q_norm": (Dh,), "k_norm": (Dh,)}
+    shapes = {
+        "input_norm": (D,),
+        "post_attention_norm": (D,),
+        "q_proj": (H * Dh, D),
+        "k_proj": (KV * Dh, D),
+        "v_proj": (KV * Dh, D),
+        "o_proj": (D, H * Dh),
+        "gate_proj": (F, D),
+        "up_proj": (F, D),
+        "down_proj": (D, F),
+        "q_bias": (H * Dh,),
+        "k_bias": (KV * Dh,),
+        "v_bias": (KV * Dh,),
+        "q_norm": (Dh,),
+        "k_norm": (Dh,),
+    }
     return {name: shapes[name] for name in _layer_tensors(c)}
 
 
-_GRC_KEYS = {"num_latents": int, "max_segment_len": int, "pooling": str, "embed_dim": (int, type(None)),
-             "base_vocab_size": int}
+_GRC_KEYS = {
+    "num_latents": int,
+    "max_segment_len": int,
+    "pooling": str,
+    "embed_dim": (int, type(None)),
+    "base_vocab_size": int,
+}
 
 
 def _read_grc_config(file: Path) -> dict[str, Any]:
@@ -287,8 +325,10 @@ def _add_latent_rows(config: ModelConfig, params: model.Params) -> model.Params:
 
 def to_hf_tensors(config: ModelConfig, params: model.Params) -> dict[str, np.ndarray]:
     """Our params as HF-named numpy arrays, in the parameter dtype."""
-    out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
-           "model.norm.weight": np.asarray(params["final_norm"])}
+    out = {
+        "model.embed_tokens.weight": np.asarray(params["embed"]),
+        "model.norm.weight": np.asarray(params["final_norm"]),
+    }
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = np.asarray(params["lm_head"]).T
     for ours, (suffix, _, to_hf) in _layer_tensors(config).items():
@@ -298,8 +338,15 @@ def to_hf_tensors(config: ModelConfig, params: model.Params) -> dict[str, np.nda
     return {name: np.ascontiguousarray(array) for name, array in out.items()}
 
 
-def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Path, tokenizer: Tokenizer | None = None,
-                    *, max_shard_size: int = 5 * 10**9, special_tokens: SpecialTokens | None = None) -> Path:
+def save_pretrained(
+    config: ModelConfig,
+    params: model.Params,
+    out_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+    *,
+    max_shard_size: int = 5 * 10**9,
+    special_tokens: SpecialTokens | None = None,
+) -> Path:
     """Writes a directory transformers' AutoModelForCausalLM loads with no custom code.
 
     With a tokenizer, the special tokens (`special_tokens`, default: what the tokenizer's own
@@ -313,11 +360,14 @@ def save_pretrained(config: ModelConfig, params: model.Params, out_dir: str | Pa
     if out_dir.is_symlink():  # the link stays and what it points to is replaced (README: symlinks)
         out_dir = Path(os.path.realpath(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir}: a file, not a directory; export into a new or empty directory, so that "
-                              "nothing is replaced")
+        raise FileExistsError(
+            f"{out_dir}: a file, not a directory; export into a new or empty directory, so that nothing is replaced"
+        )
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / GRC_CONFIG_FILE).is_file():
-        raise FileExistsError(f"{out_dir}: not empty and not a grc_jax export (no {GRC_CONFIG_FILE}); export into a "
-                              "new or empty directory, so that nothing in it is replaced")
+        raise FileExistsError(
+            f"{out_dir}: not empty and not a grc_jax export (no {GRC_CONFIG_FILE}); export into a "
+            "new or empty directory, so that nothing in it is replaced"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
@@ -363,7 +413,7 @@ def _remove_stale_temporaries(target: Path) -> None:
     processes that no longer run (and of older versions, which named no process) and
     `.NAME.old-PID` ones of the two-rename swap."""
     for entry in target.parent.glob(f".{target.name}.*"):
-        rest = entry.name[len(target.name) + 2:]
+        rest = entry.name[len(target.name) + 2 :]
         kind, _, tail = rest.partition("-")
         if kind not in ("tmp", "old") or not entry.is_dir() or entry.is_symlink():
             continue
@@ -413,8 +463,14 @@ def _keep_other_files(old: Path, new: Path) -> None:
 def _is_export_file(name: str) -> bool:
     """A file save_pretrained writes (a stale one, such as an old shard, is not carried over)."""
     return name.endswith(".safetensors") or name in {
-        CONFIG_FILE, GRC_CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
-        CHAT_TEMPLATE_FILE}
+        CONFIG_FILE,
+        GRC_CONFIG_FILE,
+        GENERATION_CONFIG_FILE,
+        INDEX_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        CHAT_TEMPLATE_FILE,
+    }
 
 
 def _swap_in(new: Path, target: Path) -> None:

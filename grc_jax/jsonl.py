@@ -13,6 +13,7 @@ Each caller keeps its own error class: `read` takes the factory that turns (path
 into the exception to raise, and readers that go on past a bad line (training records with
 `data.skip_malformed`) call `parse_line` on each line and catch `LineError`.
 """
+
 from __future__ import annotations
 
 import codecs

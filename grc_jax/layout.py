@@ -10,6 +10,7 @@ and an example's READER tokens count up from P + K.
 The host-side `RowBuilder` below lays out every row the project computes (training, evaluation,
 the demo and `Engine`), in numpy; `example_pieces` and `pack_rows` pack examples with it.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -185,8 +186,14 @@ class RowBuilder:
         return Row(*arrays, latent_index)
 
 
-def example_row(segments: Sequence[Sequence[int]], reader: Sequence[int], latent_ids: Sequence[int],
-                max_segment_len: int, length: int | None = None, pad_id: int = 0) -> Row:
+def example_row(
+    segments: Sequence[Sequence[int]],
+    reader: Sequence[int],
+    latent_ids: Sequence[int],
+    max_segment_len: int,
+    length: int | None = None,
+    pad_id: int = 0,
+) -> Row:
     """One example alone in a row: its segments (each text then its latents), then the reader;
     padded to `length` (None: no padding)."""
     builder = RowBuilder(latent_ids, max_segment_len)
@@ -203,8 +210,15 @@ def join(rows: Sequence[Row]) -> Row:
     parts = []
     at = examples = segments = 0
     for row in rows:
-        parts.append(Row(row.tokens, np.where(row.example > 0, row.example + examples, 0),
-                         np.where(row.segment > 0, row.segment + segments, 0), row.kind, row.latent_index + at))
+        parts.append(
+            Row(
+                row.tokens,
+                np.where(row.example > 0, row.example + examples, 0),
+                np.where(row.segment > 0, row.segment + segments, 0),
+                row.kind,
+                row.latent_index + at,
+            )
+        )
         at += len(row.tokens)
         examples += int(row.example.max(initial=0))
         segments += len(row.latent_index)
@@ -213,8 +227,14 @@ def join(rows: Sequence[Row]) -> Row:
     return Row(*(np.concatenate(arrays) for arrays in zip(*parts)))
 
 
-def segment_rows(segments: Sequence[Sequence[int]], latent_ids: Sequence[int], max_segment_len: int, length: int,
-                 num_rows: int | None = None, pad_id: int = 0) -> Row:
+def segment_rows(
+    segments: Sequence[Sequence[int]],
+    latent_ids: Sequence[int],
+    max_segment_len: int,
+    length: int,
+    num_rows: int | None = None,
+    pad_id: int = 0,
+) -> Row:
     """Each segment alone in its row, `[text][K latents]` as example 1 then padding: how a
     memory or an embedding is computed on its own (`Engine`). Stacked: tokens, example, segment
     and kind [num_rows, length], latent_index [num_rows, K]; rows past the segments (num_rows
@@ -228,8 +248,10 @@ def segment_rows(segments: Sequence[Sequence[int]], latent_ids: Sequence[int], m
         builder.new_example()
         builder.add_segment(text)
         rows.append(builder.finish(length, pad_id))
-    arrays = [np.stack([getattr(r, f) for r in rows]) if rows else np.zeros((0, length), np.int32)
-              for f in ("tokens", "example", "segment", "kind")]
+    arrays = [
+        np.stack([getattr(r, f) for r in rows]) if rows else np.zeros((0, length), np.int32)
+        for f in ("tokens", "example", "segment", "kind")
+    ]
     latent_index = np.zeros((num_rows, len(latent_ids)), np.int32)
     latent_index[: len(rows)] = [r.latent_index[0] for r in rows]
     pad = padding((num_rows - len(rows), length), pad_id)
@@ -240,11 +262,12 @@ def split_segments(tokens: Sequence[int], max_segment_len: int) -> list[list[int
     """Cuts a long text into segments of at most `max_segment_len` tokens."""
     if not len(tokens):
         raise ValueError("cannot split an empty text into segments")
-    return [list(tokens[i:i + max_segment_len]) for i in range(0, len(tokens), max_segment_len)]
+    return [list(tokens[i : i + max_segment_len]) for i in range(0, len(tokens), max_segment_len)]
 
 
-def example_pieces(segments: Sequence[Sequence[int]], reader: Sequence[int],
-                   latent_ids: Sequence[int], max_segment_len: int) -> list[tuple[int, int, list[int]]]:
+def example_pieces(
+    segments: Sequence[Sequence[int]], reader: Sequence[int], latent_ids: Sequence[int], max_segment_len: int
+) -> list[tuple[int, int, list[int]]]:
     """One example as (kind, local segment id, tokens) pieces: each segment's text then its
     latents, then the reader tokens (which see the segments only through their latents)."""
     pieces = []
@@ -258,8 +281,7 @@ def example_pieces(segments: Sequence[Sequence[int]], reader: Sequence[int],
     return pieces
 
 
-def pack_rows(examples: Sequence[Sequence[tuple[int, int, list[int]]]], length: int,
-              pad_id: int = 0) -> list[Row]:
+def pack_rows(examples: Sequence[Sequence[tuple[int, int, list[int]]]], length: int, pad_id: int = 0) -> list[Row]:
     """Packs examples (from `example_pieces`) greedily into rows of `length` tokens.
 
     Segment ids are renumbered to be unique within a row, so a row's latent_index lists its

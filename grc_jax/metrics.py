@@ -1,4 +1,5 @@
 """Training metrics: TensorBoard event files (no TensorFlow) and model FLOPs for MFU."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,14 @@ from grc_jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device (per chip for TPU), by a substring of `device_kind`.
 _PEAK_FLOPS = (
-    ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+    ("v6", 918e12),
+    ("v5p", 459e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
 )
 
 

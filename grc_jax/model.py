@@ -7,6 +7,7 @@ params, tokens, meta)` runs it. Layer parameters are always stacked on a leading
 dense mask in `forward` (training), the paged pool in `grc_jax.inference.loop`, recorded
 probabilities in experiments/.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,6 +78,7 @@ def dense(x: jax.Array, w: Any, dtype: Any, contract: int = 1) -> jax.Array:
     a `grc_jax.quantize.Int8Weight` (weight-only int8 serving), which multiplies its own way."""
     if hasattr(w, "out_shape"):
         from grc_jax.quantize import int8_dense
+
         return int8_dense(x, w, contract, dtype)
     return jnp.tensordot(x, w.astype(dtype), axes=contract)
 
@@ -98,9 +100,11 @@ def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], t
         "down_proj": (("mlp", "embed"), (F, D), normal),
     }
     if c.qkv_bias:
-        specs.update(q_bias=(("q_heads", "head_dim"), (H, Dh), zeros),
-                     k_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros),
-                     v_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros))
+        specs.update(
+            q_bias=(("q_heads", "head_dim"), (H, Dh), zeros),
+            k_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros),
+            v_bias=(("kv_heads", "head_dim"), (KV, Dh), zeros),
+        )
     if c.qk_norm:
         specs.update(q_norm=(("norm",), (Dh,), ones), k_norm=(("norm",), (Dh,), ones))
     return specs
@@ -117,10 +121,12 @@ def attention_inputs(config: ModelConfig, p: Params, x: jax.Array, cos: jax.Arra
     if c.qk_norm:
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
-    q = nn.with_logical_constraint(apply_rope(q, cos, sin),
-                                   ("activation_batch", "activation_length", "activation_q_heads", "head_dim"))
-    k = nn.with_logical_constraint(apply_rope(k, cos, sin),
-                                   ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
+    q = nn.with_logical_constraint(
+        apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_q_heads", "head_dim")
+    )
+    k = nn.with_logical_constraint(
+        apply_rope(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", "head_dim")
+    )
     return q, k, v
 
 
@@ -133,8 +139,9 @@ def layer_output(config: ModelConfig, p: Params, x: jax.Array, attention: jax.Ar
     h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
     gate = dense(h, p["gate_proj"], dtype)
     up = dense(h, p["up_proj"], dtype)
-    act = nn.with_logical_constraint(jax.nn.silu(gate) * up,
-                                     ("activation_batch", "activation_length", "activation_mlp"))
+    act = nn.with_logical_constraint(
+        jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
+    )
     x = x + dense(act, p["down_proj"], dtype)
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -162,8 +169,17 @@ _REMAT_POLICIES = {
 Attention = Callable[[Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any, Any]]
 
 
-def run_layers(config: ModelConfig, layers: Any, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               attention: Attention, carry: Any = None, *, remat: bool = False) -> tuple[jax.Array, Any, Any]:
+def run_layers(
+    config: ModelConfig,
+    layers: Any,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    attention: Attention,
+    carry: Any = None,
+    *,
+    remat: bool = False,
+) -> tuple[jax.Array, Any, Any]:
     """The decoder layers over x [b,t,D]: the one layer loop of training, decode and inspection,
     which differ only in `attention`. Returns (x after the last layer, the final carry, the
     layers' results stacked).
@@ -173,6 +189,7 @@ def run_layers(config: ModelConfig, layers: Any, x: jax.Array, cos: jax.Array, s
     Python loop over separate arrays. remat: rematerialise each layer in the backward pass as
     `config.remat_policy` says ("none": not at all); `forward` asks for it, decode does not.
     """
+
     def layer(state: tuple[jax.Array, Any], xs: tuple[Params, Any]) -> tuple[tuple[jax.Array, Any], Any]:
         x, carry = state
         p, index = xs
@@ -190,13 +207,13 @@ def run_layers(config: ModelConfig, layers: Any, x: jax.Array, cos: jax.Array, s
             results.append(result)
         return x, carry, jax.tree.map(lambda *a: jnp.stack(a), *results)
     count = jax.tree.leaves(layers)[0].shape[0]
-    (x, carry), results = jax.lax.scan(layer, (x, carry), (layers, jnp.arange(count, dtype=jnp.int32)),
-                                       unroll=1 if config.scan_layers else count)
+    (x, carry), results = jax.lax.scan(
+        layer, (x, carry), (layers, jnp.arange(count, dtype=jnp.int32)), unroll=1 if config.scan_layers else count
+    )
     return x, carry, results
 
 
-def masked_attention(mask: jax.Array, bias: jax.Array | None = None,
-                     kv_index: jax.Array | None = None) -> Attention:
+def masked_attention(mask: jax.Array, bias: jax.Array | None = None, kv_index: jax.Array | None = None) -> Attention:
     """Training's attention: `attend` under a dense mask [b,t,s]; each layer's result is its
     rotated K/V at the row positions kv_index [b, n] (None: no result)."""
     take = jax.vmap(lambda a, i: a[i])
@@ -267,8 +284,13 @@ class _Params(nn.Module):
     def __call__(self) -> None:
         c = self.config
         _param(self, "embed", ("vocab", "embed"), (c.total_vocab_size, c.hidden_size))
-        layers = nn.scan(_LayerParams, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        layers = nn.scan(
+            _LayerParams,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
         layers(c, name="layers")(None)
         _param(self, "final_norm", ("norm",), (c.hidden_size,), nn.initializers.ones)
         if not c.tie_word_embeddings:
@@ -312,9 +334,17 @@ def param_logical_axes(config: ModelConfig) -> Any:
     return nn.get_partition_spec(_boxed_shapes(config))
 
 
-def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenMeta | None = None, *,
-            valid: jax.Array | None = None, kv_index: jax.Array | None = None,
-            compute_logits: bool = True, memory_bias: jax.Array | None = None) -> ForwardOutput:
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    meta: TokenMeta | None = None,
+    *,
+    valid: jax.Array | None = None,
+    kv_index: jax.Array | None = None,
+    compute_logits: bool = True,
+    memory_bias: jax.Array | None = None,
+) -> ForwardOutput:
     """Runs the model over `tokens` [batch, length].
 
     meta=None: a plain causal LM; `valid` (bool [batch, length], default all true) marks the
@@ -344,8 +374,10 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenM
     bias = None
     if memory_bias is not None:
         if meta is None or jnp.shape(memory_bias) != tokens.shape:
-            raise ValueError(f"memory_bias must be [batch, length]={list(tokens.shape)} with meta, got "
-                             f"{list(jnp.shape(memory_bias))}{' without meta' if meta is None else ''}")
+            raise ValueError(
+                f"memory_bias must be [batch, length]={list(tokens.shape)} with meta, got "
+                f"{list(jnp.shape(memory_bias))}{' without meta' if meta is None else ''}"
+            )
         bias = reader_latent_bias(meta, memory_bias)
     x = embed_tokens(config, params, tokens)
     cos, sin = rope_cos_sin(config, pos)
@@ -353,8 +385,9 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, meta: TokenM
     hidden = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     logits = None
     if compute_logits:
-        logits = nn.with_logical_constraint(lm_logits(config, params, hidden),
-                                            ("activation_batch", "activation_length", "activation_vocab"))
+        logits = nn.with_logical_constraint(
+            lm_logits(config, params, hidden), ("activation_batch", "activation_length", "activation_vocab")
+        )
     keys, values = kv if kv is not None else (None, None)
     return ForwardOutput(logits, hidden, keys, values)
 

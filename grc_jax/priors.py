@@ -18,6 +18,7 @@ the readers out of the packed row, which costs about one more forward and backwa
 At inference the same prior becomes one scalar per memory page of the hybrid paged attention
 kernel (`grc_jax.inference.loop`).
 """
+
 from __future__ import annotations
 
 import jax
@@ -68,9 +69,15 @@ def latent_key_bias(prior: jax.Array, meta: layout.TokenMeta) -> jax.Array:
     return jnp.where((kind == layout.LATENT) & (segment > 0), per_token, 0.0)
 
 
-def prior_forward(config: ModelConfig, params: model.Params, tokens: jax.Array, meta: layout.TokenMeta,
-                  seg_latent_index: jax.Array, seg_question: jax.Array, temperature: float | None
-                  ) -> tuple[model.ForwardOutput, jax.Array, jax.Array]:
+def prior_forward(
+    config: ModelConfig,
+    params: model.Params,
+    tokens: jax.Array,
+    meta: layout.TokenMeta,
+    seg_latent_index: jax.Array,
+    seg_question: jax.Array,
+    temperature: float | None,
+) -> tuple[model.ForwardOutput, jax.Array, jax.Array]:
     """The two-phase forward: (second phase's output, the segments' embeddings [B, S, E] from
     the first phase, the priors [B, S]). temperature None: the second phase takes no bias
     (the prior-free model, computed in two phases)."""

@@ -15,6 +15,7 @@ materializes the broadcast activation as a float32 matrix of the weight's shape,
 SmolLM2-135M batch-1 decode ran 5x slower than float32 (benchmarks/RESULTS.md): on this backend
 the switch saves memory, not time.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,7 +66,7 @@ def quantize_params(params: dict[str, Any], tie_word_embeddings: bool) -> dict[s
     out = dict(params)
     layers = dict(params["layers"])
     for name, contract in LAYER_WEIGHTS.items():
-        out_shape = tuple(layers[name].shape[1 + contract:])
+        out_shape = tuple(layers[name].shape[1 + contract :])
         per_layer = jax.vmap(lambda w, c=contract: quantize(w, c))
         stacked = per_layer(layers[name])
         layers[name] = Int8Weight(stacked.q, stacked.scale, out_shape)
@@ -76,8 +77,9 @@ def quantize_params(params: dict[str, Any], tie_word_embeddings: bool) -> dict[s
 
 
 def is_quantized(params: dict[str, Any]) -> bool:
-    return any(isinstance(leaf, Int8Weight) for leaf in jax.tree.leaves(
-        params, is_leaf=lambda x: isinstance(x, Int8Weight)))
+    return any(
+        isinstance(leaf, Int8Weight) for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+    )
 
 
 def int8_dense(x: jax.Array, w: Int8Weight, contract: int, dtype: Any) -> jax.Array:

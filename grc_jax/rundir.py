@@ -10,6 +10,7 @@ grc_jax.train writes it; Engine, evaluate and export read it. A run written befo
 were recorded has no special_tokens.json: its tokens are resolved from its tokenizer as the
 training of that time did (grc_jax/special_tokens.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -136,8 +137,12 @@ def restore_params(workdir: str | Path, config: ModelConfig, step: int | None = 
         abstract = {"params": model.param_shapes(config)}
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)))
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True)
+            ),
+        )
     finally:
         manager.close()
     return restored["state"]["params"], int(step)

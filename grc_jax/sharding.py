@@ -1,4 +1,5 @@
 """The device mesh (data, fsdp, tensor) and the rules mapping logical axis names onto it."""
+
 from __future__ import annotations
 
 import math
@@ -44,12 +45,14 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     if -1 in shape:
         rest = math.prod(s for s in shape if s != -1)
         if num_devices % rest:
-            raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes "
-                             f"{dict(zip(MESH_AXES, shape))}")
+            raise ValueError(
+                f"mesh: {num_devices} devices do not divide by the fixed axes {dict(zip(MESH_AXES, shape))}"
+            )
         shape[shape.index(-1)] = num_devices // rest
     if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh: {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-                         f"there are {num_devices}")
+        raise ValueError(
+            f"mesh: {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, there are {num_devices}"
+        )
     return tuple(shape)
 
 
@@ -96,13 +99,16 @@ def host_batch_block(sharding: NamedSharding, global_batch: int) -> tuple[int, i
     lo, hi = spans[0][0], spans[-1][1]
     size = hi - lo
     if sum(b - a for a, b in spans) != size or global_batch % size or lo % size:
-        raise ValueError(f"mesh: the devices of process {jax.process_index()} hold rows {spans} of the global batch "
-                         f"of {global_batch}, not one contiguous block; order the mesh's devices by host")
+        raise ValueError(
+            f"mesh: the devices of process {jax.process_index()} hold rows {spans} of the global batch "
+            f"of {global_batch}, not one contiguous block; order the mesh's devices by host"
+        )
     return lo // size, global_batch // size
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """Starts jax.distributed: from explicit flags, else from the TPU or SLURM environment.
 
     On a single host with none of these, it does nothing.

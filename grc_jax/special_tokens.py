@@ -17,6 +17,7 @@ Where each comes from, first match wins:
 A token found nowhere is None (no eos: generation runs to max_new_tokens). Explicit values
 (`Engine(eos_token=...)`, `--config.data.eos_token=`, `--eos-token=`) override all of this.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,6 +73,7 @@ class SpecialTokens:
     def ids(self, tokenizer: Tokenizer) -> dict[str, Any]:
         """{'bos': id | None, 'eos': [ids], 'pad': id | None, 'eor': id | None}; a token the
         tokenizer lacks is an error naming it."""
+
         def one(name: str, token: str | None) -> int | None:
             if token is None:
                 return None
@@ -80,8 +82,12 @@ class SpecialTokens:
                 raise ValueError(f"{name}_token {token!r} is not in the tokenizer")
             return token_id
 
-        return {"bos": one("bos", self.bos), "eos": [one("eos", t) for t in self.eos], "pad": one("pad", self.pad),
-                "eor": one("eor", self.eor)}
+        return {
+            "bos": one("bos", self.bos),
+            "eos": [one("eos", t) for t in self.eos],
+            "pad": one("pad", self.pad),
+            "eor": one("eor", self.eor),
+        }
 
     def template_variables(self) -> dict[str, str]:
         """The special tokens a chat template sees, under transformers' names (set ones only)."""
@@ -187,8 +193,13 @@ def from_files(directory: str | Path | None, tokenizer: Tokenizer) -> SpecialTok
     template = read_chat_template(directory) if directory is not None else None
     if template is None and "chat_template" in tokenizer.hf_config:
         template = _template_from_tokenizer_config(tokenizer.hf_config["chat_template"], "tokenizer: chat_template")
-    return SpecialTokens(bos=(found["bos"] or [None])[0], eos=tuple(eos), pad=(found["pad"] or [None])[0], eor=eor,
-                         chat_template=template)
+    return SpecialTokens(
+        bos=(found["bos"] or [None])[0],
+        eos=tuple(eos),
+        pad=(found["pad"] or [None])[0],
+        eor=eor,
+        chat_template=template,
+    )
 
 
 def from_tokenizer(tokenizer: Tokenizer) -> SpecialTokens:
@@ -196,10 +207,17 @@ def from_tokenizer(tokenizer: Tokenizer) -> SpecialTokens:
     return from_files(None, tokenizer)
 
 
-def from_ids(tokenizer: Tokenizer, *, bos_id: int | None = None, eos_ids: int | Sequence[int] | None = None,
-             pad_id: int | None = None, eor: str | None = FROM_MODEL,
-             chat_template: str | None = None) -> SpecialTokens:
+def from_ids(
+    tokenizer: Tokenizer,
+    *,
+    bos_id: int | None = None,
+    eos_ids: int | Sequence[int] | None = None,
+    pad_id: int | None = None,
+    eor: str | None = FROM_MODEL,
+    chat_template: str | None = None,
+) -> SpecialTokens:
     """SpecialTokens from token ids (GGUF metadata names tokens by id)."""
+
     def token(i: int) -> str:
         t = tokenizer.id_to_token(int(i))
         if t is None:
@@ -209,8 +227,13 @@ def from_ids(tokenizer: Tokenizer, *, bos_id: int | None = None, eos_ids: int | 
     eos = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     if eor is FROM_MODEL:
         eor = next((t for t in EOR_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
-    return SpecialTokens(bos=None if bos_id is None else token(bos_id), eos=tuple(token(i) for i in eos),
-                         pad=None if pad_id is None else token(pad_id), eor=eor, chat_template=chat_template)
+    return SpecialTokens(
+        bos=None if bos_id is None else token(bos_id),
+        eos=tuple(token(i) for i in eos),
+        pad=None if pad_id is None else token(pad_id),
+        eor=eor,
+        chat_template=chat_template,
+    )
 
 
 def for_training(tokens: SpecialTokens) -> SpecialTokens:
@@ -219,8 +242,10 @@ def for_training(tokens: SpecialTokens) -> SpecialTokens:
     if not tokens.eos:
         raise ValueError("no eos token: the model's files name none; set --config.data.eos_token=")
     if tokens.eor is None:
-        raise ValueError(f"no end-of-reasoning token: the tokenizer has none of {list(EOR_CANDIDATES)}; set "
-                         "--config.data.eor_token= to a token it has")
+        raise ValueError(
+            f"no end-of-reasoning token: the tokenizer has none of {list(EOR_CANDIDATES)}; set "
+            "--config.data.eor_token= to a token it has"
+        )
     return dataclasses.replace(tokens, bos=tokens.bos or tokens.eos[0], pad=tokens.pad or tokens.eos[0])
 
 
@@ -249,4 +274,3 @@ def with_names(tokenizer: Tokenizer, tokens: SpecialTokens) -> Tokenizer:
         else:
             hf_config[key] = value
     return Tokenizer(tokenizer.inner, hf_config)
-

@@ -1,4 +1,5 @@
 """A thin wrapper of an HF `tokenizers` tokenizer (tokenizer.json) with the meta latent tokens."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,17 @@ class Tokenizer:
             if taken is not None:
                 raise ValueError(f"tokenizer id {token_id} is taken by {taken!r}; it is needed for {content}")
             vocab[content] = token_id
-            spec["added_tokens"].append({"id": token_id, "content": content, "single_word": False, "lstrip": False,
-                                         "rstrip": False, "normalized": False, "special": True})
+            spec["added_tokens"].append(
+                {
+                    "id": token_id,
+                    "content": content,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": True,
+                }
+            )
         return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), self.hf_config)
 
     def latent_ids(self, num_latents: int) -> list[int]:

@@ -5,6 +5,7 @@ forward pass over packed rows, on a (data, fsdp, tensor) mesh that spans every h
 Orbax checkpoints (async) hold the parameters, optimizer state, step, RNG and the data
 iterator's position, so a killed run resumes with exactly the next batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,16 +66,19 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
     d = config.data
     train_files = [f.strip() for f in (d.train_files or "").split(",") if f.strip()]
     if d.train_files is not None and not train_files:  # "" is a mistake, not a request for the demo world
-        raise UserError(f"config: data.train_files={d.train_files!r} names no file; leave it unset to train on the "
-                        "generated demo world")
+        raise UserError(
+            f"config: data.train_files={d.train_files!r} names no file; leave it unset to train on the "
+            "generated demo world"
+        )
     seqio_source.import_task_modules(d.seqio_modules)
     eval_dir = d.eval_dir
     tokenizer_dir = d.tokenizer or config.model.hf_path
     if not train_files and not d.mixture:
         world = workdir / "demo_world"
         if jax.process_index() == 0 and not (world / "world.json").is_file():
-            demo_world.write_demo_world(str(world), seed=d.demo_world_seed, num_entities=d.demo_world_entities,
-                                        num_heldout=d.demo_world_heldout)
+            demo_world.write_demo_world(
+                str(world), seed=d.demo_world_seed, num_entities=d.demo_world_entities, num_heldout=d.demo_world_heldout
+            )
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("demo_world")
         train_files = [str(world / "train.jsonl")]
@@ -84,6 +88,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         raise UserError("config: data.tokenizer (or model.hf_path) must name a directory with tokenizer.json")
     if str(tokenizer_dir).endswith(".gguf"):  # a llama.cpp file carries its tokenizer in its metadata
         from grc_jax import gguf
+
         tokenizer = gguf.load_tokenizer(tokenizer_dir)
     else:
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
@@ -94,8 +99,16 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         # before the weights load.
         train_config.check_checkpoint_fields(config, hf.read_checkpoint_config(m.hf_path), m.hf_path)
         model_config, params = hf.load_pretrained(
-            m.hf_path, m.num_latents, max_segment_len=m.max_segment_len, pooling=m.pooling, embed_dim=m.embed_dim,
-            param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+            m.hf_path,
+            m.num_latents,
+            max_segment_len=m.max_segment_len,
+            pooling=m.pooling,
+            embed_dim=m.embed_dim,
+            param_dtype=m.param_dtype,
+            dtype=m.dtype,
+            scan_layers=m.scan_layers,
+            remat_policy=m.remat_policy,
+        )
     else:
         model_config = train_config.model_config(config, vocab_size=len(tokenizer))
     tokenizer = tokenizer.with_latents(model_config.num_latents, model_config.vocab_size)
@@ -109,17 +122,26 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         return token_id
 
     build = BuildConfig(
-        max_segment_len=model_config.max_segment_len, num_latents=model_config.num_latents,
-        latent_ids=tuple(tokenizer.latent_ids(model_config.num_latents)), row_len=d.row_len,
-        max_segments_per_row=d.max_segments_per_row, max_negatives=d.max_negatives,
-        reader_distractors=d.reader_distractors, reader_task=d.reader_task,
-        bos_id=special("bos"), eos_id=special("eos"), eor_id=special("eor"), pad_id=special("pad"),
-        question_segments=config.train.memory_prior)
+        max_segment_len=model_config.max_segment_len,
+        num_latents=model_config.num_latents,
+        latent_ids=tuple(tokenizer.latent_ids(model_config.num_latents)),
+        row_len=d.row_len,
+        max_segments_per_row=d.max_segments_per_row,
+        max_negatives=d.max_negatives,
+        reader_distractors=d.reader_distractors,
+        reader_task=d.reader_task,
+        bos_id=special("bos"),
+        eos_id=special("eos"),
+        eor_id=special("eor"),
+        pad_id=special("pad"),
+        question_segments=config.train.memory_prior,
+    )
     return Setup(model_config, tokenizer, train_files, eval_dir, build, tokens), params
 
 
-def resolve_special_tokens(config: ml_collections.ConfigDict, tokenizer: Tokenizer, tokenizer_dir: str
-                           ) -> SpecialTokens:
+def resolve_special_tokens(
+    config: ml_collections.ConfigDict, tokenizer: Tokenizer, tokenizer_dir: str
+) -> SpecialTokens:
     """data.*_token where set, else what the model's files name (model.hf_path's generation and
     tokenizer configs, else the tokenizer directory's; grc_jax/special_tokens.py)."""
     d = config.data
@@ -136,29 +158,45 @@ def resolve_special_tokens(config: ml_collections.ConfigDict, tokenizer: Tokeniz
 def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
     warmup = max(t.warmup_steps, 1)  # optax needs a warmup and a decay of at least one step each
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, t.learning_rate, warmup, max(t.steps, warmup + 1),
-        end_value=t.learning_rate * t.end_learning_rate_fraction)
+        0.0, t.learning_rate, warmup, max(t.steps, warmup + 1), end_value=t.learning_rate * t.end_learning_rate_fraction
+    )
     # No decay on norms and biases, by name: stacked layers give them a leading layers axis.
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: not str(path[-1].key).endswith(("norm", "bias")), params)
-    tx = optax.chain(optax.clip_by_global_norm(t.clip_norm),
-                     optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+        lambda path, _: not str(path[-1].key).endswith(("norm", "bias")), params
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(t.clip_norm),
+        optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask),
+    )
     return tx, schedule
 
 
 def init_state(params: model.Params, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.key_data(jax.random.key(seed)), "first_bad_step": jnp.full((), -1, jnp.int32)}
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+        "first_bad_step": jnp.full((), -1, jnp.int32),
+    }
 
 
-def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_config: ModelConfig,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, config: ml_collections.ConfigDict):
+def train_step(
+    state: dict[str, Any],
+    batch: dict[str, jax.Array],
+    *,
+    model_config: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+):
     weights = {"gen": config.loss.gen, "rep": config.loss.rep, "comp": config.loss.comp}
     accum = config.train.grad_accum
     prior = config.train.prior_temperature if config.train.memory_prior else None
     if accum == 1:
-        loss_fn = functools.partial(losses.grc_loss, model_config, weights=weights, temperature=config.loss.temperature,
-                                    prior_temperature=prior)
+        loss_fn = functools.partial(
+            losses.grc_loss, model_config, weights=weights, temperature=config.loss.temperature, prior_temperature=prior
+        )
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     else:
         # Micro-batches in a scan whose losses and gradients add up to the whole batch's: token
@@ -166,8 +204,14 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_conf
         # micro-batches' (each contrasts within its micro-batch).
         totals = {"gen": batch["gen_weight"].sum(), "comp": batch["comp_weight"].sum()}
         micro_weights = {**weights, "rep": weights["rep"] / accum}
-        loss_fn = functools.partial(losses.grc_loss, model_config, weights=micro_weights,
-                                    temperature=config.loss.temperature, token_totals=totals, prior_temperature=prior)
+        loss_fn = functools.partial(
+            losses.grc_loss,
+            model_config,
+            weights=micro_weights,
+            temperature=config.loss.temperature,
+            token_totals=totals,
+            prior_temperature=prior,
+        )
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
@@ -186,24 +230,32 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model_conf
     # A non-finite step is not applied; the host stops the run at its next check.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
     step = state["step"]
-    new_state = {"step": step + 1, "params": keep(params, state["params"]),
-                 "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"],
-                 "first_bad_step": jnp.where((state["first_bad_step"] < 0) & bad, step, state["first_bad_step"])}
+    new_state = {
+        "step": step + 1,
+        "params": keep(params, state["params"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "rng": state["rng"],
+        "first_bad_step": jnp.where((state["first_bad_step"] < 0) & bad, step, state["first_bad_step"]),
+    }
     metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(step)}
     return new_state, metrics
 
 
-def _to_global(batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding,
-               global_batch: int) -> dict[str, jax.Array]:
+def _to_global(
+    batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding, global_batch: int
+) -> dict[str, jax.Array]:
     # The global shape must be given: processes that share rows (tensor across hosts) hold copies.
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v, (global_batch, *v.shape[1:]))
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, v, (global_batch, *v.shape[1:]))
+        for k, v in batch.items()
+    }
 
 
 def _put(tree: Any, shardings: Any) -> Any:
     """Host arrays (the same on every host) onto their global shardings."""
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings
+    )
 
 
 class _Preemption:
@@ -244,8 +296,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir.mkdir(parents=True, exist_ok=True)
     setup, hf_params = prepare(config, workdir)
     if setup.eval_dir and jax.process_count() > 1:
-        logging.warning("held-out evaluation runs in single-process runs only; evaluate the checkpoint with "
-                        "python -m grc_jax.evaluate")
+        logging.warning(
+            "held-out evaluation runs in single-process runs only; evaluate the checkpoint with "
+            "python -m grc_jax.evaluate"
+        )
         setup.eval_dir = None
     mc, t = setup.model_config, config.train
     try:
@@ -254,8 +308,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise UserError(str(e)) from None
     rules = sharding.DEFAULT_RULES
     if t.global_batch % (mesh.shape["data"] * mesh.shape["fsdp"] * t.grad_accum):
-        raise UserError(f"config: train.global_batch={t.global_batch} must divide by data*fsdp*grad_accum "
-                        f"= {mesh.shape['data'] * mesh.shape['fsdp'] * t.grad_accum}")
+        raise UserError(
+            f"config: train.global_batch={t.global_batch} must divide by data*fsdp*grad_accum "
+            f"= {mesh.shape['data'] * mesh.shape['fsdp'] * t.grad_accum}"
+        )
     data = data_settings(config, setup.train_files)
     saved = check_resume(workdir, config, mc, setup.tokenizer, data)
     if saved is not None and saved == t.steps:
@@ -274,26 +330,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             params = _put(hf_params, param_shardings)
         state = jax.jit(functools.partial(init_state, tx=tx, seed=t.seed))(params)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        step_fn = jax.jit(functools.partial(train_step, model_config=mc, tx=tx, schedule=schedule, config=config),
-                          in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                          donate_argnums=0)
+        step_fn = jax.jit(
+            functools.partial(train_step, model_config=mc, tx=tx, schedule=schedule, config=config),
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, None),
+            donate_argnums=0,
+        )
 
         block, blocks = sharding.host_batch_block(batch_sharding, t.global_batch)
-        dataset = pipeline.make_dataset(setup.train_files, literal_special_tokens(setup.tokenizer), setup.build,
-                                        global_batch=t.global_batch, num_steps=t.steps, seed=t.seed, block=block,
-                                        blocks=blocks, skip_malformed=config.data.skip_malformed,
-                                        mixture=config.data.mixture)
+        dataset = pipeline.make_dataset(
+            setup.train_files,
+            literal_special_tokens(setup.tokenizer),
+            setup.build,
+            global_batch=t.global_batch,
+            num_steps=t.steps,
+            seed=t.seed,
+            block=block,
+            blocks=blocks,
+            skip_malformed=config.data.skip_malformed,
+            mixture=config.data.mixture,
+        )
         iterator = pipeline.make_iterator(dataset)
         manager = ocp.CheckpointManager(
             rundir.checkpoints_dir(workdir),
-            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
-                                                 enable_async_checkpointing=config.checkpoint.use_async))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=config.checkpoint.keep, enable_async_checkpointing=config.checkpoint.use_async
+            ),
+        )
         start = manager.latest_step()
         if start is not None:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
             try:
-                restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                          data=ocp.args.JsonRestore()))
+                restored = manager.restore(
+                    start,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()),
+                )
             except Exception as e:  # a truncated or damaged step: say which, and what else there is
                 raise _unreadable_checkpoint(workdir, start, sorted(manager.all_steps()), e) from e
             state = restored["state"]
@@ -308,8 +379,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
         def save(step: int) -> None:
             _check_finite(state)
-            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       data=ocp.args.JsonSave(iterator.get_state())), force=True)
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state())
+                ),
+                force=True,
+            )
             if jax.process_index() == 0:
                 print(console.checkpoint_line(step, workdir / "checkpoints" / str(step)), flush=True)
 
@@ -335,8 +411,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     _report(done, t.steps, metrics, eta=(t.steps - done) * step_time)
                     window_start, window_steps = time.perf_counter(), 0
                 if config.eval_every and done % config.eval_every == 0 and done != t.steps and setup.eval_dir:
-                    figures = evaluation.evaluate_world(mc, state["params"], setup, config,
-                                                        memory_prior=config.eval_memory_prior)
+                    figures = evaluation.evaluate_world(
+                        mc, state["params"], setup, config, memory_prior=config.eval_memory_prior
+                    )
                     writer.write(done, figures)
                     evals.append({"step": done, **figures})
                     _print_eval(done, figures)
@@ -360,8 +437,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if evals:
             result["evals"] = evals
         if setup.eval_dir and start < t.steps:
-            result["eval"] = evaluation.evaluate_world(mc, state["params"], setup, config,
-                                                       memory_prior=config.eval_memory_prior)
+            result["eval"] = evaluation.evaluate_world(
+                mc, state["params"], setup, config, memory_prior=config.eval_memory_prior
+            )
             writer.write(t.steps, result["eval"])
             _print_eval(t.steps, result["eval"])
         writer.close()
@@ -380,8 +458,9 @@ def _export(setup: Setup, params: model.Params, out_dir: str) -> None:
     else:
         params = jax.device_get(params)
     if jax.process_index() == 0:
-        out = hf.save_pretrained(setup.model_config, params, out_dir, setup.tokenizer,
-                                 special_tokens=setup.special_tokens)
+        out = hf.save_pretrained(
+            setup.model_config, params, out_dir, setup.tokenizer, special_tokens=setup.special_tokens
+        )
         print(f"exported the final parameters to {out}", flush=True)
 
 
@@ -394,20 +473,38 @@ def data_settings(config: ml_collections.ConfigDict, train_files: list[str]) -> 
     """What fixes the sequence of batches: a resume must have the same, or its data iterator's
     saved position means another batch."""
     d, t = config.data, config.train
-    files = None if d.train_files is None else [
-        f if seqio_source.is_seqio_source(f) else str(Path(f).resolve()) for f in train_files]
-    settings = {"train_files": files, "seed": t.seed, "global_batch": t.global_batch,
-                "skip_malformed": d.skip_malformed, "row_len": d.row_len,
-                "max_segments_per_row": d.max_segments_per_row, "max_negatives": d.max_negatives,
-                "reader_distractors": d.reader_distractors, "reader_task": d.reader_task}
+    files = (
+        None
+        if d.train_files is None
+        else [f if seqio_source.is_seqio_source(f) else str(Path(f).resolve()) for f in train_files]
+    )
+    settings = {
+        "train_files": files,
+        "seed": t.seed,
+        "global_batch": t.global_batch,
+        "skip_malformed": d.skip_malformed,
+        "row_len": d.row_len,
+        "max_segments_per_row": d.max_segments_per_row,
+        "max_negatives": d.max_negatives,
+        "reader_distractors": d.reader_distractors,
+        "reader_task": d.reader_task,
+    }
     if files is None:
-        settings.update(demo_world_seed=d.demo_world_seed, demo_world_entities=d.demo_world_entities,
-                        demo_world_heldout=d.demo_world_heldout)
+        settings.update(
+            demo_world_seed=d.demo_world_seed,
+            demo_world_entities=d.demo_world_entities,
+            demo_world_heldout=d.demo_world_heldout,
+        )
     return settings
 
 
-def check_resume(workdir: Path, config: ml_collections.ConfigDict, model_config: ModelConfig, tokenizer: Tokenizer,
-                 data: dict[str, Any]) -> int | None:
+def check_resume(
+    workdir: Path,
+    config: ml_collections.ConfigDict,
+    model_config: ModelConfig,
+    tokenizer: Tokenizer,
+    data: dict[str, Any],
+) -> int | None:
     """The step a run on `workdir` resumes from (None: a new run), after checking that the
     workdir's checkpoints are of this model, tokenizer and data, and that `train.steps` reaches
     them. Raises UserError naming what differs; nothing is written."""
@@ -421,11 +518,17 @@ def check_resume(workdir: Path, config: ml_collections.ConfigDict, model_config:
     if saved_model.is_file():
         before = json.loads(saved_model.read_text(encoding="utf-8"))
         now = json.loads(json.dumps(dataclasses.asdict(model_config)))
-        differ = [k for k in sorted(set(before) | set(now))
-                  if k not in _RESUMABLE_MODEL_FIELDS and before.get(k) != now.get(k)]
+        differ = [
+            k
+            for k in sorted(set(before) | set(now))
+            if k not in _RESUMABLE_MODEL_FIELDS and before.get(k) != now.get(k)
+        ]
         if differ:
-            raise UserError(f"{where} of another model: " + ", ".join(
-                f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in differ) + f"; {hint}")
+            raise UserError(
+                f"{where} of another model: "
+                + ", ".join(f"{k} {before.get(k)!r} there, {now.get(k)!r} now" for k in differ)
+                + f"; {hint}"
+            )
     saved_tokenizer = workdir / "tokenizer" / "tokenizer.json"
     if saved_tokenizer.is_file():
         vocab = Tokenizer.from_dir(saved_tokenizer.parent).inner.get_vocab(with_added_tokens=True)
@@ -436,20 +539,28 @@ def check_resume(workdir: Path, config: ml_collections.ConfigDict, model_config:
         before = json.loads(saved_data.read_text(encoding="utf-8"))
         differ = [k for k in sorted(set(before) | set(data)) if before.get(k) != data.get(k)]
         if differ:
-            raise UserError(f"{where} trained on other data settings, so its saved data position is not the next "
-                            "batch of these: " + ", ".join(f"{k} {before.get(k)!r} there, {data.get(k)!r} now"
-                                                            for k in differ) + f"; {hint}")
+            raise UserError(
+                f"{where} trained on other data settings, so its saved data position is not the next "
+                "batch of these: "
+                + ", ".join(f"{k} {before.get(k)!r} there, {data.get(k)!r} now" for k in differ)
+                + f"; {hint}"
+            )
     if config.train.steps < latest:
-        raise UserError(f"config: train.steps={config.train.steps} is below step {latest}, the last one saved in "
-                        f"{workdir / 'checkpoints'}; raise train.steps to train on, or give a new --workdir")
+        raise UserError(
+            f"config: train.steps={config.train.steps} is below step {latest}, the last one saved in "
+            f"{workdir / 'checkpoints'}; raise train.steps to train on, or give a new --workdir"
+        )
     return latest
 
 
 def _already_trained(workdir: Path, step: int) -> dict[str, Any]:
     """A rerun of a finished run: its results stay as they are."""
     result_file = workdir / "result.json"
-    print(f"{workdir} is already trained to step {step} (train.steps); its results are in {result_file}. "
-          "Raise train.steps to train on, or evaluate it with python -m grc_jax.evaluate.", flush=True)
+    print(
+        f"{workdir} is already trained to step {step} (train.steps); its results are in {result_file}. "
+        "Raise train.steps to train on, or evaluate it with python -m grc_jax.evaluate.",
+        flush=True,
+    )
     if result_file.is_file():
         return json.loads(result_file.read_text(encoding="utf-8"))
     return {"history": [], "already_trained": step}
@@ -458,25 +569,33 @@ def _already_trained(workdir: Path, step: int) -> dict[str, Any]:
 def _unreadable_checkpoint(workdir: Path, step: int, steps: list[int], error: Exception) -> UserError:
     earlier = [s for s in steps if s < step]
     first = " ".join(str(error).split())[:300]
-    offer = (f"move it aside to resume from step {earlier[-1]}, the one before" if earlier
-             else "move it aside to start over")
-    return UserError(f"{workdir / 'checkpoints' / str(step)}: the checkpoint of step {step} cannot be read "
-                     f"(truncated or damaged? {type(error).__name__}: {first}); {offer}")
+    offer = (
+        f"move it aside to resume from step {earlier[-1]}, the one before" if earlier else "move it aside to start over"
+    )
+    return UserError(
+        f"{workdir / 'checkpoints' / str(step)}: the checkpoint of step {step} cannot be read "
+        f"(truncated or damaged? {type(error).__name__}: {first}); {offer}"
+    )
 
 
 def _check_finite(state: dict[str, Any]) -> None:
     bad = int(jax.device_get(state["first_bad_step"]))
     if bad >= 0:
-        raise NonFiniteLoss(f"non-finite loss or gradient at step {bad + 1}; stopping. The last checkpoint "
-                            f"before it is untouched; lower train.learning_rate or check the data.")
+        raise NonFiniteLoss(
+            f"non-finite loss or gradient at step {bad + 1}; stopping. The last checkpoint "
+            f"before it is untouched; lower train.learning_rate or check the data."
+        )
 
 
 def _report(step: int, total: int, m: dict[str, float], eta: float) -> None:
     mfu = f" | mfu {m['mfu']:.1%}" if "mfu" in m else ""
-    print(f"step {step}/{total} | loss {m['loss']:.3f} (gen {m['loss_gen']:.3f} rep {m['loss_rep']:.3f} "
-          f"comp {m['loss_comp']:.3f}) | rep acc {m['rep_accuracy']:.2f} | lr {m['learning_rate']:.2e} "
-          f"| gnorm {m['grad_norm']:.2f} | {m['tokens_per_second']:,.0f} tok/s | {m['step_time']:.2f} s/step"
-          f"{mfu} | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+    print(
+        f"step {step}/{total} | loss {m['loss']:.3f} (gen {m['loss_gen']:.3f} rep {m['loss_rep']:.3f} "
+        f"comp {m['loss_comp']:.3f}) | rep acc {m['rep_accuracy']:.2f} | lr {m['learning_rate']:.2e} "
+        f"| gnorm {m['grad_norm']:.2f} | {m['tokens_per_second']:,.0f} tok/s | {m['step_time']:.2f} s/step"
+        f"{mfu} | ETA {int(eta // 60)}m{int(eta % 60):02d}s",
+        flush=True,
+    )
 
 
 def _print_eval(step: int, figures: dict[str, float]) -> None:
@@ -513,6 +632,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         raise SystemExit(f"config error: {problem}") from None
     except (flags.Error, OSError, TypeError, ValueError) as e:
         raise SystemExit(f"config error: {e}") from None
+
 
 if __name__ == "__main__":
     app.run(main, flags_parser=_parse_flags)

@@ -4,6 +4,7 @@ Config files (`configs/*.py`) start from `defaults()` and change values; since t
 locked, a mistyped key in a file or in a `--config.a.b=` flag fails at once, naming the
 closest valid key. The model section's keys and defaults are ModelConfig's (grc_jax/config.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,19 @@ from grc_jax.errors import UserError
 _NOT_KEYED = ("vocab_size", "rope_scaling")
 # What a checkpoint fixes. Unset (None), these are ModelConfig's defaults for a model trained from
 # scratch and the checkpoint's values with model.hf_path; set, they must agree with the checkpoint.
-CHECKPOINT_FIELDS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "rms_norm_eps", "initializer_range", "rope_theta", "tie_word_embeddings")
+CHECKPOINT_FIELDS = (
+    "architecture",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "initializer_range",
+    "rope_theta",
+    "tie_word_embeddings",
+)
 # What the architecture fixes (config.architecture_fields): derived from model.architecture or the
 # checkpoint's; a value set here must agree with it.
 ARCHITECTURE_FIELDS = ("qkv_bias", "qk_norm")
@@ -52,36 +64,57 @@ def _model_section() -> ml_collections.ConfigDict:
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = _model_section()
-    c.data = ml_collections.ConfigDict(dict(
-        # comma-separated JSONL/ArrayRecord files or globs, or seqio:TASK[:SPLIT]; unset: the demo world
-        train_files=config_dict.placeholder(str),
-        # Instead of train_files, weighted sources "FILES:WEIGHT,FILES:WEIGHT" (FILES a file or glob); the
-        # weights are the sources' shares of the records in the batches. ArrayRecord files and mixtures are
-        # read lazily, each host only its share (grc_jax/data/streaming.py).
-        mixture=config_dict.placeholder(str),
-        seqio_modules="",  # comma-separated modules whose import registers the seqio tasks of train_files
-        eval_dir=config_dict.placeholder(str),  # a demo-world style directory for held-out evaluation
-        tokenizer=config_dict.placeholder(str),  # a directory with tokenizer.json (default: hf_path's)
-        demo_world_seed=0, demo_world_entities=960, demo_world_heldout=48,
-        row_len=512, max_segments_per_row=16, max_negatives=4, reader_distractors=4,
-        reader_task="reconstruction", skip_malformed=False,
-        # Unset: from the model's files (generation_config.json, tokenizer_config.json; the demo
-        # world's <s>, </s>, <pad>, <|end_of_reasoning|>); grc_jax/special_tokens.py says how.
-        bos_token=config_dict.placeholder(str), eos_token=config_dict.placeholder(str),
-        eor_token=config_dict.placeholder(str), pad_token=config_dict.placeholder(str),
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=1000, global_batch=16, grad_accum=1, seed=0,
-        learning_rate=1e-3, warmup_steps=50, end_learning_rate_fraction=0.1, weight_decay=0.01,
-        b1=0.9, b2=0.95, clip_norm=1.0,
-        # Memory priors (docs/design.md section 8, grc_jax/priors.py): every reader's question is
-        # laid out as a segment too, and the reader's attention on memory m's keys gets
-        # log_softmax_m(cos(question, memory m) / prior_temperature). Off: the one-pass forward
-        # of today. On: a two-phase forward, about twice the step's compute. The temperature is
-        # fixed (not learned), so the same value serves inference (Engine.generate's
-        # prior_temperature, the held-out evaluation).
-        memory_prior=False, prior_temperature=0.05,
-    ))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            # comma-separated JSONL/ArrayRecord files or globs, or seqio:TASK[:SPLIT]; unset: the demo world
+            train_files=config_dict.placeholder(str),
+            # Instead of train_files, weighted sources "FILES:WEIGHT,FILES:WEIGHT" (FILES a file or glob); the
+            # weights are the sources' shares of the records in the batches. ArrayRecord files and mixtures are
+            # read lazily, each host only its share (grc_jax/data/streaming.py).
+            mixture=config_dict.placeholder(str),
+            seqio_modules="",  # comma-separated modules whose import registers the seqio tasks of train_files
+            eval_dir=config_dict.placeholder(str),  # a demo-world style directory for held-out evaluation
+            tokenizer=config_dict.placeholder(str),  # a directory with tokenizer.json (default: hf_path's)
+            demo_world_seed=0,
+            demo_world_entities=960,
+            demo_world_heldout=48,
+            row_len=512,
+            max_segments_per_row=16,
+            max_negatives=4,
+            reader_distractors=4,
+            reader_task="reconstruction",
+            skip_malformed=False,
+            # Unset: from the model's files (generation_config.json, tokenizer_config.json; the demo
+            # world's <s>, </s>, <pad>, <|end_of_reasoning|>); grc_jax/special_tokens.py says how.
+            bos_token=config_dict.placeholder(str),
+            eos_token=config_dict.placeholder(str),
+            eor_token=config_dict.placeholder(str),
+            pad_token=config_dict.placeholder(str),
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=1000,
+            global_batch=16,
+            grad_accum=1,
+            seed=0,
+            learning_rate=1e-3,
+            warmup_steps=50,
+            end_learning_rate_fraction=0.1,
+            weight_decay=0.01,
+            b1=0.9,
+            b2=0.95,
+            clip_norm=1.0,
+            # Memory priors (docs/design.md section 8, grc_jax/priors.py): every reader's question is
+            # laid out as a segment too, and the reader's attention on memory m's keys gets
+            # log_softmax_m(cos(question, memory m) / prior_temperature). Off: the one-pass forward
+            # of today. On: a two-phase forward, about twice the step's compute. The temperature is
+            # fixed (not learned), so the same value serves inference (Engine.generate's
+            # prior_temperature, the held-out evaluation).
+            memory_prior=False,
+            prior_temperature=0.05,
+        )
+    )
     c.loss = ml_collections.ConfigDict(dict(gen=1.0, rep=1.0, comp=1.0, temperature=0.02))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, use_async=True))
@@ -102,10 +135,20 @@ def defaults() -> ml_collections.ConfigDict:
 
 # key -> its smallest valid value; ModelConfig checks the model's own values.
 _AT_LEAST = {
-    "train.steps": 1, "train.global_batch": 1, "train.grad_accum": 1, "train.warmup_steps": 0,
-    "log_every": 1, "eval_every": 0, "eval_max_queries": 1, "reasoning_max_tokens": 1,
-    "checkpoint.every": 1, "checkpoint.keep": 1, "data.row_len": 1, "data.max_segments_per_row": 1,
-    "data.max_negatives": 0, "data.reader_distractors": 0,
+    "train.steps": 1,
+    "train.global_batch": 1,
+    "train.grad_accum": 1,
+    "train.warmup_steps": 0,
+    "log_every": 1,
+    "eval_every": 0,
+    "eval_max_queries": 1,
+    "reasoning_max_tokens": 1,
+    "checkpoint.every": 1,
+    "checkpoint.keep": 1,
+    "data.row_len": 1,
+    "data.max_segments_per_row": 1,
+    "data.max_negatives": 0,
+    "data.reader_distractors": 0,
 }
 
 
@@ -153,8 +196,10 @@ def check_values(c: ml_collections.ConfigDict) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
             raise UserError(f"config: {key}={value} must be {want}")
     if c.data.train_files is None and c.data.demo_world_entities > MAX_DEMO_WORLD_ENTITIES:
-        raise UserError(f"config: data.demo_world_entities={c.data.demo_world_entities}: the demo world has at most "
-                        f"{MAX_DEMO_WORLD_ENTITIES} people (one per distinct attribute tuple)")
+        raise UserError(
+            f"config: data.demo_world_entities={c.data.demo_world_entities}: the demo world has at most "
+            f"{MAX_DEMO_WORLD_ENTITIES} people (one per distinct attribute tuple)"
+        )
     if c.data.train_files and c.data.mixture:
         raise UserError("config: give data.train_files or data.mixture, not both")
 
@@ -171,8 +216,10 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
     architecture = fields.get("architecture", _MODEL_DEFAULTS["architecture"])
     for key, value in architecture_fields(architecture).items():
         if fields.setdefault(key, value) != value:
-            raise UserError(f"config: model.{key}={fields[key]} does not fit model.architecture={architecture!r}, "
-                            f"which fixes {key}={value}; leave model.{key} unset")
+            raise UserError(
+                f"config: model.{key}={fields[key]} does not fit model.architecture={architecture!r}, "
+                f"which fixes {key}={value}; leave model.{key} unset"
+            )
     try:
         return ModelConfig(vocab_size=vocab_size, **fields)
     except UserError as e:  # ModelConfig names its field; say the config's key
@@ -185,8 +232,10 @@ def check_checkpoint_fields(c: ml_collections.ConfigDict, checkpoint: ModelConfi
     fields = set_model_fields(c)
     for key in CHECKPOINT_FIELDS + ARCHITECTURE_FIELDS:
         if key in fields and fields[key] != getattr(checkpoint, key):
-            raise UserError(f"config: model.{key}={fields[key]!r}, but the checkpoint {source} has "
-                            f"{key}={getattr(checkpoint, key)!r}; leave model.{key} unset to take the checkpoint's")
+            raise UserError(
+                f"config: model.{key}={fields[key]!r}, but the checkpoint {source} has "
+                f"{key}={getattr(checkpoint, key)!r}; leave model.{key} unset to take the checkpoint's"
+            )
 
 
 def find_unknown_override(argv: list[str], flag: str = "config") -> str | None:
@@ -194,22 +243,24 @@ def find_unknown_override(argv: list[str], flag: str = "config") -> str | None:
     for arg in argv:
         if not arg.startswith(f"--{flag}."):
             continue
-        path = arg[len(flag) + 3:].split("=", 1)[0].split(".")
+        path = arg[len(flag) + 3 :].split("=", 1)[0].split(".")
         node = defaults()
         for depth, key in enumerate(path):
             if not isinstance(node, ml_collections.ConfigDict) or key not in node:
                 siblings = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 prefix = ".".join(path[:depth])
-                close = [f"{prefix}.{k}" if prefix else k
-                         for k in difflib.get_close_matches(key, siblings, n=3, cutoff=0.5)]
+                close = [
+                    f"{prefix}.{k}" if prefix else k for k in difflib.get_close_matches(key, siblings, n=3, cutoff=0.5)
+                ]
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys here: {', '.join(siblings)}"
                 return f"unknown key {'.'.join(path)!r} in --{flag}.{'.'.join(path)}{hint}"
             node = node[key]
     return None
 
 
-def check_keys(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
-               prefix: str = "") -> None:
+def check_keys(
+    c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None, prefix: str = ""
+) -> None:
     """Raises ValueError for a key `defaults()` does not have, naming the closest valid ones."""
     reference = defaults() if reference is None else reference
     for key in c.keys():

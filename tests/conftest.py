@@ -1,4 +1,5 @@
 """Test set-up: 8 fake CPU devices for the sharding tests, set before any JAX op runs."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,7 @@
 """Chat templates rendered as transformers renders them; special tokens from an HF directory's
 own files (eos a list, one id, or absent) with generation equal to transformers'; chat and
 stop strings of several tokens in Engine."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,8 @@ SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # In the style of Qwen2.5/Qwen3's: a default system turn, tools as JSON, a namespace, loop
 # controls, a {% generation %} block, raise_exception and a template variable (enable_thinking).
@@ -74,17 +76,29 @@ QWEN_STYLE_TEMPLATE = """{%- if tools %}
 {{- '' if ns.turns else eos_token }}"""
 
 # Llama 3.1 style: bos_token and today's date from strftime_now.
-LLAMA_STYLE_TEMPLATE = ("{{- bos_token }}{%- set date = strftime_now('%Y') %}"
-                        "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nToday: ' + date + '<|eot_id|>' }}"
-                        "{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
-                        " + m['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
-                        "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-                        "{%- endif %}")
+LLAMA_STYLE_TEMPLATE = (
+    "{{- bos_token }}{%- set date = strftime_now('%Y') %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nToday: ' + date + '<|eot_id|>' }}"
+    "{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+    " + m['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|eot_id|>",
-            "<|start_header_id|>", "<|end_header_id|>", "[UNK]"]
-WORDS = ("hello owl where does zorvak live quarn keeps an the river floods every spring belna is a glassblower "
-         "from ostreth system user assistant you are helpful").split()
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "[UNK]",
+]
+WORDS = (
+    "hello owl where does zorvak live quarn keeps an the river floods every spring belna is a glassblower "
+    "from ostreth system user assistant you are helpful"
+).split()
 
 
 def write_tokenizer(directory: Path, tokenizer_config: dict | None = None, vocab: int = VOCAB) -> None:
@@ -109,33 +123,58 @@ def hf_tokenizer(tmp_path: Path, template: str, **tokens):
 
 CHATS = {
     "no system": [{"role": "user", "content": "Where does Zorvak live?"}],
-    "system and turns": [{"role": "system", "content": "You answer in one word."},
-                         {"role": "user", "content": "Where does Zorvak live?"},
-                         {"role": "assistant", "content": " Quarn. \n", "tool_calls": None},
-                         {"role": "user", "content": "And Belna? <b>&amp;</b> \"quoted\" ünïcode"}],
+    "system and turns": [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Where does Zorvak live?"},
+        {"role": "assistant", "content": " Quarn. \n", "tool_calls": None},
+        {"role": "user", "content": 'And Belna? <b>&amp;</b> "quoted" ünïcode'},
+    ],
 }
 
 
 @pytest.mark.parametrize("chat", sorted(CHATS))
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_smollm2_template_renders_as_transformers_does(tmp_path, chat, add_generation_prompt):
-    tok = hf_tokenizer(tmp_path, SMOLLM2_TEMPLATE, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                       pad_token="<|im_end|>")
+    tok = hf_tokenizer(
+        tmp_path, SMOLLM2_TEMPLATE, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
     expected = tok.apply_chat_template(CHATS[chat], tokenize=False, add_generation_prompt=add_generation_prompt)
-    got = render_chat(SMOLLM2_TEMPLATE, CHATS[chat], add_generation_prompt=add_generation_prompt,
-                      bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>")
+    got = render_chat(
+        SMOLLM2_TEMPLATE,
+        CHATS[chat],
+        add_generation_prompt=add_generation_prompt,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
     assert got == expected
     assert got.startswith("<|im_start|>system\n") and got.endswith("assistant\n" if add_generation_prompt else "\n")
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False},
-                                    {"tools": [{"type": "function", "function": {
-                                        "name": "find", "description": "Finds <things> & more",
-                                        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"enable_thinking": False},
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "find",
+                        "description": "Finds <things> & more",
+                        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+                    },
+                }
+            ]
+        },
+    ],
+)
 def test_qwen_style_template_with_a_system_message_renders_as_transformers_does(tmp_path, kwargs):
     tok = hf_tokenizer(tmp_path, QWEN_STYLE_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     messages = CHATS["system and turns"][:-1] + [
-        {"role": "assistant", "content": "Ostreth", "reasoning_content": "Belna is from Ostreth."}]
+        {"role": "assistant", "content": "Ostreth", "reasoning_content": "Belna is from Ostreth."}
+    ]
     for chat in (CHATS["system and turns"], messages):
         expected = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
         got = render_chat(QWEN_STYLE_TEMPLATE, chat, eos_token="<|im_end|>", pad_token="<|endoftext|>", **kwargs)
@@ -201,10 +240,13 @@ PROMPT = "where does zorvak live"
 def _transformers_new_tokens(directory: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]),
-                             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +295,12 @@ def test_chat_and_stop_strings_on_an_hf_model(tmp_path, free_run):
     """Engine.chat's prompt is transformers' apply_chat_template; its reply is transformers'
     greedy continuation. Stop strings of several tokens cut the text (stream too), and a stop
     string that is one added token ends the row in the decode loop."""
-    directory = _hf_dir(tmp_path, {"generation_config.json": {"eos_token_id": 2}},
-                        {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}, template=SMOLLM2_TEMPLATE)
+    directory = _hf_dir(
+        tmp_path,
+        {"generation_config.json": {"eos_token_id": 2}},
+        {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"},
+        template=SMOLLM2_TEMPLATE,
+    )
     engine = Engine.from_pretrained(directory, **ENGINE_OPTIONS)
     assert engine.chat_template == SMOLLM2_TEMPLATE
     hf_tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -262,8 +308,9 @@ def test_chat_and_stop_strings_on_an_hf_model(tmp_path, free_run):
     prompt = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert engine.render_chat(messages) == prompt
     prompt_ids = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys")
-                      else prompt_ids)
+    prompt_ids = list(
+        prompt_ids["input_ids"] if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys") else prompt_ids
+    )
     assert engine.tokenizer.encode(prompt) == prompt_ids
     reference = _transformers_new_tokens(directory, prompt_ids, 24)
     reply = engine.chat(messages, max_new_tokens=24)
@@ -276,10 +323,12 @@ def test_chat_and_stop_strings_on_an_hf_model(tmp_path, free_run):
     assert len(words) >= 10, text
     stop = " ".join(words[4:7])
     assert len(engine.tokenizer.encode(stop)) == 3
-    expected = text[:text.index(stop)]
+    expected = text[: text.index(stop)]
     assert engine.generate(PROMPT, max_new_tokens=24, stop_tokens=[], stop=stop) == expected
-    assert engine.generate([PROMPT, "hello owl"], max_new_tokens=24, stop_tokens=[], stop=["nothing-like-it", stop]
-                           )[0] == expected
+    assert (
+        engine.generate([PROMPT, "hello owl"], max_new_tokens=24, stop_tokens=[], stop=["nothing-like-it", stop])[0]
+        == expected
+    )
     pieces = list(engine.stream(PROMPT, max_new_tokens=24, stop_tokens=[], stop=stop, steps_per_chunk=2))
     assert "".join(pieces) == expected and all(stop not in p for p in pieces)
 
@@ -304,11 +353,12 @@ def test_chat_and_stop_strings_on_an_hf_model(tmp_path, free_run):
     name = engine.tokenizer.id_to_token(raw[5])
     inner = HFTokenizer.from_str(engine.tokenizer.inner.to_str())
     inner.add_tokens([name])  # an existing word made an added token: its id stays
-    with_added = Engine(engine.config, engine.params, Tokenizer(inner), special_tokens=engine.special_tokens,
-                        **ENGINE_OPTIONS)
+    with_added = Engine(
+        engine.config, engine.params, Tokenizer(inner), special_tokens=engine.special_tokens, **ENGINE_OPTIONS
+    )
     assert with_added._stops(None, [name, stop]) == ((2, raw[5]), (stop,))
     cut = with_added.generate(PROMPT, max_new_tokens=24, stop_tokens=[], stop=name)
-    assert cut == engine.tokenizer.decode(raw[:raw.index(raw[5])])
+    assert cut == engine.tokenizer.decode(raw[: raw.index(raw[5])])
     with pytest.raises(ValueError, match="stop strings must be non-empty"):
         engine.generate(PROMPT, stop="")
 
@@ -319,22 +369,35 @@ def test_no_chat_template_is_a_clear_error_and_a_given_one_sees_every_special_to
     assert engine.chat_template is None
     with pytest.raises(ValueError, match="no chat template"):
         engine.chat([{"role": "user", "content": "hello"}])
-    template = ("{{ unk_token }}|{{ eos_token }}|{{ bos_token is defined }}|"
-                "{% for m in messages %}{{ m.content }}{% endfor %}")
-    given = Engine(engine.config, engine.params, engine.tokenizer, special_tokens=engine.special_tokens,
-                   chat_template=template, **ENGINE_OPTIONS)
+    template = (
+        "{{ unk_token }}|{{ eos_token }}|{{ bos_token is defined }}|{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    given = Engine(
+        engine.config,
+        engine.params,
+        engine.tokenizer,
+        special_tokens=engine.special_tokens,
+        chat_template=template,
+        **ENGINE_OPTIONS,
+    )
     hf_tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     messages = [{"role": "user", "content": "hello"}]
     assert given.render_chat(messages) == hf_tok.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_special_tokens_resolution_order(tmp_path):
     """generation_config.json before config.json before tokenizer_config.json; the tokenizer's
     eos first among several; explicit values win; a bare tokenizer gets grc_jax's own names."""
-    write_tokenizer(tmp_path, {"eos_token": "<|eot_id|>", "bos_token": "<|begin_of_text|>",
-                               "chat_template": [{"name": "tool_use", "template": "x"},
-                                                 {"name": "default", "template": "{{ messages }}"}]})
+    write_tokenizer(
+        tmp_path,
+        {
+            "eos_token": "<|eot_id|>",
+            "bos_token": "<|begin_of_text|>",
+            "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ messages }}"}],
+        },
+    )
     tok = Tokenizer.from_dir(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 0}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 4]}))

@@ -1,6 +1,7 @@
 """The compiled decode loop kept in the compilation cache's programs directory
 (grc_jax/compile_cache.py): a fresh process with a warm cache generates the same tokens without
 tracing the loop, and a damaged or stale program file is ignored (traced again, still right)."""
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,20 @@ print("RESULT " + json.dumps({{"ids": ids, "traces": loop.TRACES["run"], "stats"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    tokenizer = Tokenizer(demo_world.train_tokenizer([PROMPT, "Belna is a glassblower from Ostreth."] * 4,
-                                                     vocab_size=300))
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, num_latents=4, max_segment_len=16)
+    tokenizer = Tokenizer(
+        demo_world.train_tokenizer([PROMPT, "Belna is a glassblower from Ostreth."] * 4, vocab_size=300)
+    )
+    config = ModelConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_latents=4,
+        max_segment_len=16,
+    )
     params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
     params = jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x, params)  # sharper logits: varied tokens
     return hf.save_pretrained(config, params, tmp_path_factory.mktemp("cc") / "model", tokenizer)
@@ -48,11 +59,12 @@ def model_dir(tmp_path_factory) -> Path:
 
 def _child(model_dir: Path, cache: Path) -> dict:
     env = {**os.environ, compile_cache.ENV: str(cache), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(model_dir)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(model_dir)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line is not None, proc.stderr[-3000:]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _reference(model_dir: Path, monkeypatch) -> list[int]:
@@ -91,7 +103,7 @@ def test_a_damaged_or_stale_program_is_ignored(model_dir, tmp_path, monkeypatch)
     assert rewritten.startswith(good[: good.index(b"\nsource ")]) and len(rewritten) > len(good) // 2
     # Stale: a file under this name whose recorded key differs (as if written by other code or versions).
     key_start = good.index(b"\njax ") + 5
-    program.write_bytes(good[:key_start] + b"0.0.0" + good[key_start + 5:])
+    program.write_bytes(good[:key_start] + b"0.0.0" + good[key_start + 5 :])
     stale = _child(model_dir, cache)
     assert stale["traces"] == 1 and stale["stats"] == {"rejected": 1, "compiled": 1, "saved": 1}
     assert stale["ids"] == first["ids"] == _reference(model_dir, monkeypatch)

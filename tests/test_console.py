@@ -1,4 +1,5 @@
 """What the training command prints: its own lines on the console, library INFO logs in a file."""
+
 import logging
 from pathlib import Path
 
@@ -14,13 +15,16 @@ def _record(level: int, pathname: str) -> logging.LogRecord:
     return logging.LogRecord("absl", level, pathname, 1, "message", None, None)
 
 
-@pytest.mark.parametrize("level, pathname, shown", [
-    (logging.INFO, LIBRARY_FILE, False),
-    (logging.DEBUG, LIBRARY_FILE, False),
-    (logging.WARNING, LIBRARY_FILE, True),
-    (logging.ERROR, LIBRARY_FILE, True),
-    (logging.INFO, train.__file__, True),  # the run's own INFO lines (data summary, resume)
-])
+@pytest.mark.parametrize(
+    "level, pathname, shown",
+    [
+        (logging.INFO, LIBRARY_FILE, False),
+        (logging.DEBUG, LIBRARY_FILE, False),
+        (logging.WARNING, LIBRARY_FILE, True),
+        (logging.ERROR, LIBRARY_FILE, True),
+        (logging.INFO, train.__file__, True),  # the run's own INFO lines (data summary, resume)
+    ],
+)
 def test_console_keeps_the_runs_own_lines_and_warnings(level, pathname, shown):
     assert console.OwnLinesOnly().filter(_record(level, pathname)) is shown
 
@@ -62,8 +66,9 @@ def test_next_steps_are_commands_for_this_run(tmp_path):
     (run / "demo_world").mkdir(parents=True)
     (run / "demo_world" / "heldout.jsonl").write_text("{}\n")
     text = console.next_steps(run)
-    assert (f"python -m grc_jax.evaluate --checkpoint='{run}' --out='{run / 'eval'}' "
-            f"--qa='{run}/demo_world/heldout.jsonl'") in text
+    assert (
+        f"python -m grc_jax.evaluate --checkpoint='{run}' --out='{run / 'eval'}' --qa='{run}/demo_world/heldout.jsonl'"
+    ) in text
     assert f"python -m grc_jax.serve --model='{run}'" in text
     assert f"python -m grc_jax.export --workdir='{run}' --out='{run / 'export'}'" in text
 

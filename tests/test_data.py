@@ -1,4 +1,5 @@
 """Records, the example builder, packing and the grain pipeline (docs/design.md section 4)."""
+
 import json
 import logging
 
@@ -19,9 +20,20 @@ L0, L1 = 90, 91  # latent ids, K = 2
 
 
 def config(**overrides) -> BuildConfig:
-    settings = dict(max_segment_len=8, num_latents=2, latent_ids=(L0, L1), row_len=64, max_segments_per_row=8,
-                    bos_id=BOS, eos_id=EOS, eor_id=EOR, pad_id=PAD, max_negatives=6, reader_distractors=4,
-                    reader_task="reconstruction")
+    settings = dict(
+        max_segment_len=8,
+        num_latents=2,
+        latent_ids=(L0, L1),
+        row_len=64,
+        max_segments_per_row=8,
+        bos_id=BOS,
+        eos_id=EOS,
+        eor_id=EOR,
+        pad_id=PAD,
+        max_negatives=6,
+        reader_distractors=4,
+        reader_task="reconstruction",
+    )
     return BuildConfig(**{**settings, **overrides})
 
 
@@ -58,9 +70,17 @@ def check_loss_positions(batch: dict) -> None:
 
 
 def test_loss_targets_on_a_hand_made_record():
-    record = TokenizedRecord("f:1", query=[10, 11], reasoning=[12, 13], positive=[20, 21, 22],
-                             negatives=([30, 31], [40]), question=[50, 51], answer=[60],
-                             positive_doc_id=7, negative_doc_ids=(8, 9))
+    record = TokenizedRecord(
+        "f:1",
+        query=[10, 11],
+        reasoning=[12, 13],
+        positive=[20, 21, 22],
+        negatives=([30, 31], [40]),
+        question=[50, 51],
+        answer=[60],
+        positive_doc_id=7,
+        negative_doc_ids=(8, 9),
+    )
     u = unit(record, config(reader_distractors=0))
     #          query segment + reasoning + eor   positive      reader (QA)      negatives, own example
     expected = [10, 11, 12, 13, EOR, L0, L1, 20, 21, 22, L0, L1, 50, 51, 60, EOS, 30, 31, L0, L1, 40, L0, L1]
@@ -94,14 +114,23 @@ def test_query_without_reasoning_has_no_loss():
     np.testing.assert_array_equal(u.seg_positive, [1, -1])
 
 
-@pytest.mark.parametrize("task, segment_text, reader", [
-    ("reconstruction", [20, 21, 22, 23, 24], [BOS, 20, 21, 22, 23, 24, EOS]),
-    ("continuation", [20, 21, 22], [BOS, 23, 24, EOS]),
-    ("none", [20, 21, 22, 23, 24], []),
-])
+@pytest.mark.parametrize(
+    "task, segment_text, reader",
+    [
+        ("reconstruction", [20, 21, 22, 23, 24], [BOS, 20, 21, 22, 23, 24, EOS]),
+        ("continuation", [20, 21, 22], [BOS, 23, 24, EOS]),
+        ("none", [20, 21, 22, 23, 24], []),
+    ],
+)
 def test_reader_tasks_without_question(task, segment_text, reader):
-    record = TokenizedRecord("f:1", query=[10], positive=[20, 21, 22, 23, 24, 25, 26, 27, 28, 29],
-                             negatives=([30],), positive_doc_id=5, negative_doc_ids=(6,))
+    record = TokenizedRecord(
+        "f:1",
+        query=[10],
+        positive=[20, 21, 22, 23, 24, 25, 26, 27, 28, 29],
+        negatives=([30],),
+        positive_doc_id=5,
+        negative_doc_ids=(6,),
+    )
     u = unit(record, config(reader_task=task, max_segment_len=5))  # the positive is cut to 5 tokens
     positive = u.segment == 2
     np.testing.assert_array_equal(u.tokens[positive & (u.kind == TEXT)], segment_text)
@@ -114,8 +143,16 @@ def test_reader_tasks_without_question(task, segment_text, reader):
 
 def test_reader_sees_the_positive_among_the_distractors_only_through_latents():
     negatives = tuple([30 + i] * 3 for i in range(6))
-    record = TokenizedRecord("f:1", query=[10], positive=[20, 21, 22], negatives=negatives, question=[50],
-                             answer=[60, 61], positive_doc_id=100, negative_doc_ids=tuple(range(6)))
+    record = TokenizedRecord(
+        "f:1",
+        query=[10],
+        positive=[20, 21, 22],
+        negatives=negatives,
+        question=[50],
+        answer=[60, 61],
+        positive_doc_id=100,
+        negative_doc_ids=tuple(range(6)),
+    )
     cfg = config(row_len=96, max_segments_per_row=8, reader_distractors=4)
     positive_slots = set()
     for seed in range(8):
@@ -126,10 +163,16 @@ def test_reader_sees_the_positive_among_the_distractors_only_through_latents():
         readers = np.flatnonzero(batch["comp_weight"][0])
         seen = mask[readers].any(0)
         assert not (seen & (batch["kind"][0] == TEXT)).any()
-        slots_seen = [s for s in range(cfg.max_segments_per_row)
-                      if batch["seg_kind"][0, s] and seen[batch["seg_latent_index"][0, s]].all()]
-        slots_partly = [s for s in range(cfg.max_segments_per_row)
-                        if batch["seg_kind"][0, s] and seen[batch["seg_latent_index"][0, s]].any()]
+        slots_seen = [
+            s
+            for s in range(cfg.max_segments_per_row)
+            if batch["seg_kind"][0, s] and seen[batch["seg_latent_index"][0, s]].all()
+        ]
+        slots_partly = [
+            s
+            for s in range(cfg.max_segments_per_row)
+            if batch["seg_kind"][0, s] and seen[batch["seg_latent_index"][0, s]].any()
+        ]
         assert slots_seen == slots_partly
         assert sorted(batch["seg_doc_id"][0, slots_seen]) == [0, 1, 2, 3, 100]
         query_slot = int(np.flatnonzero(batch["seg_kind"][0] == SEG_QUERY)[0])
@@ -145,8 +188,15 @@ def test_reader_sees_the_positive_among_the_distractors_only_through_latents():
 
 
 def test_distractor_order_is_deterministic_per_seed_epoch_and_record():
-    record = TokenizedRecord("f:1", positive=[20], negatives=tuple([30 + i] for i in range(4)), question=[50],
-                             answer=[60], positive_doc_id=100, negative_doc_ids=tuple(range(4)))
+    record = TokenizedRecord(
+        "f:1",
+        positive=[20],
+        negatives=tuple([30 + i] for i in range(4)),
+        question=[50],
+        answer=[60],
+        positive_doc_id=100,
+        negative_doc_ids=tuple(range(4)),
+    )
     cfg = config()
     order = lambda *key: tuple(builder.build_unit(record, cfg, builder.unit_rng(*key)).seg_doc_id)  # noqa: E731
     assert order(0, 0, 3) == order(0, 0, 3)
@@ -154,8 +204,15 @@ def test_distractor_order_is_deterministic_per_seed_epoch_and_record():
 
 
 def test_copies_of_the_positive_and_repeated_negatives_are_not_shown_twice():
-    record = TokenizedRecord("f:1", positive=[20], negatives=([20], [30], [30], [31]), question=[50], answer=[60],
-                             positive_doc_id=100, negative_doc_ids=(100, 3, 3, 4))
+    record = TokenizedRecord(
+        "f:1",
+        positive=[20],
+        negatives=([20], [30], [30], [31]),
+        question=[50],
+        answer=[60],
+        positive_doc_id=100,
+        negative_doc_ids=(100, 3, 3, 4),
+    )
     u = unit(record, config(max_negatives=4, reader_distractors=4))
     assert sorted(u.seg_doc_id) == [3, 4, 100]
 
@@ -165,17 +222,22 @@ def test_documents_longer_than_a_segment_are_cut_with_a_warning(tmp_path, caplog
     cfg = pipeline_config(tok)
     long_doc = " ".join(["word"] * (cfg.max_segment_len + 5))
     path = tmp_path / "long.jsonl"
-    path.write_text(json.dumps({"query": "q", "positive": long_doc}) + "\n"
-                    + json.dumps({"query": "q", "positive": "p"}) + "\n")
+    path.write_text(
+        json.dumps({"query": "q", "positive": long_doc}) + "\n" + json.dumps({"query": "q", "positive": "p"}) + "\n"
+    )
     with caplog.at_level("WARNING"):
         pipeline.make_dataset([path], tok, cfg, global_batch=2, num_steps=1, seed=0)
-    assert (f"1 of 2 records have documents longer than max_segment_len={cfg.max_segment_len} tokens (first: {path}:1)"
-            in caplog.text)
+    assert (
+        f"1 of 2 records have documents longer than max_segment_len={cfg.max_segment_len} tokens (first: {path}:1)"
+        in caplog.text
+    )
 
 
 def test_duplicate_documents_share_a_doc_id():
-    records = [Record("f:1", query="q one", positive="the same doc"),
-               Record("f:2", query="q two", positive="the same doc", negatives=("another doc",))]
+    records = [
+        Record("f:1", query="q one", positive="the same doc"),
+        Record("f:2", query="q two", positive="the same doc", negatives=("another doc",)),
+    ]
     encode = lambda texts: [[10 + len(w) for w in t.split()] for t in texts]  # noqa: E731
     tokenized = builder.tokenize_records(records, encode)
     cfg = config(reader_task="none")
@@ -193,8 +255,9 @@ def test_answers_are_tokenized_as_they_follow_the_question_in_text():
     # " Quarn" in a document and the answer "Quarn" after "...live?" must be the same token.
     seen = []
     encode = lambda texts: seen.extend(texts) or [[1] for _ in texts]  # noqa: E731
-    builder.tokenize_records([Record("f:1", positive="Ana lives in Quarn.", question="Where does Ana live?",
-                                     answer="Quarn")], encode)
+    builder.tokenize_records(
+        [Record("f:1", positive="Ana lives in Quarn.", question="Where does Ana live?", answer="Quarn")], encode
+    )
     assert seen == ["Ana lives in Quarn.", "Where does Ana live?", " Quarn"]
     assert builder.answer_text("Where? ", "Quarn") == "Quarn"
     assert builder.answer_text("Where?", " Quarn") == " Quarn"
@@ -205,15 +268,30 @@ def test_records_that_cannot_be_laid_out_name_their_source():
     with pytest.raises(ValueError, match=r"^f:3: record needs 13 tokens, more than row_len 12"):
         unit(TokenizedRecord("f:3", text=list(range(10, 22))), cfg)
     with pytest.raises(ValueError, match=r"^f:4: record needs 3 segments, more than max_segments_per_row 2"):
-        unit(TokenizedRecord("f:4", query=[10], positive=[20], negatives=([30],), question=[5], answer=[6],
-                             positive_doc_id=1, negative_doc_ids=(2,)), cfg)
+        unit(
+            TokenizedRecord(
+                "f:4",
+                query=[10],
+                positive=[20],
+                negatives=([30],),
+                question=[5],
+                answer=[6],
+                positive_doc_id=1,
+                negative_doc_ids=(2,),
+            ),
+            cfg,
+        )
     with pytest.raises(ValueError, match=r"^f:5: query \(\+ reasoning \+ end-of-reasoning\) has 9 tokens"):
         unit(TokenizedRecord("f:5", query=[10] * 4, reasoning=[11] * 4, positive=[20], positive_doc_id=1), config())
     with pytest.raises(ValueError, match=r"^f:6: field 'text' contains a meta latent token"):
         unit(TokenizedRecord("f:6", text=[10, L1]), cfg)
     with pytest.raises(ValueError, match=r"^f:7: field 'negatives\[0\]' has no tokens"):
-        unit(TokenizedRecord("f:7", query=[10], positive=[20], negatives=([],), positive_doc_id=1,
-                             negative_doc_ids=(2,)), cfg)
+        unit(
+            TokenizedRecord(
+                "f:7", query=[10], positive=[20], negatives=([],), positive_doc_id=1, negative_doc_ids=(2,)
+            ),
+            cfg,
+        )
 
 
 # --- packing -------------------------------------------------------------------------------
@@ -229,8 +307,14 @@ def test_packing_keeps_units_whole_and_honours_row_len_and_segments():
             record = TokenizedRecord(f"f:{i}", text=list(rng.integers(10, 80, rng.integers(1, 30))))
         else:
             negatives = tuple([31 + j] * int(rng.integers(1, 8)) for j in range(int(rng.integers(0, 3))))
-            record = TokenizedRecord(f"f:{i}", query=[10 + i], positive=[20] * int(rng.integers(1, 8)),
-                                     negatives=negatives, positive_doc_id=i, negative_doc_ids=(1,) * len(negatives))
+            record = TokenizedRecord(
+                f"f:{i}",
+                query=[10 + i],
+                positive=[20] * int(rng.integers(1, 8)),
+                negatives=negatives,
+                positive_doc_id=i,
+                negative_doc_ids=(1,) * len(negatives),
+            )
         units.append(unit(record, cfg))
     sizes = [(u.length, u.num_segments) for u in units]
     plan = builder.plan_rows(sizes, cfg.row_len, cfg.max_segments_per_row)
@@ -267,8 +351,17 @@ def test_packing_keeps_units_whole_and_honours_row_len_and_segments():
 
 def test_seg_positive_survives_packing_offsets():
     cfg = config(reader_task="none", row_len=64, max_segments_per_row=9)
-    records = [TokenizedRecord(f"f:{i}", query=[10 + i], positive=[20 + i], negatives=([40],),
-                               positive_doc_id=100 + i, negative_doc_ids=(1,)) for i in range(3)]
+    records = [
+        TokenizedRecord(
+            f"f:{i}",
+            query=[10 + i],
+            positive=[20 + i],
+            negatives=([40],),
+            positive_doc_id=100 + i,
+            negative_doc_ids=(1,),
+        )
+        for i in range(3)
+    ]
     batch = builder.pack_units([unit(r, cfg) for r in records], cfg)
     queries = np.flatnonzero(batch["seg_kind"][0] == SEG_QUERY)
     np.testing.assert_array_equal(batch["seg_doc_id"][0, batch["seg_positive"][0, queries]], [100, 101, 102])
@@ -320,10 +413,22 @@ def test_non_utf8_line(tmp_path):
 
 
 def test_valid_records_and_blank_lines(tmp_path):
-    lines = [json.dumps({"query": "q", "reasoning": "r", "positive": "p", "negatives": ["a", "b"],
-                         "question": "x", "answer": "y", "text": "t"}), "   ",
-             json.dumps({"query": "q", "reasoning": "r", "answer": None}),
-             json.dumps({"positive": "p", "question": "x", "answer": "y"})]
+    lines = [
+        json.dumps(
+            {
+                "query": "q",
+                "reasoning": "r",
+                "positive": "p",
+                "negatives": ["a", "b"],
+                "question": "x",
+                "answer": "y",
+                "text": "t",
+            }
+        ),
+        "   ",
+        json.dumps({"query": "q", "reasoning": "r", "answer": None}),
+        json.dumps({"positive": "p", "question": "x", "answer": "y"}),
+    ]
     records, skipped = read_records(write_lines(tmp_path / "d.jsonl", lines))
     assert skipped == 0 and [r.source.rsplit(":", 1)[1] for r in records] == ["1", "3", "4"]
     assert records[0] == Record(records[0].source, "q", "r", "p", ("a", "b"), "x", "y", "t")
@@ -354,8 +459,18 @@ def word_tokenizer() -> Tokenizer:
 
 
 def pipeline_config(tok: Tokenizer, **overrides) -> BuildConfig:
-    settings = dict(max_segment_len=6, num_latents=K, latent_ids=tok.latent_ids(K), row_len=48,
-                    max_segments_per_row=6, bos_id=1, eos_id=2, eor_id=3, max_negatives=3, reader_distractors=2)
+    settings = dict(
+        max_segment_len=6,
+        num_latents=K,
+        latent_ids=tok.latent_ids(K),
+        row_len=48,
+        max_segments_per_row=6,
+        bos_id=1,
+        eos_id=2,
+        eor_id=3,
+        max_negatives=3,
+        reader_distractors=2,
+    )
     return BuildConfig(**{**settings, **overrides})
 
 
@@ -370,14 +485,25 @@ def synthetic_files(tmp_path, n=40, bad_lines=()):
         elif kind == 1:
             record = {"query": words(1, 3), "positive": words(2, 9), "negatives": [words(2, 6) for _ in range(3)]}
         elif kind == 2:
-            record = {"positive": words(2, 9), "negatives": [words(2, 6)], "question": words(1, 3),
-                      "answer": words(1, 3)}
+            record = {
+                "positive": words(2, 9),
+                "negatives": [words(2, 6)],
+                "question": words(1, 3),
+                "answer": words(1, 3),
+            }
         else:
-            record = {"query": words(1, 2), "reasoning": words(1, 3), "positive": words(2, 6),
-                      "question": words(1, 2), "answer": words(1, 2)}
+            record = {
+                "query": words(1, 2),
+                "reasoning": words(1, 3),
+                "positive": words(2, 6),
+                "question": words(1, 2),
+                "answer": words(1, 2),
+            }
         lines.append(json.dumps(record))
-    return [write_lines(tmp_path / "a.jsonl", lines[: n // 2] + list(bad_lines)),
-            write_lines(tmp_path / "b.jsonl", lines[n // 2:])]
+    return [
+        write_lines(tmp_path / "a.jsonl", lines[: n // 2] + list(bad_lines)),
+        write_lines(tmp_path / "b.jsonl", lines[n // 2 :]),
+    ]
 
 
 def batches(dataset, count):
@@ -399,9 +525,19 @@ def test_pipeline_batch_format_and_invariants(tmp_path):
     assert len(dataset) == 12
     batch = dataset[0]
     B, L, S = 4, cfg.row_len, cfg.max_segments_per_row
-    shapes = {"tokens": (B, L), "example": (B, L), "segment": (B, L), "kind": (B, L), "targets": (B, L),
-              "gen_weight": (B, L), "comp_weight": (B, L), "seg_latent_index": (B, S, K), "seg_kind": (B, S),
-              "seg_positive": (B, S), "seg_doc_id": (B, S)}
+    shapes = {
+        "tokens": (B, L),
+        "example": (B, L),
+        "segment": (B, L),
+        "kind": (B, L),
+        "targets": (B, L),
+        "gen_weight": (B, L),
+        "comp_weight": (B, L),
+        "seg_latent_index": (B, S, K),
+        "seg_kind": (B, S),
+        "seg_positive": (B, S),
+        "seg_doc_id": (B, S),
+    }
     assert {k: v.shape for k, v in batch.items()} == shapes
     for key, value in batch.items():
         assert value.dtype == (np.float32 if key.endswith("weight") else np.int32), key
@@ -452,8 +588,9 @@ def test_epochs_reshuffle(tmp_path):
 
 def test_iterator_resumes_at_the_next_batch(tmp_path):
     tok = word_tokenizer()
-    dataset = pipeline.make_dataset(synthetic_files(tmp_path), tok, pipeline_config(tok), global_batch=2,
-                                    num_steps=8, seed=0)
+    dataset = pipeline.make_dataset(
+        synthetic_files(tmp_path), tok, pipeline_config(tok), global_batch=2, num_steps=8, seed=0
+    )
     iterator = pipeline.make_iterator(dataset)
     for _ in range(3):
         next(iterator)
@@ -486,13 +623,25 @@ def test_demo_world_end_to_end(tmp_path):
     demo_world.write_demo_world(str(tmp_path), seed=0, num_entities=24, num_heldout=6)
     tok = Tokenizer.from_dir(tmp_path)
     tok = tok.with_latents(4, len(tok))
-    cfg = BuildConfig(max_segment_len=96, num_latents=4, latent_ids=tok.latent_ids(4), row_len=1024,
-                      max_segments_per_row=12, bos_id=tok.token_to_id("<s>"), eos_id=tok.token_to_id("</s>"),
-                      eor_id=tok.token_to_id("<|end_of_reasoning|>"), pad_id=tok.token_to_id("<pad>"))
+    cfg = BuildConfig(
+        max_segment_len=96,
+        num_latents=4,
+        latent_ids=tok.latent_ids(4),
+        row_len=1024,
+        max_segments_per_row=12,
+        bos_id=tok.token_to_id("<s>"),
+        eos_id=tok.token_to_id("</s>"),
+        eor_id=tok.token_to_id("<|end_of_reasoning|>"),
+        pad_id=tok.token_to_id("<pad>"),
+    )
     dataset = pipeline.make_dataset(tmp_path / "train.jsonl", tok, cfg, global_batch=4, num_steps=3, seed=0)
     for i in range(3):
         batch = dataset[i]
         check_loss_positions(batch)
         queries = batch["seg_kind"] == SEG_QUERY
-        assert (batch["seg_kind"][np.arange(4)[:, None], np.maximum(batch["seg_positive"], 0)][
-            queries & (batch["seg_positive"] >= 0)] == SEG_DOCUMENT).all()
+        assert (
+            batch["seg_kind"][np.arange(4)[:, None], np.maximum(batch["seg_positive"], 0)][
+                queries & (batch["seg_positive"] >= 0)
+            ]
+            == SEG_DOCUMENT
+        ).all()

@@ -6,6 +6,7 @@ greedy picked the argmax at each step, the logits at those positions are the ste
 Rows are padded to one fixed width so the references compile once (and never at width 8, where
 XLA:CPU on this machine fails to compile the attention mask under jit).
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,17 @@ from grc_jax.inference.sampling import Sampling, sample_logits
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_hf  # noqa: E402
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=8, num_latents=4, max_segment_len=16)
+CONFIG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    num_latents=4,
+    max_segment_len=16,
+)
 REF_WIDTH = 40
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5], [7, 8, 9]]  # 11 tokens: 2 prefill chunks, 3 pages
 # Logits differ from the references by float32 summation order only (~1e-6 relative).
@@ -71,7 +81,7 @@ def plain_step_logits(params, prompt, generated):
     tokens = np.zeros((1, REF_WIDTH), np.int32)
     tokens[0, : len(seq)] = seq
     logits = _plain_logits(CONFIG, params, jnp.asarray(tokens), jnp.asarray(np.arange(REF_WIDTH)[None] < len(seq)))
-    return np.asarray(logits[0, len(prompt) - 1: len(seq) - 1])
+    return np.asarray(logits[0, len(prompt) - 1 : len(seq) - 1])
 
 
 def memory_kv(params, segment):
@@ -86,8 +96,7 @@ def memory_kv(params, segment):
 def test_greedy_decode_equals_uncached_forward(params, per_layer_weights):
     # per-layer: the CPU default (an unrolled loop over separate arrays); stacked: the scan that
     # accelerators run.
-    decoder = Decoder(CONFIG, params, num_pages=64, page_size=4, prefill_chunk=8,
-                      per_layer_weights=per_layer_weights)
+    decoder = Decoder(CONFIG, params, num_pages=64, page_size=4, prefill_chunk=8, per_layer_weights=per_layer_weights)
     assert isinstance(decoder.params["layers"], tuple) == per_layer_weights
     # 11 + 10 tokens: a 32-token buffer of 8 token pages; the loops attend over 4, then 6 of them
     assert strategy.table_widths(8, None) == (4, 6, 8)
@@ -106,12 +115,13 @@ def test_generation_with_memories_equals_training_forward_with_reader_mask(decod
     kv = {m: memory_kv(params, d) for m, d in docs.items()}
     source = lambda ids: tuple(np.stack([kv[m][i] for m in ids]) for i in (0, 1))
     prompts, memories = [[20, 21, 22], [20, 21, 22], [30]], [["a", "b"], ["b"], ["b", "a"]]
-    out, logits = decoder.generate_with_logits(prompts, decoder.settings(5, record_logits=True), memories=memories,
-                                               memory_source=source)
+    out, logits = decoder.generate_with_logits(
+        prompts, decoder.settings(5, record_logits=True), memories=memories, memory_source=source
+    )
     for prompt, mems, generated, step_logits in zip(prompts, memories, out, logits):
         # The training layout: each memory's text then its latents, then the READER tokens.
         row, end = training_row([docs[m] for m in mems], prompt + generated)
-        ref = np.asarray(_meta_forward(CONFIG, params, row)[0])[end - len(generated) - 1: end - 1]
+        ref = np.asarray(_meta_forward(CONFIG, params, row)[0])[end - len(generated) - 1 : end - 1]
         assert generated == ref.argmax(-1).tolist()
         np.testing.assert_allclose(step_logits, ref, **TOL)
     # the memories stay resident, unheld, for the next request
@@ -131,9 +141,15 @@ def test_greedy_decode_equals_transformers_generate(tmp_path, kind):
     ours = dec.generate(prompts, dec.settings(10))
     for prompt, generated in zip(prompts, ours):
         ids = torch.tensor([prompt])
-        theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)
-        assert generated == theirs[0, len(prompt):].tolist()
+        theirs = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        assert generated == theirs[0, len(prompt) :].tolist()
 
 
 def test_sampling_supports_and_greedy_limits():
@@ -151,8 +167,10 @@ def test_sampling_supports_and_greedy_limits():
     assert support(temperature=5.0, top_k=1) == {1}
     rng = np.random.default_rng(0)
     random_logits = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
-    np.testing.assert_array_equal(sample_logits(random_logits, key, Sampling(temperature=0.8, top_k=1)),
-                                  sample_logits(random_logits, key, Sampling()))
+    np.testing.assert_array_equal(
+        sample_logits(random_logits, key, Sampling(temperature=0.8, top_k=1)),
+        sample_logits(random_logits, key, Sampling()),
+    )
     with pytest.raises(ValueError, match="top_p must be in"):
         Sampling(temperature=1.0, top_p=0.0)
     for bad_k in (0, 2.5):
@@ -241,8 +259,9 @@ def test_decode_state_buffers_are_donated(decoder):
 def test_reason_embed_matches_the_segment_embedding_of_its_own_trace(decoder, params):
     free = decoder.generate(PROMPTS[:2], decoder.settings(5))
     eor = free[0][1]  # row 0 writes it second; row 1 is cut at its budget and gets one appended
-    emb, reasoning = decoder.reason_embed(PROMPTS[:2], max_reason_tokens=5, eor_id=eor,
-                                          latent_ids=CONFIG.latent_token_ids, budgets=[5, 3])
+    emb, reasoning = decoder.reason_embed(
+        PROMPTS[:2], max_reason_tokens=5, eor_id=eor, latent_ids=CONFIG.latent_token_ids, budgets=[5, 3]
+    )
     assert reasoning[0] == free[0][:2]
     assert reasoning[1] == free[1][:3] and eor not in reasoning[1]
     for i, (prompt, trace) in enumerate(zip(PROMPTS, reasoning)):
@@ -258,8 +277,11 @@ def test_reason_embed_matches_the_segment_embedding_of_its_own_trace(decoder, pa
 def test_out_of_pages_leaves_the_decoder_usable(decoder):
     want = decoder.generate(PROMPTS, decoder.settings(6))
     before = decoder.allocator.snapshot()
-    with pytest.raises(OutOfPages, match=r"out of KV pages: prompt 1 \(201 tokens\) needs 51 page\(s\) of 4 slots, "
-                                         r"11 of 64 are free .*; this batch's prompts need \[53, 51, 51\] token pages"):
+    with pytest.raises(
+        OutOfPages,
+        match=r"out of KV pages: prompt 1 \(201 tokens\) needs 51 page\(s\) of 4 slots, "
+        r"11 of 64 are free .*; this batch's prompts need \[53, 51, 51\] token pages",
+    ):
         # the first row (11 + 200 tokens) takes 53 of the 64 pages; the second cannot fit
         decoder.generate(PROMPTS, decoder.settings(200))
     after = decoder.allocator.snapshot()
@@ -278,12 +300,16 @@ def test_bad_requests_get_errors_that_name_the_problem(decoder):
     with pytest.raises(ValueError, match="settings.page_size=16 but the pool's pages hold 4"):
         decoder.generate([[1]], DecodeSettings(max_new_tokens=2))
     with pytest.raises(KeyError, match="unknown"):
-        decoder.generate([[1]], s, memories=[["zz"]],
-                         memory_source=lambda ids: (_ for _ in ()).throw(KeyError("unknown")))
+        decoder.generate(
+            [[1]], s, memories=[["zz"]], memory_source=lambda ids: (_ for _ in ()).throw(KeyError("unknown"))
+        )
     K, shape = CONFIG.num_latents, (CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim)
     for slots in (K - 1, K + 1):
         short = np.zeros((1, shape[0], slots, *shape[1:]), np.float32)
-        with pytest.raises(ValueError, match=rf"memory_source gave keys of shape \[1, {shape[0]}, {slots}, .*for "
-                                             rf"memories \['m'\]; this model reads .*\[1, {shape[0]}, {K}, "):
+        with pytest.raises(
+            ValueError,
+            match=rf"memory_source gave keys of shape \[1, {shape[0]}, {slots}, .*for "
+            rf"memories \['m'\]; this model reads .*\[1, {shape[0]}, {K}, ",
+        ):
             decoder.generate([[1]], s, memories=[["m"]], memory_source=lambda ids: (short, short))
     assert decoder.allocator.num_free == 64

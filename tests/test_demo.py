@@ -1,4 +1,5 @@
 """The README's quick demo runs and shows the shift invariance it claims."""
+
 import pytest
 
 from grc_jax import demo

@@ -49,11 +49,7 @@ def out_dir(world: dw.World, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def files(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    return {
-        key: _read_jsonl(out_dir / name)
-        for key, name in dw.FILES.items()
-        if name.endswith(".jsonl")
-    }
+    return {key: _read_jsonl(out_dir / name) for key, name in dw.FILES.items() if name.endswith(".jsonl")}
 
 
 def test_same_seed_identical_different_seed_differs(out_dir: Path, tmp_path: Path) -> None:
@@ -100,6 +96,7 @@ def test_heldout_and_train_never_mix(world: dw.World, out_dir: Path) -> None:
     for e in world.entities:
         assert e.mentor != e.name
         assert (e.mentor in heldout_names) == (e.split == "heldout")
+
     def words(names: tuple[str, ...]) -> set[str]:
         # A whole-word search, done once per file instead of once per name.
         return {w for n in names for w in re.findall(r"\w+", (out_dir / n).read_text("utf-8"))}
@@ -176,14 +173,11 @@ def test_direct_queries_identify_exactly_one_person(world: dw.World) -> None:
         assert len(direct) == dw.QA_PER_ENTITY * len(people)
         for rec in direct:
             mentioned = {
-                kind: [v for v in values if _mentions(v, rec["query"])]
-                for kind, values in dw.ATTRIBUTE_VALUES.items()
+                kind: [v for v in values if _mentions(v, rec["query"])] for kind, values in dw.ATTRIBUTE_VALUES.items()
             }
             mentioned = {k: v for k, v in mentioned.items() if v}
             assert mentioned and all(len(v) == 1 for v in mentioned.values()), rec["query"]
-            matches = [
-                e for e in people if all(e.attribute(k) == v[0] for k, v in mentioned.items())
-            ]
+            matches = [e for e in people if all(e.attribute(k) == v[0] for k, v in mentioned.items())]
             assert len(matches) == 1, rec["query"]
             assert rec["positive"] == world.documents[matches[0].name]
 
@@ -219,8 +213,9 @@ def test_documents_state_the_mentor_as_the_reasoning_does(world: dw.World) -> No
 
 def test_multihop_subjects_are_repeated_as_text(world: dw.World) -> None:
     texts = [r["text"] for r in world.train if "text" in r]
-    subjects = {REASONING_RE.match(r["reasoning"]).group(1) for r in world.train + world.multihop_eval
-                if "reasoning" in r}
+    subjects = {
+        REASONING_RE.match(r["reasoning"]).group(1) for r in world.train + world.multihop_eval if "reasoning" in r
+    }
     assert len(subjects) == round(len(world.split("train")) * dw.MULTIHOP_SUBJECT_FRACTION)
     assert sorted(texts) == sorted(world.documents[s] for s in subjects for _ in range(dw.TEXT_REPEATS))
 

@@ -1,5 +1,6 @@
 """Engine (opening models, compress, embed/encode, generate, search, RAG) and MemoryBank
 (edits, atomic save/load, mismatch and bad-input errors), on a tiny random model."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,11 @@ from grc_jax.inference import BankSpec, Engine, MemoryBank
 from grc_jax.inference import memory_bank as memory_bank_module
 from grc_jax.tokenizer import Tokenizer
 
-DOCS = ["Zorvak lives in Quarn and keeps an owl.", "Belna is a glassblower from Ostreth.",
-        "The river Quarn floods every spring."]
+DOCS = [
+    "Zorvak lives in Quarn and keeps an owl.",
+    "Belna is a glassblower from Ostreth.",
+    "The river Quarn floods every spring.",
+]
 LONG = "Belna is a glassblower from Ostreth; her mentor is Zorvak, who lives in Quarn and keeps an owl."
 QUESTION = "Who keeps an owl?"
 
@@ -36,8 +40,17 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def config(tokenizer):
-    return ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=8, num_latents=4, max_segment_len=16)
+    return ModelConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_latents=4,
+        max_segment_len=16,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +80,14 @@ def fresh(engine):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _row_forward(config, params, tokens, example, segment, kind, latent_index):
-    out = model.forward(config, params, tokens, layout.TokenMeta(example, segment, kind),
-                        kv_index=latent_index.reshape(1, -1), compute_logits=False)
+    out = model.forward(
+        config,
+        params,
+        tokens,
+        layout.TokenMeta(example, segment, kind),
+        kv_index=latent_index.reshape(1, -1),
+        compute_logits=False,
+    )
     return out.keys[:, 0], out.values[:, 0], model.pool_latents(config, params, out.hidden, latent_index)[0]
 
 
@@ -80,15 +99,17 @@ def test_compressed_memories_equal_those_of_a_packed_training_row(fresh):
     assert len(ids[0]) == 1 and len(ids[1]) == -(-len(long_tokens) // P) == 2
     # The same segments inside one packed training row: a reader example, then the long document.
     segments = [e.tokenizer.encode(DOCS[0]), long_tokens[:P], long_tokens[P:]]
-    examples = [layout.example_pieces(segments[:1], e.tokenizer.encode(QUESTION), e.latent_ids, P),
-                layout.example_pieces(segments[1:], [], e.latent_ids, P)]
+    examples = [
+        layout.example_pieces(segments[:1], e.tokenizer.encode(QUESTION), e.latent_ids, P),
+        layout.example_pieces(segments[1:], [], e.latent_ids, P),
+    ]
     row = layout.pack_rows(examples, 96)[0]
     keys, values, embeddings = _row_forward(e.config, e.params, *(jnp.asarray(a)[None] for a in row))
     K = e.config.num_latents
     got_k, got_v = e.bank.kv(ids[0] + ids[1])
     for n in range(3):
-        np.testing.assert_allclose(got_k[n], keys[:, n * K:(n + 1) * K], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(got_v[n], values[:, n * K:(n + 1) * K], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_k[n], keys[:, n * K : (n + 1) * K], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_v[n], values[:, n * K : (n + 1) * K], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(e.bank.get((ids[0] + ids[1])[n]).embedding, embeddings[n], rtol=1e-5, atol=1e-5)
     assert e.bank.get(ids[1][1]).text == e.tokenizer.decode(long_tokens[P:])
     # the embedding of a text is the embedding its compression stored
@@ -150,8 +171,9 @@ def test_generate_reads_the_named_memories(fresh):
     with_memory = e.generate(QUESTION, memories=ids[0], max_new_tokens=6)
     # the same request through the decoder, the memory handed over by value
     settings = e.decoder.settings(6, stop_token_ids=(e.eos_id,))
-    tokens = e.decoder.generate([e.tokenizer.encode(QUESTION)], settings, memories=[["m"]],
-                                memory_source=lambda _: e.bank.kv(ids[0]))[0]
+    tokens = e.decoder.generate(
+        [e.tokenizer.encode(QUESTION)], settings, memories=[["m"]], memory_source=lambda _: e.bank.kv(ids[0])
+    )[0]
     assert with_memory == e.tokenizer.decode([t for t in tokens if t != e.eos_id])
     without = e.generate(QUESTION, max_new_tokens=6)
     assert without != with_memory
@@ -244,16 +266,24 @@ def _write_run(workdir: Path, config: ModelConfig, tokenizer: Tokenizer, states:
     tokenizer.with_latents(config.num_latents, config.vocab_size).save(workdir / "tokenizer")
     manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
     for step, state in states.items():
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   data=ocp.args.JsonSave({"position": step})), force=True)
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"position": step})),
+            force=True,
+        )
     manager.wait_until_finished()
     manager.close()
 
 
 def test_from_pretrained_restores_a_training_run(tmp_path, config, params, tokenizer):
     doubled = jax.tree.map(lambda x: 2 * x, params)
-    state = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": {"mu": p},
-                       "rng": jnp.zeros(2, jnp.uint32), "first_bad_step": jnp.full((), -1, jnp.int32)}
+    state = lambda p: {
+        "step": jnp.zeros((), jnp.int32),
+        "params": p,
+        "opt_state": {"mu": p},
+        "rng": jnp.zeros(2, jnp.uint32),
+        "first_bad_step": jnp.full((), -1, jnp.int32),
+    }
     _write_run(tmp_path, config, tokenizer, {3: state(params), 7: state(doubled)})
     latest = Engine.from_pretrained(tmp_path, **ENGINE_OPTIONS)
     assert latest.config == config
@@ -289,8 +319,11 @@ def _memories(n, spec=SPEC, seed=0):
     rng = np.random.default_rng(seed)
     shape = (n, *spec.memory_shape)
     emb = rng.standard_normal((n, spec.embed_dim)).astype(np.float32)
-    return (rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32),
-            emb / np.linalg.norm(emb, axis=-1, keepdims=True))
+    return (
+        rng.standard_normal(shape).astype(np.float32),
+        rng.standard_normal(shape).astype(np.float32),
+        emb / np.linalg.norm(emb, axis=-1, keepdims=True),
+    )
 
 
 def _assert_same_bank(a: MemoryBank, b: MemoryBank):
@@ -353,8 +386,12 @@ def test_bank_bad_input_and_mismatch_errors(tmp_path, fresh):
     with pytest.raises(ValueError, match=r"embeddings must be \[2, 32\], got \[2, 16\]"):
         bank.add(keys, values, emb[:, :16])
     bank.add(keys, values, emb)
-    for call in (lambda: bank.remove([0, 9]), lambda: bank.get(9), lambda: bank.kv([9]),
-                 lambda: bank.replace(9, keys[0], values[0], emb[0])):
+    for call in (
+        lambda: bank.remove([0, 9]),
+        lambda: bank.get(9),
+        lambda: bank.kv([9]),
+        lambda: bank.replace(9, keys[0], values[0], emb[0]),
+    ):
         with pytest.raises(KeyError, match=r"unknown memory id\(s\) \[9\]; the bank holds 2 memories"):
             call()
     assert len(bank) == 2  # the failed remove removed nothing
@@ -406,8 +443,9 @@ def test_a_format_1_bank_still_loads(tmp_path):
         arrays = dict(data)
     meta = json.loads(str(arrays["meta"]))
     meta["format_version"] = 1
-    meta["spec"] = {k: meta["spec"][k] for k in ("num_layers", "num_latents", "num_kv_heads", "head_dim", "embed_dim",
-                                                 "dtype")}
+    meta["spec"] = {
+        k: meta["spec"][k] for k in ("num_layers", "num_latents", "num_kv_heads", "head_dim", "embed_dim", "dtype")
+    }
     np.savez(tmp_path / "v1.npz", **{**arrays, "meta": np.asarray(json.dumps(meta))})
     full = dataclasses.replace(SPEC, max_segment_len=16, pooling="mean", weights="0123456789abcdef")
     _assert_same_bank(bank, MemoryBank.load(tmp_path / "v1.npz", expect=full))

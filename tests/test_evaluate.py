@@ -1,6 +1,7 @@
 """`python -m grc_jax.evaluate`: metrics against hand-computed values, BEIR/QA input checks
 (file:line errors), BRIGHT exclusions, GSM8K answer extraction, and the CLI end to end on a
 tiny random model (its scores are meaningless; the plumbing and the outputs are the point)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +26,15 @@ L2, L3 = math.log2(3), 2.0  # log2(rank + 1) at ranks 2 and 3
 
 # --- IR metrics ------------------------------------------------------------------------------
 
+
 def test_ir_metrics_match_hand_computed_values():
     qrels = {"q1": {"d1": 1, "d3": 2, "d4": 0}, "q2": {"d2": 1}, "q3": {"d9": 1}}
-    run = {"q1": {"d1": 0.9, "d2": 0.8, "d3": 0.7}, "q2": {"d1": 0.5, "d2": 0.4}, "q3": {},
-           "q4": {"d1": 1.0}}  # q4 has no judgements: not evaluated
+    run = {
+        "q1": {"d1": 0.9, "d2": 0.8, "d3": 0.7},
+        "q2": {"d1": 0.5, "d2": 0.4},
+        "q3": {},
+        "q4": {"d1": 1.0},
+    }  # q4 has no judgements: not evaluated
     got = metrics.ir_metrics(qrels, run)
     # q1: ranks d1 (rel 1), d2 (0), d3 (rel 2); trec_eval's linear gain rel / log2(rank + 1)
     ndcg_q1 = (1 / 1 + 2 / L3) / (2 / 1 + 1 / L2)
@@ -75,7 +81,10 @@ def test_training_time_retrieval_metrics_use_the_same_library():
     queries = np.eye(3, 4, dtype=np.float32)
     documents = np.eye(5, 4, dtype=np.float32)
     assert evaluation.retrieval_metrics(queries, documents, [0, 1, 2]) == {
-        "recall@1": 1.0, "recall@10": 1.0, "ndcg@10": 1.0}
+        "recall@1": 1.0,
+        "recall@10": 1.0,
+        "ndcg@10": 1.0,
+    }
     # q0 -> gold d1 and q1 -> gold d0 score 0 like three other documents: ties go by index,
     # descending (d4, d3, d2, then the gold one at rank 5); q2 -> gold d3 is third (d2, d4, d3).
     got = evaluation.retrieval_metrics(queries, documents, [1, 0, 3])
@@ -85,22 +94,26 @@ def test_training_time_retrieval_metrics_use_the_same_library():
 
 # --- answers ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("She sold 3 + 4 = 7 eggs.\n#### 7", "7"),
-    ("#### 1,234", "1234"),
-    ("It costs $1,200.00 in total.", "1200"),  # no '####': the last number
-    ("first 12 then 0.50", "0.5"),
-    ("#### -3 and later 9", "-3"),  # the number right after the '####' wins
-    ("... #### 18\n\nQuestion: Tom has 2 apples ... #### 6", "18"),  # the first '####': the rest is invented
-    ("Answer - 18", "18"),  # a dash, not a minus sign
-    ("- 18 apples", "18"),
-    ("The answer is 20 - 2", "2"),
-    ("costs $ 5 or -$7", "-7"),
-    ("version v2 gives .5", "0.5"),  # no number inside a word
-    ("#### none\nso the answer is 42", "42"),  # '####' with no number: the last number
-    ("no digits here", None),
-    ("The answer is 18.", "18"),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("She sold 3 + 4 = 7 eggs.\n#### 7", "7"),
+        ("#### 1,234", "1234"),
+        ("It costs $1,200.00 in total.", "1200"),  # no '####': the last number
+        ("first 12 then 0.50", "0.5"),
+        ("#### -3 and later 9", "-3"),  # the number right after the '####' wins
+        ("... #### 18\n\nQuestion: Tom has 2 apples ... #### 6", "18"),  # the first '####': the rest is invented
+        ("Answer - 18", "18"),  # a dash, not a minus sign
+        ("- 18 apples", "18"),
+        ("The answer is 20 - 2", "2"),
+        ("costs $ 5 or -$7", "-7"),
+        ("version v2 gives .5", "0.5"),  # no number inside a word
+        ("#### none\nso the answer is 42", "42"),  # '####' with no number: the last number
+        ("no digits here", None),
+        ("The answer is 18.", "18"),
+    ],
+)
 def test_gsm8k_answer_extraction(text, expected):
     assert metrics.extract_gsm8k_answer(text) == expected
 
@@ -118,8 +131,12 @@ def test_gsm8k_match_and_squad_scores():
 
 # --- inputs ----------------------------------------------------------------------------------
 
-DOCS = {"d1": ("Quarn", "Zorvak lives in Quarn and keeps an owl."), "d2": ("", "Belna is a glassblower from Ostreth."),
-        "d3": (None, "The river Quarn floods every spring."), "d4": ("Owls", "Owls hunt at night near the river.")}
+DOCS = {
+    "d1": ("Quarn", "Zorvak lives in Quarn and keeps an owl."),
+    "d2": ("", "Belna is a glassblower from Ostreth."),
+    "d3": (None, "The river Quarn floods every spring."),
+    "d4": ("Owls", "Owls hunt at night near the river."),
+}
 QUERIES = {"q1": "Who keeps an owl?", "q2": "Where is Belna from?", "q3": "When does the river flood?"}
 
 
@@ -133,12 +150,18 @@ def write_beir(root: Path, qrels_rows=None, queries=None, excluded=None) -> Path
     corpus = [{"_id": i, **({"title": t} if t is not None else {}), "text": x} for i, (t, x) in DOCS.items()]
     _jsonl(root / "corpus.jsonl", corpus)
     excluded = {"q1": ["d4", "N/A"]} if excluded is None else excluded
-    _jsonl(root / "queries.jsonl", [{"_id": q, "text": t, **({"excluded_ids": excluded[q]} if q in excluded else {})}
-                                    for q, t in (queries or QUERIES).items()])
+    _jsonl(
+        root / "queries.jsonl",
+        [
+            {"_id": q, "text": t, **({"excluded_ids": excluded[q]} if q in excluded else {})}
+            for q, t in (queries or QUERIES).items()
+        ],
+    )
     rows = qrels_rows or [("q1", "d1", 1), ("q2", "d2", 1), ("q3", "d3", 2), ("q3", "d4", 1)]
     (root / "qrels").mkdir(exist_ok=True)
-    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"{q}\t{d}\t{s}\n" for q, d, s in rows), encoding="utf-8")
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in rows), encoding="utf-8"
+    )
     return root
 
 
@@ -176,8 +199,9 @@ def test_bad_beir_inputs_name_the_file_and_line(tmp_path):
     assert _error(lambda: load_beir(root)) == f"{root / 'qrels' / 'test.tsv'}:2: score 'high' is not an integer"
 
     root = write_beir(tmp_path / "f", qrels_rows=[("q1", "d4", 1)])  # d4 is excluded for q1
-    assert _error(lambda: load_beir(root)) == (f"{root / 'qrels' / 'test.tsv'}:2: corpus-id 'd4' is relevant to query "
-                                               f"'q1', but queries.jsonl:1 excludes it")
+    assert _error(lambda: load_beir(root)) == (
+        f"{root / 'qrels' / 'test.tsv'}:2: corpus-id 'd4' is relevant to query 'q1', but queries.jsonl:1 excludes it"
+    )
 
     root = write_beir(tmp_path / "g")
     with open(root / "corpus.jsonl", "a", encoding="utf-8") as f:
@@ -189,20 +213,23 @@ def test_bad_beir_inputs_name_the_file_and_line(tmp_path):
     assert _error(lambda: load_beir(root)) == f"{root / 'corpus.jsonl'}:2: document id 'd1' repeats line 1"
 
     root = write_beir(tmp_path / "i", excluded={"q2": "d1"})
-    assert _error(lambda: load_beir(root)) == (f"{root / 'queries.jsonl'}:2: 'excluded_ids' must be a list of "
-                                               f"document id strings")
+    assert _error(lambda: load_beir(root)) == (
+        f"{root / 'queries.jsonl'}:2: 'excluded_ids' must be a list of document id strings"
+    )
 
     root = write_beir(tmp_path / "j", qrels_rows=[("q1", "d1", 1), ("q2", "d2", 1), ("q1", "d1", 0)])
-    assert _error(lambda: load_beir(root)) == (f"{root / 'qrels' / 'test.tsv'}:4: query 'q1' and corpus-id 'd1' are "
-                                               f"judged 1 at line 2 and 0 here")
+    assert _error(lambda: load_beir(root)) == (
+        f"{root / 'qrels' / 'test.tsv'}:4: query 'q1' and corpus-id 'd1' are judged 1 at line 2 and 0 here"
+    )
     root = write_beir(tmp_path / "j2", qrels_rows=[("q1", "d1", 1), ("q2", "d2", 1), ("q1", "d1", 1)])
     assert load_beir(root).qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}  # an identical repeat is harmless
 
     root = write_beir(tmp_path / "k")
     with open(root / "corpus.jsonl", "ab") as f:
         f.write(b'{"_id": "d5", "text": "caf\xe9"}\n')  # Latin-1, not UTF-8
-    assert _error(lambda: load_beir(root)) == (f"{root / 'corpus.jsonl'}:5: not UTF-8 (invalid continuation "
-                                               f"byte at byte 26 of the line)")
+    assert _error(lambda: load_beir(root)) == (
+        f"{root / 'corpus.jsonl'}:5: not UTF-8 (invalid continuation byte at byte 26 of the line)"
+    )
 
     root = write_beir(tmp_path / "l")  # a byte-order mark and Windows line ends are fine
     qrels = root / "qrels" / "test.tsv"
@@ -218,9 +245,14 @@ def test_two_beir_directories_of_the_same_name_keep_their_own_figures(tmp_path):
 
 
 def test_bad_qa_inputs_name_the_file_and_line(tmp_path):
-    path = _jsonl(tmp_path / "qa.jsonl", [{"query": "q", "positive": "p"},  # a retrieval record: skipped
-                                          {"question": "Who?", "answer": "Zorvak", "positive": "Zorvak is."},
-                                          {"question": "", "answer": "x", "positive": "y"}])
+    path = _jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {"query": "q", "positive": "p"},  # a retrieval record: skipped
+            {"question": "Who?", "answer": "Zorvak", "positive": "Zorvak is."},
+            {"question": "", "answer": "x", "positive": "y"},
+        ],
+    )
     assert _error(lambda: load_qa(path, need_documents=True)) == f"{path}:3: record has an empty 'question'"
     assert [r.line for r in load_qa(path, need_documents=True, limit=1)] == [2]
     path = _jsonl(tmp_path / "nodoc.jsonl", [{"question": "Who?", "answer": "Zorvak"}])
@@ -228,20 +260,29 @@ def test_bad_qa_inputs_name_the_file_and_line(tmp_path):
     assert load_qa(path, need_documents=False)[0].answers == ("Zorvak",)
     path = _jsonl(tmp_path / "noanswer.jsonl", [{"question": "Who?", "answer": ["", "x"]}])
     assert _error(lambda: load_qa(path, need_documents=False)) == (
-        f"{path}:1: 'answer' must be a non-empty string or a list of them")
+        f"{path}:1: 'answer' must be a non-empty string or a list of them"
+    )
     path = _jsonl(tmp_path / "none.jsonl", [{"query": "q"}])
     assert _error(lambda: load_qa(path, need_documents=False)) == f"{path}: no records with a 'question'"
     assert _error(lambda: load_qa(tmp_path / "missing.jsonl", need_documents=False)) == (
-        f"{tmp_path / 'missing.jsonl'}: missing QA file")
+        f"{tmp_path / 'missing.jsonl'}: missing QA file"
+    )
 
 
 def test_qa_contexts_hold_the_positive_and_distinct_distractors(tmp_path):
     from grc_jax.eval.tasks import qa_contexts
 
-    records = load_qa(_jsonl(tmp_path / "qa.jsonl", [
-        {"question": "a?", "answer": "x", "positive": "A", "negatives": ["B", "A", "B", "C", "D", "E", "F"]},
-        {"question": "b?", "answer": "x", "positive": "B"},  # no negatives: topped up from the file's documents
-        {"question": "c?", "answer": "x", "positive": "C", "negatives": ["A"]}]), need_documents=True)
+    records = load_qa(
+        _jsonl(
+            tmp_path / "qa.jsonl",
+            [
+                {"question": "a?", "answer": "x", "positive": "A", "negatives": ["B", "A", "B", "C", "D", "E", "F"]},
+                {"question": "b?", "answer": "x", "positive": "B"},  # no negatives: topped up from the file's documents
+                {"question": "c?", "answer": "x", "positive": "C", "negatives": ["A"]},
+            ],
+        ),
+        need_documents=True,
+    )
     contexts = qa_contexts(records, num_distractors=4, seed=0)
     assert sorted(contexts[0]) == ["A", "B", "C", "D", "E"]  # its own negatives first, deduplicated
     for record, context in zip(records, contexts):
@@ -257,7 +298,8 @@ def test_cli_reports_bad_input_before_opening_the_model(tmp_path, capsys):
         evaluate.main([f"--hf={tmp_path / 'no-model'}", f"--beir={root}", f"--out={tmp_path / 'out'}"])
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: {root / 'qrels' / 'test.tsv'}:3: corpus-id 'nope' is not in corpus.jsonl")
+        f"error: {root / 'qrels' / 'test.tsv'}:3: corpus-id 'nope' is not in corpus.jsonl"
+    )
     with pytest.raises(SystemExit):
         evaluate.main([f"--hf={tmp_path}", "--task=memory_qa", f"--out={tmp_path / 'out'}"])
     assert capsys.readouterr().err.strip() == "error: task memory_qa needs --qa=FILE"
@@ -267,8 +309,13 @@ def test_cli_reports_bad_input_before_opening_the_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([f"--hf={tmp_path}", f"--beir={root}", "--latency-samples=0", f"--out={tmp_path / 'out'}"])
     assert capsys.readouterr().err.strip() == "error: --latency-samples must be >= 1, got 0"
-    for flag in ("--page-size=0", "--prefill-chunk=0", "--num-pages=0", "--qa-max-new-tokens=0",
-                 "--max-reason-tokens=-1"):
+    for flag in (
+        "--page-size=0",
+        "--prefill-chunk=0",
+        "--num-pages=0",
+        "--qa-max-new-tokens=0",
+        "--max-reason-tokens=-1",
+    ):
         with pytest.raises(SystemExit):
             evaluate.main([f"--hf={tmp_path}", f"--beir={root}", flag, f"--out={tmp_path / 'out'}"])
         name, value = flag.split("=")
@@ -297,26 +344,44 @@ def test_bad_perplexity_text_is_reported_before_opening_the_model(tmp_path, caps
     assert error(f"--text={lines}") == f"error: {lines}:2: record has no 'text' field"
     latin = tmp_path / "latin.txt"
     latin.write_bytes("one line\ncaf".encode() + b"\xe9\n")
-    assert error(f"--text={latin}") == (f"error: {latin}:2: not UTF-8 (invalid continuation byte at byte 3 "
-                                        f"of the line)")
+    assert error(f"--text={latin}") == (
+        f"error: {latin}:2: not UTF-8 (invalid continuation byte at byte 3 of the line)"
+    )
     assert error("--task=perplexity", f"--beir={tmp_path}") == "error: task perplexity needs --text=FILE"
     assert error(f"--text={lines}", "--ppl-window=1") == "error: --ppl-window must be >= 2, got 1"
     text = tmp_path / "ok.txt"
     text.write_text("Zorvak keeps an owl.", encoding="utf-8")
-    _, inputs = evaluate.load_inputs(evaluate.build_parser().parse_args(
-        [f"--hf={tmp_path}", f"--text={text}", f"--text={text}", f"--out={tmp_path}"]), ["perplexity"], implicit=False)
+    _, inputs = evaluate.load_inputs(
+        evaluate.build_parser().parse_args(
+            [f"--hf={tmp_path}", f"--text={text}", f"--text={text}", f"--out={tmp_path}"]
+        ),
+        ["perplexity"],
+        implicit=False,
+    )
     assert inputs.texts == {"ok": ["Zorvak keeps an owl."], "ok_2": ["Zorvak keeps an owl."]}
 
 
 # --- the CLI end to end ----------------------------------------------------------------------
 
-QA = [{"positive": "Zorvak lives in Quarn and keeps an owl.", "negatives": ["Belna is a glassblower from Ostreth."],
-       "question": "Who keeps an owl?", "answer": "Zorvak"},
-      {"query": "glassblower", "positive": "Belna is a glassblower from Ostreth."},  # retrieval only: skipped
-      {"positive": "Belna is a glassblower from Ostreth.", "negatives": ["The river Quarn floods every spring."],
-       "question": "Where is Belna from?", "answer": ["Ostreth", "in Ostreth"]}]
-GEN = [{"question": "Belna has 3 owls and buys 4. How many owls?", "answer": "3 + 4 = 7\n#### 7"},
-       {"question": "Zorvak has 10 owls and 2 fly away. How many?", "answer": "#### 8"}]
+QA = [
+    {
+        "positive": "Zorvak lives in Quarn and keeps an owl.",
+        "negatives": ["Belna is a glassblower from Ostreth."],
+        "question": "Who keeps an owl?",
+        "answer": "Zorvak",
+    },
+    {"query": "glassblower", "positive": "Belna is a glassblower from Ostreth."},  # retrieval only: skipped
+    {
+        "positive": "Belna is a glassblower from Ostreth.",
+        "negatives": ["The river Quarn floods every spring."],
+        "question": "Where is Belna from?",
+        "answer": ["Ostreth", "in Ostreth"],
+    },
+]
+GEN = [
+    {"question": "Belna has 3 owls and buys 4. How many owls?", "answer": "3 + 4 = 7\n#### 7"},
+    {"question": "Zorvak has 10 owls and 2 fly away. How many?", "answer": "#### 8"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -324,13 +389,27 @@ def tiny():
     texts = [t for _, t in DOCS.values()] + list(QUERIES.values())
     texts += [r["question"] for r in QA + GEN if "question" in r]
     tokenizer = Tokenizer(demo_world.train_tokenizer(texts * 3, vocab_size=360))
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, num_latents=4, max_segment_len=16)
+    config = ModelConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_latents=4,
+        max_segment_len=16,
+    )
     # numpy weights: init_params takes seconds to trace, and a random model needs no better
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map_with_path(
-        lambda path, s: (1 + 0.1 * rng.standard_normal(s.shape) if "norm" in jax.tree_util.keystr(path)
-                         else 0.3 * rng.standard_normal(s.shape)).astype(s.dtype), model.param_shapes(config))
+        lambda path, s: (
+            1 + 0.1 * rng.standard_normal(s.shape)
+            if "norm" in jax.tree_util.keystr(path)
+            else 0.3 * rng.standard_normal(s.shape)
+        ).astype(s.dtype),
+        model.param_shapes(config),
+    )
     return config, params, tokenizer
 
 
@@ -340,8 +419,14 @@ def export(tmp_path_factory, tiny) -> Path:
     return hf.save_pretrained(config, params, tmp_path_factory.mktemp("model") / "export", tokenizer)
 
 
-ENGINE_FLAGS = ["--batch-size=4", "--max-reason-tokens=4", "--num-pages=64", "--page-size=4", "--prefill-chunk=16",
-                "--no-progress"]
+ENGINE_FLAGS = [
+    "--batch-size=4",
+    "--max-reason-tokens=4",
+    "--num-pages=64",
+    "--page-size=4",
+    "--prefill-chunk=16",
+    "--no-progress",
+]
 
 
 @pytest.mark.slow
@@ -350,9 +435,21 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, export):
     qa = _jsonl(tmp_path / "qa.jsonl", QA)
     gen = _jsonl(tmp_path / "gsm.jsonl", GEN)
     out = tmp_path / "out"
-    report = evaluate.main([f"--hf={export}", f"--beir={beir}", f"--qa={qa}", f"--generation={gen}", f"--out={out}",
-                            "--task=all", *ENGINE_FLAGS, "--qa-max-new-tokens=4", "--gen-max-new-tokens=6",
-                            "--latency-samples=1", "--latency-tokens=3"])
+    report = evaluate.main(
+        [
+            f"--hf={export}",
+            f"--beir={beir}",
+            f"--qa={qa}",
+            f"--generation={gen}",
+            f"--out={out}",
+            "--task=all",
+            *ENGINE_FLAGS,
+            "--qa-max-new-tokens=4",
+            "--gen-max-new-tokens=6",
+            "--latency-samples=1",
+            "--latency-tokens=3",
+        ]
+    )
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     assert report["tasks"] == ["retrieval", "memory_qa", "generation", "latency"]
     m = report["metrics"]
@@ -366,8 +463,9 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, export):
         # The reported figures are those of the reported rankings (trec_eval: linear gains).
         judged = {"q1": {"d1": 1}, "q2": {"d2": 1}, "q3": {"d3": 2, "d4": 1}}
         dcg = lambda gains: sum(g / math.log2(i + 2) for i, g in enumerate(gains))  # noqa: E731
-        ndcg = [dcg([judged[q].get(d, 0) for d in top[q]]) / dcg(sorted(judged[q].values(), reverse=True))
-                for q in judged]
+        ndcg = [
+            dcg([judged[q].get(d, 0) for d in top[q]]) / dcg(sorted(judged[q].values(), reverse=True)) for q in judged
+        ]
         mrr = [1 / (1 + next(i for i, d in enumerate(top[q]) if d in judged[q])) for q in judged]
         assert m[f"retrieval/toy/{mode}/ndcg@10"] == pytest.approx(sum(ndcg) / 3, abs=1e-6)
         assert m[f"retrieval/toy/{mode}/mrr"] == pytest.approx(sum(mrr) / 3, abs=1e-6)
@@ -406,14 +504,21 @@ def test_cli_reads_a_training_run_directory(tmp_path, tiny, export):
     manager.close()
     beir = write_beir(tmp_path / "toy")
     out = tmp_path / "out"
-    args = [f"--checkpoint={run_dir}", f"--beir={beir}", "--task=retrieval", "--query-modes=plain", f"--out={out}",
-            *ENGINE_FLAGS]
+    args = [
+        f"--checkpoint={run_dir}",
+        f"--beir={beir}",
+        "--task=retrieval",
+        "--query-modes=plain",
+        f"--out={out}",
+        *ENGINE_FLAGS,
+    ]
     report = evaluate.main(args)
     from_hf = evaluate.main([f"--hf={export}", *args[1:4], f"--out={tmp_path / 'hf'}", *ENGINE_FLAGS])
     assert report["model_kind"] == "checkpoint" and report["step"] == 7
     assert report["metrics"] == pytest.approx(from_hf["metrics"])
-    assert sorted(report["metrics"]) == sorted(f"retrieval/toy/plain/{k}" for k in
-                                               ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr"))
+    assert sorted(report["metrics"]) == sorted(
+        f"retrieval/toy/plain/{k}" for k in ("ndcg@10", "recall@1", "recall@10", "recall@100", "mrr")
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard"))
@@ -436,8 +541,18 @@ def test_cli_perplexity_is_the_library_perplexity_of_the_same_windows(tmp_path, 
     story.write_text(" ".join(t for _, t in DOCS.values()) * 3, encoding="utf-8")
     lines = _jsonl(tmp_path / "lines.jsonl", [{"text": t} for t in QUERIES.values()])
     out = tmp_path / "out"
-    report = evaluate.main([f"--hf={export}", f"--text={story}", f"--text={lines}", f"--out={out}", "--task=all",
-                            "--ppl-window=8", "--ppl-max-tokens=30", *ENGINE_FLAGS])
+    report = evaluate.main(
+        [
+            f"--hf={export}",
+            f"--text={story}",
+            f"--text={lines}",
+            f"--out={out}",
+            "--task=all",
+            "--ppl-window=8",
+            "--ppl-max-tokens=30",
+            *ENGINE_FLAGS,
+        ]
+    )
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     assert report["tasks"] == ["perplexity"]
     engine = Engine.from_pretrained(export)
@@ -448,8 +563,9 @@ def test_cli_perplexity_is_the_library_perplexity_of_the_same_windows(tmp_path, 
         assert [t for w in windows for t in w] == stream[: sum(len(w) for w in windows)]
         expected = perplexity(engine.config, engine.params, windows, batch_size=4)
         assert report["metrics"][f"perplexity/{name}/perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
-        assert report["metrics"][f"perplexity/{name}/nll_per_token"] == pytest.approx(expected["nll_per_token"],
-                                                                                      rel=1e-6)
+        assert report["metrics"][f"perplexity/{name}/nll_per_token"] == pytest.approx(
+            expected["nll_per_token"], rel=1e-6
+        )
         details = report["details"]["perplexity"][name]
         assert details["tokens_scored"] == expected["tokens_scored"] == sum(len(w) - 1 for w in windows)
         assert details["windows"] == len(windows) == expected["windows"]

@@ -2,6 +2,7 @@
 the run directory records them, Engine and `grc_jax.evaluate` open it with no token flags, the
 end-of-training export and `python -m grc_jax.export` write HF directories that transformers
 loads with the same eos and template and that give the run's logits."""
+
 from __future__ import annotations
 
 import json
@@ -44,12 +45,27 @@ def run(tmp_path_factory) -> Path:
     tok_dir = tmp / "tokenizer"
     tok_dir.mkdir()
     inner.save(str(tok_dir / "tokenizer.json"))
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
-         "chat_template": SMOLLM2_TEMPLATE}))
-    config = config_for(world, **{"data.tokenizer": str(tok_dir), "data.bos_token": "<|endoftext|>",
-                                  "data.eor_token": "</think>", "train.steps": 2, "checkpoint.every": 2,
-                                  "export_dir": str(tmp / "export")})
+    (tok_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "chat_template": SMOLLM2_TEMPLATE,
+            }
+        )
+    )
+    config = config_for(
+        world,
+        **{
+            "data.tokenizer": str(tok_dir),
+            "data.bos_token": "<|endoftext|>",
+            "data.eor_token": "</think>",
+            "train.steps": 2,
+            "checkpoint.every": 2,
+            "export_dir": str(tmp / "export"),
+        },
+    )
     train.train_and_evaluate(config, tmp / "run")
     return tmp
 
@@ -66,14 +82,28 @@ def test_the_run_directory_records_its_tokens_and_opens_with_no_flags(run):
     assert engine.render_chat(MESSAGES).startswith("<|im_start|>system\nAnswer briefly.<|im_end|>")
     # an explicit value still wins over the recorded one
     assert Engine.from_pretrained(workdir, eos_token="<|endoftext|>", **ENGINE_OPTIONS).special_tokens.eos == (
-        "<|endoftext|>",)
+        "<|endoftext|>",
+    )
 
 
 def test_evaluate_opens_the_run_with_no_token_flags(run, tmp_path):
-    report = evaluate.main([f"--checkpoint={run / 'run'}", f"--qa={run / 'world' / 'heldout.jsonl'}",
-                            "--task=memory_qa", "--limit=2", "--qa-max-new-tokens=3", "--num-distractors=1",
-                            f"--out={tmp_path / 'out'}", "--batch-size=4", "--max-reason-tokens=4",
-                            "--num-pages=64", "--page-size=4", "--prefill-chunk=16", "--no-progress"])
+    report = evaluate.main(
+        [
+            f"--checkpoint={run / 'run'}",
+            f"--qa={run / 'world' / 'heldout.jsonl'}",
+            "--task=memory_qa",
+            "--limit=2",
+            "--qa-max-new-tokens=3",
+            "--num-distractors=1",
+            f"--out={tmp_path / 'out'}",
+            "--batch-size=4",
+            "--max-reason-tokens=4",
+            "--num-pages=64",
+            "--page-size=4",
+            "--prefill-chunk=16",
+            "--no-progress",
+        ]
+    )
     assert report["special_tokens"] == RUN_TOKENS and report["step"] == 2
     assert 0.0 <= report["metrics"]["memory_qa/memory/exact_match"] <= 1.0
 
@@ -90,9 +120,13 @@ def _transformers_check(export_dir: Path, engine: Engine) -> None:
     assert engine.render_chat(MESSAGES) == prompt
     ids = engine.tokenizer.encode(prompt)
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=6, do_sample=False)
-    new = out[0, len(ids):].tolist()
+        out = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+        )
+    new = out[0, len(ids) :].tolist()
     assert engine.chat(MESSAGES, max_new_tokens=6) == engine.tokenizer.decode([t for t in new if t != im_end])
 
 
@@ -108,15 +142,20 @@ def test_the_end_of_training_export_loads_in_transformers_with_the_same_eos(run)
 def test_export_from_the_command_line_gives_the_run_s_logits(run, tmp_path):
     out = tmp_path / "cli_export"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "grc_jax.export", f"--workdir={run / 'run'}", "--step=2",
-                           f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "grc_jax.export", f"--workdir={run / 'run'}", "--step=2", f"--out={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"to {out}" in proc.stdout
     opened = rundir.open_run(run / "run")
     engine = Engine.from_pretrained(out, **ENGINE_OPTIONS)
     assert engine.special_tokens.to_json() == RUN_TOKENS and engine.chat_template == SMOLLM2_TEMPLATE
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), engine.params,
-                 opened.params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), engine.params, opened.params)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     rng = np.random.default_rng(0)
     lengths = (9, 5)
@@ -134,7 +173,8 @@ def test_export_cli_errors_are_one_clean_line(run, tmp_path, capsys):
         export.main([f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}"])
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: {tmp_path / 'nothing'}: not a training run directory (no model_config.json)")
+        f"error: {tmp_path / 'nothing'}: not a training run directory (no model_config.json)"
+    )
     with pytest.raises(SystemExit):
         export.main([f"--workdir={run / 'run'}", "--step=7", f"--out={tmp_path / 'o'}"])
     assert capsys.readouterr().err.strip() == f"error: --step=7: {run / 'run'} has checkpoints at steps [2]"

@@ -1,4 +1,5 @@
 """The atomic-write helper and the evaluation report writers that use it."""
+
 import json
 import math
 import os

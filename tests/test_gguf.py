@@ -1,6 +1,7 @@
 """GGUF import: logits and tokenizer ids equal to transformers' own GGUF loading, on tiny files this
 test writes with gguf's writer (float and quantised tensors), and on SmolLM2-135M-Instruct when the
 `smollm2` extra is installed; the errors for what is not supported."""
+
 from __future__ import annotations
 
 import importlib
@@ -27,17 +28,30 @@ K = 4
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_TOKEN = "<think>"  # llama.cpp's USER_DEFINED: whole in text, not special
 MISLABELLED = "[PAD 0]"  # marked control, but spelled outside the byte alphabet: not added (as transformers)
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>' + '\n'}}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CORPUS = ["The owl keeps the lighthouse by the sea.", "Zorvak lives in 1234 Harbour Road, née Ørsted!",
-          "def f(x):\n    return x * 2  # twice", "Who keeps an owl? Nobody knows…"] * 4
-TEXTS = ["Hello <|im_start|>user\nWho keeps an owl?<|im_end|>\n", "  two spaces, 12345 digits\n\n\ttab",
-         f"{USER_TOKEN}reason{USER_TOKEN} émoji 🤗 née", f"{MISLABELLED} <|endoftext|>x"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The owl keeps the lighthouse by the sea.",
+    "Zorvak lives in 1234 Harbour Road, née Ørsted!",
+    "def f(x):\n    return x * 2  # twice",
+    "Who keeps an owl? Nobody knows…",
+] * 4
+TEXTS = [
+    "Hello <|im_start|>user\nWho keeps an owl?<|im_end|>\n",
+    "  two spaces, 12345 digits\n\n\ttab",
+    f"{USER_TOKEN}reason{USER_TOKEN} émoji 🤗 née",
+    f"{MISLABELLED} <|endoftext|>x",
+]
 
 D, FF = 64, 128  # quantised rows need multiples of 32 (the block size)
 SHAPES = {  # heads, kv heads, head size; transformers reads no head size for qwen3 GGUFs and takes 128
-    "llama": (4, 2, 16), "qwen2": (4, 2, 16), "qwen3": (2, 1, 128)}
+    "llama": (4, 2, 16),
+    "qwen2": (4, 2, 16),
+    "qwen3": (2, 1, 128),
+}
 
 
 def _tokenizer_spec() -> tuple[list[str], list[int], list[str]]:
@@ -45,8 +59,12 @@ def _tokenizer_spec() -> tuple[list[str], list[int], list[str]]:
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=330,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer)
     spec = json.loads(tok.to_str())["model"]
     vocab = sorted(spec["vocab"].items(), key=lambda item: item[1])
@@ -81,9 +99,17 @@ def _finish(w: gguf.GGUFWriter) -> None:
     w.close()
 
 
-def write_tiny_gguf(path: Path, arch: str, qtype: Q, *, tied: bool = False, pre: str = "smollm",
-                    add_bos: bool = False, rope_freqs: np.ndarray | None = None,
-                    seed: int = 0) -> dict[str, np.ndarray]:
+def write_tiny_gguf(
+    path: Path,
+    arch: str,
+    qtype: Q,
+    *,
+    tied: bool = False,
+    pre: str = "smollm",
+    add_bos: bool = False,
+    rope_freqs: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """A random 2-layer model of `arch` as llama.cpp writes one; returns the float32 weights the
     file stands for, by HF name, in HF's row order (the reference a correct loader recovers)."""
     H, KV, Dh = SHAPES[arch]
@@ -152,8 +178,9 @@ def write_tiny_gguf(path: Path, arch: str, qtype: Q, *, tied: bool = False, pre:
 
 
 def _transformers_gguf(path: Path):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def _transformers_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
@@ -162,12 +189,22 @@ def _transformers_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
 
 
 def _our_logits(config, params, tokens: np.ndarray) -> np.ndarray:
-    return np.asarray(model.forward(config, params, tokens).logits)[..., :config.vocab_size]
+    return np.asarray(model.forward(config, params, tokens).logits)[..., : config.vocab_size]
 
 
-CASES = [("llama", Q.F32, False), ("llama", Q.F16, True), ("llama", Q.BF16, False), ("llama", Q.Q8_0, False),
-         ("llama", Q.Q4_0, True), ("llama", Q.Q4_1, False), ("llama", Q.Q5_1, False),
-         ("qwen2", Q.Q8_0, True), ("qwen2", Q.F16, False), ("qwen3", Q.Q4_1, False), ("qwen3", Q.F32, True)]
+CASES = [
+    ("llama", Q.F32, False),
+    ("llama", Q.F16, True),
+    ("llama", Q.BF16, False),
+    ("llama", Q.Q8_0, False),
+    ("llama", Q.Q4_0, True),
+    ("llama", Q.Q4_1, False),
+    ("llama", Q.Q5_1, False),
+    ("qwen2", Q.Q8_0, True),
+    ("qwen2", Q.F16, False),
+    ("qwen3", Q.Q4_1, False),
+    ("qwen3", Q.F32, True),
+]
 
 
 @pytest.mark.parametrize("arch,qtype,tied", CASES, ids=[f"{a}-{q.name}-{'tied' if t else 'head'}" for a, q, t in CASES])
@@ -176,9 +213,15 @@ def test_logits_equal_transformers_gguf_loading(arch, qtype, tied, tmp_path):
     ref = write_tiny_gguf(path, arch, qtype, tied=tied)
     config, params = hf.load_pretrained(path, num_latents=K)
     H, KV, Dh = SHAPES[arch]
-    assert (config.architecture, config.vocab_size, config.num_heads, config.num_kv_heads, config.head_dim,
-            config.tie_word_embeddings, config.total_vocab_size) == (
-        grc_gguf.ARCHITECTURES[arch], V, H, KV, Dh, tied, V + K)
+    assert (
+        config.architecture,
+        config.vocab_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.tie_word_embeddings,
+        config.total_vocab_size,
+    ) == (grc_gguf.ARCHITECTURES[arch], V, H, KV, Dh, tied, V + K)
     tokens = np.random.default_rng(1).integers(0, V, (2, 11)).astype(np.int32)
     ours = _our_logits(config, params, tokens)
     theirs = _transformers_logits(_transformers_gguf(path), tokens)
@@ -189,8 +232,12 @@ def test_logits_equal_transformers_gguf_loading(arch, qtype, tied, tmp_path):
     embed = np.asarray(params["embed"])[:V]
     np.testing.assert_array_equal(embed, ref["model.embed_tokens.weight"])
     exported = hf.to_hf_tensors(config, params)
-    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
-                 "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+    for name in (
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.norm.weight",
+    ):
         np.testing.assert_array_equal(exported[name], ref[name])
 
 
@@ -214,13 +261,32 @@ def test_llama3_rope_factors_become_llama3_scaling(tmp_path):
     path = tmp_path / "llama31.gguf"
     ref = write_tiny_gguf(path, "llama", Q.Q8_0, rope_freqs=np.asarray(factors))
     config, params = hf.load_pretrained(path, num_latents=K)
-    assert config.rope_scaling_dict == {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0, "original_max_position_embeddings": old}
+    assert config.rope_scaling_dict == {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": old,
+    }
     hf_config = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=2, num_attention_heads=H,
-        num_key_value_heads=KV, head_dim=Dh, rms_norm_eps=1e-6, max_position_embeddings=2048,
-        rope_parameters={"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": old})
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=FF,
+        num_hidden_layers=2,
+        num_attention_heads=H,
+        num_key_value_heads=KV,
+        head_dim=Dh,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=2048,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": theta,
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": old,
+        },
+    )
     reference = transformers.LlamaForCausalLM(hf_config).eval()
     reference.load_state_dict({k: torch.from_numpy(v) for k, v in ref.items()}, strict=True)
     tokens = np.random.default_rng(2).integers(0, V, (2, 40)).astype(np.int32)
@@ -233,8 +299,9 @@ def test_weights_load_in_the_asked_dtype(tmp_path):
     ref = write_tiny_gguf(path, "llama", Q.Q8_0)
     config, params = hf.load_pretrained(path, num_latents=K, param_dtype="bfloat16", dtype="bfloat16")
     assert config.param_dtype == "bfloat16" and params["embed"].dtype == np.dtype("bfloat16")
-    np.testing.assert_allclose(np.asarray(params["embed"][:V], np.float32), ref["model.embed_tokens.weight"],
-                               rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(params["embed"][:V], np.float32), ref["model.embed_tokens.weight"], rtol=1e-2, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("pre,add_bos", [("smollm", False), ("llama-bpe", True), ("qwen2", False)])
@@ -260,7 +327,11 @@ def test_special_tokens_and_chat_template(tmp_path):
     write_tiny_gguf(path, "llama", Q.F32)
     special = grc_gguf.read_special_tokens(path)
     assert {k: special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "chat_template")} == {
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "chat_template": CHAT_TEMPLATE}
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "chat_template": CHAT_TEMPLATE,
+    }
     tok = grc_gguf.load_tokenizer(path)
     assert tok.special_id("eos_token") == 2 and tok.special_id("bos_token") == 1
     assert tok.hf_config["chat_template"] == CHAT_TEMPLATE
@@ -316,8 +387,11 @@ def _bare_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, Q | N
 @pytest.mark.parametrize("arch", ["mamba", "gpt2"])
 def test_unsupported_architecture_is_named(arch, tmp_path):
     path = _bare_gguf(tmp_path / f"{arch}.gguf", arch, {"token_embd.weight": (np.zeros((8, 4), np.float32), None)})
-    with pytest.raises(ValueError, match=rf"{path}: GGUF architecture '{arch}' is not supported; supported: "
-                                         r"\['llama', 'qwen2', 'qwen3'\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{path}: GGUF architecture '{arch}' is not supported; supported: "
+        r"\['llama', 'qwen2', 'qwen3'\]",
+    ):
         hf.load_pretrained(path)
 
 
@@ -348,8 +422,11 @@ def test_unsupported_quantisation_is_named(tmp_path):
         return [(name, np.zeros((data.shape[0], data.shape[1] // block * size), np.uint8), Q.Q8_1)]
 
     path = _rewrite(tmp_path / "f32.gguf", tmp_path / "q8_1.gguf", q8_1)
-    with pytest.raises(ValueError, match=rf"{path}: tensor 'blk.0.ffn_up.weight' has type Q8_1, which the gguf "
-                                         r"package .* cannot dequantize"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{path}: tensor 'blk.0.ffn_up.weight' has type Q8_1, which the gguf "
+        r"package .* cannot dequantize",
+    ):
         hf.load_pretrained(path)
 
 
@@ -366,14 +443,26 @@ def test_sentencepiece_tokenizer_is_refused_by_name(tmp_path):
 
 def test_missing_and_extra_tensors_are_named(tmp_path):
     write_tiny_gguf(tmp_path / "tiny.gguf", "llama", Q.F32)
-    dropped = _rewrite(tmp_path / "tiny.gguf", tmp_path / "dropped.gguf",
-                       lambda name, data: [] if name == "blk.1.ffn_gate.weight" else [(name, data, None)])
+    dropped = _rewrite(
+        tmp_path / "tiny.gguf",
+        tmp_path / "dropped.gguf",
+        lambda name, data: [] if name == "blk.1.ffn_gate.weight" else [(name, data, None)],
+    )
     with pytest.raises(ValueError, match=rf"{dropped}: tensor 'blk\.1\.ffn_gate\.weight' is missing"):
         hf.load_pretrained(dropped)
-    extra = _rewrite(tmp_path / "tiny.gguf", tmp_path / "extra.gguf", lambda name, data: [(name, data, None)] + (
-        [("blk.0.attn_output.bias", np.zeros(D, np.float32), None)] if name == "output.weight" else []))
-    with pytest.raises(ValueError, match=rf"{extra}: tensors the LlamaForCausalLM layout does not use: "
-                                         r"\['blk\.0\.attn_output\.bias'\]"):
+    extra = _rewrite(
+        tmp_path / "tiny.gguf",
+        tmp_path / "extra.gguf",
+        lambda name, data: (
+            [(name, data, None)]
+            + ([("blk.0.attn_output.bias", np.zeros(D, np.float32), None)] if name == "output.weight" else [])
+        ),
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"{extra}: tensors the LlamaForCausalLM layout does not use: "
+        r"\['blk\.0\.attn_output\.bias'\]",
+    ):
         hf.load_pretrained(extra)
 
 
@@ -389,14 +478,26 @@ def test_not_a_gguf_file(tmp_path):
 def test_describe_cli(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, "qwen2", Q.Q4_0, tied=True)
-    run = subprocess.run([sys.executable, "-m", "grc_jax.gguf", str(path)], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120, check=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "grc_jax.gguf", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     info = json.loads(run.stdout)
     assert info["architecture"] == "qwen2" and info["config"]["tie_word_embeddings"] is True
     assert info["tensor_types"]["Q4_0"] > 0 and info["special_tokens"]["eos_token_id"] == 2
-    bad = subprocess.run([sys.executable, "-m", "grc_jax.gguf", str(tmp_path / "nope.gguf")], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120, check=False)
+    bad = subprocess.run(
+        [sys.executable, "-m", "grc_jax.gguf", str(tmp_path / "nope.gguf")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
@@ -425,8 +526,16 @@ def smollm2():
 def test_smollm2_logits_equal_transformers(smollm2):
     _, engine, reference, ref_tok = smollm2
     c = engine.config
-    assert (c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size,
-            c.tie_word_embeddings, c.rope_theta) == ("LlamaForCausalLM", 30, 576, 9, 3, 49152, True, 1e5)
+    assert (
+        c.architecture,
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.vocab_size,
+        c.tie_word_embeddings,
+        c.rope_theta,
+    ) == ("LlamaForCausalLM", 30, 576, 9, 3, 49152, True, 1e5)
     text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     ids = engine.tokenizer.encode(text)
     assert ids == ref_tok(text).input_ids
@@ -444,8 +553,9 @@ def test_smollm2_greedy_chat_answer_equals_transformers(smollm2):
     assert engine.tokenizer.hf_config["chat_template"] == ref_tok.chat_template
     ids = ref_tok(prompt).input_ids
     with torch.no_grad():
-        out = reference.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2,
-                                 pad_token_id=2)[0, len(ids):].tolist()
+        out = reference.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2
+        )[0, len(ids) :].tolist()
     theirs = ref_tok.decode(out, skip_special_tokens=True)
     ours = engine.chat(messages, max_new_tokens=12)  # the file's own template; its special tokens are tokens
     assert engine.render_chat(messages) == prompt

@@ -1,6 +1,7 @@
 """Hostile but fair input: settings that cannot work, resumes that do not fit, exports onto odd
 paths, the demo world's limit. Each fails with a message naming what is wrong, before anything
 is written or lost."""
+
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ def world(tmp_path_factory):
 @contextmanager
 def time_limit(seconds: int):
     """Turns a hang into a failure (SIGALRM in the main thread)."""
+
     def fail(signum, frame):
         raise TimeoutError(f"still running after {seconds} s")
 
@@ -49,25 +51,51 @@ def time_limit(seconds: int):
 # --- 1. optimizer and model numbers --------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, value", [
-    ("train.learning_rate", -1.0), ("train.learning_rate", 0.0), ("train.learning_rate", float("nan")),
-    ("train.learning_rate", float("inf")), ("train.weight_decay", -0.01), ("train.clip_norm", -1.0),
-    ("train.clip_norm", 0.0), ("train.b1", 1.5), ("train.b1", -0.1), ("train.b2", 1.0),
-    ("train.end_learning_rate_fraction", -0.5), ("train.end_learning_rate_fraction", float("nan")),
-    ("loss.temperature", float("nan")), ("loss.gen", -1.0), ("loss.rep", float("inf")),
-    ("model.rms_norm_eps", 0.0), ("model.rms_norm_eps", -1e-6), ("model.rope_theta", 0.0),
-    ("model.rope_theta", float("nan")), ("model.initializer_range", float("inf")),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.learning_rate", -1.0),
+        ("train.learning_rate", 0.0),
+        ("train.learning_rate", float("nan")),
+        ("train.learning_rate", float("inf")),
+        ("train.weight_decay", -0.01),
+        ("train.clip_norm", -1.0),
+        ("train.clip_norm", 0.0),
+        ("train.b1", 1.5),
+        ("train.b1", -0.1),
+        ("train.b2", 1.0),
+        ("train.end_learning_rate_fraction", -0.5),
+        ("train.end_learning_rate_fraction", float("nan")),
+        ("loss.temperature", float("nan")),
+        ("loss.gen", -1.0),
+        ("loss.rep", float("inf")),
+        ("model.rms_norm_eps", 0.0),
+        ("model.rms_norm_eps", -1e-6),
+        ("model.rope_theta", 0.0),
+        ("model.rope_theta", float("nan")),
+        ("model.initializer_range", float("inf")),
+    ],
+)
 def test_optimizer_and_model_numbers_are_checked_naming_the_key(world, tmp_path, key, value):
     with pytest.raises(errors.UserError, match=rf"^config: {key}={value}"):
         train.train_and_evaluate(config_for(world, **{key: value}), tmp_path)
     assert not any(tmp_path.iterdir()), "nothing is written before the settings are checked"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("rms_norm_eps", 0.0), ("rope_theta", -1.0), ("rope_theta", float("nan")), ("hidden_size", 0),
-    ("num_layers", -1), ("hidden_size", "64"), ("num_layers", 2.0), ("vocab_size", True), ("head_dim", 0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rms_norm_eps", 0.0),
+        ("rope_theta", -1.0),
+        ("rope_theta", float("nan")),
+        ("hidden_size", 0),
+        ("num_layers", -1),
+        ("hidden_size", "64"),
+        ("num_layers", 2.0),
+        ("vocab_size", True),
+        ("head_dim", 0),
+    ],
+)
 def test_model_config_refuses_numbers_that_cannot_work(field, value):
     with pytest.raises(ValueError, match=rf"^{field}"):
         ModelConfig(**{field: value})
@@ -78,8 +106,18 @@ def test_model_config_refuses_numbers_that_cannot_work(field, value):
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
-                         num_kv_heads=1, head_dim=8, num_latents=2, max_segment_len=8, embed_dim=8)
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        num_latents=2,
+        max_segment_len=8,
+        embed_dim=8,
+    )
     return config, model.init_params(config, jax.random.key(0))
 
 
@@ -148,10 +186,14 @@ def _files(run: Path) -> dict[str, bytes]:
 
 def test_resume_with_another_model_shape_is_refused_before_anything_is_written(world, run_copy):
     before = _files(run_copy)
-    with pytest.raises(errors.UserError, match=r"holds checkpoints up to step 4 of another model: hidden_size 32 "
-                                               r"there, 48 now, intermediate_size 64 there, 96 now"):
-        train.train_and_evaluate(config_for(world, **{"train.steps": 6, "model.hidden_size": 48,
-                                                      "model.intermediate_size": 96}), run_copy)
+    with pytest.raises(
+        errors.UserError,
+        match=r"holds checkpoints up to step 4 of another model: hidden_size 32 "
+        r"there, 48 now, intermediate_size 64 there, 96 now",
+    ):
+        train.train_and_evaluate(
+            config_for(world, **{"train.steps": 6, "model.hidden_size": 48, "model.intermediate_size": 96}), run_copy
+        )
     assert _files(run_copy) == before  # model_config.json and tokenizer/ untouched: the run still opens
 
 
@@ -168,10 +210,15 @@ def test_train_steps_below_the_saved_step_is_a_clear_error(world, run_copy):
         train.train_and_evaluate(config_for(world, **{"train.steps": 3}), run_copy)
 
 
-@pytest.mark.parametrize("key, value, named", [
-    ("train.seed", 1, "seed 0 there, 1 now"), ("train.global_batch", 16, "global_batch 8 there, 16 now"),
-    ("data.train_files", "OTHER", "train_files"), ("data.row_len", 448, "row_len 384 there, 448 now"),
-])
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("train.seed", 1, "seed 0 there, 1 now"),
+        ("train.global_batch", 16, "global_batch 8 there, 16 now"),
+        ("data.train_files", "OTHER", "train_files"),
+        ("data.row_len", 448, "row_len 384 there, 448 now"),
+    ],
+)
 def test_resume_with_other_data_settings_is_refused(world, run_copy, tmp_path, key, value, named):
     if value == "OTHER":
         value = str(tmp_path / "other.jsonl")
@@ -186,8 +233,11 @@ def test_a_truncated_checkpoint_names_its_step_and_offers_the_previous(world, ru
     files = [p for p in (run_copy / "checkpoints" / "4").rglob("*") if p.is_file() and p.stat().st_size > 1000]
     for p in files:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    with pytest.raises(errors.UserError, match=r"checkpoints/4: the checkpoint of step 4 cannot be read .* move it "
-                                               r"aside to resume from step 2, the one before"):
+    with pytest.raises(
+        errors.UserError,
+        match=r"checkpoints/4: the checkpoint of step 4 cannot be read .* move it "
+        r"aside to resume from step 2, the one before",
+    ):
         train.train_and_evaluate(config_for(world, **{"train.steps": 6}), run_copy)
 
 
@@ -231,19 +281,29 @@ def test_explicitly_empty_train_files_are_refused(world, tmp_path, files):
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_train_cli_prints_a_user_error_as_one_line(world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "x", "positive": 3}\n')
-    proc = _cli("grc_jax.train", f"--config={config_file(tmp_path, world)}", f"--workdir={tmp_path / 'run'}",
-                f"--config.data.train_files={bad}", "--config.train.learning_rate=-1")
+    proc = _cli(
+        "grc_jax.train",
+        f"--config={config_file(tmp_path, world)}",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.train_files={bad}",
+        "--config.train.learning_rate=-1",
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == "error: config: train.learning_rate=-1.0 must be > 0 and finite"
-    proc = _cli("grc_jax.train", f"--config={config_file(tmp_path, world)}", f"--workdir={tmp_path / 'run'}",
-                f"--config.data.train_files={bad}")
+    proc = _cli(
+        "grc_jax.train",
+        f"--config={config_file(tmp_path, world)}",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.train_files={bad}",
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:1: field 'positive' must be a string, got number"
 
@@ -251,8 +311,9 @@ def test_train_cli_prints_a_user_error_as_one_line(world, tmp_path):
 def test_demo_world_and_demo_clis_print_a_user_error_as_one_line(tmp_path):
     proc = _cli("grc_jax.data.demo_world", "--out", str(tmp_path / "w"), "--num-entities", "10000")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("error: num_entities=10000: the demo world has at most 9216 people (one per "
-                                   "distinct attribute tuple)")
+    assert proc.stderr.strip() == (
+        "error: num_entities=10000: the demo world has at most 9216 people (one per distinct attribute tuple)"
+    )
     proc = _cli("grc_jax.demo", "--hf", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: {tmp_path / 'missing'}: not a directory"
@@ -275,8 +336,11 @@ def test_demo_hf_opens_an_export_whose_k_is_not_4(tmp_path, tiny, capsys):
 def test_a_save_removes_what_killed_saves_left(tmp_path, tiny):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = [tmp_path / f".export.tmp-{dead.pid}-abc", tmp_path / ".export.tmp-x1y2z3",
-             tmp_path / f".export.old-{dead.pid}"]
+    stale = [
+        tmp_path / f".export.tmp-{dead.pid}-abc",
+        tmp_path / ".export.tmp-x1y2z3",
+        tmp_path / f".export.old-{dead.pid}",
+    ]
     live = tmp_path / f".export.tmp-{os.getppid()}-abc"  # a save under way in a running process
     for d in stale + [live]:
         d.mkdir()
@@ -312,27 +376,38 @@ def _edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(change(value)))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: [c], r"config.json: must hold a JSON object, got list"),
-    (lambda c: {**c, "num_hidden_layers": 0}, r"config.json: num_hidden_layers must be >= 1, got 0"),
-    (lambda c: {**c, "num_hidden_layers": -1}, r"config.json: num_hidden_layers must be >= 1, got -1"),
-    (lambda c: {**c, "hidden_size": "16"}, r"config.json: hidden_size must be an integer, got '16'"),
-    (lambda c: {**c, "num_attention_heads": True}, r"config.json: num_attention_heads must be an integer, got True"),
-    (lambda c: {**c, "rms_norm_eps": "tiny"}, r"config.json: rms_norm_eps must be a number, got 'tiny'"),
-    (lambda c: {**c, "torch_dtype": "float64", "dtype": None}, r"config.json: torch_dtype 'float64' is not one of"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: [c], r"config.json: must hold a JSON object, got list"),
+        (lambda c: {**c, "num_hidden_layers": 0}, r"config.json: num_hidden_layers must be >= 1, got 0"),
+        (lambda c: {**c, "num_hidden_layers": -1}, r"config.json: num_hidden_layers must be >= 1, got -1"),
+        (lambda c: {**c, "hidden_size": "16"}, r"config.json: hidden_size must be an integer, got '16'"),
+        (
+            lambda c: {**c, "num_attention_heads": True},
+            r"config.json: num_attention_heads must be an integer, got True",
+        ),
+        (lambda c: {**c, "rms_norm_eps": "tiny"}, r"config.json: rms_norm_eps must be a number, got 'tiny'"),
+        (lambda c: {**c, "torch_dtype": "float64", "dtype": None}, r"config.json: torch_dtype 'float64' is not one of"),
+    ],
+)
 def test_bad_config_json_values_name_the_file_and_key(export, change, message):
     _edit_json(export / "config.json", change)
     with pytest.raises(errors.UserError, match=message):
         hf.load_pretrained(export)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda g: {k: v for k, v in g.items() if k != "max_segment_len"},
-     r"grc_config.json: missing key 'max_segment_len'"),
-    (lambda g: {**g, "num_latents": "2"}, r"grc_config.json: num_latents has the wrong type: '2'"),
-    (lambda g: [g], r"grc_config.json: must hold a JSON object, got list"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda g: {k: v for k, v in g.items() if k != "max_segment_len"},
+            r"grc_config.json: missing key 'max_segment_len'",
+        ),
+        (lambda g: {**g, "num_latents": "2"}, r"grc_config.json: num_latents has the wrong type: '2'"),
+        (lambda g: [g], r"grc_config.json: must hold a JSON object, got list"),
+    ],
+)
 def test_bad_grc_config_names_the_file_and_key(export, change, message):
     _edit_json(export / "grc_config.json", change)
     with pytest.raises(errors.UserError, match=message):
@@ -366,11 +441,13 @@ def test_evaluate_out_naming_an_existing_file_is_one_line_before_the_model_loads
     out = tmp_path / "report.txt"
     out.write_text("mine")
     with pytest.raises(SystemExit) as exit_:
-        evaluate.main(["--hf", str(tmp_path / "no_model"), "--out", str(out),
-                       "--generation", str(tmp_path / "g.jsonl")])
+        evaluate.main(
+            ["--hf", str(tmp_path / "no_model"), "--out", str(out), "--generation", str(tmp_path / "g.jsonl")]
+        )
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: --out={out}: a file, not a directory; name a directory for report.json")
+        f"error: --out={out}: a file, not a directory; name a directory for report.json"
+    )
     assert out.read_text() == "mine"
 
 
@@ -382,8 +459,19 @@ def test_evaluate_names_a_token_flag_the_tokenizer_lacks_before_the_model_loads(
     model_dir = tmp_path / "model"  # a tokenizer and no weights: loading the model would fail otherwise
     Tokenizer(demo_world.train_tokenizer(["Zorvak lives in Quarn."] * 4, vocab_size=300)).save(model_dir)
     with pytest.raises(SystemExit) as exit_:
-        evaluate.main(["--hf", str(model_dir), "--out", str(tmp_path / "out"), "--eos-token", "<|nope|>",
-                       "--generation", str(tmp_path / "g.jsonl")])
+        evaluate.main(
+            [
+                "--hf",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "out"),
+                "--eos-token",
+                "<|nope|>",
+                "--generation",
+                str(tmp_path / "g.jsonl"),
+            ]
+        )
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: --eos-token='<|nope|>' is not a token of the tokenizer at {model_dir}")
+        f"error: --eos-token='<|nope|>' is not a token of the tokenizer at {model_dir}"
+    )

@@ -1,5 +1,6 @@
 """Engine under hostile but fair use: ids from JSON, several threads, bad arguments, text that
 spells reserved tokens; and the decoder's pages after a failed start."""
+
 import threading
 
 import jax
@@ -12,8 +13,11 @@ from grc_jax.data import demo_world
 from grc_jax.inference import Engine, MemoryBank
 from grc_jax.tokenizer import Tokenizer
 
-DOCS = ["Zorvak lives in Quarn and keeps an owl.", "Belna is a glassblower from Ostreth.",
-        "The river Quarn floods every spring."]
+DOCS = [
+    "Zorvak lives in Quarn and keeps an owl.",
+    "Belna is a glassblower from Ostreth.",
+    "The river Quarn floods every spring.",
+]
 QUESTIONS = ["Who keeps an owl?", "Where does Belna live?", "What floods?", "Who is Zorvak?"]
 
 
@@ -21,12 +25,23 @@ QUESTIONS = ["Who keeps an owl?", "Where does Belna live?", "What floods?", "Who
 def engine():
     inner = demo_world.train_tokenizer((DOCS + QUESTIONS) * 3, vocab_size=360)
     tokenizer = Tokenizer(inner)
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, num_latents=4, max_segment_len=16)
-    params = jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x,
-                          jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0)))
-    return Engine(config, params, tokenizer, num_pages=128, page_size=4, prefill_chunk=16, max_reason_tokens=6,
-                  batch_size=4)
+    config = ModelConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_latents=4,
+        max_segment_len=16,
+    )
+    params = jax.tree.map(
+        lambda x: x * 4 if x.ndim >= 2 else x, jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
+    )
+    return Engine(
+        config, params, tokenizer, num_pages=128, page_size=4, prefill_chunk=16, max_reason_tokens=6, batch_size=4
+    )
 
 
 @pytest.fixture
@@ -38,9 +53,16 @@ def fresh(engine):
 # --- 4. memory ids -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("memories, named", [
-    (["12"], "'12'"), ("12", "'12'"), ([True], "True"), ([[0, "1"]], "'1'"), ([1.0], "1.0"),
-])
+@pytest.mark.parametrize(
+    "memories, named",
+    [
+        (["12"], "'12'"),
+        ("12", "'12'"),
+        ([True], "True"),
+        ([[0, "1"]], "'1'"),
+        ([1.0], "1.0"),
+    ],
+)
 def test_memory_ids_that_are_not_integers_are_refused(fresh, memories, named):
     fresh.compress(DOCS)  # ids 0, 1, 2: a string "12" read digit by digit would find memories 1 and 2
     with pytest.raises(ValueError, match=rf"{named}"):
@@ -56,9 +78,12 @@ def test_threads_sharing_an_engine_get_the_sequential_results_and_leave_no_page_
     e = fresh
     ids = e.compress(DOCS)
     free = e.decoder.allocator.num_free
-    jobs = [("generate", q, ids[i % 3]) for i, q in enumerate(QUESTIONS)] + \
-           [("stream", q, ids[(i + 1) % 3]) for i, q in enumerate(QUESTIONS[:2])] + \
-           [("embed", q, None) for q in QUESTIONS[:2]] + [("reason", QUESTIONS[3], None)]
+    jobs = (
+        [("generate", q, ids[i % 3]) for i, q in enumerate(QUESTIONS)]
+        + [("stream", q, ids[(i + 1) % 3]) for i, q in enumerate(QUESTIONS[:2])]
+        + [("embed", q, None) for q in QUESTIONS[:2]]
+        + [("reason", QUESTIONS[3], None)]
+    )
 
     def do(job):
         kind, text, memories = job
@@ -101,8 +126,9 @@ def test_threads_compressing_at_once_each_get_their_own_memories(fresh):
     e = fresh
     texts = [f"{d} ({n})" for n in range(3) for d in DOCS]
     out: dict[int, list[int]] = {}
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, e.compress(texts[i])[0]))
-               for i in range(len(texts))]
+    threads = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, e.compress(texts[i])[0])) for i in range(len(texts))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -143,21 +169,32 @@ def test_a_failed_decoder_start_gives_its_pages_back(fresh):
 # --- weak: arguments -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda e: e.compress([]), ValueError, "compress: no texts given"),
-    (lambda e: e.embed([]), ValueError, "embed: no texts given"),
-    (lambda e: e.compress(["  \n\t "]), ValueError, "text 0 is blank"),
-    (lambda e: e.embed([DOCS[0], "   "]), ValueError, "text 1 is blank"),
-    (lambda e: e.compress([DOCS[0], 3]), TypeError, "text 1 must be a string, got int"),
-    (lambda e: e.generate(QUESTIONS[0], max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer, got 2.5"),
-    (lambda e: e.generate(QUESTIONS[0], max_new_tokens="5"), TypeError, "max_new_tokens must be an integer, got '5'"),
-    (lambda e: e.generate(QUESTIONS[0], max_new_tokens=0), ValueError, "max_new_tokens must be >= 1, got 0"),
-    (lambda e: e.stream(QUESTIONS[0], max_new_tokens=True), TypeError, "max_new_tokens must be an integer"),
-    (lambda e: e.generate(QUESTIONS[0], seed=2**70), ValueError, "seed must be in"),
-    (lambda e: e.generate(QUESTIONS[0], seed=-1), ValueError, "seed must be in"),
-    (lambda e: e.generate("owl \ud800 owl"), ValueError, r"text 0 is not valid Unicode: .* at character 4"),
-    (lambda e: e.compress(["ok", "x\udfff"]), ValueError, "text 1 is not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda e: e.compress([]), ValueError, "compress: no texts given"),
+        (lambda e: e.embed([]), ValueError, "embed: no texts given"),
+        (lambda e: e.compress(["  \n\t "]), ValueError, "text 0 is blank"),
+        (lambda e: e.embed([DOCS[0], "   "]), ValueError, "text 1 is blank"),
+        (lambda e: e.compress([DOCS[0], 3]), TypeError, "text 1 must be a string, got int"),
+        (
+            lambda e: e.generate(QUESTIONS[0], max_new_tokens=2.5),
+            TypeError,
+            "max_new_tokens must be an integer, got 2.5",
+        ),
+        (
+            lambda e: e.generate(QUESTIONS[0], max_new_tokens="5"),
+            TypeError,
+            "max_new_tokens must be an integer, got '5'",
+        ),
+        (lambda e: e.generate(QUESTIONS[0], max_new_tokens=0), ValueError, "max_new_tokens must be >= 1, got 0"),
+        (lambda e: e.stream(QUESTIONS[0], max_new_tokens=True), TypeError, "max_new_tokens must be an integer"),
+        (lambda e: e.generate(QUESTIONS[0], seed=2**70), ValueError, "seed must be in"),
+        (lambda e: e.generate(QUESTIONS[0], seed=-1), ValueError, "seed must be in"),
+        (lambda e: e.generate("owl \ud800 owl"), ValueError, r"text 0 is not valid Unicode: .* at character 4"),
+        (lambda e: e.compress(["ok", "x\udfff"]), ValueError, "text 1 is not valid Unicode"),
+    ],
+)
 def test_bad_arguments_get_clear_errors_and_change_nothing(fresh, call, error, message):
     free = fresh.decoder.allocator.num_free
     with pytest.raises(error, match=message):
@@ -182,7 +219,15 @@ def test_user_text_cannot_type_reserved_tokens(fresh):
 
 
 def test_a_caller_may_ask_for_special_tokens_in_text(engine):
-    asks = Engine(engine.config, engine.params, engine.tokenizer, num_pages=32, page_size=4, prefill_chunk=16,
-                  batch_size=4, split_special_tokens=False)
+    asks = Engine(
+        engine.config,
+        engine.params,
+        engine.tokenizer,
+        num_pages=32,
+        page_size=4,
+        prefill_chunk=16,
+        batch_size=4,
+        split_special_tokens=False,
+    )
     ids = asks.compress(["Zorvak </s> owl"])[0]
     assert "".join(asks.bank.get(m).text for m in ids).split() == ["Zorvak", "owl"]  # the eos read as the eos

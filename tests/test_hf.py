@@ -1,4 +1,5 @@
 """HF interop: logit parity with transformers, round trip, shift invariance, error paths."""
+
 import json
 import os
 import stat
@@ -238,8 +239,11 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path):
     tensors = load_file(d / "model.safetensors")
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((3, 32), np.float32)
     save_file(tensors, d / "model.safetensors")
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
-                                         r"has shape \(3, 32\), expected \(16, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
+        r"has shape \(3, 32\), expected \(16, 32\)",
+    ):
         hf.load_pretrained(d)
 
 
@@ -256,8 +260,9 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 def test_missing_shard_file_is_named(tmp_path):
     config = ModelConfig(vocab_size=VOCAB, num_latents=K)
-    out = hf.save_pretrained(config, model.init_params(config, jax.random.key(0)), tmp_path / "s",
-                             max_shard_size=20_000)
+    out = hf.save_pretrained(
+        config, model.init_params(config, jax.random.key(0)), tmp_path / "s", max_shard_size=20_000
+    )
     shard = sorted(set(json.loads((out / hf.INDEX_FILE).read_text())["weight_map"].values()))[1]
     (out / shard).unlink()
     with pytest.raises(FileNotFoundError, match=rf"{shard}: weights file named in"):
@@ -334,8 +339,12 @@ def test_export_carries_the_tokenizer_with_latent_tokens(tmp_path):
 
     write_tokenizer(tmp_path / "tok", vocab_size=300)
     config = ModelConfig(vocab_size=320, num_latents=K)
-    out = hf.save_pretrained(config, model.init_params(config, jax.random.key(0)), tmp_path / "e",
-                             tokenizer=Tokenizer.from_dir(tmp_path / "tok"))
+    out = hf.save_pretrained(
+        config,
+        model.init_params(config, jax.random.key(0)),
+        tmp_path / "e",
+        tokenizer=Tokenizer.from_dir(tmp_path / "tok"),
+    )
     reloaded = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert [reloaded.convert_tokens_to_ids(f"<|mlt_{j}|>") for j in range(K)] == list(config.latent_token_ids)
     assert Tokenizer.from_dir(out).latent_ids(K) == list(config.latent_token_ids)

@@ -13,6 +13,7 @@ Tolerances:
 - bfloat16 with pv_in_kv_dtype=True: the softmax weights are also rounded to bf16 (relative
   error 2**-9 each) before the PV matmul, adding up to 2**-9 * max|v| absolute on top.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,12 +117,24 @@ def make_batch(
     return args
 
 
-def brute_force(q, k_pages, v_pages, cu_q_lens, mem_table, mem_lens, tok_table, tok_lens,
-                sm_scale=None, soft_cap=None, mem_page_bias=None):
+def brute_force(
+    q,
+    k_pages,
+    v_pages,
+    cu_q_lens,
+    mem_table,
+    mem_lens,
+    tok_table,
+    tok_lens,
+    sm_scale=None,
+    soft_cap=None,
+    mem_page_bias=None,
+):
     """The semantics read literally, one query and one head at a time, in float64."""
     q, k_pages, v_pages = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k_pages, v_pages))
     cu_q_lens, mem_table, mem_lens, tok_table, tok_lens = map(
-        np.asarray, (cu_q_lens, mem_table, mem_lens, tok_table, tok_lens))
+        np.asarray, (cu_q_lens, mem_table, mem_lens, tok_table, tok_lens)
+    )
     num_tokens, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_pages.shape[1], k_pages.shape[2]
     scale = 1 / np.sqrt(head_dim) if sm_scale is None else sm_scale
@@ -131,8 +144,11 @@ def brute_force(q, k_pages, v_pages, cu_q_lens, mem_table, mem_lens, tok_table, 
         for i in range(q_len):
             row, p = cu_q_lens[s] + i, tok_lens[s] - q_len + i
             slots = [(mem_table[s, j], t) for j in range(mem_table.shape[1]) for t in range(mem_lens[s, j])]
-            bias = [0.0 if mem_page_bias is None else float(mem_page_bias[s, j])
-                    for j in range(mem_table.shape[1]) for t in range(mem_lens[s, j])]
+            bias = [
+                0.0 if mem_page_bias is None else float(mem_page_bias[s, j])
+                for j in range(mem_table.shape[1])
+                for t in range(mem_lens[s, j])
+            ]
             slots += [(tok_table[s, n // page_size], n % page_size) for n in range(p + 1)]
             bias += [0.0] * (p + 1)
             for h in range(num_q_heads):
@@ -153,6 +169,7 @@ def brute_force(q, k_pages, v_pages, cu_q_lens, mem_table, mem_lens, tok_table, 
 # this call's new tokens (tok_len == q_len; for decode that is the 1-token token page), so
 # all older context comes from memories; "both" = memories plus older tokens.
 
+
 def batch_seqs(kind: str, mem: str, P: int) -> list[Seq]:
     if kind == "decode":
         specs = [(1, 1), (1, P + 1), (1, 2 * P + 3)]
@@ -161,8 +178,7 @@ def batch_seqs(kind: str, mem: str, P: int) -> list[Seq]:
     else:
         specs = [(1, P + 4), (P + 1, P + 1), (1, 2), (4, P + 5)]
     mems = [(P + 3,), (5,), (2 * P, 3)]  # a partial last page, a sub-page memory, two memories
-    return [Seq(q, q if mem == "only" else t, () if mem == "none" else mems[i % 3])
-            for i, (q, t) in enumerate(specs)]
+    return [Seq(q, q if mem == "only" else t, () if mem == "none" else mems[i % 3]) for i, (q, t) in enumerate(specs)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +194,17 @@ class Case:
 
     def args(self, seed: int = 0, **kw):
         return make_batch(
-            batch_seqs(self.kind, self.mem, self.page_size), page_size=self.page_size,
-            num_kv_heads=1 if self.group == 8 else 2, group=self.group, dtype=jnp.dtype(self.dtype),
-            pad_tokens=self.pad_tokens, share_first_memory=True, mem_hole=self.mem == "both",
-            seed=seed, **kw)
+            batch_seqs(self.kind, self.mem, self.page_size),
+            page_size=self.page_size,
+            num_kv_heads=1 if self.group == 8 else 2,
+            group=self.group,
+            dtype=jnp.dtype(self.dtype),
+            pad_tokens=self.pad_tokens,
+            share_first_memory=True,
+            mem_hole=self.mem == "both",
+            seed=seed,
+            **kw,
+        )
 
     def __str__(self):
         return f"{self.kind}-mem_{self.mem}-G{self.group}-P{self.page_size}-{self.dtype}"
@@ -231,6 +254,7 @@ def run_impl(impl: str, args, **kw):
 # ---------------------------------------------------------------------------------------------
 # Semantics and kernels vs reference.
 
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_reference_matches_brute_force(case):
     args = case.args()
@@ -272,12 +296,12 @@ def test_pv_in_kv_dtype_bf16(impl):
     # of one output ulp.
     args = CASES[6].args(seed=4)
     out = run_impl(impl, args, pv_in_kv_dtype=True)
-    np.testing.assert_allclose(f32(out), f32(hybrid_paged_attention_reference(*args)),
-                               rtol=2.0**-7, atol=4 * 2.0**-9)
+    np.testing.assert_allclose(f32(out), f32(hybrid_paged_attention_reference(*args)), rtol=2.0**-7, atol=4 * 2.0**-9)
 
 
 # ---------------------------------------------------------------------------------------------
 # Robustness: garbage tables, padding rows, dynamic lengths.
+
 
 @pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
 def test_garbage_past_used_entries_does_not_change_results(impl):
@@ -344,6 +368,7 @@ def test_changed_lengths_do_not_recompile(impl):
 # ---------------------------------------------------------------------------------------------
 # Dispatcher.
 
+
 def test_dispatcher_picks_by_backend_and_honours_impl(monkeypatch):
     from pallas_kernels.hybrid_paged_attention import dispatch
 
@@ -377,7 +402,7 @@ def test_dispatcher_names_the_argument_of_a_bad_shape():
         "q's head_dim 8 differs": dict(q=q[:, :, :8]),
         "heads are not a multiple": dict(q=q[:, :1]),  # 1 q head over 2 kv heads
         "cu_q_lens must be": dict(cu_q_lens=cu[:1]),
-        "mem_page_table must be": dict(mem_page_table=mem_table[:S - 1] if S > 1 else mem_table[None]),
+        "mem_page_table must be": dict(mem_page_table=mem_table[: S - 1] if S > 1 else mem_table[None]),
         "mem_page_lens has shape": dict(mem_page_lens=mem_lens[:, :-1]),
         "tok_page_table must be": dict(tok_page_table=jnp.concatenate([tok_table, tok_table])),
         "tok_lens must be": dict(tok_lens=tok_lens[:-1]),
@@ -392,12 +417,12 @@ def test_dispatcher_names_the_argument_of_a_bad_shape():
 
 def test_dispatcher_default_on_cpu_is_the_reference():
     args = CASES[4].args(seed=8)
-    np.testing.assert_array_equal(f32(hybrid_paged_attention(*args)),
-                                  f32(hybrid_paged_attention_reference(*args)))
+    np.testing.assert_array_equal(f32(hybrid_paged_attention(*args)), f32(hybrid_paged_attention_reference(*args)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Lowering for the real targets, from this CPU host.
+
 
 def _specs(args):
     return [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
@@ -420,7 +445,8 @@ def test_gpu_kernel_lowers_for_cuda(dtype):
     args = dataclasses.replace(CASES[6], dtype=dtype).args()
     fn = functools.partial(hybrid_paged_attention_gpu, soft_cap=30.0, kv_splits=2)
     exported = jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
+        jax.jit(fn),
+        platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*_specs(args))
     assert exported.platforms == ("cuda",)
@@ -435,6 +461,7 @@ def test_gpu_kernel_rejects_shapes_triton_cannot_tile():
 
 # ---------------------------------------------------------------------------------------------
 # Per-memory-page bias (memory priors, docs/design.md section 8).
+
 
 def page_bias(args, seed: int = 0) -> jax.Array:
     """A float32 bias per memory-page entry: large enough (sd 3) to reorder the softmax, NaN on
@@ -459,8 +486,9 @@ def test_reference_with_page_bias_matches_brute_force(case):
 
 
 @pytest.mark.parametrize("impl", ["tpu", "gpu"])
-@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[8], CASES[3]],
-                         ids=lambda c: str(c))  # decode, prefill, mixed with memories; prefill without
+@pytest.mark.parametrize(
+    "case", [CASES[2], CASES[4], CASES[8], CASES[3]], ids=lambda c: str(c)
+)  # decode, prefill, mixed with memories; prefill without
 def test_kernels_with_page_bias_match_reference(impl, case):
     args = case.args(seed=12)
     bias = page_bias(args, seed=2)
@@ -471,8 +499,7 @@ def test_kernels_with_page_bias_match_reference(impl, case):
         out = run_gpu(args, q_block=g[0], pages_per_block=g[1], kv_splits=g[2], mem_page_bias=bias)
     out = f32(out)
     assert np.isfinite(out).all()  # the NaN entries of pages nobody owns were never used
-    np.testing.assert_allclose(out, f32(hybrid_paged_attention_reference(*args, mem_page_bias=bias)),
-                               **tol(case.dtype))
+    np.testing.assert_allclose(out, f32(hybrid_paged_attention_reference(*args, mem_page_bias=bias)), **tol(case.dtype))
 
 
 @pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
@@ -485,8 +512,10 @@ def test_zero_page_bias_equals_no_bias(impl):
 def test_dispatcher_passes_the_bias_and_names_a_misshapen_one():
     args = CASES[8].args(seed=14)
     bias = page_bias(args, seed=3)
-    np.testing.assert_array_equal(f32(hybrid_paged_attention(*args, mem_page_bias=bias)),
-                                  f32(hybrid_paged_attention_reference(*args, mem_page_bias=bias)))
+    np.testing.assert_array_equal(
+        f32(hybrid_paged_attention(*args, mem_page_bias=bias)),
+        f32(hybrid_paged_attention_reference(*args, mem_page_bias=bias)),
+    )
     with pytest.raises(ValueError, match="^hybrid_paged_attention: mem_page_bias must be"):
         hybrid_paged_attention(*args, mem_page_bias=bias[:, :-1])
 
@@ -503,6 +532,8 @@ def test_kernels_with_page_bias_lower_for_their_targets(platform):
     else:
         fn = lambda *a: hybrid_paged_attention_gpu(*a[:8], mem_page_bias=a[8], kv_splits=2)
         exported = jax.export.export(
-            jax.jit(fn), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*specs)
+            jax.jit(fn),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*specs)
         assert "__gpu$xla.gpu.triton" in exported.mlir_module()

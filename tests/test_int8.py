@@ -1,5 +1,6 @@
 """Weight-only int8 serving (grc_jax/quantize.py, Engine(weights="int8")) and the persistent
 compilation cache setting (grc_jax/compile_cache.py), on a tiny random model."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,12 @@ from grc_jax.data import demo_world
 from grc_jax.inference import Engine
 from grc_jax.tokenizer import Tokenizer
 
-TEXTS = ["Zorvak lives in Quarn and keeps an owl.", "Belna is a glassblower from Ostreth.",
-         "The river Quarn floods every spring.", "Who keeps an owl?"]
+TEXTS = [
+    "Zorvak lives in Quarn and keeps an owl.",
+    "Belna is a glassblower from Ostreth.",
+    "The river Quarn floods every spring.",
+    "Who keeps an owl?",
+]
 # int8 logits may differ from float32 by at most this fraction of the float logits' largest
 # magnitude. Per-channel int8 moves each weight by at most half a step (1/254 of its channel's
 # largest weight); this random model, its weights scaled up 4x so that its logits are far from
@@ -31,9 +36,18 @@ def tokenizer():
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def setup(request, tokenizer):
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, num_latents=4, max_segment_len=16,
-                         tie_word_embeddings=request.param)
+    config = ModelConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_latents=4,
+        max_segment_len=16,
+        tie_word_embeddings=request.param,
+    )
     params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(1))
     params = jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x, params)  # logits far from uniform
     return config, params
@@ -61,10 +75,23 @@ def _prompts(tokenizer: Tokenizer) -> list[list[int]]:
 def test_quantized_params_are_int8_with_per_channel_scales(setup):
     config, params = setup
     q = quantize.quantize_params(params, config.tie_word_embeddings)
-    L, D, H, KV, Dh, F = (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads,
-                          config.head_dim, config.intermediate_size)
-    expected = {"q_proj": (H * Dh, D), "k_proj": (KV * Dh, D), "v_proj": (KV * Dh, D), "o_proj": (D, H * Dh),
-                "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}
+    L, D, H, KV, Dh, F = (
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.intermediate_size,
+    )
+    expected = {
+        "q_proj": (H * Dh, D),
+        "k_proj": (KV * Dh, D),
+        "v_proj": (KV * Dh, D),
+        "o_proj": (D, H * Dh),
+        "gate_proj": (F, D),
+        "up_proj": (F, D),
+        "down_proj": (D, F),
+    }
     for name, (out, inp) in expected.items():
         w = q["layers"][name]
         assert isinstance(w, quantize.Int8Weight), name
@@ -84,7 +111,8 @@ def test_quantized_params_are_int8_with_per_channel_scales(setup):
     # The float embedding stays for the exact lookup; norms stay float.
     assert q["embed"] is params["embed"] and q["layers"]["input_norm"] is params["layers"]["input_norm"]
     assert quantize.weight_bytes({"layers": {k: q["layers"][k] for k in expected}}) < 0.3 * quantize.weight_bytes(
-        {"layers": {k: params["layers"][k] for k in expected}})
+        {"layers": {k: params["layers"][k] for k in expected}}
+    )
 
 
 def test_int8_logits_match_float32_prefill_and_decode(setup, tokenizer):
@@ -104,9 +132,14 @@ def test_int8_logits_match_float32_prefill_and_decode(setup, tokenizer):
     # Exactly the dequantized model: int8 logits equal float32 logits of the weights q * scale.
     q = quantize.quantize_params(params, config.tie_word_embeddings)
     deq = jax.tree.map(lambda a: a, params)
-    deq["layers"] = {k: (q["layers"][k].dequantize().reshape(params["layers"][k].shape)
-                         if isinstance(q["layers"][k], quantize.Int8Weight) else v)
-                     for k, v in params["layers"].items()}
+    deq["layers"] = {
+        k: (
+            q["layers"][k].dequantize().reshape(params["layers"][k].shape)
+            if isinstance(q["layers"][k], quantize.Int8Weight)
+            else v
+        )
+        for k, v in params["layers"].items()
+    }
     deq["lm_head"] = q["lm_head"].dequantize()  # tied: a float head beside the float lookup table
     deq_config = dataclasses.replace(config, tie_word_embeddings=False)
     deq_engine = Engine(deq_config, deq, tokenizer, **OPTIONS)
@@ -147,8 +180,11 @@ def test_engine_rejects_unknown_weights(setup, tokenizer):
 
 @pytest.fixture
 def restore_cache_config():
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     before = {k: getattr(jax.config, k) for k in keys}
     yield
     for k, v in before.items():
@@ -157,8 +193,7 @@ def restore_cache_config():
     compile_cache._reset()
 
 
-def test_compilation_cache_is_set_and_can_be_turned_off(setup, tokenizer, tmp_path, monkeypatch,
-                                                         restore_cache_config):
+def test_compilation_cache_is_set_and_can_be_turned_off(setup, tokenizer, tmp_path, monkeypatch, restore_cache_config):
     config, params = setup
     jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.delenv(compile_cache.ENV, raising=False)

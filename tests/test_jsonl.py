@@ -1,5 +1,6 @@
 """The one JSONL reader (grc_jax/jsonl.py): line numbers, blank lines, the byte-order mark, one
 wording for bad lines, and the same reason from every reader that uses it."""
+
 from __future__ import annotations
 
 import pytest

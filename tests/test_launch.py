@@ -1,5 +1,6 @@
 """The launchers in launch/: missing settings are named, dry runs print the right commands, the
 JobSet manifest is well-formed, and local.sh really runs (and stops) several training processes."""
+
 from __future__ import annotations
 
 import functools
@@ -25,21 +26,60 @@ LAUNCH = REPO / "launch"
 SCRIPTS = ["tpu_pod.sh", "slurm.sbatch", "local.sh", "render_jobset.sh"]
 TRAIN = re.compile(r"python3? -m grc_jax\.train --config=configs/tiny\.py")
 # Settings the scripts read: cleared so that the caller's environment cannot satisfy a test.
-SETTINGS = {"TPU_NAME", "ZONE", "PROJECT", "CONFIG", "ACCELERATOR_TYPE", "NUM_SLICES", "STAGES", "WORKDIR", "GIT_URL",
-            "DRY_RUN", "ACCELERATOR", "IMAGE", "WORKDIR_CLAIM", "TRAIN_ARGS", "PYTHON", "PORT", "TIMEOUT", "REPO_DIR",
-            "JAX_LOCAL_DEVICE_IDS", "MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES", "MEGASCALE_SLICE_ID",
-            "REMOTE_ENV", "DETACH", "NUM_PROCESSES", "SLURM_GPUS_ON_NODE", "JAX_PLATFORMS",
-            "JAX_CPU_COLLECTIVES_IMPLEMENTATION", "XLA_FLAGS", "REMOTE_DIR", "LOG"}
+SETTINGS = {
+    "TPU_NAME",
+    "ZONE",
+    "PROJECT",
+    "CONFIG",
+    "ACCELERATOR_TYPE",
+    "NUM_SLICES",
+    "STAGES",
+    "WORKDIR",
+    "GIT_URL",
+    "DRY_RUN",
+    "ACCELERATOR",
+    "IMAGE",
+    "WORKDIR_CLAIM",
+    "TRAIN_ARGS",
+    "PYTHON",
+    "PORT",
+    "TIMEOUT",
+    "REPO_DIR",
+    "JAX_LOCAL_DEVICE_IDS",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "MEGASCALE_NUM_SLICES",
+    "MEGASCALE_SLICE_ID",
+    "REMOTE_ENV",
+    "DETACH",
+    "NUM_PROCESSES",
+    "SLURM_GPUS_ON_NODE",
+    "JAX_PLATFORMS",
+    "JAX_CPU_COLLECTIVES_IMPLEMENTATION",
+    "XLA_FLAGS",
+    "REMOTE_DIR",
+    "LOG",
+}
 SETTINGS |= {k for k in os.environ if k.startswith("SLURM_")}
-TPU = {"TPU_NAME": "grc-test", "ZONE": "us-east5-a", "PROJECT": "my-project", "CONFIG": "configs/tiny.py",
-       "ACCELERATOR_TYPE": "v5p-32"}
+TPU = {
+    "TPU_NAME": "grc-test",
+    "ZONE": "us-east5-a",
+    "PROJECT": "my-project",
+    "CONFIG": "configs/tiny.py",
+    "ACCELERATOR_TYPE": "v5p-32",
+}
 JOBSET = {"IMAGE": "example.com/grc:1", "CONFIG": "configs/tiny.py", "WORKDIR_CLAIM": "grc-runs"}
 
 
 def script(name: str, *args: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    return subprocess.run(["bash", str(LAUNCH / name), *args], cwd=REPO, env={**clean, **env}, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(LAUNCH / name), *args],
+        cwd=REPO,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -48,15 +88,22 @@ def test_bash_syntax(name: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("name, env, missing", [
-    *[("tpu_pod.sh", {k: v for k, v in TPU.items() if k != gone}, gone)
-      for gone in ("TPU_NAME", "ZONE", "PROJECT", "CONFIG")],
-    ("slurm.sbatch", {"DRY_RUN": "1"}, "CONFIG"),
-    ("local.sh", {"DRY_RUN": "1"}, "CONFIG"),
-    *[("render_jobset.sh", {"ACCELERATOR": "tpu", **{k: v for k, v in JOBSET.items() if k != gone}}, gone)
-      for gone in ("IMAGE", "CONFIG", "WORKDIR_CLAIM")],
-    ("render_jobset.sh", JOBSET, "ACCELERATOR"),
-])
+@pytest.mark.parametrize(
+    "name, env, missing",
+    [
+        *[
+            ("tpu_pod.sh", {k: v for k, v in TPU.items() if k != gone}, gone)
+            for gone in ("TPU_NAME", "ZONE", "PROJECT", "CONFIG")
+        ],
+        ("slurm.sbatch", {"DRY_RUN": "1"}, "CONFIG"),
+        ("local.sh", {"DRY_RUN": "1"}, "CONFIG"),
+        *[
+            ("render_jobset.sh", {"ACCELERATOR": "tpu", **{k: v for k, v in JOBSET.items() if k != gone}}, gone)
+            for gone in ("IMAGE", "CONFIG", "WORKDIR_CLAIM")
+        ],
+        ("render_jobset.sh", JOBSET, "ACCELERATOR"),
+    ],
+)
 def test_a_missing_setting_is_named(name: str, env: dict[str, str], missing: str) -> None:
     result = script(name, **env)
     assert result.returncode != 0
@@ -143,18 +190,22 @@ def test_tpu_worker_flags_come_from_the_metadata(metadata_server: tuple[str, Pat
     command = ["--on-worker", "python3", "-m", "grc_jax.train", "--config=configs/tiny.py"]
     single = script("tpu_pod.sh", *command, DRY_RUN="1", GCE_METADATA_IP=address)
     assert single.returncode == 0, single.stderr
-    assert ("--config=configs/tiny.py --coordinator_address=10.0.0.2:8482 --num_processes=4 --process_id=1"
-            in single.stdout), single.stdout
+    assert (
+        "--config=configs/tiny.py --coordinator_address=10.0.0.2:8482 --num_processes=4 --process_id=1" in single.stdout
+    ), single.stdout
     # Multislice: GCP's tpu-env names the coordinator and this worker's slice.
-    (attributes / "tpu-env").write_text("MEGASCALE_COORDINATOR_ADDRESS: '10.1.0.9:8080'\nMEGASCALE_NUM_SLICES: '2'\n"
-                                        "MEGASCALE_SLICE_ID: '1'\nMEGASCALE_PORT: '8080'\n")
+    (attributes / "tpu-env").write_text(
+        "MEGASCALE_COORDINATOR_ADDRESS: '10.1.0.9:8080'\nMEGASCALE_NUM_SLICES: '2'\n"
+        "MEGASCALE_SLICE_ID: '1'\nMEGASCALE_PORT: '8080'\n"
+    )
     multi = script("tpu_pod.sh", *command, DRY_RUN="1", GCE_METADATA_IP=address)
     assert "--coordinator_address=10.1.0.9:8482 --num_processes=8 --process_id=5" in multi.stdout, multi.stdout
 
 
 def test_slurm_dry_run_prints_srun_with_one_process_per_node() -> None:
-    result = script("slurm.sbatch", "--config.train.steps=3", DRY_RUN="1", CONFIG="configs/tiny.py",
-                    SLURM_GPUS_ON_NODE="4")
+    result = script(
+        "slurm.sbatch", "--config.train.steps=3", DRY_RUN="1", CONFIG="configs/tiny.py", SLURM_GPUS_ON_NODE="4"
+    )
     assert result.returncode == 0, result.stderr
     srun = next(line for line in result.stdout.splitlines() if line.startswith("+ srun "))
     assert "--ntasks-per-node=1" in srun and "--kill-on-bad-exit=1" in srun
@@ -191,12 +242,16 @@ def test_jobset_template_parses_with_a_tpu_and_a_gpu_variant() -> None:
         assert "python -m grc_jax.train --config=__CONFIG__ --workdir=__WORKDIR__" in text
 
 
-@pytest.mark.parametrize("accelerator, extra, replicas, parallelism, resource", [
-    ("tpu", {"NUM_SLICES": "2", "TPU_TOPOLOGY": "2x2x4"}, 2, 4, ("google.com/tpu", 4)),
-    ("gpu", {"NUM_NODES": "3"}, 1, 3, ("nvidia.com/gpu", 8)),
-])
-def test_rendered_jobset_is_complete(accelerator: str, extra: dict[str, str], replicas: int, parallelism: int,
-                                     resource: tuple[str, int]) -> None:
+@pytest.mark.parametrize(
+    "accelerator, extra, replicas, parallelism, resource",
+    [
+        ("tpu", {"NUM_SLICES": "2", "TPU_TOPOLOGY": "2x2x4"}, 2, 4, ("google.com/tpu", 4)),
+        ("gpu", {"NUM_NODES": "3"}, 1, 3, ("nvidia.com/gpu", 8)),
+    ],
+)
+def test_rendered_jobset_is_complete(
+    accelerator: str, extra: dict[str, str], replicas: int, parallelism: int, resource: tuple[str, int]
+) -> None:
     yaml = pytest.importorskip("yaml")
     result = script("render_jobset.sh", ACCELERATOR=accelerator, TRAIN_ARGS="--config.train.steps=3", **JOBSET, **extra)
     assert result.returncode == 0, result.stderr
@@ -222,8 +277,9 @@ def test_jobset_keeps_paths_with_spaces_whole() -> None:
     [train] = [shlex.split(line) for line in command.splitlines() if "grc_jax.train" in line]
     assert "--config=configs/my tiny.py" in train and "--workdir=/workdir/my runs" in train
     bad = script("render_jobset.sh", ACCELERATOR="tpu", CHIPS_PER_HOST="0", **JOBSET)
-    assert bad.returncode == 2 and bad.stderr.strip() == ("render_jobset.sh: CHIPS_PER_HOST must be a positive whole "
-                                                          "number, got '0'")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "render_jobset.sh: CHIPS_PER_HOST must be a positive whole number, got '0'"
+    )
 
 
 def test_local_dry_run_prints_one_command_per_process() -> None:
@@ -250,8 +306,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_local_fails_fast_on_a_config_error(world: Path, tmp_path: Path) -> None:
     config = config_file(tmp_path, world)
     start = time.monotonic()
-    result = script("local.sh", "--config.train.stpes=3", timeout=90, CONFIG=str(config), WORKDIR=str(tmp_path / "run"),
-                    PYTHON=sys.executable, TIMEOUT="80")
+    result = script(
+        "local.sh",
+        "--config.train.stpes=3",
+        timeout=90,
+        CONFIG=str(config),
+        WORKDIR=str(tmp_path / "run"),
+        PYTHON=sys.executable,
+        TIMEOUT="80",
+    )
     assert result.returncode not in (0, 124), result.stdout[-2000:]
     assert "unknown key 'train.stpes'" in result.stdout and "exited with status" in result.stderr
     assert time.monotonic() - start < 60
@@ -282,8 +345,15 @@ def test_local_stops_every_process_when_one_fails_or_time_runs_out(tmp_path: Pat
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     (tmp_path / "pids").mkdir()
-    env = {"CONFIG": "configs/tiny.py", "PYTHON": str(fake), "PORT": "1", "NUM_PROCESSES": "3", "KILL_GRACE": "1",
-           "PIDS": str(tmp_path / "pids"), "WORKDIR": str(tmp_path / "run")}
+    env = {
+        "CONFIG": "configs/tiny.py",
+        "PYTHON": str(fake),
+        "PORT": "1",
+        "NUM_PROCESSES": "3",
+        "KILL_GRACE": "1",
+        "PIDS": str(tmp_path / "pids"),
+        "WORKDIR": str(tmp_path / "run"),
+    }
     if case == "timeout":
         env.update(ALL_WAIT="1", TIMEOUT="2")
     start = time.monotonic()

@@ -1,4 +1,5 @@
 """The GRC attention rule and positions, against a literal reading of docs/design.md sections 2-3."""
+
 import numpy as np
 import pytest
 
@@ -73,10 +74,12 @@ def built_rows(seed):
 def test_mask_and_positions_on_built_rows(seed):
     for row in built_rows(seed):
         meta = layout.TokenMeta(row.example[None], row.segment[None], row.kind[None])
-        np.testing.assert_array_equal(np.asarray(layout.attention_mask(meta))[0],
-                                      brute_force_mask(row.example, row.segment, row.kind))
-        np.testing.assert_array_equal(np.asarray(layout.positions(meta, P, K))[0],
-                                      brute_force_positions(row.example, row.segment, row.kind))
+        np.testing.assert_array_equal(
+            np.asarray(layout.attention_mask(meta))[0], brute_force_mask(row.example, row.segment, row.kind)
+        )
+        np.testing.assert_array_equal(
+            np.asarray(layout.positions(meta, P, K))[0], brute_force_positions(row.example, row.segment, row.kind)
+        )
 
 
 def test_design_doc_picture():
@@ -132,7 +135,7 @@ def test_causal_mask_equals_the_rule_for_an_all_reader_batch_under_jit(length):
     import jax
 
     valid = np.ones((2, length), bool)
-    valid[1, length // 2:] = False
+    valid[1, length // 2 :] = False
     direct = np.asarray(jax.jit(layout.causal_mask)(valid))
     rule = np.asarray(layout.attention_mask(layout.causal_meta(valid)))
     np.testing.assert_array_equal(direct, rule)

@@ -2,6 +2,7 @@
 lays out inside a packed row and the same segment `Engine` lays out alone are the same arrays,
 and so the memory `Engine` computes alone is the one training computed at that segment's latents.
 """
+
 from __future__ import annotations
 
 import jax
@@ -16,8 +17,11 @@ from grc_jax.inference import Engine
 from grc_jax.tokenizer import Tokenizer
 
 P, K = 16, 4
-DOCS = ["Zorvak lives in Quarn and keeps an owl.", "Belna is a glassblower from Ostreth.",
-        "The river Quarn floods every spring, and the potters of the valley move uphill for months."]
+DOCS = [
+    "Zorvak lives in Quarn and keeps an owl.",
+    "Belna is a glassblower from Ostreth.",
+    "The river Quarn floods every spring, and the potters of the valley move uphill for months.",
+]
 QUESTION, ANSWER, QUERY = "Who keeps an owl?", "Zorvak", "owl keeper"
 
 
@@ -28,10 +32,20 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, num_latents=K, max_segment_len=P)
-    params = jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x,
-                          jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0)))
+    config = ModelConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_latents=K,
+        max_segment_len=P,
+    )
+    params = jax.tree.map(
+        lambda x: x * 4 if x.ndim >= 2 else x, jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
+    )
     return Engine(config, params, tokenizer, num_pages=64, page_size=4, prefill_chunk=16, batch_size=4)
 
 
@@ -39,12 +53,28 @@ def _training_batch(engine: Engine, question_segments: bool = False) -> dict[str
     """Two records packed into one row by the training builder: a query with a positive, a look-alike
     seen by the reader and a negative it does not see; and a plain text record."""
     enc = engine.tokenizer.encode
-    config = builder.BuildConfig(max_segment_len=P, num_latents=K, latent_ids=engine.latent_ids, row_len=160,
-                                 max_segments_per_row=8, bos_id=1, eos_id=2, eor_id=3,
-                                 reader_distractors=1, question_segments=question_segments)
-    qa = builder.TokenizedRecord(source="qa", query=enc(QUERY), positive=enc(DOCS[0]),
-                                 negatives=(enc(DOCS[1]), enc(DOCS[2])), question=enc(QUESTION),
-                                 answer=enc(" " + ANSWER), positive_doc_id=0, negative_doc_ids=(1, 2))
+    config = builder.BuildConfig(
+        max_segment_len=P,
+        num_latents=K,
+        latent_ids=engine.latent_ids,
+        row_len=160,
+        max_segments_per_row=8,
+        bos_id=1,
+        eos_id=2,
+        eor_id=3,
+        reader_distractors=1,
+        question_segments=question_segments,
+    )
+    qa = builder.TokenizedRecord(
+        source="qa",
+        query=enc(QUERY),
+        positive=enc(DOCS[0]),
+        negatives=(enc(DOCS[1]), enc(DOCS[2])),
+        question=enc(QUESTION),
+        answer=enc(" " + ANSWER),
+        positive_doc_id=0,
+        negative_doc_ids=(1, 2),
+    )
     text = builder.TokenizedRecord(source="text", text=enc(DOCS[1]))
     units = [builder.build_unit(r, config, builder.unit_rng(0, 0, i)) for i, r in enumerate([text, qa])]
     batch = builder.pack_units(units, config)
@@ -55,7 +85,7 @@ def _training_batch(engine: Engine, question_segments: bool = False) -> dict[str
 def _segments_of(batch: dict[str, np.ndarray]) -> list[list[int]]:
     """The text of every used segment slot of row 0, in slot order."""
     used = batch["seg_kind"][0] != builder.SEG_UNUSED
-    text = (batch["kind"][0] == layout.TEXT)
+    text = batch["kind"][0] == layout.TEXT
     return [batch["tokens"][0][text & (batch["segment"][0] == s + 1)].tolist() for s in np.flatnonzero(used)]
 
 
@@ -93,17 +123,22 @@ def test_engines_memory_is_the_memory_at_the_segments_latents_in_a_training_row(
     segments = _segments_of(batch)
     used = len(segments)
     index = batch["seg_latent_index"][:, :used]
-    out = model.forward(engine.config, engine.params, jnp.asarray(batch["tokens"]),
-                        layout.TokenMeta(*(jnp.asarray(batch[k]) for k in ("example", "segment", "kind"))),
-                        kv_index=jnp.asarray(index.reshape(1, -1)), compute_logits=False)
+    out = model.forward(
+        engine.config,
+        engine.params,
+        jnp.asarray(batch["tokens"]),
+        layout.TokenMeta(*(jnp.asarray(batch[k]) for k in ("example", "segment", "kind"))),
+        kv_index=jnp.asarray(index.reshape(1, -1)),
+        compute_logits=False,
+    )
     row_keys, row_values = np.asarray(out.keys[:, 0]), np.asarray(out.values[:, 0])  # [layers, used * K, ...]
     row_embeddings = np.asarray(model.pool_latents(engine.config, engine.params, out.hidden, jnp.asarray(index))[0])
     keys, values, embeddings = engine._segment_pass(segments)  # what compress stores and embed returns
     assert keys.shape[:3] == (used, engine.config.num_layers, K)
     for s in range(used):
         # Equal up to float rounding: the row is longer, so sums run in another order.
-        np.testing.assert_allclose(keys[s], row_keys[:, s * K:(s + 1) * K], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(values[s], row_values[:, s * K:(s + 1) * K], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(keys[s], row_keys[:, s * K : (s + 1) * K], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(values[s], row_values[:, s * K : (s + 1) * K], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(embeddings[s], row_embeddings[s], rtol=1e-5, atol=1e-5)
 
 
@@ -111,10 +146,20 @@ def test_a_question_segment_longer_than_p_is_cut_as_engine_cuts_it(engine):
     enc = engine.tokenizer.encode
     long_question = enc(" ".join(DOCS))
     assert len(long_question) > P
-    config = builder.BuildConfig(max_segment_len=P, num_latents=K, latent_ids=engine.latent_ids, row_len=200,
-                                 max_segments_per_row=8, bos_id=1, eos_id=2, eor_id=3, question_segments=True)
-    record = builder.TokenizedRecord(source="qa", positive=enc(DOCS[0]), question=long_question,
-                                     answer=enc(" " + ANSWER), positive_doc_id=0)
+    config = builder.BuildConfig(
+        max_segment_len=P,
+        num_latents=K,
+        latent_ids=engine.latent_ids,
+        row_len=200,
+        max_segments_per_row=8,
+        bos_id=1,
+        eos_id=2,
+        eor_id=3,
+        question_segments=True,
+    )
+    record = builder.TokenizedRecord(
+        source="qa", positive=enc(DOCS[0]), question=long_question, answer=enc(" " + ANSWER), positive_doc_id=0
+    )
     unit = builder.build_unit(record, config, builder.unit_rng(0, 0, 0))
     question_slot = int(np.flatnonzero(unit.seg_kind == builder.SEG_QUESTION)[0])
     text = unit.tokens[(unit.segment == question_slot + 1) & (unit.kind == layout.TEXT)]
@@ -135,8 +180,10 @@ def test_row_builder_join_and_example_row_agree_with_packing():
     np.testing.assert_array_equal(joined.latent_index, [[2, 3], [5, 6], [10, 11]])
     assert (packed.example[n:] == 0).all() and (packed.tokens[n:] == 7).all()
     assert (packed.kind[n:] == layout.READER).all()
-    np.testing.assert_array_equal(layout.example_row([[1, 2], [3]], [4, 5], [9, 8], 4, length=16, pad_id=7).tokens,
-                                  layout.pack_rows([a], 16, pad_id=7)[0].tokens)
+    np.testing.assert_array_equal(
+        layout.example_row([[1, 2], [3]], [4, 5], [9, 8], 4, length=16, pad_id=7).tokens,
+        layout.pack_rows([a], 16, pad_id=7)[0].tokens,
+    )
 
 
 def test_row_builder_errors():

@@ -1,4 +1,5 @@
 """The three objectives against literal numpy readings of docs/design.md section 4."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,10 +31,12 @@ def test_contrastive_loss_matches_brute_force_with_duplicates_masked():
     seg_kind = np.array([[1, 2, 2, 0], [1, 2, 2, 2], [2, 2, 1, 0]])
     seg_positive = np.array([[1, -1, -1, -1], [3, -1, -1, -1], [-1, -1, 0, -1]])
     seg_doc_id = np.array([[-1, 10, 11, -1], [-1, 10, 12, 13], [14, 11, -1, -1]])  # doc 10 appears twice
-    loss, metrics = losses.contrastive_loss(jnp.asarray(emb), jnp.asarray(seg_kind), jnp.asarray(seg_positive),
-                                            jnp.asarray(seg_doc_id), 0.1)
-    np.testing.assert_allclose(float(loss), brute_force_infonce(emb, seg_kind, seg_positive, seg_doc_id, 0.1),
-                               rtol=1e-5)
+    loss, metrics = losses.contrastive_loss(
+        jnp.asarray(emb), jnp.asarray(seg_kind), jnp.asarray(seg_positive), jnp.asarray(seg_doc_id), 0.1
+    )
+    np.testing.assert_allclose(
+        float(loss), brute_force_infonce(emb, seg_kind, seg_positive, seg_doc_id, 0.1), rtol=1e-5
+    )
     assert int(metrics["rep_queries"]) == 3
 
 

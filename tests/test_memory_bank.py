@@ -1,6 +1,7 @@
 """MemoryBank directories read lazily: opening one reads each memory's header and embedding, not
 its keys and values; those are read from the memory's file when first used (bit-exact), kept
 in a bounded cache, and a replaced or removed memory is never served from it."""
+
 from __future__ import annotations
 
 import ml_dtypes

@@ -1,4 +1,5 @@
 """The streaming input path: ArrayRecord read lazily and per host, weighted mixtures, exact resume."""
+
 import json
 import os
 import subprocess
@@ -26,10 +27,18 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def build(tokenizer):
-    special = {name: tokenizer.token_to_id(t) for name, t in
-               (("bos_id", "<s>"), ("eos_id", "</s>"), ("eor_id", "<|end_of_reasoning|>"), ("pad_id", "<pad>"))}
-    return BuildConfig(max_segment_len=16, num_latents=2, latent_ids=tuple(tokenizer.latent_ids(2)), row_len=64,
-                       max_segments_per_row=4, **special)
+    special = {
+        name: tokenizer.token_to_id(t)
+        for name, t in (("bos_id", "<s>"), ("eos_id", "</s>"), ("eor_id", "<|end_of_reasoning|>"), ("pad_id", "<pad>"))
+    }
+    return BuildConfig(
+        max_segment_len=16,
+        num_latents=2,
+        latent_ids=tuple(tokenizer.latent_ids(2)),
+        row_len=64,
+        max_segments_per_row=4,
+        **special,
+    )
 
 
 def text_lines(word: str, n: int) -> list[bytes]:
@@ -65,8 +74,16 @@ def test_each_host_block_reads_only_its_share(tmp_path, tokenizer, build, monkey
     seen = {}
     for block in range(2):
         monkeypatch.setattr(streaming, "ArrayRecordSource", type("C", (Counting,), {"block": block}))
-        dataset = pipeline.make_dataset([str(tmp_path / "records-*.arrayrecord")], tokenizer, build, global_batch=4,
-                                        num_steps=10, seed=0, block=block, blocks=2)
+        dataset = pipeline.make_dataset(
+            [str(tmp_path / "records-*.arrayrecord")],
+            tokenizer,
+            build,
+            global_batch=4,
+            num_steps=10,
+            seed=0,
+            block=block,
+            blocks=2,
+        )
         iterator = pipeline.make_iterator(dataset)
         seen[block] = {w for _ in range(10) for w in first_words(next(iterator), tokenizer)}
     assert read[0] == set(streaming.share(23, 0, 2)) and read[1] == set(streaming.share(23, 1, 2))
@@ -93,8 +110,9 @@ def test_restored_state_gives_the_same_batches(tmp_path, tokenizer, build, monke
     arrayrecord.write_shards(text_lines("apple", 9), tmp_path / "a", records_per_shard=4)
     (tmp_path / "b.jsonl").write_bytes(b"\n".join(text_lines("banana", 5)) + b"\n")
     spec = f"{tmp_path}/a/*.arrayrecord:1,{tmp_path}/b.jsonl:2"
-    make = lambda: pipeline.make_iterator(pipeline.make_dataset([], tokenizer, build, global_batch=2, num_steps=9,
-                                                                seed=3, mixture=spec))
+    make = lambda: pipeline.make_iterator(
+        pipeline.make_dataset([], tokenizer, build, global_batch=2, num_steps=9, seed=3, mixture=spec)
+    )
     first = make()
     for _ in range(3):
         next(first)
@@ -111,11 +129,14 @@ def test_restored_state_gives_the_same_batches(tmp_path, tokenizer, build, monke
                 np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("a.arrayrecord", r"data.mixture entry 'a.arrayrecord' must be FILES:WEIGHT"),
-    ("x.jsonl:0", r"must be FILES:WEIGHT .* a number > 0"),
-    ("nothing/*.arrayrecord:1", r"no files match 'nothing/\*.arrayrecord'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("a.arrayrecord", r"data.mixture entry 'a.arrayrecord' must be FILES:WEIGHT"),
+        ("x.jsonl:0", r"must be FILES:WEIGHT .* a number > 0"),
+        ("nothing/*.arrayrecord:1", r"no files match 'nothing/\*.arrayrecord'"),
+    ],
+)
 def test_bad_mixture_is_named(tokenizer, build, spec, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         pipeline.make_dataset([], tokenizer, build, global_batch=2, num_steps=1, seed=0, mixture=spec)
@@ -142,8 +163,9 @@ def test_jsonl_globs_keep_the_global_plan(tmp_path, tokenizer, build):
 
 def test_malformed_arrayrecord_record_names_file_and_record(tmp_path, tokenizer, build):
     arrayrecord.write_shards(text_lines("apple", 3) + [b'{"text": 5}'], tmp_path, records_per_shard=10)
-    dataset = pipeline.make_dataset([str(tmp_path / "records-00000-of-00001.arrayrecord")], tokenizer, build,
-                                    global_batch=1, num_steps=10, seed=0)
+    dataset = pipeline.make_dataset(
+        [str(tmp_path / "records-00000-of-00001.arrayrecord")], tokenizer, build, global_batch=1, num_steps=10, seed=0
+    )
     iterator = pipeline.make_iterator(dataset)
     with pytest.raises(ValueError, match=r"records-00000-of-00001.arrayrecord:record 3: field 'text' must be a string"):
         for _ in range(10):
@@ -165,8 +187,11 @@ def world_shards(tmp_path_factory):
 
 
 def shard_config(tmp_path: Path, world: Path, **changes) -> Path:
-    return config_file(tmp_path, world, **{"data.train_files": str(world / "shards" / "records-*.arrayrecord"),
-                                           "train.steps": 4, **changes})
+    return config_file(
+        tmp_path,
+        world,
+        **{"data.train_files": str(world / "shards" / "records-*.arrayrecord"), "train.steps": 4, **changes},
+    )
 
 
 @pytest.mark.slow  # real-model load or whole training runs: 15-30 s each
@@ -186,10 +211,23 @@ def test_arrayrecord_training_killed_and_resumed_gives_the_same_losses(world_sha
 def test_two_processes_train_on_their_shares(world_shards, tmp_path):
     """launch/local.sh, two processes with jax.distributed: each logs that it reads half of the records."""
     config = shard_config(tmp_path, world_shards, **{"train.steps": 2, "checkpoint.every": 2})
-    env = {**os.environ, "CONFIG": str(config), "WORKDIR": str(tmp_path / "run"), "NUM_PROCESSES": "2",
-           "PYTHON": sys.executable, "TIMEOUT": "200", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(["bash", str(REPO / "launch" / "local.sh"), "--alsologtostderr"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=480)
+    env = {
+        **os.environ,
+        "CONFIG": str(config),
+        "WORKDIR": str(tmp_path / "run"),
+        "NUM_PROCESSES": "2",
+        "PYTHON": sys.executable,
+        "TIMEOUT": "200",
+        "PYTHONUNBUFFERED": "1",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "local.sh"), "--alsologtostderr"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     total = sum(1 for line in (world_shards / "train.jsonl").read_text().splitlines() if line.strip())

@@ -1,4 +1,5 @@
 """The model under the GRC rule: a segment's embedding and memory depend on its own text only."""
+
 import dataclasses
 
 import jax
@@ -11,8 +12,17 @@ from grc_jax.config import ModelConfig, from_hf_config, to_hf_config
 from grc_jax.eval.attention import attention_probabilities
 
 P, K, V = 16, 4, 64
-CONFIG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8, num_latents=K, max_segment_len=P)
+CONFIG = ModelConfig(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    num_latents=K,
+    max_segment_len=P,
+)
 PARAMS = jax.tree.map(lambda a: a * 5, model.init_params(CONFIG, jax.random.key(0)))  # O(1) activations
 LATENTS = list(CONFIG.latent_token_ids)
 
@@ -81,8 +91,9 @@ def test_reader_sees_segments_only_through_memory():
     *_, out, row = run([([DOC, [12, 13]], [20, 21, 22])])
     meta = layout.TokenMeta(row.example[None], row.segment[None], row.kind[None])
     probs = np.asarray(attention_probabilities(CONFIG, PARAMS, jnp.asarray(row.tokens[None]), meta))[:, 0]
-    reader, text, latent = ((row.kind == kind) & (row.example > 0)
-                            for kind in (layout.READER, layout.TEXT, layout.LATENT))
+    reader, text, latent = (
+        (row.kind == kind) & (row.example > 0) for kind in (layout.READER, layout.TEXT, layout.LATENT)
+    )
     assert np.all(probs[:, :, reader][..., text] == 0)
     assert np.all(probs[:, :, reader][..., latent].sum(-1) > 0)
     *_, out2, _ = run([([[12, 13, 14, 15, 16, 17, 18], [12, 13]], [20, 21, 22])])
@@ -153,8 +164,9 @@ def test_every_parameter_has_logical_axes():
 def test_forward_is_jittable_with_config_static():
     tokens = jnp.ones((1, 5), jnp.int32)
     jitted = jax.jit(model.forward, static_argnums=0)
-    np.testing.assert_allclose(jitted(CONFIG, PARAMS, tokens).logits, model.forward(CONFIG, PARAMS, tokens).logits,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        jitted(CONFIG, PARAMS, tokens).logits, model.forward(CONFIG, PARAMS, tokens).logits, atol=1e-6
+    )
 
 
 def test_forward_input_errors():
@@ -197,7 +209,7 @@ def test_pooling_last_and_linear_head():
 
 def test_latents_of_a_model_trained_from_scratch_start_distinct():
     embed = np.asarray(model.init_params(CONFIG, jax.random.key(1))["embed"])
-    latents = embed[CONFIG.vocab_size:]
+    latents = embed[CONFIG.vocab_size :]
     assert latents.shape[0] == K
     # Random rows, at the scale of the base rows: not K copies of their near-zero mean.
     assert np.linalg.norm(latents - latents.mean(0), axis=1).min() > 0.5 * np.linalg.norm(embed[:V], axis=1).mean()

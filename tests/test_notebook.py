@@ -1,4 +1,5 @@
 """The Colab notebook runs end to end on the CPU with a shortened config, so it cannot rot."""
+
 import os
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def test_setup_cells_import_the_checkout_even_when_it_is_named_grc_jax(tmp_path)
     # install (.pth files are not read), as in a kernel that was running before the install.
     site_packages = os.pathsep.join(p for p in sys.path if p.endswith("site-packages"))
     env = {**os.environ, "GRC_NOTEBOOK_SMOKE": "1", "GRC_REPO": "grc_jax", "PYTHONPATH": site_packages}
-    result = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith(str(Path("grc_jax") / "train.py"))

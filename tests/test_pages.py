@@ -1,5 +1,6 @@
 """The page pool: allocation, free list, shared reference-counted memory pages, eviction,
 all-or-nothing failure, and writing memories into device pages."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,13 @@ from grc_jax.inference.pages import OutOfPages, PageAllocator, new_pool, page_by
 def plain(alloc: PageAllocator):
     """The allocator's whole state as comparable Python values."""
     free, refcount, memories, cached, requests = alloc.snapshot()
-    return (sorted(free), refcount.tolist(), {k: (m.pages, m.refs) for k, m in memories.items()}, list(cached),
-            requests)
+    return (
+        sorted(free),
+        refcount.tolist(),
+        {k: (m.pages, m.refs) for k, m in memories.items()},
+        list(cached),
+        requests,
+    )
 
 
 def test_token_pages_are_private_and_return_to_the_free_list():
@@ -106,8 +112,16 @@ def test_misuse_gets_errors_that_name_the_problem():
 
 
 def test_write_memories_fills_exactly_the_named_pages_and_slots():
-    config = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
-                         head_dim=4, num_latents=3)
+    config = ModelConfig(
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        num_latents=3,
+    )
     pool = new_pool(config, num_pages=5, page_size=2)
     assert pool.k.shape == (2, 5, 2, 1, 4) and pool.nbytes == 5 * page_bytes(config, 2)
     rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
 """Perplexity of the plain LM on text: equal to transformers' own loss on the same windows."""
+
 import math
 
 import numpy as np

@@ -5,6 +5,7 @@ the same calls (`get_mixture_or_task(name).get_dataset(...).as_numpy_iterator()`
 example values (bytes scalars, 1-D object arrays of bytes, int token arrays). The last test runs
 the real seqio where it imports (the `seqio` extra).
 """
+
 import sys
 import types
 
@@ -16,9 +17,15 @@ from grc_jax.data.records import Record, read_records
 from grc_jax.train_config import defaults
 
 EXAMPLES = [
-    {"query_pretokenized": b"who keeps an owl?", "query": np.array([5, 6, 7], np.int32),
-     "positive": b"Ada keeps an owl.", "negatives": np.array([b"Bo keeps a cat.", "Cy keeps a dog.".encode()], object),
-     "question": np.array(b"What pet does Ada keep?", object), "answer": b"an owl", "id": 3},
+    {
+        "query_pretokenized": b"who keeps an owl?",
+        "query": np.array([5, 6, 7], np.int32),
+        "positive": b"Ada keeps an owl.",
+        "negatives": np.array([b"Bo keeps a cat.", "Cy keeps a dog.".encode()], object),
+        "question": np.array(b"What pet does Ada keep?", object),
+        "answer": b"an owl",
+        "id": 3,
+    },
     {"text": "caf\u00e9 text, already a str", "query": b"", "negatives": np.array([], object)},
 ]
 
@@ -53,8 +60,14 @@ def test_seqio_examples_become_records(fake_seqio):
     records, skipped = read_records(["seqio:grc_demo:validation"])
     assert skipped == 0
     assert records == [
-        Record(source="seqio:grc_demo:validation#0", query="who keeps an owl?", positive="Ada keeps an owl.",
-               negatives=("Bo keeps a cat.", "Cy keeps a dog."), question="What pet does Ada keep?", answer="an owl"),
+        Record(
+            source="seqio:grc_demo:validation#0",
+            query="who keeps an owl?",
+            positive="Ada keeps an owl.",
+            negatives=("Bo keeps a cat.", "Cy keeps a dog."),
+            question="What pet does Ada keep?",
+            answer="an owl",
+        ),
         Record(source="seqio:grc_demo:validation#1", text="caf\u00e9 text, already a str"),
     ]
     # Read once, in order: the packing plan shuffles, and seqio's own shuffling would break resumption.
@@ -67,8 +80,10 @@ def test_seqio_split_defaults_to_train_and_mixes_with_jsonl(fake_seqio, tmp_path
     path = tmp_path / "a.jsonl"
     path.write_text('{"text": "from a file"}\n')
     records, _ = read_records([str(path), "seqio:grc_demo"])
-    assert [(r.source, r.text) for r in records] == [(f"{path}:1", "from a file"),
-                                                     ("seqio:grc_demo:train#0", "caf\u00e9 text, already a str")]
+    assert [(r.source, r.text) for r in records] == [
+        (f"{path}:1", "from a file"),
+        ("seqio:grc_demo:train#0", "caf\u00e9 text, already a str"),
+    ]
     assert calls[0]["split"] == "train"
 
 
@@ -81,12 +96,18 @@ def test_malformed_seqio_example_is_named_and_can_be_skipped(fake_seqio):
     assert [r.text for r in records] == ["fine"] and skipped == 1
 
 
-@pytest.mark.parametrize("example, why", [
-    ({"answer": np.array([1, 2]), "question": b"q", "positive": b"p"}, r"#0: feature 'answer' holds token ids"),
-    ({"inputs": b"x", "targets": b"y"}, r"#0: the example has none of the features .*its features: inputs, targets"),
-    ({"text": b"\xff"}, r"#0: feature 'text' is not UTF-8"),
-    ({"positive": b"p", "question": b"q", "answer": b"a", "negatives": b"one"}, r"'negatives' must be a 1-D list"),
-])
+@pytest.mark.parametrize(
+    "example, why",
+    [
+        ({"answer": np.array([1, 2]), "question": b"q", "positive": b"p"}, r"#0: feature 'answer' holds token ids"),
+        (
+            {"inputs": b"x", "targets": b"y"},
+            r"#0: the example has none of the features .*its features: inputs, targets",
+        ),
+        ({"text": b"\xff"}, r"#0: feature 'text' is not UTF-8"),
+        ({"positive": b"p", "question": b"q", "answer": b"a", "negatives": b"one"}, r"'negatives' must be a 1-D list"),
+    ],
+)
 def test_unusable_seqio_examples_fail_even_when_skipping(fake_seqio, example, why):
     # A feature of the wrong type is the task's fault, not one example's: every example has it.
     tasks, _ = fake_seqio
@@ -122,11 +143,13 @@ def test_real_seqio_task():
     tf = pytest.importorskip("tensorflow")
 
     def dataset_fn(split, shuffle_files, seed=None):
-        return tf.data.Dataset.from_tensor_slices({
-            "query": ["who keeps an owl?", "who keeps a cat?"],
-            "positive": ["Ada keeps an owl.", "Bo keeps a cat."],
-            "negatives": [["Bo keeps a cat."], ["Ada keeps an owl."]],
-        })
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "query": ["who keeps an owl?", "who keeps a cat?"],
+                "positive": ["Ada keeps an owl.", "Bo keeps a cat."],
+                "negatives": [["Bo keeps a cat."], ["Ada keeps an owl."]],
+            }
+        )
 
     name = "grc_jax_test_task"
     if name not in seqio.TaskRegistry.names():

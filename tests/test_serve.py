@@ -2,6 +2,7 @@
 the OpenAI routes, the memory routes, continuous batching (concurrent greedy requests give the
 one-at-a-time outputs; a short request is not held behind a long one), kill -9 and SIGTERM with
 a durable bank, bad input, auth; and MemoryBank's load checks and bank directories."""
+
 from __future__ import annotations
 
 import base64
@@ -37,14 +38,28 @@ from grc_jax.tokenizer import Tokenizer
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["Zorvak lives in Quarn and keeps an owl.", "Belna is a glassblower from Ostreth.",
-        "The river Quarn floods every spring.", "Ostreth has a glass market on the hill."]
-PROMPTS = ["Who keeps an owl?", "Belna", "The river floods", "Zorvak lives in Quarn and keeps", "Where is Ostreth?",
-           "glass market", "Quarn", "an owl"]
+DOCS = [
+    "Zorvak lives in Quarn and keeps an owl.",
+    "Belna is a glassblower from Ostreth.",
+    "The river Quarn floods every spring.",
+    "Ostreth has a glass market on the hill.",
+]
+PROMPTS = [
+    "Who keeps an owl?",
+    "Belna",
+    "The river floods",
+    "Zorvak lives in Quarn and keeps",
+    "Where is Ostreth?",
+    "glass market",
+    "Quarn",
+    "an owl",
+]
 ENGINE_OPTIONS = dict(num_pages=256, page_size=4, prefill_chunk=32, max_reason_tokens=6, batch_size=8)
 SERVER_OPTIONS = dict(slots=8, max_len=256, max_memories=4, steps_per_chunk=4)
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 TIMEOUT = 120  # seconds any one call may take on a busy 2-core machine
 
 
@@ -52,8 +67,17 @@ TIMEOUT = 120  # seconds any one call may take on a busy 2-core machine
 def export(tmp_path_factory) -> Path:
     """A tiny random model (weights scaled so greedy outputs vary) exported as HF."""
     tokenizer = Tokenizer(demo_world.train_tokenizer((DOCS + PROMPTS) * 3, vocab_size=360))
-    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, num_latents=4, max_segment_len=16)
+    config = ModelConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_latents=4,
+        max_segment_len=16,
+    )
     params = jax.jit(model.init_params, static_argnums=0)(config, jax.random.key(0))
     params = jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x, params)
     out = tmp_path_factory.mktemp("serve") / "tiny"
@@ -137,8 +161,9 @@ def test_models_completions_chat_and_streams_match_the_engine(server, client, re
     prompt = render_messages(reference, messages)
     assert chat.choices[0].message.content == reference.generate(prompt, max_new_tokens=10)
     assert chat.choices[0].message.role == "assistant"
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
@@ -155,8 +180,12 @@ def test_stop_strings_cut_the_text(client):
 
 
 def test_sampling_with_a_seed_repeats(client):
-    a, b = (client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=1.0, top_p=0.9,
-                                      seed=7).choices[0].text for _ in range(2))
+    a, b = (
+        client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+        .choices[0]
+        .text
+        for _ in range(2)
+    )
     assert a == b
 
 
@@ -174,13 +203,16 @@ def test_embeddings_equal_engine_embed_for_every_input_form(client, reference):
     np.testing.assert_allclose(single.data[0].embedding, want[1], atol=1e-5)
     assert got.usage.prompt_tokens == sum(map(len, tokens))
     instructed = client.embeddings.create(model="tiny", input=DOCS[:2], extra_body={"instruction": "Find: "})
-    np.testing.assert_allclose(np.array([d.embedding for d in instructed.data]),
-                               reference.embed(DOCS[:2], instruction="Find: "), atol=1e-5)
+    np.testing.assert_allclose(
+        np.array([d.embedding for d in instructed.data]), reference.embed(DOCS[:2], instruction="Find: "), atol=1e-5
+    )
     reasoned = client.embeddings.create(model="tiny", input=DOCS[:2], extra_body={"reason": True})
-    np.testing.assert_allclose(np.array([d.embedding for d in reasoned.data]), reference.embed(DOCS[:2], reason=True),
-                               atol=1e-5)
-    raw = httpx.post(str(client.base_url) + "embeddings", json={"input": DOCS[2], "encoding_format": "base64"},
-                     timeout=TIMEOUT).json()
+    np.testing.assert_allclose(
+        np.array([d.embedding for d in reasoned.data]), reference.embed(DOCS[:2], reason=True), atol=1e-5
+    )
+    raw = httpx.post(
+        str(client.base_url) + "embeddings", json={"input": DOCS[2], "encoding_format": "base64"}, timeout=TIMEOUT
+    ).json()
     np.testing.assert_allclose(np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), "<f4"), want[2], atol=1e-5)
 
 
@@ -212,14 +244,16 @@ def test_memories_add_list_get_replace_delete_search_and_rag(server, client, ref
 
     rag = h.post("/v1/rag", json={"question": PROMPTS[0], "top_k": 2, "max_tokens": 8}).json()
     assert len(rag["memory_ids"]) == 2 and rag["scores"] == sorted(rag["scores"], reverse=True)
-    direct = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8,
-                                       extra_body={"memory_ids": rag["memory_ids"]})
+    direct = client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=8, extra_body={"memory_ids": rag["memory_ids"]}
+    )
     assert rag["answer"] == direct.choices[0].text
     # Reading memories changes the answer against the reference engine reading the same memories.
     reference.bank = MemoryBank(reference.bank_spec)
     ref_ids = reference.compress([DOCS[3]])[0] + reference.compress([long_doc])[0]
-    with_memories = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8,
-                                              extra_body={"memory_ids": [ids[0], ids[1], ids[2]]})
+    with_memories = client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=8, extra_body={"memory_ids": [ids[0], ids[1], ids[2]]}
+    )
     assert with_memories.choices[0].text == reference.generate(PROMPTS[0], memories=ref_ids, max_new_tokens=8)
 
     assert h.delete(f"/v1/memories/{ids[1]}").json()["deleted"] is True
@@ -238,8 +272,7 @@ def test_memory_priors_give_what_engine_generate_and_rag_give(server, client, re
         differs = 0
         requests = []
         for prompt in PROMPTS[:4]:
-            want = reference.generate(prompt, memories=[ref_ids[i] for i in read], max_new_tokens=12,
-                                      memory_prior=True)
+            want = reference.generate(prompt, memories=[ref_ids[i] for i in read], max_new_tokens=12, memory_prior=True)
             plain = reference.generate(prompt, memories=[ref_ids[i] for i in read], max_new_tokens=12)
             body = {"prompt": prompt, "max_tokens": 12, "memory_ids": [ids[i] for i in read]}
             got = h.post("/v1/completions", json={**body, "memory_prior": True}).json()["choices"][0]["text"]
@@ -250,12 +283,14 @@ def test_memory_priors_give_what_engine_generate_and_rag_give(server, client, re
         assert differs  # the priors change some answer, so equal answers mean something
         # with requests without priors in the same decode chunks, each still gets its own answer
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-            together = list(pool.map(lambda r: h.post("/v1/completions", json=r[0]).json()["choices"][0]["text"],
-                                     requests))
+            together = list(
+                pool.map(lambda r: h.post("/v1/completions", json=r[0]).json()["choices"][0]["text"], requests)
+            )
         assert together == [want for _, want in requests]
 
-        rag = h.post("/v1/rag", json={"question": PROMPTS[0], "top_k": 3, "max_tokens": 12,
-                                      "memory_prior": True}).json()
+        rag = h.post(
+            "/v1/rag", json={"question": PROMPTS[0], "top_k": 3, "max_tokens": 12, "memory_prior": True}
+        ).json()
         want = reference.rag(PROMPTS[0], top_k=3, max_new_tokens=12, memory_prior=True)
         assert rag["answer"] == want.answer and rag["memory_ids"] == [ids[ref_ids.index(i)] for i in want.memory_ids]
         bad = h.post("/v1/completions", json={"prompt": "Belna", "memory_prior": True, "prior_temperature": 0})
@@ -270,7 +305,7 @@ def _requests(memory_ids: list[int]) -> list[dict]:
     for i in range(16):
         r = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 3 + 5 * (i % 6)}
         if i % 3 == 1:
-            r["extra_body"] = {"memory_ids": memory_ids[i % len(memory_ids):][:2]}
+            r["extra_body"] = {"memory_ids": memory_ids[i % len(memory_ids) :][:2]}
         out.append(r)
     return out
 
@@ -292,8 +327,11 @@ def test_concurrent_greedy_requests_give_the_one_at_a_time_outputs(server, clien
 
 def test_a_long_request_started_first_does_not_hold_back_a_short_one(server, client):
     # A prompt whose greedy continuation runs to its budget (no eos), so the long request is long.
-    prompt = next(p for p in PROMPTS if client.completions.create(
-        model="tiny", prompt=p, max_tokens=200).choices[0].finish_reason == "length")
+    prompt = next(
+        p
+        for p in PROMPTS
+        if client.completions.create(model="tiny", prompt=p, max_tokens=200).choices[0].finish_reason == "length"
+    )
     first_text = threading.Event()
     long_done = {}
 
@@ -316,8 +354,10 @@ def test_a_long_request_started_first_does_not_hold_back_a_short_one(server, cli
 def test_requests_wait_while_the_page_pool_is_full_and_then_run(server, client):
     # Each request takes 64 of the pool's 256 pages: four run at once, the others wait for pages.
     batch = server.worker.batch
-    requests = [{"prompt": PROMPTS[i], "max_tokens": 256 - len(server.worker.engine.tokenizer.encode(PROMPTS[i]))}
-                for i in range(7)]
+    requests = [
+        {"prompt": PROMPTS[i], "max_tokens": 256 - len(server.worker.engine.tokenizer.encode(PROMPTS[i]))}
+        for i in range(7)
+    ]
     alone = [client.completions.create(model="tiny", **requests[i]).choices[0].text for i in (0, 6)]
     most_waiting = []
     stop = threading.Event()
@@ -358,8 +398,9 @@ def test_a_server_on_a_bank_directory_reads_only_the_memories_requests_use(expor
             hits = h.post("/v1/memories/search", json={"query": DOCS[1], "top_k": 1}).json()["data"]
             assert hits[0]["id"] == ids[1]
         assert reads == []  # listing and search read embeddings only
-        got = srv.client().completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8,
-                                              extra_body={"memory_ids": [ids[2], ids[0]]})
+        got = srv.client().completions.create(
+            model="tiny", prompt=PROMPTS[0], max_tokens=8, extra_body={"memory_ids": [ids[2], ids[0]]}
+        )
         assert got.choices[0].text == want
         assert sorted(reads) == sorted([ids[2], ids[0]])
     finally:
@@ -398,13 +439,15 @@ def test_health_says_ok_only_after_the_warm_up_and_then_requests_compile_nothing
                     time.sleep(0.05)
                 assert warmed.is_set() and r.json() == {"status": "ok"}
                 assert early.result(TIMEOUT).status_code == 200
-            compiled = [f._cache_size() for f in (scheduler.decode_slots, scheduler.prefill_slots,
-                                                  engine_module.segment_pass)]
+            compiled = [
+                f._cache_size() for f in (scheduler.decode_slots, scheduler.prefill_slots, engine_module.segment_pass)
+            ]
             prompt = " ".join(PROMPTS)  # about 20 tokens: the smallest prefill capacity
             assert h.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6}).status_code == 200
             assert h.post("/v1/embeddings", json={"input": DOCS[0]}).status_code == 200
-            assert [f._cache_size() for f in (scheduler.decode_slots, scheduler.prefill_slots,
-                                              engine_module.segment_pass)] == compiled
+            assert [
+                f._cache_size() for f in (scheduler.decode_slots, scheduler.prefill_slots, engine_module.segment_pass)
+            ] == compiled
     finally:
         srv.close()
 
@@ -412,32 +455,40 @@ def test_health_says_ok_only_after_the_warm_up_and_then_requests_compile_nothing
 # --- bad input and auth -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route, body, status, field", [
-    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [[]]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "Belna", "max_tokens": 0}, 422, "max_tokens"),
-    ("/v1/completions", {"prompt": "Belna", "temperature": 3}, 422, "temperature"),
-    ("/v1/completions", {"prompt": "Belna", "temperature": -1}, 422, "temperature"),
-    ("/v1/completions", {"prompt": "Belna", "top_p": 0}, 422, "top_p"),
-    ("/v1/completions", {"prompt": "Belna", "max_tokens": 100000}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "Belna " * 300}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": [99999]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "Belna", "memory_ids": [123456]}, 404, "memory_ids"),
-    ("/v1/completions", {"prompt": "Belna", "memory_ids": ["12"]}, 422, "memory_ids"),
-    ("/v1/completions", {"prompt": "Belna", "n": 2}, 400, "n"),
-    ("/v1/completions", {"prompt": "Belna", "memory_ids": [0, 1, 2, 3, 4]}, 400, "memory_ids"),
-    ("/v1/completions", {}, 422, "prompt"),
-    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}, 422, "max_tokens"),
-    ("/v1/embeddings", {"input": ""}, 400, "input"),
-    ("/v1/embeddings", {"input": []}, 400, "input"),
-    ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 422, "encoding_format"),
-    ("/v1/embeddings", {"input": "x", "dimensions": 3}, 400, "dimensions"),
-    ("/v1/memories", {"texts": [""]}, 400, "texts"),
-    ("/v1/memories", {"texts": []}, 422, "texts"),
-    ("/v1/memories/search", {"query": "owl", "top_k": 0}, 422, "top_k"),
-    ("/v1/rag", {"question": "", "top_k": 1}, 400, "question"),
-])
+@pytest.mark.parametrize(
+    "route, body, status, field",
+    [
+        ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [[]]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "Belna", "max_tokens": 0}, 422, "max_tokens"),
+        ("/v1/completions", {"prompt": "Belna", "temperature": 3}, 422, "temperature"),
+        ("/v1/completions", {"prompt": "Belna", "temperature": -1}, 422, "temperature"),
+        ("/v1/completions", {"prompt": "Belna", "top_p": 0}, 422, "top_p"),
+        ("/v1/completions", {"prompt": "Belna", "max_tokens": 100000}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "Belna " * 300}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": [99999]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "Belna", "memory_ids": [123456]}, 404, "memory_ids"),
+        ("/v1/completions", {"prompt": "Belna", "memory_ids": ["12"]}, 422, "memory_ids"),
+        ("/v1/completions", {"prompt": "Belna", "n": 2}, 400, "n"),
+        ("/v1/completions", {"prompt": "Belna", "memory_ids": [0, 1, 2, 3, 4]}, 400, "memory_ids"),
+        ("/v1/completions", {}, 422, "prompt"),
+        ("/v1/chat/completions", {"messages": []}, 422, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1},
+            422,
+            "max_tokens",
+        ),
+        ("/v1/embeddings", {"input": ""}, 400, "input"),
+        ("/v1/embeddings", {"input": []}, 400, "input"),
+        ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 422, "encoding_format"),
+        ("/v1/embeddings", {"input": "x", "dimensions": 3}, 400, "dimensions"),
+        ("/v1/memories", {"texts": [""]}, 400, "texts"),
+        ("/v1/memories", {"texts": []}, 422, "texts"),
+        ("/v1/memories/search", {"query": "owl", "top_k": 0}, 422, "top_k"),
+        ("/v1/rag", {"question": "", "top_k": 1}, 400, "question"),
+    ],
+)
 def test_bad_input_is_a_4xx_naming_the_field_and_others_go_on(server, route, body, status, field):
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as h:
         if route in ("/v1/memories/search", "/v1/rag"):
@@ -485,9 +536,26 @@ def test_without_an_api_key_no_header_is_needed(server):
 def _start_cli(export: Path, bank: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
-        [sys.executable, "-m", "grc_jax.serve", f"--model={export}", f"--bank={bank}", f"--port={port}",
-         "--slots=4", "--max-len=128", "--page-size=4", "--num-pages=128", "--steps-per-chunk=4",
-         "--log-level=warning", "--no-warm-up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "grc_jax.serve",
+            f"--model={export}",
+            f"--bank={bank}",
+            f"--port={port}",
+            "--slots=4",
+            "--max-len=128",
+            "--page-size=4",
+            "--num-pages=128",
+            "--steps-per-chunk=4",
+            "--log-level=warning",
+            "--no-warm-up",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_healthy(proc: subprocess.Popen, port: int) -> None:
@@ -575,8 +643,14 @@ def test_kill_9_during_memory_adds_loses_no_acknowledged_memory_and_sigterm_exit
 
 
 def test_the_cli_names_a_bad_model_path_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "grc_jax.serve", f"--model={tmp_path}"], cwd=ROOT, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "grc_jax.serve", f"--model={tmp_path}"],
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and str(tmp_path) in r.stderr
 
 
@@ -606,14 +680,17 @@ def _rewrite_npz_meta(path: Path, **changes) -> None:
     np.savez(path, **arrays)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(next_id=1), r"ids \[1, 2\] are not below next_id=1"),
-    (dict(ids=[0, 0, 2]), r"ids \[0\] appear more than once"),
-    (dict(texts=["a", "b"]), r"3 ids but 2 texts"),
-    (dict(versions=[0]), r"3 ids but 1 versions"),
-    (dict(ids=[0, 1]), r"2 ids but 3 keys, 3 values, 3 embeddings, 3 texts, 3 versions"),
-    (dict(ids=[0, -1, 2]), r"memory ids must be integers >= 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(next_id=1), r"ids \[1, 2\] are not below next_id=1"),
+        (dict(ids=[0, 0, 2]), r"ids \[0\] appear more than once"),
+        (dict(texts=["a", "b"]), r"3 ids but 2 texts"),
+        (dict(versions=[0]), r"3 ids but 1 versions"),
+        (dict(ids=[0, 1]), r"2 ids but 3 keys, 3 values, 3 embeddings, 3 texts, 3 versions"),
+        (dict(ids=[0, -1, 2]), r"memory ids must be integers >= 0"),
+    ],
+)
 def test_loading_a_bank_checks_its_ids_and_lengths(tmp_path, change, message):
     bank = MemoryBank(_spec())
     bank.add(*_memories(3), texts=["a", "b", "c"])

@@ -1,4 +1,5 @@
 """The training job: losses fall, kill-and-resume is exact, meshes and processes agree, errors are clear."""
+
 import importlib.util
 import json
 import os
@@ -19,12 +20,25 @@ from grc_jax.data import demo_world
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = {
-    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
-    "model.num_kv_heads": 2, "model.head_dim": 8, "model.tie_word_embeddings": True, "model.num_latents": 4,
+    "model.hidden_size": 32,
+    "model.intermediate_size": 64,
+    "model.num_layers": 2,
+    "model.num_heads": 4,
+    "model.num_kv_heads": 2,
+    "model.head_dim": 8,
+    "model.tie_word_embeddings": True,
+    "model.num_latents": 4,
     "model.max_segment_len": 96,
-    "data.row_len": 384, "data.max_segments_per_row": 8, "data.max_negatives": 2, "data.reader_distractors": 2,
-    "train.steps": 8, "train.global_batch": 8, "train.learning_rate": 3e-3, "train.warmup_steps": 2,
-    "checkpoint.every": 2, "log_every": 1,
+    "data.row_len": 384,
+    "data.max_segments_per_row": 8,
+    "data.max_negatives": 2,
+    "data.reader_distractors": 2,
+    "train.steps": 8,
+    "train.global_batch": 8,
+    "train.learning_rate": 3e-3,
+    "train.warmup_steps": 2,
+    "checkpoint.every": 2,
+    "log_every": 1,
 }
 
 
@@ -58,11 +72,16 @@ def config_file(tmp_path: Path, world: Path, **changes) -> Path:
 
 
 def run_cli(config: Path, workdir: Path, *extra: str, env_devices: int = 1, extra_env: dict | None = None, **popen):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices}", "PYTHONUNBUFFERED": "1",
-           **(extra_env or {})}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={env_devices}",
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
     cmd = [sys.executable, "-m", "grc_jax.train", f"--config={config}", f"--workdir={workdir}", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def losses_of(workdir: Path) -> dict[int, float]:
@@ -123,17 +142,27 @@ def test_weight_decay_spares_norms_and_biases_of_stacked_layers():
     t.update(weight_decay=0.1, learning_rate=0.1, warmup_steps=1, steps=10)
     tx, _ = train.make_optimizer(t)
     ones = lambda *shape: np.ones(shape, np.float32)
-    params = {"embed": ones(6, 4), "final_norm": ones(4),
-              "layers": {"input_norm": ones(2, 4), "q_norm": ones(2, 2), "q_bias": ones(2, 2, 2),
-                         "q_proj": ones(2, 4, 2, 2)}}
+    params = {
+        "embed": ones(6, 4),
+        "final_norm": ones(4),
+        "layers": {"input_norm": ones(2, 4), "q_norm": ones(2, 2), "q_bias": ones(2, 2, 2), "q_proj": ones(2, 4, 2, 2)},
+    }
     state = tx.init(params)
     for _ in range(3):  # the first step's learning rate is 0 (warmup)
         updates, state = tx.update(jax.tree.map(np.zeros_like, params), state, params)
         params = optax.apply_updates(params, updates)
-    decayed = {"/".join(str(k.key) for k in path): bool(np.all(p < 1))
-               for path, p in jax.tree_util.tree_leaves_with_path(params)}
-    assert decayed == {"embed": True, "final_norm": False, "layers/input_norm": False, "layers/q_norm": False,
-                       "layers/q_bias": False, "layers/q_proj": True}
+    decayed = {
+        "/".join(str(k.key) for k in path): bool(np.all(p < 1))
+        for path, p in jax.tree_util.tree_leaves_with_path(params)
+    }
+    assert decayed == {
+        "embed": True,
+        "final_norm": False,
+        "layers/input_norm": False,
+        "layers/q_norm": False,
+        "layers/q_bias": False,
+        "layers/q_proj": True,
+    }
 
 
 @pytest.mark.slow
@@ -144,16 +173,19 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(world, tmp_path):
     from grc_jax.data import pipeline
 
     setup, _ = train.prepare(config_for(world), tmp_path)
-    batch = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=8, num_steps=1,
-                                  seed=0)[0]
+    batch = pipeline.make_dataset(setup.train_files, setup.tokenizer, setup.build, global_batch=8, num_steps=1, seed=0)[
+        0
+    ]
     params = model.init_params(setup.model_config, jax.random.key(0))
     sgd = optax.sgd(1.0)  # new params = params - gradient
 
     def step(accum):
         config = config_for(world, **{"loss.rep": 0.0, "train.grad_accum": accum})
-        new, metrics = jax.jit(lambda s, b: train.train_step(s, b, model_config=setup.model_config, tx=sgd,
-                                                             schedule=lambda _: 1.0, config=config))(
-            train.init_state(params, sgd, 0), batch)
+        new, metrics = jax.jit(
+            lambda s, b: train.train_step(
+                s, b, model_config=setup.model_config, tx=sgd, schedule=lambda _: 1.0, config=config
+            )
+        )(train.init_state(params, sgd, 0), batch)
         return jax.tree.map(lambda p, n: p - n, params, new["params"]), metrics
 
     whole, whole_metrics = step(1)
@@ -172,8 +204,9 @@ def test_eight_device_mesh_matches_one_device(world, tmp_path, reference):
     result = train.train_and_evaluate(config, tmp_path)
     eight = {h["step"]: h["loss"] for h in result["history"]}
     # Different reduction orders across 8 shards: float32 rounding, growing slowly with the steps.
-    np.testing.assert_allclose([eight[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)],
-                               rtol=2e-4)
+    np.testing.assert_allclose(
+        [eight[s] for s in sorted(reference)], [reference[s] for s in sorted(reference)], rtol=2e-4
+    )
 
 
 @pytest.mark.slow
@@ -195,10 +228,18 @@ def test_two_processes_match_one_process(world, tmp_path, reference, mesh):
     import re
 
     config = config_file(tmp_path, world, **{"train.steps": 2, "checkpoint.every": 2, **mesh})
-    env = {**os.environ, "CONFIG": str(config), "WORKDIR": str(tmp_path / "run"), "NUM_PROCESSES": "2",
-           "PYTHON": sys.executable, "TIMEOUT": "200", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(["bash", str(REPO / "launch" / "local.sh")], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=480)
+    env = {
+        **os.environ,
+        "CONFIG": str(config),
+        "WORKDIR": str(tmp_path / "run"),
+        "NUM_PROCESSES": "2",
+        "PYTHON": sys.executable,
+        "TIMEOUT": "200",
+        "PYTHONUNBUFFERED": "1",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "local.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=480
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert re.search(r"^\[0\] step 2/2 ", result.stdout, re.M) and re.search(r"^\[1\] ", result.stdout, re.M)
     two = losses_of(tmp_path / "run")
@@ -215,8 +256,17 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(world, tmp_path)
         port = sock.getsockname()[1]
     config = config_file(tmp_path, world, **{"train.steps": 40, "checkpoint.every": 100})
     env = {"JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-    procs = [run_cli(config, tmp_path / "run", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                     f"--process_id={i}", extra_env=env) for i in range(2)]
+    procs = [
+        run_cli(
+            config,
+            tmp_path / "run",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            extra_env=env,
+        )
+        for i in range(2)
+    ]
     try:
         for line in procs[1].stdout:
             if line.startswith("step 3/"):
@@ -235,8 +285,16 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(world, tmp_path)
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
-    config = config_for(world, **{"train.learning_rate": 1e30, "train.warmup_steps": 1, "train.clip_norm": 1e30,
-                                  "checkpoint.every": 1, "checkpoint.use_async": False})
+    config = config_for(
+        world,
+        **{
+            "train.learning_rate": 1e30,
+            "train.warmup_steps": 1,
+            "train.clip_norm": 1e30,
+            "checkpoint.every": 1,
+            "checkpoint.use_async": False,
+        },
+    )
     with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss or gradient at step (\d+); stopping") as info:
         train.train_and_evaluate(config, tmp_path)
     bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0])
@@ -303,24 +361,31 @@ def test_unknown_config_key_names_the_closest(world, tmp_path):
 @pytest.mark.subprocess
 def test_unknown_key_in_a_config_file_is_one_clean_line(tmp_path):
     path = tmp_path / "typo.py"
-    path.write_text("from grc_jax.train_config import defaults\ndef get_config():\n    c = defaults()\n"
-                    "    c.train.stepz = 5\n    return c\n")
+    path.write_text(
+        "from grc_jax.train_config import defaults\ndef get_config():\n    c = defaults()\n"
+        "    c.train.stepz = 5\n    return c\n"
+    )
     proc = run_cli(path, tmp_path / "run")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    assert 'config error: Key "stepz" does not exist and cannot be added since the config is locked. ' \
-           'Did you mean "steps" instead of "stepz"?' in out
+    assert (
+        'config error: Key "stepz" does not exist and cannot be added since the config is locked. '
+        'Did you mean "steps" instead of "stepz"?' in out
+    )
     assert "Other fields present" not in out
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("train.grad_accum", 0, "train.grad_accum=0 must be >= 1"),
-    ("log_every", 0, "log_every=0 must be >= 1"),
-    ("checkpoint.every", 0, "checkpoint.every=0 must be >= 1"),
-    ("mesh.fsdp", 0, r"mesh.fsdp=0 must be >= 1, or -1 for the devices left over"),
-    ("mesh.data", -2, r"mesh.data=-2 must be >= 1, or -1"),
-    ("loss.temperature", 0.0, r"loss.temperature=0.0 must be > 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.grad_accum", 0, "train.grad_accum=0 must be >= 1"),
+        ("log_every", 0, "log_every=0 must be >= 1"),
+        ("checkpoint.every", 0, "checkpoint.every=0 must be >= 1"),
+        ("mesh.fsdp", 0, r"mesh.fsdp=0 must be >= 1, or -1 for the devices left over"),
+        ("mesh.data", -2, r"mesh.data=-2 must be >= 1, or -1"),
+        ("loss.temperature", 0.0, r"loss.temperature=0.0 must be > 0"),
+    ],
+)
 def test_values_that_cannot_work_fail_at_start(world, tmp_path, key, value, message):
     with pytest.raises(ValueError, match=rf"^config: {message}"):
         train.train_and_evaluate(config_for(world, **{key: value}), tmp_path)
@@ -361,8 +426,10 @@ def test_the_model_section_is_model_configs_fields_and_defaults():
     assert train_config.model_config(c, vocab_size=100) == ModelConfig(vocab_size=100)
 
 
-@pytest.mark.parametrize("architecture, qk_norm, qkv_bias", [
-    ("LlamaForCausalLM", False, False), ("Qwen2ForCausalLM", False, True), ("Qwen3ForCausalLM", True, False)])
+@pytest.mark.parametrize(
+    "architecture, qk_norm, qkv_bias",
+    [("LlamaForCausalLM", False, False), ("Qwen2ForCausalLM", False, True), ("Qwen3ForCausalLM", True, False)],
+)
 def test_the_architecture_fixes_qk_norm_and_qkv_bias(architecture, qk_norm, qkv_bias):
     c = train_config.defaults()
     c.model.architecture = architecture
@@ -371,8 +438,11 @@ def test_the_architecture_fixes_qk_norm_and_qkv_bias(architecture, qk_norm, qkv_
     c.model.qk_norm = qk_norm  # agreeing with the architecture is allowed
     assert train_config.model_config(c, vocab_size=100) == built
     c.model.qk_norm = not qk_norm
-    with pytest.raises(ValueError, match=rf"^config: model.qk_norm={not qk_norm} does not fit "
-                                         rf"model.architecture='{architecture}', which fixes qk_norm={qk_norm}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^config: model.qk_norm={not qk_norm} does not fit "
+        rf"model.architecture='{architecture}', which fixes qk_norm={qk_norm}",
+    ):
         train_config.model_config(c, vocab_size=100)
 
 
@@ -391,21 +461,45 @@ def test_a_checkpoint_fixes_the_architecture_shapes_and_what_the_architecture_fi
     from grc_jax.tokenizer import Tokenizer
 
     vocab = len(Tokenizer.from_dir(world))
-    saved = ModelConfig(architecture="Qwen2ForCausalLM", qkv_bias=True, vocab_size=vocab, hidden_size=32,
-                        intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_latents=4,
-                        max_segment_len=96, rms_norm_eps=1e-5)
+    saved = ModelConfig(
+        architecture="Qwen2ForCausalLM",
+        qkv_bias=True,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_latents=4,
+        max_segment_len=96,
+        rms_norm_eps=1e-5,
+    )
     ckpt = hf.save_pretrained(saved, model.init_params(saved, jax.random.key(0)), tmp_path / "ckpt")
     unset = {f"model.{key}": None for key in train_config.CHECKPOINT_FIELDS}  # num_latents 4, P 96 as saved
-    unset.update({"data.bos_token": "<s>", "data.eos_token": "</s>", "data.pad_token": "<pad>",
-                  "data.eor_token": "<|end_of_reasoning|>"})  # the demo world's; the checkpoint names none
+    unset.update(
+        {
+            "data.bos_token": "<s>",
+            "data.eos_token": "</s>",
+            "data.pad_token": "<pad>",
+            "data.eor_token": "<|end_of_reasoning|>",
+        }
+    )  # the demo world's; the checkpoint names none
     setup, params = train.prepare(config_for(world, **unset, **{"model.hf_path": str(ckpt)}), tmp_path / "run")
     assert setup.model_config == saved and params is not None
-    for key, value in (("model.qkv_bias", False), ("model.hidden_size", 48), ("model.rms_norm_eps", 1e-6),
-                       ("model.architecture", "Qwen3ForCausalLM")):
+    for key, value in (
+        ("model.qkv_bias", False),
+        ("model.hidden_size", 48),
+        ("model.rms_norm_eps", 1e-6),
+        ("model.architecture", "Qwen3ForCausalLM"),
+    ):
         name = key.split(".")[1]
         config = config_for(world, **{**unset, "model.hf_path": str(ckpt), key: value})
-        with pytest.raises(ValueError, match=rf"^config: model.{name}={value!r}, but the checkpoint {ckpt} has "
-                                             rf"{name}={getattr(saved, name)!r}; leave model.{name} unset"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^config: model.{name}={value!r}, but the checkpoint {ckpt} has "
+            rf"{name}={getattr(saved, name)!r}; leave model.{name} unset",
+        ):
             train.prepare(config, tmp_path / "run")
 
 
@@ -429,10 +523,17 @@ def test_mesh_that_does_not_fit_the_devices(world, tmp_path):
 def test_readme_main_command_runs_configs_tiny_and_prints_its_evaluation(tmp_path):
     """`python -m grc_jax.train --config=configs/tiny.py`, shortened by overrides. 4 held-out people
     (the fewest a world may have): fewer other documents than the evaluation's 4 distractors."""
-    proc = run_cli(REPO / "configs" / "tiny.py", tmp_path / "run", "--config.train.steps=2",
-                   "--config.data.demo_world_entities=40", "--config.data.demo_world_heldout=4",
-                   "--config.eval_max_queries=4", "--config.reasoning_max_tokens=4", "--config.log_every=1",
-                   "--config.eval_every=1")
+    proc = run_cli(
+        REPO / "configs" / "tiny.py",
+        tmp_path / "run",
+        "--config.train.steps=2",
+        "--config.data.demo_world_entities=40",
+        "--config.data.demo_world_heldout=4",
+        "--config.eval_max_queries=4",
+        "--config.reasoning_max_tokens=4",
+        "--config.log_every=1",
+        "--config.eval_every=1",
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "step 2/2 | loss" in out

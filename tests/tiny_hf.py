@@ -1,4 +1,5 @@
 """Tiny random transformers models made on the fly, for parity tests (no network, no hub)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +10,18 @@ VOCAB = 96
 
 ARCH_CONFIGS = {
     "llama": dict(arch="LlamaForCausalLM", head_dim=8),
-    "llama3_rope": dict(arch="LlamaForCausalLM", head_dim=8, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama3_rope": dict(
+        arch="LlamaForCausalLM",
+        head_dim=8,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
     "qwen2": dict(arch="Qwen2ForCausalLM", head_dim=8),
     "qwen2_tied": dict(arch="Qwen2ForCausalLM", head_dim=8, tie_word_embeddings=True),
     "qwen3": dict(arch="Qwen3ForCausalLM", head_dim=16),  # head_dim independent of hidden/heads
@@ -25,11 +35,22 @@ def make_hf_model(kind: str, out_dir: Path, seed: int = 0):
 
     spec = dict(ARCH_CONFIGS[kind])
     arch = spec.pop("arch")
-    config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
-                  "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
-    config = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                        architectures=[arch], **spec)
+    config_cls = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
+    }[arch]
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        architectures=[arch],
+        **spec,
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
     with torch.no_grad():  # O(1) weights everywhere, biases and norms included, so parity means something

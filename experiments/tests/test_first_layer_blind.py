@@ -1,4 +1,5 @@
 """The experiment wrappers in experiments/ that experiments/HISTORY.md figures depend on."""
+
 import sys
 from pathlib import Path
 
@@ -12,8 +13,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import first_layer_blind  # noqa: E402
 
 P, K = 16, 4
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8, num_latents=K, max_segment_len=P)
+CONFIG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    num_latents=K,
+    max_segment_len=P,
+)
 PARAMS = jax.tree.map(lambda a: a * 5, model.init_params(CONFIG, jax.random.key(0)))
 
 

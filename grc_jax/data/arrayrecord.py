@@ -1,5 +1,6 @@
 """ArrayRecord shards of GRC records (grain's random-access format): one record per entry, stored
 as the UTF-8 JSON of its JSONL line, so both formats hold the same bytes."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ def is_arrayrecord(path: str | Path) -> bool:
     return str(path).endswith(SUFFIXES)
 
 
-def write_shards(lines: Sequence[bytes], out_dir: str | Path, records_per_shard: int,
-                 name: str = "records") -> list[Path]:
+def write_shards(
+    lines: Sequence[bytes], out_dir: str | Path, records_per_shard: int, name: str = "records"
+) -> list[Path]:
     """Writes `lines` to <name>-SSSSS-of-NNNNN.arrayrecord shards; each shard is written under a
     temporary name and renamed, so a killed run leaves no truncated shard under the final name."""
     if records_per_shard < 1:
@@ -32,7 +34,7 @@ def write_shards(lines: Sequence[bytes], out_dir: str | Path, records_per_shard:
         tmp = path.with_name(path.name + ".tmp")
         # group_size:1: every record is its own chunk, for cheap random access.
         writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
-        for line in lines[s * records_per_shard:(s + 1) * records_per_shard]:
+        for line in lines[s * records_per_shard : (s + 1) * records_per_shard]:
             writer.write(line)
         writer.close()
         os.replace(tmp, path)

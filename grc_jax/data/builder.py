@@ -24,6 +24,7 @@ slot) and the reader must see the positive's memory.
 Loss on token t is stored at the position p just before it: `targets[p] = tokens[t]` and the
 loss's weight at p is 1. p is always t - 1 in storage, in the same example and in t's context.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,19 @@ from grc_jax.layout import Row, RowBuilder, join, padding
 
 READER_TASKS = ("continuation", "reconstruction", "none")
 SEG_UNUSED, SEG_QUERY, SEG_DOCUMENT, SEG_QUESTION = 0, 1, 2, 3
-BATCH_KEYS = ("tokens", "example", "segment", "kind", "targets", "gen_weight", "comp_weight",
-              "seg_latent_index", "seg_kind", "seg_positive", "seg_doc_id")
+BATCH_KEYS = (
+    "tokens",
+    "example",
+    "segment",
+    "kind",
+    "targets",
+    "gen_weight",
+    "comp_weight",
+    "seg_latent_index",
+    "seg_kind",
+    "seg_positive",
+    "seg_doc_id",
+)
 # Only with BuildConfig.question_segments: per segment slot, the slot of the question segment of
 # the reader that sees it as a memory, or -1.
 PRIOR_KEYS = ("seg_question",)
@@ -98,8 +110,9 @@ class TokenizedRecord:
     def __post_init__(self) -> None:
         # Documents without ids would silently vanish (zip) or escape the duplicate mask (-1).
         if len(self.negative_doc_ids) != len(self.negatives):
-            raise UserError(f"{self.source}: {len(self.negatives)} negatives but "
-                            f"{len(self.negative_doc_ids)} negative_doc_ids")
+            raise UserError(
+                f"{self.source}: {len(self.negatives)} negatives but {len(self.negative_doc_ids)} negative_doc_ids"
+            )
         if (self.positive is not None) != (self.positive_doc_id >= 0):
             raise UserError(f"{self.source}: a positive needs a positive_doc_id >= 0, and only a positive")
 
@@ -151,12 +164,13 @@ def unit_rng(seed: int, epoch: int, record_index: int) -> np.random.Generator:
 _SINGLE_FIELDS = ("query", "reasoning", "positive", "question", "answer", "text")
 
 
-def tokenize_records(records: Sequence[Record], encode_batch: Callable[[list[str]], list[list[int]]],
-                     chunk_size: int = 1024) -> list[TokenizedRecord]:
+def tokenize_records(
+    records: Sequence[Record], encode_batch: Callable[[list[str]], list[list[int]]], chunk_size: int = 1024
+) -> list[TokenizedRecord]:
     """Tokenizes records, a chunk of records per `encode_batch` call (which may run in parallel)."""
     out: list[TokenizedRecord] = []
     for start in range(0, len(records), chunk_size):
-        chunk = records[start:start + chunk_size]
+        chunk = records[start : start + chunk_size]
         texts = [text for record in chunk for text in _strings(record)]
         ids = iter(encode_batch(texts))
         out += [_tokenized(record, ids) for record in chunk]
@@ -225,16 +239,20 @@ def _check_tokens(record: TokenizedRecord, config: BuildConfig) -> None:
     if record.query is not None:
         size = len(record.query) + (len(record.reasoning) + 1 if record.reasoning is not None else 0)
         if size > config.max_segment_len:
-            raise UserError(f"{record.source}: query (+ reasoning + end-of-reasoning) has {size} tokens, "
-                            f"more than max_segment_len {config.max_segment_len}")
+            raise UserError(
+                f"{record.source}: query (+ reasoning + end-of-reasoning) has {size} tokens, "
+                f"more than max_segment_len {config.max_segment_len}"
+            )
 
 
 def _check_fits(unit: Unit, config: BuildConfig) -> None:
     if unit.length > config.row_len:
         raise UserError(f"{unit.source}: record needs {unit.length} tokens, more than row_len {config.row_len}")
     if unit.num_segments > config.max_segments_per_row:
-        raise UserError(f"{unit.source}: record needs {unit.num_segments} segments, more than "
-                        f"max_segments_per_row {config.max_segments_per_row}")
+        raise UserError(
+            f"{unit.source}: record needs {unit.num_segments} segments, more than "
+            f"max_segments_per_row {config.max_segments_per_row}"
+        )
 
 
 def _add_query(layout: "_Layout", record: TokenizedRecord, config: BuildConfig) -> int:
@@ -245,19 +263,18 @@ def _add_query(layout: "_Layout", record: TokenizedRecord, config: BuildConfig) 
     return layout.add_segment(text, SEG_QUERY, loss_from=len(record.query))
 
 
-def _add_documents(layout: "_Layout", record: TokenizedRecord, config: BuildConfig,
-                   rng: np.random.Generator) -> int:
+def _add_documents(layout: "_Layout", record: TokenizedRecord, config: BuildConfig, rng: np.random.Generator) -> int:
     """Adds the positive and negatives (and the reader, if any); returns the positive's slot."""
     P = config.max_segment_len
     # A copy of the positive, or a repeated negative, would show the reader the same memory twice.
     distinct = {i: n for n, i in zip(record.negatives, record.negative_doc_ids) if i != record.positive_doc_id}
-    negatives = [(n[:P], i) for i, n in distinct.items()][:config.max_negatives]
+    negatives = [(n[:P], i) for i, n in distinct.items()][: config.max_negatives]
     positive = record.positive[:P]
     shown: list[tuple[list[int], int]] = []
     if record.question is not None:
         reader = record.question + record.answer + [config.eos_id]
         loss_from = len(record.question)
-        shown, negatives = negatives[:config.reader_distractors], negatives[config.reader_distractors:]
+        shown, negatives = negatives[: config.reader_distractors], negatives[config.reader_distractors :]
     elif config.reader_task == "reconstruction":
         reader, loss_from = [config.bos_id] + positive + [config.eos_id], 1
     elif config.reader_task == "continuation":
@@ -271,14 +288,13 @@ def _add_documents(layout: "_Layout", record: TokenizedRecord, config: BuildConf
     layout.new_example()
     segments = [(positive, record.positive_doc_id)] + shown
     order = rng.permutation(len(segments)) if reader is not None else range(len(segments))
-    slots = {int(j): layout.add_segment(segments[j][0], SEG_DOCUMENT, loss_from=1, doc=segments[j][1])
-             for j in order}
+    slots = {int(j): layout.add_segment(segments[j][0], SEG_DOCUMENT, loss_from=1, doc=segments[j][1]) for j in order}
     if reader is not None:
         layout.add_reader(reader, loss_from=loss_from, compressive=True)
         if record.question is not None and config.question_segments:
             layout.new_example()  # its own example: the reader must not see the question's memory
             # Cut to P as Engine cuts a question it embeds for a prior: the embedding trained is the one served.
-            question = record.question[:config.max_segment_len]
+            question = record.question[: config.max_segment_len]
             question_slot = layout.add_segment(question, SEG_QUESTION, loss_from=None)
             for slot in slots.values():
                 layout.seg_question[slot] = question_slot
@@ -367,8 +383,9 @@ def plan_rows(sizes: Sequence[tuple[int, int]], row_len: int, max_segments_per_r
     tokens = segments = 0
     for i, (n, s) in enumerate(sizes):
         if n > row_len or s > max_segments_per_row:
-            raise ValueError(f"unit {i} needs {n} tokens and {s} segments; a row holds "
-                             f"{row_len} and {max_segments_per_row}")
+            raise ValueError(
+                f"unit {i} needs {n} tokens and {s} segments; a row holds {row_len} and {max_segments_per_row}"
+            )
         if current and (tokens + n > row_len or segments + s > max_segments_per_row):
             rows.append(current)
             current, tokens, segments = [], 0, 0

@@ -4,6 +4,7 @@ Chunks are character spans of the input, cut at token boundaries and, where a wo
 near, at a word boundary, so a chunk is the document's own text and re-tokenizes to at most P
 tokens. Without a tokenizer, "tokens" are whitespace-separated words.
 """
+
 from __future__ import annotations
 
 import re

@@ -289,9 +289,7 @@ def _new_name(
     return name
 
 
-def _make_names(
-    rng: random.Random, count: int, taken: list[str], pieces: set[str] | None = None
-) -> list[str]:
+def _make_names(rng: random.Random, count: int, taken: list[str], pieces: set[str] | None = None) -> list[str]:
     pre = pre_tokenizer()
     names: list[str] = []
     for _ in range(1000 * count):
@@ -347,9 +345,7 @@ class _Population:
     def __init__(self, people: Sequence[Entity]):
         self.people = list(people)
         self.index = {e.name: i for i, e in enumerate(self.people)}
-        self.attrs = np.array(
-            [[ATTRIBUTE_VALUES[k].index(v) for k, v in zip(ATTRIBUTES, e.values)] for e in people]
-        )
+        self.attrs = np.array([[ATTRIBUTE_VALUES[k].index(v) for k, v in zip(ATTRIBUTES, e.values)] for e in people])
         self.mentor = np.array([self.index[e.mentor] for e in self.people])
 
     def identifying_attributes(self, rng: random.Random, e: Entity) -> list[str]:
@@ -367,9 +363,7 @@ class _Population:
         mask = rng.choice([m for m in masks if m.bit_count() == fewest])
         return [k for j, k in enumerate(ATTRIBUTES) if mask >> j & 1]
 
-    def hard_negatives(
-        self, rng: random.Random, target: Entity, exclude: Iterable[str] = ()
-    ) -> list[str]:
+    def hard_negatives(self, rng: random.Random, target: Entity, exclude: Iterable[str] = ()) -> list[str]:
         """Names of 3-7 people whose documents look most like the target's: most shared
         attributes, plus one for a mentor link (mentor, mentee or same mentor)."""
         t = self.index[target.name]
@@ -520,8 +514,10 @@ def build_world(
     """Generates the world, its records and its tokenizer in memory (deterministic)."""
     num_train = num_entities - num_heldout
     if num_entities > MAX_ENTITIES:
-        raise UserError(f"num_entities={num_entities}: the demo world has at most {MAX_ENTITIES} people "
-                        f"(one per distinct attribute tuple)")
+        raise UserError(
+            f"num_entities={num_entities}: the demo world has at most {MAX_ENTITIES} people "
+            f"(one per distinct attribute tuple)"
+        )
     if min(num_heldout, num_train) < MIN_SPLIT_SIZE:
         raise UserError(
             f"num_entities={num_entities} with num_heldout={num_heldout} leaves a split "
@@ -657,9 +653,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-heldout", type=int, default=DEFAULT_NUM_HELDOUT)
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     args = parser.parse_args(argv)
-    info = write_demo_world(
-        args.out, args.seed, args.num_entities, args.num_heldout, args.vocab_size
-    )
+    info = write_demo_world(args.out, args.seed, args.num_entities, args.num_heldout, args.vocab_size)
     print(json.dumps({k: info[k] for k in ("out_dir", "counts", "doc_tokens")}, indent=2))
 
 

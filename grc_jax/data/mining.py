@@ -5,6 +5,7 @@ query's (or question's) top documents, skipping its positive, its own negatives,
 converter excluded (other relevant documents of the query) and, for records with an answer, any
 document that contains the answer (most likely a false negative).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -40,7 +41,7 @@ def model_ranker(run: str) -> Ranker:
         documents = np.asarray(engine.encode_document(list(corpus)), np.float32)
         out: list[list[int]] = []
         for start in range(0, len(queries), 1024):  # bounds the [queries, corpus] similarity matrix
-            q = np.asarray(engine.encode_query(list(queries[start:start + 1024])), np.float32)
+            q = np.asarray(engine.encode_query(list(queries[start : start + 1024])), np.float32)
             sims = q @ documents.T
             out += [np.argsort(-row, kind="stable")[:k].tolist() for row in sims]
         return out

@@ -9,6 +9,7 @@ the packing of every row of the run, epoch by epoch, as lists of record indices,
 batch's rows only when grain asks for it. A batch is a pure function of (files, seed, step), so
 resuming needs only grain's iterator state (the next step).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,9 @@ class PackingPlan:
 
     def build_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """The batch of rows [start, stop)."""
-        return rows_to_batch([[self._unit(epoch, i) for i in indices] for epoch, indices in self.rows[start:stop]],
-                             self.config)
+        return rows_to_batch(
+            [[self._unit(epoch, i) for i in indices] for epoch, indices in self.rows[start:stop]], self.config
+        )
 
     def _unit(self, epoch: int, index: int) -> Unit:
         return build_unit(self.records[index], self.config, unit_rng(self.seed, epoch, index))
@@ -61,8 +63,9 @@ class NoUsableRecords(UserError):
     pass
 
 
-def plan_packing(records: Sequence[TokenizedRecord], config: BuildConfig, *, num_rows: int, seed: int,
-                 skip_malformed: bool = False) -> PackingPlan:
+def plan_packing(
+    records: Sequence[TokenizedRecord], config: BuildConfig, *, num_rows: int, seed: int, skip_malformed: bool = False
+) -> PackingPlan:
     """Plans `num_rows` rows: each epoch shuffles the records with (seed, epoch) and packs them
     greedily; an epoch's last row is not topped up from the next epoch."""
     usable, sizes, skipped = _measure(records, config, seed, skip_malformed)
@@ -81,8 +84,9 @@ def plan_packing(records: Sequence[TokenizedRecord], config: BuildConfig, *, num
     return PackingPlan(usable, config, seed, rows, skipped, padding, epoch)
 
 
-def _measure(records: Sequence[TokenizedRecord], config: BuildConfig, seed: int,
-             skip_malformed: bool) -> tuple[list[TokenizedRecord], list[tuple[int, int]], int]:
+def _measure(
+    records: Sequence[TokenizedRecord], config: BuildConfig, seed: int, skip_malformed: bool
+) -> tuple[list[TokenizedRecord], list[tuple[int, int]], int]:
     """Lays every record out once: its size does not depend on the epoch, only its order does."""
     usable: list[TokenizedRecord] = []
     sizes: list[tuple[int, int]] = []
@@ -115,9 +119,19 @@ class _HostBatch:
         return self.plan.build_rows(start, start + self.rows)
 
 
-def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer, build_config: BuildConfig, *,
-                 global_batch: int, num_steps: int, seed: int, block: int = 0, blocks: int = 1,
-                 skip_malformed: bool = False, mixture: str | None = None) -> grain.MapDataset | grain.IterDataset:
+def make_dataset(
+    files: Sequence[str | Path] | str | Path,
+    tokenizer: Tokenizer,
+    build_config: BuildConfig,
+    *,
+    global_batch: int,
+    num_steps: int,
+    seed: int,
+    block: int = 0,
+    blocks: int = 1,
+    skip_malformed: bool = False,
+    mixture: str | None = None,
+) -> grain.MapDataset | grain.IterDataset:
     """A grain MapDataset of `num_steps` elements; element i is this host's share of global
     batch i: block b of B, rows [i*G + b*G/B, i*G + (b+1)*G/B) of the plan, as the dict of
     `builder.empty_batch`. `sharding.host_batch_block` gives a host its (b, B): hosts that hold
@@ -145,33 +159,58 @@ def make_dataset(files: Sequence[str | Path] | str | Path, tokenizer: Tokenizer,
     if sources is not None:
         if any(seqio_source.is_seqio_source(f) for fs, _ in sources for f in fs):
             raise ValueError("data: seqio tasks cannot be mixed with ArrayRecord files or data.mixture")
-        return streaming.make_streaming_dataset(sources, tokenizer, build_config, global_batch=global_batch, seed=seed,
-                                                block=block, blocks=blocks, skip_malformed=skip_malformed)
+        return streaming.make_streaming_dataset(
+            sources,
+            tokenizer,
+            build_config,
+            global_batch=global_batch,
+            seed=seed,
+            block=block,
+            blocks=blocks,
+            skip_malformed=skip_malformed,
+        )
     records, skipped_lines = read_records(files, skip_malformed=skip_malformed)
     tokenized = tokenize_records(records, tokenizer.encode_batch)
     _warn_long_documents(tokenized, build_config)
     try:
-        plan = plan_packing(tokenized, build_config, num_rows=num_steps * global_batch, seed=seed,
-                            skip_malformed=skip_malformed)
+        plan = plan_packing(
+            tokenized, build_config, num_rows=num_steps * global_batch, seed=seed, skip_malformed=skip_malformed
+        )
     except NoUsableRecords as e:  # name the files: an empty or blank one is the usual cause
         names = [str(f) for f in ([files] if isinstance(files, (str, Path)) else files)]
-        raise NoUsableRecords(f"{e} in {', '.join(names)} ({len(records)} record(s) read, "
-                              f"{skipped_lines} malformed line(s) skipped)") from None
-    logging.info("data: %d records -> %d rows over %d epoch(s), padding fraction %.3f; skipped %d malformed "
-                 "line(s) and %d record(s) that cannot be laid out", len(plan.records), len(plan.rows),
-                 plan.epochs, plan.padding_fraction, skipped_lines, plan.skipped)
+        raise NoUsableRecords(
+            f"{e} in {', '.join(names)} ({len(records)} record(s) read, {skipped_lines} malformed line(s) skipped)"
+        ) from None
+    logging.info(
+        "data: %d records -> %d rows over %d epoch(s), padding fraction %.3f; skipped %d malformed "
+        "line(s) and %d record(s) that cannot be laid out",
+        len(plan.records),
+        len(plan.rows),
+        plan.epochs,
+        plan.padding_fraction,
+        skipped_lines,
+        plan.skipped,
+    )
     return grain.MapDataset.range(num_steps).map(_HostBatch(plan, global_batch, block, blocks))
 
 
 def _warn_long_documents(records: Sequence[TokenizedRecord], config: BuildConfig) -> None:
     max_segment_len = config.max_segment_len
-    long = [r.source for r in records  # the negatives past max_negatives are never used
-            if any(len(d) > max_segment_len for d in (r.positive or [], *r.negatives[:config.max_negatives]))]
+    long = [
+        r.source
+        for r in records  # the negatives past max_negatives are never used
+        if any(len(d) > max_segment_len for d in (r.positive or [], *r.negatives[: config.max_negatives]))
+    ]
     if long:
-        logging.warning("data: %d of %d records have documents longer than max_segment_len=%d tokens (first: %s); "
-                        "they are cut to that length, so answers past the cut are not in the memory: split long "
-                        "documents into several records, or raise model.max_segment_len", len(long), len(records),
-                        max_segment_len, long[0])
+        logging.warning(
+            "data: %d of %d records have documents longer than max_segment_len=%d tokens (first: %s); "
+            "they are cut to that length, so answers past the cut are not in the memory: split long "
+            "documents into several records, or raise model.max_segment_len",
+            len(long),
+            len(records),
+            max_segment_len,
+            long[0],
+        )
 
 
 def _check_sharding(global_batch: int, num_steps: int, block: int, blocks: int) -> None:
@@ -183,8 +222,9 @@ def _check_sharding(global_batch: int, num_steps: int, block: int, blocks: int) 
         raise ValueError(f"global_batch {global_batch} does not split into {blocks} host blocks")
 
 
-def make_iterator(dataset: grain.MapDataset | grain.IterDataset, *, prefetch_threads: int = 0,
-                  prefetch_buffer_size: int = 0) -> grain.DatasetIterator:
+def make_iterator(
+    dataset: grain.MapDataset | grain.IterDataset, *, prefetch_threads: int = 0, prefetch_buffer_size: int = 0
+) -> grain.DatasetIterator:
     """An iterator with get_state()/set_state(): a restored state resumes at exactly the next
     batch. No threads or processes unless asked for (a streaming dataset reads records ahead in
     `streaming.READ_THREADS` threads of its own, in order)."""

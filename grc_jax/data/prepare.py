@@ -7,6 +7,7 @@ are chunked; records with fewer than --negatives negatives get mined ones with -
 `python -m grc_jax.train --config.data.train_files=...` reads, and DIR/report.json says what was
 written and skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,20 @@ EXAMPLES_PER_REASON = 3
 _HISTOGRAM_EDGES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def prepare(fmt: str, input_path: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
-            max_segment_len: int = 128, negatives: int = 4, mine: str | None = None, format_out: str = "jsonl",
-            split: str | None = None, text_field: str = "text", records_per_shard: int = 50_000) -> dict[str, Any]:
+def prepare(
+    fmt: str,
+    input_path: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    max_segment_len: int = 128,
+    negatives: int = 4,
+    mine: str | None = None,
+    format_out: str = "jsonl",
+    split: str | None = None,
+    text_field: str = "text",
+    records_per_shard: int = 50_000,
+) -> dict[str, Any]:
     """Converts, mines, writes the records and report.json; returns the report."""
     if fmt not in CONVERTERS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(CONVERTERS)}")
@@ -58,13 +70,18 @@ def prepare(fmt: str, input_path: str | Path, out_dir: str | Path, *, tokenizer:
         outputs.append(item)
     mined = 0
     if ranker is not None and negatives:
-        corpus = ctx.corpus if ctx.corpus is not None else [
-            t for o in outputs for t in (o.record.get("positive"), *o.record.get("negatives", ())) if t]
+        corpus = (
+            ctx.corpus
+            if ctx.corpus is not None
+            else [t for o in outputs for t in (o.record.get("positive"), *o.record.get("negatives", ())) if t]
+        )
         mined = mining.mine(outputs, corpus, negatives, ranker)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({k: o.record[k] for k in records.FIELDS if k in o.record}, ensure_ascii=False).encode("utf-8")
-             for o in outputs]
+    lines = [
+        json.dumps({k: o.record[k] for k in records.FIELDS if k in o.record}, ensure_ascii=False).encode("utf-8")
+        for o in outputs
+    ]
     files = _write(lines, out_dir, format_out, records_per_shard)
     report = _report(fmt, input_path, files, outputs, skipped, ctx, mined, mine)
     atomic_write_json(out_dir / "report.json", report, indent=2)
@@ -76,8 +93,8 @@ def _ranker(mine: str | None) -> mining.Ranker | None:
         return None
     if mine == "bm25":
         return mining.bm25_ranker
-    if mine.startswith("model:") and mine[len("model:"):]:
-        return mining.model_ranker(mine[len("model:"):])
+    if mine.startswith("model:") and mine[len("model:") :]:
+        return mining.model_ranker(mine[len("model:") :])
     raise ValueError(f"--mine must be bm25 or model:RUN_DIR, got {mine!r}")
 
 
@@ -92,25 +109,43 @@ def _write(lines: list[bytes], out_dir: Path, format_out: str, records_per_shard
     return [str(path)]
 
 
-def _report(fmt: str, input_path: str | Path, files: list[str], outputs: list[Output], skipped: dict[str, list[str]],
-            ctx: Context, mined: int, mine: str | None) -> dict[str, Any]:
+def _report(
+    fmt: str,
+    input_path: str | Path,
+    files: list[str],
+    outputs: list[Output],
+    skipped: dict[str, list[str]],
+    ctx: Context,
+    mined: int,
+    mine: str | None,
+) -> dict[str, Any]:
     fields = ("query", "reasoning", "positive", "negatives", "question", "answer", "text")
     lengths: dict[str, list[int]] = {}
     for name in fields:
-        texts = [t for o in outputs for t in (o.record.get(name, ()) if name == "negatives"
-                                              else [o.record[name]] if name in o.record else [])]
+        texts = [
+            t
+            for o in outputs
+            for t in (o.record.get(name, ()) if name == "negatives" else [o.record[name]] if name in o.record else [])
+        ]
         if texts:
             lengths[name] = ctx.chunker.counts(texts)
     negatives = collections.Counter(len(o.record.get("negatives", ())) for o in outputs if "positive" in o.record)
     return {
-        "format": fmt, "input": str(input_path), "files": files, "records_written": len(outputs),
-        "skipped": {reason: {"count": len(sources), "examples": sources[:EXAMPLES_PER_REASON]}
-                    for reason, sources in sorted(skipped.items())},
+        "format": fmt,
+        "input": str(input_path),
+        "files": files,
+        "records_written": len(outputs),
+        "skipped": {
+            reason: {"count": len(sources), "examples": sources[:EXAMPLES_PER_REASON]}
+            for reason, sources in sorted(skipped.items())
+        },
         "notes": dict(sorted(ctx.notes.items())),
-        "length_unit": ctx.chunker.unit, "max_segment_len": ctx.chunker.max_len,
+        "length_unit": ctx.chunker.unit,
+        "max_segment_len": ctx.chunker.max_len,
         "lengths": {name: _histogram(values) for name, values in lengths.items()},
         "negatives_per_record": {str(k): negatives[k] for k in sorted(negatives)},
-        "mined_negatives": mined, "mine": mine,
+        "mined_negatives": mined,
+        "mine": mine,
     }
 
 
@@ -121,8 +156,12 @@ def _histogram(values: list[int]) -> dict[str, Any]:
         label = f"<={edge}" if edge is not None else f">{_HISTOGRAM_EDGES[-1]}"
         bins[label] = bins.get(label, 0) + 1
     order = [f"<={e}" for e in _HISTOGRAM_EDGES] + [f">{_HISTOGRAM_EDGES[-1]}"]
-    return {"count": len(values), "mean": round(sum(values) / len(values), 1), "max": max(values),
-            "histogram": {k: bins[k] for k in order if k in bins}}
+    return {
+        "count": len(values),
+        "mean": round(sum(values) / len(values), 1),
+        "max": max(values),
+        "histogram": {k: bins[k] for k in order if k in bins},
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -136,8 +175,11 @@ def format_report(report: dict[str, Any]) -> str:
         bins = " ".join(f"{k}:{v}" for k, v in h["histogram"].items())
         out.append(f"{name} length ({report['length_unit']}): mean {h['mean']}, max {h['max']} | {bins}")
     if report["negatives_per_record"]:
-        out.append("negatives per record: " + " ".join(f"{k}:{v}" for k, v in report["negatives_per_record"].items())
-                   + (f" ({report['mined_negatives']} mined with {report['mine']})" if report["mine"] else ""))
+        out.append(
+            "negatives per record: "
+            + " ".join(f"{k}:{v}" for k, v in report["negatives_per_record"].items())
+            + (f" ({report['mined_negatives']} mined with {report['mine']})" if report["mine"] else "")
+        )
     return "\n".join(out)
 
 
@@ -156,10 +198,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--records-per-shard", type=int, default=50_000, help="arrayrecord: records per shard")
     args = parser.parse_args(argv)
     try:
-        report = prepare(args.format, args.input, args.out, tokenizer=args.tokenizer,
-                         max_segment_len=args.max_segment_len, negatives=args.negatives, mine=args.mine,
-                         format_out=args.format_out, split=args.split, text_field=args.text_field,
-                         records_per_shard=args.records_per_shard)
+        report = prepare(
+            args.format,
+            args.input,
+            args.out,
+            tokenizer=args.tokenizer,
+            max_segment_len=args.max_segment_len,
+            negatives=args.negatives,
+            mine=args.mine,
+            format_out=args.format_out,
+            split=args.split,
+            text_field=args.text_field,
+            records_per_shard=args.records_per_shard,
+        )
     except (FormatError, ValueError, FileNotFoundError, OSError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ A malformed line raises `ValueError("{file}:{line}: {why}")`; with `skip_malform
 it is logged as a warning and counted instead. Lines are read by `grc_jax/jsonl.py`: blank lines
 are ignored, a byte-order mark on line 1 is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,7 @@ def parse_record(line: bytes | str, source: str) -> Record:
         raise UserError(f"{source}: {e}") from None
 
 
-def read_records(files: Sequence[str | Path] | str | Path, *,
-                 skip_malformed: bool = False) -> tuple[list[Record], int]:
+def read_records(files: Sequence[str | Path] | str | Path, *, skip_malformed: bool = False) -> tuple[list[Record], int]:
     """All records of `files` in order, and how many malformed lines were skipped."""
     if isinstance(files, (str, Path)):
         files = [files]
@@ -130,19 +130,25 @@ def _check_text(name: str, value: Any) -> None:
 
 def _check_losses(fields: dict[str, Any]) -> None:
     if not fields:
-        raise _Malformed("empty record feeds no loss; give 'text', 'query'+'positive', "
-                         "'positive'+'question'+'answer' or 'query'+'reasoning'")
+        raise _Malformed(
+            "empty record feeds no loss; give 'text', 'query'+'positive', "
+            "'positive'+'question'+'answer' or 'query'+'reasoning'"
+        )
     has = fields.__contains__
     dangling = [
         (has("reasoning") and not has("query"), "'reasoning' without 'query'"),
         (has("negatives") and not has("positive"), "'negatives' without 'positive'"),
         (has("question") and not has("answer"), "'question' without 'answer'"),
         (has("answer") and not has("question"), "'answer' without 'question'"),
-        (has("question") and has("answer") and not has("positive"),
-         "'question'+'answer' without 'positive' (the memory the reader reads)"),
+        (
+            has("question") and has("answer") and not has("positive"),
+            "'question'+'answer' without 'positive' (the memory the reader reads)",
+        ),
         (has("query") and not (has("positive") or has("reasoning")), "'query' without 'positive' or 'reasoning'"),
-        (has("positive") and not (has("query") or has("question")),
-         "'positive' without 'query' or 'question'+'answer'"),
+        (
+            has("positive") and not (has("query") or has("question")),
+            "'positive' without 'query' or 'question'+'answer'",
+        ),
     ]
     for bad, what in dangling:
         if bad:

@@ -15,6 +15,7 @@ other, an empty string (or an empty `negatives`) stands for an absent field. Tex
 token ids: grc_jax tokenizes with the model's tokenizer. `data.seqio_modules` names the modules
 to import first, those that register the tasks.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,7 +36,7 @@ def is_seqio_source(entry: Any) -> bool:
 
 def parse_source(entry: str) -> tuple[str, str]:
     """`seqio:NAME[:SPLIT]` -> (NAME, SPLIT)."""
-    name, colon, split = entry[len(PREFIX):].partition(":")
+    name, colon, split = entry[len(PREFIX) :].partition(":")
     if not name or (colon and not split):
         raise UserError(f"data.train_files entry {entry!r}: expected seqio:TASK_NAME or seqio:TASK_NAME:SPLIT")
     return name, split or "train"
@@ -60,8 +61,10 @@ def example_lines(entry: str) -> Iterator[tuple[str, bytes]]:
     try:
         task = seqio.get_mixture_or_task(name)
     except ValueError as e:
-        raise UserError(f"data.train_files entry {entry!r}: no seqio Task or Mixture {name!r} is registered; "
-                        f"name the module that registers it in data.seqio_modules ({e})") from None
+        raise UserError(
+            f"data.train_files entry {entry!r}: no seqio Task or Mixture {name!r} is registered; "
+            f"name the module that registers it in data.seqio_modules ({e})"
+        ) from None
     dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1, use_cached=False)
     for index, example in enumerate(dataset.as_numpy_iterator()):
         source = f"{PREFIX}{name}:{split}#{index}"
@@ -71,8 +74,10 @@ def example_lines(entry: str) -> Iterator[tuple[str, bytes]]:
 def example_record(example: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The record fields of one seqio example, as JSON values (not yet checked: `records.py` does that)."""
     if not any(f in example or f"{f}_pretokenized" in example for f in FIELDS):
-        raise UserError(f"{source}: the example has none of the features {', '.join(FIELDS)} "
-                        f"(or <field>_pretokenized); its features: {', '.join(sorted(example))}")
+        raise UserError(
+            f"{source}: the example has none of the features {', '.join(FIELDS)} "
+            f"(or <field>_pretokenized); its features: {', '.join(sorted(example))}"
+        )
     record: dict[str, Any] = {}
     for field in FIELDS:
         key = next((k for k in (f"{field}_pretokenized", field) if k in example), None)
@@ -94,8 +99,10 @@ def _text(value: Any, source: str, key: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.number):
-        raise UserError(f"{source}: feature {key!r} holds token ids, not text; grc_jax tokenizes with the "
-                        f"model's tokenizer (seqio.preprocessors.tokenize keeps the text as '<field>_pretokenized')")
+        raise UserError(
+            f"{source}: feature {key!r} holds token ids, not text; grc_jax tokenizes with the "
+            f"model's tokenizer (seqio.preprocessors.tokenize keeps the text as '<field>_pretokenized')"
+        )
     raise UserError(f"{source}: feature {key!r} must be a string, got {type(value).__name__}")
 
 

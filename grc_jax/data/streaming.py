@@ -10,6 +10,7 @@ rows. So the batch of a host is its own: unlike `pipeline.make_dataset`'s global
 batch depends on the number of host blocks. Resuming restores grain's iterator state (the next
 record index) at the first record of the next batch's first row, so it is exact.
 """
+
 from __future__ import annotations
 
 import glob
@@ -45,7 +46,7 @@ def expand(entries: Sequence[str]) -> list[str]:
 
 
 def parse_mixture(spec: str) -> list[Source]:
-    """"GLOB:WEIGHT,GLOB:WEIGHT,..." -> [(files, weight)]; a source's files are those its glob
+    """ "GLOB:WEIGHT,GLOB:WEIGHT,..." -> [(files, weight)]; a source's files are those its glob
     (or file name) matches, and weights need not sum to 1."""
     sources: list[Source] = []
     for entry in (e.strip() for e in spec.split(",")):
@@ -57,8 +58,10 @@ def parse_mixture(spec: str) -> list[Source]:
         except ValueError:
             value = -1.0
         if not sep or not pattern or not value > 0:
-            raise ValueError(f"config: data.mixture entry {entry!r} must be FILES:WEIGHT with FILES a file or glob "
-                             f"and WEIGHT a number > 0")
+            raise ValueError(
+                f"config: data.mixture entry {entry!r} must be FILES:WEIGHT with FILES a file or glob "
+                f"and WEIGHT a number > 0"
+            )
         sources.append((expand([pattern]), value))
     if not sources:
         raise ValueError("config: data.mixture names no source")
@@ -96,8 +99,10 @@ def source_share(files: Sequence[str], block: int, blocks: int) -> tuple[grain.M
     source's total record count."""
     kinds = {is_arrayrecord(f) for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"data: a source mixes ArrayRecord and JSONL files ({', '.join(files)}); give them as "
-                         "separate mixture sources")
+        raise ValueError(
+            f"data: a source mixes ArrayRecord and JSONL files ({', '.join(files)}); give them as "
+            "separate mixture sources"
+        )
     if kinds == {True}:
         source = ArrayRecordSource(files)
         return grain.MapDataset.source(source)[block::blocks], len(source)
@@ -125,19 +130,36 @@ class _LayOut:
             return None
 
 
-def make_streaming_dataset(sources: Sequence[Source], tokenizer: Tokenizer, config: BuildConfig, *,
-                           global_batch: int, seed: int, block: int = 0, blocks: int = 1,
-                           skip_malformed: bool = False) -> grain.IterDataset:
+def make_streaming_dataset(
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    config: BuildConfig,
+    *,
+    global_batch: int,
+    seed: int,
+    block: int = 0,
+    blocks: int = 1,
+    skip_malformed: bool = False,
+) -> grain.IterDataset:
     """An endless IterDataset of this host's batches (rows global_batch/blocks), as
     `pipeline.make_dataset`'s elements."""
     streams, weights = [], []
     for s, (files, weight) in enumerate(sources):
         records, total = source_share(files, block, blocks)
         if len(records) == 0:
-            raise ValueError(f"data: source {', '.join(files)} has {total} record(s), none for host block {block} "
-                             f"of {blocks}")
-        logging.info("data: source %d (%s, weight %g): %d records, %d read by host block %d of %d", s,
-                     ", ".join(files), weight, total, len(records), block, blocks)
+            raise ValueError(
+                f"data: source {', '.join(files)} has {total} record(s), none for host block {block} of {blocks}"
+            )
+        logging.info(
+            "data: source %d (%s, weight %g): %d records, %d read by host block %d of %d",
+            s,
+            ", ".join(files),
+            weight,
+            total,
+            len(records),
+            block,
+            blocks,
+        )
         stream = records.shuffle(seed=int(np.random.default_rng([seed, s]).integers(2**31))).repeat(None)
         streams.append(stream.map_with_index(_LayOut(tokenizer, config, seed, s, skip_malformed)))
         weights.append(weight)
@@ -183,8 +205,10 @@ class _PackedBatchIterator(grain.DatasetIterator):
             while True:
                 unit = self._peek()
                 if unit.length > L or unit.num_segments > S:  # build_unit refuses these; a guard
-                    raise ValueError(f"{unit.source}: record needs {unit.length} tokens and {unit.num_segments} "
-                                     f"segments; a row holds {L} and {S}")
+                    raise ValueError(
+                        f"{unit.source}: record needs {unit.length} tokens and {unit.num_segments} "
+                        f"segments; a row holds {L} and {S}"
+                    )
                 if row and (tokens + unit.length > L or segments + unit.num_segments > S):
                     break
                 row.append(unit)

@@ -6,6 +6,7 @@ that runs the forward pass's attention and also returns its probabilities, so th
 each layer hands on are exactly the forward pass's. For inspection only: training and serving
 never compute these, and they take [layers, batch, heads, length, length] of memory.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,8 +19,13 @@ from grc_jax import layout, model
 from grc_jax.config import ModelConfig
 
 
-def attention_probabilities(config: ModelConfig, params: model.Params, tokens: jax.Array, meta: layout.TokenMeta,
-                            memory_bias: jax.Array | None = None) -> jax.Array:
+def attention_probabilities(
+    config: ModelConfig,
+    params: model.Params,
+    tokens: jax.Array,
+    meta: layout.TokenMeta,
+    memory_bias: jax.Array | None = None,
+) -> jax.Array:
     """float32 [layers, batch, q_heads, length, length] under the GRC rule; memory_bias as in
     `grc_jax.model.forward` (float [batch, length]: added to every READER's logits on each LATENT key)."""
     mask = layout.attention_mask(meta)

@@ -13,6 +13,7 @@ BEIR layout (https://github.com/beir-cellar/beir), one directory per dataset:
 Perplexity text (`load_texts`): a plain UTF-8 text file is one document; a `.jsonl` file holds one
 document per line in its `text` field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,16 @@ def load_jsonl(path: str | Path, what: str = "JSONL file") -> list[dict[str, Any
     return [record for _, record in read_jsonl(path, what)]
 
 
-def _string(record: dict[str, Any], key: str, path: Path, number: int, *, required: bool = True,
-            nonempty: bool = True, what: str = "") -> str | None:
+def _string(
+    record: dict[str, Any],
+    key: str,
+    path: Path,
+    number: int,
+    *,
+    required: bool = True,
+    nonempty: bool = True,
+    what: str = "",
+) -> str | None:
     value = record.get(key)
     if value is None:
         if required:
@@ -135,8 +144,9 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirDataset:
         if number == 1 and fields[:2] == ["query-id", "corpus-id"]:
             continue
         if len(fields) != 3:
-            raise InputError(qrels_path, number, f"expected 3 tab-separated fields (query-id corpus-id score), "
-                                                 f"got {len(fields)}")
+            raise InputError(
+                qrels_path, number, f"expected 3 tab-separated fields (query-id corpus-id score), got {len(fields)}"
+            )
         qid, doc_id, score = fields
         try:
             relevance = int(score)
@@ -147,20 +157,34 @@ def load_beir(directory: str | Path, split: str = "test") -> BeirDataset:
         if doc_id not in doc_line:
             raise InputError(qrels_path, number, f"corpus-id {doc_id!r} is not in {corpus_path.name}")
         if relevance > 0 and doc_id in excluded.get(qid, ()):
-            raise InputError(qrels_path, number, f"corpus-id {doc_id!r} is relevant to query {qid!r}, but "
-                                                 f"{queries_path.name}:{query_line[qid]} excludes it")
+            raise InputError(
+                qrels_path,
+                number,
+                f"corpus-id {doc_id!r} is relevant to query {qid!r}, but "
+                f"{queries_path.name}:{query_line[qid]} excludes it",
+            )
         if (qid, doc_id) in qrels_line and qrels[qid][doc_id] != relevance:  # an identical repeat is harmless
-            raise InputError(qrels_path, number, f"query {qid!r} and corpus-id {doc_id!r} are judged "
-                                                 f"{qrels[qid][doc_id]} at line {qrels_line[qid, doc_id]} and "
-                                                 f"{relevance} here")
+            raise InputError(
+                qrels_path,
+                number,
+                f"query {qid!r} and corpus-id {doc_id!r} are judged "
+                f"{qrels[qid][doc_id]} at line {qrels_line[qid, doc_id]} and "
+                f"{relevance} here",
+            )
         qrels_line[qid, doc_id] = number
         qrels.setdefault(qid, {})[doc_id] = relevance
     if not qrels:
         raise InputError(qrels_path, None, "no relevance judgements")
     query_ids = list(qrels)
-    return BeirDataset(name=directory.name, doc_ids=doc_ids, doc_texts=doc_texts, query_ids=query_ids,
-                       query_texts=[queries[q] for q in query_ids], qrels=qrels,
-                       excluded={q: excluded[q] for q in query_ids if excluded.get(q)})
+    return BeirDataset(
+        name=directory.name,
+        doc_ids=doc_ids,
+        doc_texts=doc_texts,
+        query_ids=query_ids,
+        query_texts=[queries[q] for q in query_ids],
+        qrels=qrels,
+        excluded={q: excluded[q] for q in query_ids if excluded.get(q)},
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 The one builder of those lists, for the evaluation CLI's memory QA (`tasks.qa_contexts`) and the
 held-out evaluation of training (`world.memory_qa_figures`).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,8 +11,14 @@ from typing import Sequence
 import numpy as np
 
 
-def with_distractors(positive: str, negatives: Sequence[str], pool: Sequence[str], num: int,
-                     rng: np.random.Generator, lookalike: bool = True) -> list[str]:
+def with_distractors(
+    positive: str,
+    negatives: Sequence[str],
+    pool: Sequence[str],
+    num: int,
+    rng: np.random.Generator,
+    lookalike: bool = True,
+) -> list[str]:
     """The positive and `num` distractors, shuffled so the positive has no fixed place.
 
     With `lookalike`, the distractors are the record's own `negatives` first (its look-alikes,

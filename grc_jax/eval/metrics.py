@@ -3,6 +3,7 @@ answer normalisation, exact match, token F1, and GSM8K-style number extraction.
 
 Kept free of model code so the training-time evaluation (grc_jax/eval/world.py) can import it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -23,8 +24,7 @@ Qrels = Mapping[str, Mapping[str, int]]
 Run = Mapping[str, Mapping[str, float]]
 
 
-def ir_metrics(qrels: Qrels, run: Run, recall_ks: Sequence[int] = RECALL_KS, ndcg_k: int = NDCG_K
-               ) -> dict[str, float]:
+def ir_metrics(qrels: Qrels, run: Run, recall_ks: Sequence[int] = RECALL_KS, ndcg_k: int = NDCG_K) -> dict[str, float]:
     """Means over the queries of `qrels` of nDCG@ndcg_k, recall@k and MRR (trec_eval's
     recip_rank over the whole run), computed by pytrec_eval.
 
@@ -36,20 +36,30 @@ def ir_metrics(qrels: Qrels, run: Run, recall_ks: Sequence[int] = RECALL_KS, ndc
     if not qrels:
         raise ValueError("no queries to evaluate: qrels is empty")
     measures = {f"ndcg_cut.{ndcg_k}", "recall." + ",".join(str(k) for k in recall_ks), "recip_rank"}
-    evaluator = pytrec_eval.RelevanceEvaluator({q: {d: int(r) for d, r in docs.items()} for q, docs in qrels.items()},
-                                               measures)
+    evaluator = pytrec_eval.RelevanceEvaluator(
+        {q: {d: int(r) for d, r in docs.items()} for q, docs in qrels.items()}, measures
+    )
     # pytrec_eval wants str ids and Python floats; queries with an empty ranking are left out.
     cleaned = {q: {d: float(s) for d, s in docs.items()} for q, docs in run.items() if q in qrels and docs}
     per_query = evaluator.evaluate(cleaned) if cleaned else {}
-    names = {f"ndcg@{ndcg_k}": f"ndcg_cut_{ndcg_k}", **{f"recall@{k}": f"recall_{k}" for k in recall_ks},
-             "mrr": "recip_rank"}
+    names = {
+        f"ndcg@{ndcg_k}": f"ndcg_cut_{ndcg_k}",
+        **{f"recall@{k}": f"recall_{k}" for k in recall_ks},
+        "mrr": "recip_rank",
+    }
     return {name: float(np.mean([per_query.get(q, {}).get(key, 0.0) for q in qrels])) for name, key in names.items()}
 
 
-def rank_documents(query_embeddings: np.ndarray, doc_embeddings: np.ndarray, query_ids: Sequence[str],
-                   doc_ids: Sequence[str], excluded: Mapping[str, Iterable[str]] | None = None,
-                   depth: int = RUN_DEPTH, ignore_identical_ids: bool = False, chunk: int = 256
-                   ) -> dict[str, dict[str, float]]:
+def rank_documents(
+    query_embeddings: np.ndarray,
+    doc_embeddings: np.ndarray,
+    query_ids: Sequence[str],
+    doc_ids: Sequence[str],
+    excluded: Mapping[str, Iterable[str]] | None = None,
+    depth: int = RUN_DEPTH,
+    ignore_identical_ids: bool = False,
+    chunk: int = 256,
+) -> dict[str, dict[str, float]]:
     """Each query's top `depth` documents by dot product (cosine for GRC's unit embeddings),
     and any tied with the last of them, as a pytrec_eval run. Documents in `excluded[query_id]` (BRIGHT) and, with
     `ignore_identical_ids` (BEIR's option), the document whose id is the query's, are never
@@ -57,14 +67,16 @@ def rank_documents(query_embeddings: np.ndarray, doc_embeddings: np.ndarray, que
     query_embeddings = np.asarray(query_embeddings, np.float32)
     doc_embeddings = np.asarray(doc_embeddings, np.float32)
     if len(query_embeddings) != len(query_ids) or len(doc_embeddings) != len(doc_ids):
-        raise ValueError(f"{len(query_embeddings)} query embeddings for {len(query_ids)} ids, "
-                         f"{len(doc_embeddings)} document embeddings for {len(doc_ids)} ids")
+        raise ValueError(
+            f"{len(query_embeddings)} query embeddings for {len(query_ids)} ids, "
+            f"{len(doc_embeddings)} document embeddings for {len(doc_ids)} ids"
+        )
     position = {d: i for i, d in enumerate(doc_ids)}
     excluded = excluded or {}
     run: dict[str, dict[str, float]] = {}
     for start in range(0, len(query_ids), chunk):  # bounds the [queries, documents] score matrix
-        scores = query_embeddings[start:start + chunk] @ doc_embeddings.T
-        for row, qid in enumerate(query_ids[start:start + chunk]):
+        scores = query_embeddings[start : start + chunk] @ doc_embeddings.T
+        for row, qid in enumerate(query_ids[start : start + chunk]):
             s = scores[row]
             drop = [position[d] for d in excluded.get(qid, ()) if d in position]
             if ignore_identical_ids and qid in position:
@@ -88,6 +100,7 @@ def rank_documents(query_embeddings: np.ndarray, doc_embeddings: np.ndarray, que
 
 
 # --- answers ---------------------------------------------------------------------------
+
 
 def normalize_answer(text: str) -> str:
     """SQuAD v1.1 normalisation: lower case, no punctuation, no articles, single spaces."""

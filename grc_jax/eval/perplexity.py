@@ -7,6 +7,7 @@ non-overlapping windows of `window` tokens; each window is scored on its own (no
 over), every token but a window's first counting once. Base and tuned models scored on the same
 windows compare directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ from grc_jax import model
 from grc_jax.config import ModelConfig
 
 
-def text_windows(tokenizer: Any, documents: Sequence[str], window: int, max_tokens: int | None = None
-                 ) -> list[list[int]]:
+def text_windows(
+    tokenizer: Any, documents: Sequence[str], window: int, max_tokens: int | None = None
+) -> list[list[int]]:
     """Non-overlapping windows of `window` token ids over the documents joined by blank lines
     (the last, shorter window kept if it has at least two tokens); at most `max_tokens` in all."""
     if window < 2:
@@ -30,7 +32,7 @@ def text_windows(tokenizer: Any, documents: Sequence[str], window: int, max_toke
     stream: list[int] = tokenizer.encode("\n\n".join(documents))
     if max_tokens is not None:
         stream = stream[:max_tokens]
-    windows = [stream[i:i + window] for i in range(0, len(stream), window)]
+    windows = [stream[i : i + window] for i in range(0, len(stream), window)]
     return [w for w in windows if len(w) >= 2]
 
 
@@ -43,8 +45,9 @@ def _token_nll(config: ModelConfig, params: model.Params, tokens: jax.Array, val
     return jnp.where(valid[:, 1:], nll, 0.0)
 
 
-def perplexity(config: ModelConfig, params: model.Params, windows: Sequence[Sequence[int]],
-               batch_size: int = 4) -> dict[str, float]:
+def perplexity(
+    config: ModelConfig, params: model.Params, windows: Sequence[Sequence[int]], batch_size: int = 4
+) -> dict[str, float]:
     """exp(mean NLL) over every scored token of `windows` (see `text_windows`), with the counts.
     Windows are right-padded to the longest; padding is never scored."""
     if not windows:
@@ -52,7 +55,7 @@ def perplexity(config: ModelConfig, params: model.Params, windows: Sequence[Sequ
     width = max(len(w) for w in windows)
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        chunk = windows[start:start + batch_size]
+        chunk = windows[start : start + batch_size]
         tokens = np.zeros((batch_size, width), np.int32)  # a fixed batch shape: one compilation
         valid = np.zeros((batch_size, width), bool)
         for row, ids in enumerate(chunk):

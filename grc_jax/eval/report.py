@@ -1,4 +1,5 @@
 """The evaluation's outputs: report.json, TensorBoard scalars and a PNG chart."""
+
 from __future__ import annotations
 
 import math
@@ -35,10 +36,13 @@ def _panels(metrics: Mapping[str, float]) -> list[tuple[str, list[str], list[flo
     panels = []
     ndcg = {k: v for k, v in metrics.items() if k.startswith("retrieval/") and k.endswith("/ndcg@10")}
     if ndcg:
-        labels = [k[len("retrieval/"):-len("/ndcg@10")] for k in ndcg]
+        labels = [k[len("retrieval/") : -len("/ndcg@10")] for k in ndcg]
         panels.append(("Retrieval nDCG@10", labels, list(ndcg.values()), "score"))
-    qa = {k.split("/")[1] + " " + k.split("/")[2].replace("exact_match", "EM"): v for k, v in metrics.items()
-          if k.startswith("memory_qa/") and k.count("/") == 2}
+    qa = {
+        k.split("/")[1] + " " + k.split("/")[2].replace("exact_match", "EM"): v
+        for k, v in metrics.items()
+        if k.startswith("memory_qa/") and k.count("/") == 2
+    }
     if qa:
         ratio = metrics.get("memory_qa/compression_ratio")
         title = "Memory QA" + (f" ({ratio:.3g}x compression)" if ratio is not None else "")

@@ -14,6 +14,7 @@ QA, multi-hop. (`python -m grc_jax.evaluate` is the general evaluation CLI.)
 - multi-hop: queries about the training world, embedded as they are vs after the model
   generates its own reasoning (self-reason-latent embedding), recall@1 over the training corpus.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,7 +34,6 @@ from grc_jax.eval.distractors import with_distractors
 NUM_DISTRACTORS = 4
 
 
-
 def retrieval_metrics(queries: np.ndarray, documents: np.ndarray, gold: Sequence[int]) -> dict[str, float]:
     """recall@1, recall@10 and nDCG@10 with one relevant document per query, computed by
     pytrec_eval as `python -m grc_jax.evaluate` does (equal scores are ordered by document
@@ -47,17 +47,23 @@ def retrieval_metrics(queries: np.ndarray, documents: np.ndarray, gold: Sequence
     return {k: figures[k] for k in ("recall@1", "recall@10", "ndcg@10")}
 
 
-def answer_exact_match(config: ModelConfig, params: model.Params, memories: Sequence[Sequence[Sequence[int]]],
-                       readers: Sequence[tuple[list[int], list[int]]], latent_ids: Sequence[int],
-                       batch_size: int = 32, memory_priors: Sequence[Sequence[float]] | None = None) -> float:
+def answer_exact_match(
+    config: ModelConfig,
+    params: model.Params,
+    memories: Sequence[Sequence[Sequence[int]]],
+    readers: Sequence[tuple[list[int], list[int]]],
+    latent_ids: Sequence[int],
+    batch_size: int = 32,
+    memory_priors: Sequence[Sequence[float]] | None = None,
+) -> float:
     """Fraction of (question, answer+eos) readers that greedy decoding answers exactly, each
     reader seeing its own list of memory segments (possibly none). memory_priors: per reader,
     one log-prior per memory segment, added to the reader's logits on that memory's keys."""
     hits = []
     for start in range(0, len(readers), batch_size):
         builders, spans = [], []
-        chunk_priors = None if memory_priors is None else memory_priors[start:start + batch_size]
-        for segs, (question, answer) in zip(memories[start:start + batch_size], readers[start:start + batch_size]):
+        chunk_priors = None if memory_priors is None else memory_priors[start : start + batch_size]
+        for segs, (question, answer) in zip(memories[start : start + batch_size], readers[start : start + batch_size]):
             builder = layout.RowBuilder(latent_ids, config.max_segment_len)
             builder.new_example()  # one example per row: its segments are slots 0.. in storage order
             for segment in segs:
@@ -76,10 +82,11 @@ def answer_exact_match(config: ModelConfig, params: model.Params, memories: Sequ
             for row, values in enumerate(chunk_priors):
                 prior[row, : len(values)] = values
             bias = priors.latent_key_bias(jnp.asarray(prior), layout.TokenMeta(*map(jnp.asarray, meta)))
-            predicted = np.asarray(_argmax_prior_jit(config, params, jnp.asarray(tokens), *map(jnp.asarray, meta),
-                                                     bias))
+            predicted = np.asarray(
+                _argmax_prior_jit(config, params, jnp.asarray(tokens), *map(jnp.asarray, meta), bias)
+            )
         for row, (a, b) in enumerate(spans):
-            hits.append(bool((predicted[row, a - 1:b - 1] == tokens[row, a:b]).all()))
+            hits.append(bool((predicted[row, a - 1 : b - 1] == tokens[row, a:b]).all()))
     return float(np.mean(hits))
 
 
@@ -120,8 +127,9 @@ def reader_tokens(tok: Any, question: str, answer: str, eos_id: int) -> tuple[li
     return tok.encode(question), tok.encode(answer_text(question, answer)) + [eos_id]
 
 
-def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_config: Any,
-                   memory_prior: bool | None = None) -> dict[str, float]:
+def evaluate_world(
+    config: ModelConfig, params: model.Params, setup: Any, run_config: Any, memory_prior: bool | None = None
+) -> dict[str, float]:
     """All held-out figures for a demo-world directory (`setup` from grc_jax.train.prepare).
     memory_prior: read memories under priors (None: as the run trained, `train.memory_prior`)."""
     from grc_jax.inference import Engine
@@ -129,8 +137,9 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
     world = Path(setup.eval_dir)
     tok, b = setup.tokenizer, setup.build
     P = b.max_segment_len
-    engine = Engine(config, params, tok, special_tokens=setup.special_tokens,
-                    max_reason_tokens=run_config.reasoning_max_tokens)
+    engine = Engine(
+        config, params, tok, special_tokens=setup.special_tokens, max_reason_tokens=run_config.reasoning_max_tokens
+    )
     rng = np.random.default_rng(0)
     limit = run_config.eval_max_queries
     results: dict[str, float] = {}
@@ -141,12 +150,17 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
     heldout = load_jsonl(world / "heldout.jsonl")
     retrieval = [r for r in heldout if "query" in r and "positive" in r][:limit]
     queries = engine.embed_tokens([query_tokens(tok, r["query"], None, b.eor_id) for r in retrieval])
-    results.update({f"retrieval/{k}": v for k, v in retrieval_metrics(
-        queries, docs, [doc_index[r["positive"]] for r in retrieval]).items()})
+    results.update(
+        {
+            f"retrieval/{k}": v
+            for k, v in retrieval_metrics(queries, docs, [doc_index[r["positive"]] for r in retrieval]).items()
+        }
+    )
 
     use_prior = bool(run_config.train.memory_prior) if memory_prior is None else memory_prior
-    results.update(memory_qa_figures(engine, heldout, corpus, docs, limit, use_prior,
-                                     run_config.train.prior_temperature, rng))
+    results.update(
+        memory_qa_figures(engine, heldout, corpus, docs, limit, use_prior, run_config.train.prior_temperature, rng)
+    )
 
     train_corpus = load_jsonl(world / "corpus_train.jsonl")
     train_index = {d["text"]: i for i, d in enumerate(train_corpus)}
@@ -161,9 +175,16 @@ def evaluate_world(config: ModelConfig, params: model.Params, setup: Any, run_co
     return results
 
 
-def memory_qa_figures(engine: Any, heldout: Sequence[dict[str, Any]], corpus: Sequence[dict[str, Any]],
-                      docs: np.ndarray, limit: int, use_prior: bool, prior_temperature: float,
-                      rng: np.random.Generator) -> dict[str, float]:
+def memory_qa_figures(
+    engine: Any,
+    heldout: Sequence[dict[str, Any]],
+    corpus: Sequence[dict[str, Any]],
+    docs: np.ndarray,
+    limit: int,
+    use_prior: bool,
+    prior_temperature: float,
+    rng: np.random.Generator,
+) -> dict[str, float]:
     """Memory QA exact match (4 look-alikes, none, the right memory alone, 1 look-alike, 1 and 4
     random distractors) and RAG over the held-out corpus (top 1, top 4), reading under priors
     when `use_prior`. docs: the corpus's embeddings."""
@@ -199,8 +220,9 @@ def memory_qa_figures(engine: Any, heldout: Sequence[dict[str, Any]], corpus: Se
 
     contexts_4 = contexts(NUM_DISTRACTORS, True)
     results["memory_qa/exact_match"] = exact_match(contexts_4)
-    results["memory_qa/exact_match_no_memory"] = answer_exact_match(config, params, [[] for _ in qa], readers,
-                                                                    latent_ids)
+    results["memory_qa/exact_match_no_memory"] = answer_exact_match(
+        config, params, [[] for _ in qa], readers, latent_ids
+    )
     results["memory_qa/exact_match_alone"] = exact_match([[r["positive"]] for r in qa])
     for num, lookalike in ((1, True), (1, False), (NUM_DISTRACTORS, False)):
         name = f"memory_qa/exact_match_{'lookalike' if lookalike else 'random'}{num}"
@@ -210,9 +232,11 @@ def memory_qa_figures(engine: Any, heldout: Sequence[dict[str, Any]], corpus: Se
         order = np.argsort(-scores, axis=1, kind="stable")
         for k in (1, NUM_DISTRACTORS):
             top = order[:, :k]
-            results[f"rag/exact_match_top{k}"] = exact_match([[corpus_texts[i] for i in row] for row in top],
-                                                             [docs[row] for row in top])
-        results["rag/question_recall@1"] = float(np.mean([corpus_texts[order[i, 0]] == r["positive"]
-                                                          for i, r in enumerate(qa)]))
+            results[f"rag/exact_match_top{k}"] = exact_match(
+                [[corpus_texts[i] for i in row] for row in top], [docs[row] for row in top]
+            )
+        results["rag/question_recall@1"] = float(
+            np.mean([corpus_texts[order[i, 0]] == r["positive"] for i, r in enumerate(qa)])
+        )
 
     return results

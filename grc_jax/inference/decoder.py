@@ -5,6 +5,7 @@ A call's steps: `start` checks the prompts, budgets and memories, fetches the me
 not resident, admits the batch's pages (all or nothing), writes the new memories and builds the
 loop's initial state; `advance` runs the loop; `finish` takes the pool back and frees the pages.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,9 +45,13 @@ class DecodeSettings:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     def loop_settings(self, prefill_chunk: int | None = None) -> LoopSettings:
-        return LoopSettings(sampling=self.sampling, stop_token_ids=self.stop_token_ids,
-                            prefill_chunk=self.prefill_chunk if prefill_chunk is None else prefill_chunk,
-                            record_logits=self.record_logits, impl=self.impl)
+        return LoopSettings(
+            sampling=self.sampling,
+            stop_token_ids=self.stop_token_ids,
+            prefill_chunk=self.prefill_chunk if prefill_chunk is None else prefill_chunk,
+            record_logits=self.record_logits,
+            impl=self.impl,
+        )
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -85,6 +90,7 @@ class _Admission:
     memory_pages: dict  # memory id -> its pages
     new: list[Hashable]  # memories not resident before: their pages must be written
 
+
 class Decoder:
     """A model, its page pool and allocator; runs batches of prompts through `loop.run`.
 
@@ -94,8 +100,17 @@ class Decoder:
     None leaves it to `strategy.layer_weights` (with the reference attention on the CPU only).
     """
 
-    def __init__(self, config: ModelConfig, params: model.Params, *, num_pages: int = 256, page_size: int = 16,
-                 prefill_chunk: int = 256, impl: str | None = None, per_layer_weights: bool | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: model.Params,
+        *,
+        num_pages: int = 256,
+        page_size: int = 16,
+        prefill_chunk: int = 256,
+        impl: str | None = None,
+        per_layer_weights: bool | None = None,
+    ):
         self.config = config
         self.params = strategy.layer_weights(params, impl, per_layer_weights)
         self.page_size, self.prefill_chunk, self.impl = page_size, prefill_chunk, impl
@@ -103,47 +118,87 @@ class Decoder:
         self.allocator = PageAllocator(num_pages, page_size)
         self._next_request = 0
 
-    def settings(self, max_new_tokens: int, sampling: Sampling = GREEDY, stop_token_ids: Sequence[int] = (),
-                 record_logits: bool = False) -> DecodeSettings:
-        return DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=tuple(stop_token_ids),
-                              page_size=self.page_size, prefill_chunk=self.prefill_chunk,
-                              record_logits=record_logits, impl=self.impl)
+    def settings(
+        self,
+        max_new_tokens: int,
+        sampling: Sampling = GREEDY,
+        stop_token_ids: Sequence[int] = (),
+        record_logits: bool = False,
+    ) -> DecodeSettings:
+        return DecodeSettings(
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_token_ids=tuple(stop_token_ids),
+            page_size=self.page_size,
+            prefill_chunk=self.prefill_chunk,
+            record_logits=record_logits,
+            impl=self.impl,
+        )
 
     # public calls
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *,
-                 memories: Sequence[Sequence[Hashable]] | None = None, memory_source: MemorySource | None = None,
-                 budgets: Sequence[int] | None = None, seed: int = 0,
-                 memory_bias: Sequence[Sequence[float]] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: DecodeSettings,
+        *,
+        memories: Sequence[Sequence[Hashable]] | None = None,
+        memory_source: MemorySource | None = None,
+        budgets: Sequence[int] | None = None,
+        seed: int = 0,
+        memory_bias: Sequence[Sequence[float]] | None = None,
+    ) -> list[list[int]]:
         """The new tokens of every row (a stop token that ended a row included).
         memory_bias: per row, one float per memory of `memories` (memory priors, docs/design.md
         section 8), added to the row's attention logits on every key of that memory."""
-        out, _ = self.generate_with_logits(prompts, settings, memories=memories, memory_source=memory_source,
-                                           budgets=budgets, seed=seed, memory_bias=memory_bias)
+        out, _ = self.generate_with_logits(
+            prompts,
+            settings,
+            memories=memories,
+            memory_source=memory_source,
+            budgets=budgets,
+            seed=seed,
+            memory_bias=memory_bias,
+        )
         return out
 
-    def generate_with_logits(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *,
-                             memories: Sequence[Sequence[Hashable]] | None = None,
-                             memory_source: MemorySource | None = None, budgets: Sequence[int] | None = None,
-                             seed: int = 0, memory_bias: Sequence[Sequence[float]] | None = None
-                             ) -> tuple[list[list[int]], list[np.ndarray] | None]:
+    def generate_with_logits(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: DecodeSettings,
+        *,
+        memories: Sequence[Sequence[Hashable]] | None = None,
+        memory_source: MemorySource | None = None,
+        budgets: Sequence[int] | None = None,
+        seed: int = 0,
+        memory_bias: Sequence[Sequence[float]] | None = None,
+    ) -> tuple[list[list[int]], list[np.ndarray] | None]:
         """`generate`, plus each row's per-step logits [new tokens, vocab] with record_logits."""
         batch = self.start(prompts, settings, memories, memory_source, budgets, seed, memory_bias=memory_bias)
         try:
             self.advance(batch, settings.max_new_tokens)
             tokens, prompt_lens, total, logits = jax.device_get(
-                (batch.state.tokens, batch.state.prompt_lens, batch.state.total, batch.state.logits))
+                (batch.state.tokens, batch.state.prompt_lens, batch.state.total, batch.state.logits)
+            )
         finally:
             self.finish(batch)
-        out = [tokens[b, prompt_lens[b]:total[b]].tolist() for b in range(batch.rows)]
+        out = [tokens[b, prompt_lens[b] : total[b]].tolist() for b in range(batch.rows)]
         if not settings.record_logits:
             return out, None
         return out, [logits[b, : len(out[b])] for b in range(batch.rows)]
 
-    def stream(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings, *, steps_per_chunk: int = 8,
-               memories: Sequence[Sequence[Hashable]] | None = None, memory_source: MemorySource | None = None,
-               budgets: Sequence[int] | None = None, seed: int = 0,
-               memory_bias: Sequence[Sequence[float]] | None = None) -> Iterator[list[list[int]]]:
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: DecodeSettings,
+        *,
+        steps_per_chunk: int = 8,
+        memories: Sequence[Sequence[Hashable]] | None = None,
+        memory_source: MemorySource | None = None,
+        budgets: Sequence[int] | None = None,
+        seed: int = 0,
+        memory_bias: Sequence[Sequence[float]] | None = None,
+    ) -> Iterator[list[list[int]]]:
         """Yields, every `steps_per_chunk` decode steps, the tokens each row made since the last
         yield. The same compiled loop as `generate`, stopped early and resumed with its state."""
         if steps_per_chunk < 1:
@@ -156,16 +211,22 @@ class Decoder:
                 step = min(step + steps_per_chunk, settings.max_new_tokens)
                 self.advance(batch, step)
                 tokens, total, done = jax.device_get((batch.state.tokens, batch.state.total, batch.state.done))
-                yield [tokens[b, emitted[b]:total[b]].tolist() for b in range(batch.rows)]
+                yield [tokens[b, emitted[b] : total[b]].tolist() for b in range(batch.rows)]
                 emitted = total
                 if done[: batch.rows].all() or step >= settings.max_new_tokens:
                     return
         finally:
             self.finish(batch)
 
-    def reason_embed(self, prompts: Sequence[Sequence[int]], *, max_reason_tokens: int, eor_id: int,
-                     latent_ids: Sequence[int], budgets: Sequence[int] | None = None
-                     ) -> tuple[np.ndarray, list[list[int]]]:
+    def reason_embed(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_reason_tokens: int,
+        eor_id: int,
+        latent_ids: Sequence[int],
+        budgets: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, list[list[int]]]:
         """Embeddings [n, dim] after greedy self-reasoning, and each row's reasoning tokens
         (eor included when the model wrote it)."""
         settings = self.settings(max_reason_tokens, GREEDY, (eor_id,))
@@ -173,26 +234,38 @@ class Decoder:
         batch = self.start(prompts, settings, None, None, budgets, 0, extra=K + 1)
         try:
             batch.state, emb, reasoned = run_reason_embed(
-                self.config, batch.settings, self.params, batch.state,
-                tuple(int(i) for i in latent_ids), int(eor_id))
+                self.config, batch.settings, self.params, batch.state, tuple(int(i) for i in latent_ids), int(eor_id)
+            )
             tokens, prompt_lens, reasoned, emb = jax.device_get(
-                (batch.state.tokens, batch.state.prompt_lens, reasoned, emb))
+                (batch.state.tokens, batch.state.prompt_lens, reasoned, emb)
+            )
         finally:
             self.finish(batch)
-        reasoning = [tokens[b, prompt_lens[b]:reasoned[b]].tolist() for b in range(batch.rows)]
+        reasoning = [tokens[b, prompt_lens[b] : reasoned[b]].tolist() for b in range(batch.rows)]
         return np.asarray(emb[: batch.rows]), reasoning
 
     def advance(self, batch: Batch, until: int) -> None:
         """Runs the batch's prefill (once) and decode steps until step `until` or all rows done."""
         # Through the programs directory of the compilation cache: a fresh process then loads the
         # compiled loop instead of tracing and lowering it (grc_jax/compile_cache.py).
-        batch.state = compile_cache.call_serialized("decode_run", run, (self.config, batch.settings),
-                                                    (self.params, batch.state, jax.device_put(np.int32(until))))
+        batch.state = compile_cache.call_serialized(
+            "decode_run",
+            run,
+            (self.config, batch.settings),
+            (self.params, batch.state, jax.device_put(np.int32(until))),
+        )
 
-    def start(self, prompts: Sequence[Sequence[int]], settings: DecodeSettings,
-              memories: Sequence[Sequence[Hashable]] | None = None, memory_source: MemorySource | None = None,
-              budgets: Sequence[int] | None = None, seed: int = 0, extra: int = 0,
-              memory_bias: Sequence[Sequence[float]] | None = None) -> Batch:
+    def start(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: DecodeSettings,
+        memories: Sequence[Sequence[Hashable]] | None = None,
+        memory_source: MemorySource | None = None,
+        budgets: Sequence[int] | None = None,
+        seed: int = 0,
+        extra: int = 0,
+        memory_bias: Sequence[Sequence[float]] | None = None,
+    ) -> Batch:
         """Admits a batch: pages for its rows and memories (all or nothing), memories written,
         the initial state built. The state owns the pool until `finish`; `extra` reserves
         token slots past the budget (the eor and latents of self-reasoning)."""
@@ -249,8 +322,9 @@ class Decoder:
         one compiled program)."""
         if settings.page_size != self.page_size:
             raise ValueError(f"settings.page_size={settings.page_size} but the pool's pages hold {self.page_size}")
-        return settings.loop_settings(prefill_chunk=min(settings.prefill_chunk,
-                                                        bucket(sum(len(p) - 1 for p in prompts), 32)))
+        return settings.loop_settings(
+            prefill_chunk=min(settings.prefill_chunk, bucket(sum(len(p) - 1 for p in prompts), 32))
+        )
 
     def _fetch(self, wanted: list[Hashable], memory_source: MemorySource) -> tuple[np.ndarray, np.ndarray]:
         """The wanted memories' keys and values from `memory_source`, their shapes checked."""
@@ -259,9 +333,11 @@ class Decoder:
         expected = [len(wanted), c.num_layers, c.num_latents, c.num_kv_heads, c.head_dim]
         for what, array in zip(("keys", "values"), fetched):
             if list(array.shape) != expected:
-                raise ValueError(f"memory_source gave {what} of shape {list(array.shape)} for memories "
-                                 f"{wanted[:8]}; this model reads [memories, layers, K, kv_heads, head_dim]="
-                                 f"{expected}")
+                raise ValueError(
+                    f"memory_source gave {what} of shape {list(array.shape)} for memories "
+                    f"{wanted[:8]}; this model reads [memories, layers, K, kv_heads, head_dim]="
+                    f"{expected}"
+                )
         return fetched
 
     def _admit(self, prompts: list[list[int]], budgets: list[int], extra: int, wanted: list[Hashable]) -> _Admission:
@@ -271,12 +347,15 @@ class Decoder:
         self._next_request += len(prompts)
         need = {rid: len(p) + b + extra for rid, p, b in zip(ids, prompts, budgets)}
         try:
-            req_pages, mem_pages, new = self.allocator.admit(need, {m: K for m in wanted},
-                                                             labels={rid: f"prompt {i}" for i, rid in enumerate(ids)})
+            req_pages, mem_pages, new = self.allocator.admit(
+                need, {m: K for m in wanted}, labels={rid: f"prompt {i}" for i, rid in enumerate(ids)}
+            )
         except OutOfPages as e:
             token_pages = [self.allocator.pages_for(t) for t in need.values()]
-            raise OutOfPages(f"{e}; this batch's prompts need {token_pages} token pages and its {len(wanted)} "
-                             f"memories {self.allocator.pages_for(K)} each") from None
+            raise OutOfPages(
+                f"{e}; this batch's prompts need {token_pages} token pages and its {len(wanted)} "
+                f"memories {self.allocator.pages_for(K)} each"
+            ) from None
         return _Admission(ids, wanted, req_pages, mem_pages, new)
 
     def _write_new_memories(self, admission: _Admission, fetched: tuple[np.ndarray, np.ndarray] | None) -> None:
@@ -284,8 +363,12 @@ class Decoder:
             return
         keys, values = fetched
         order = [admission.memories.index(m) for m in admission.new]
-        self.pool = write_memories(self.pool, [admission.memory_pages[m] for m in admission.new],
-                                   np.asarray(keys)[order], np.asarray(values)[order])
+        self.pool = write_memories(
+            self.pool,
+            [admission.memory_pages[m] for m in admission.new],
+            np.asarray(keys)[order],
+            np.asarray(values)[order],
+        )
 
     def _give_back(self, admission: _Admission) -> None:
         """Undoes `_admit` after a failed start."""
@@ -300,9 +383,17 @@ class Decoder:
         self.pool = new_pool(self.config, self.allocator.num_pages, self.page_size)
         self.allocator = PageAllocator(self.allocator.num_pages, self.page_size)
 
-    def _initial_state(self, prompts: list[list[int]], memories: list[list[Hashable]], budgets: list[int],
-                       extra: int, seed: int, settings: DecodeSettings, admission: _Admission,
-                       bias_rows: list[list[float]] | None) -> DecodeState:
+    def _initial_state(
+        self,
+        prompts: list[list[int]],
+        memories: list[list[Hashable]],
+        budgets: list[int],
+        extra: int,
+        seed: int,
+        settings: DecodeSettings,
+        admission: _Admission,
+        bias_rows: list[list[float]] | None,
+    ) -> DecodeState:
         """The loop's state for admitted rows: buffers, page tables, positions and budgets, padded
         to bucketed shapes (rows, buffer width, memory entries) so few programs compile."""
         c, S, K = self.config, self.page_size, self.config.num_latents
@@ -338,10 +429,21 @@ class Decoder:
                 mem_bias[b, : len(per_page)] = per_page
         # One transfer of fresh copies (the state is donated; jnp.asarray and jnp.zeros would each
         # run a small compiled program per shape).
-        host = dict(tokens=tokens, mem_page_table=mem_table, mem_page_lens=mem_lens, tok_page_table=tok_table,
-                    lengths=np.zeros(B, np.int32), total=prompt_lens, prompt_lens=prompt_lens, pos_offset=offset,
-                    budget=budget, done=budget <= 0, step=np.zeros((), np.int32),
-                    logits=np.zeros((B, recorded_steps, c.vocab_size), np.float32), mem_page_bias=mem_bias)
+        host = dict(
+            tokens=tokens,
+            mem_page_table=mem_table,
+            mem_page_lens=mem_lens,
+            tok_page_table=tok_table,
+            lengths=np.zeros(B, np.int32),
+            total=prompt_lens,
+            prompt_lens=prompt_lens,
+            pos_offset=offset,
+            budget=budget,
+            done=budget <= 0,
+            step=np.zeros((), np.int32),
+            logits=np.zeros((B, recorded_steps, c.vocab_size), np.float32),
+            mem_page_bias=mem_bias,
+        )
         return DecodeState(pool=self.pool, rng=rng, **jax.device_put(host, may_alias=False))
 
 
@@ -355,8 +457,9 @@ def _checked_budgets(budgets: Sequence[int] | None, n: int, max_new_tokens: int)
     return budgets
 
 
-def _checked_memories(memories: Sequence[Sequence[Hashable]] | None, n: int,
-                      memory_source: MemorySource | None) -> list[list[Hashable]]:
+def _checked_memories(
+    memories: Sequence[Sequence[Hashable]] | None, n: int, memory_source: MemorySource | None
+) -> list[list[Hashable]]:
     """Each row's memory ids (none by default)."""
     memories = [list(m) for m in memories] if memories is not None else [[] for _ in range(n)]
     if len(memories) != n:
@@ -366,15 +469,18 @@ def _checked_memories(memories: Sequence[Sequence[Hashable]] | None, n: int,
     return memories
 
 
-def _memory_bias_rows(memory_bias: Sequence[Sequence[float]] | None,
-                      memories: list[list[Hashable]]) -> list[list[float]] | None:
+def _memory_bias_rows(
+    memory_bias: Sequence[Sequence[float]] | None, memories: list[list[Hashable]]
+) -> list[list[float]] | None:
     """Checks a per-row, per-memory bias against the rows' memories (before anything is allocated)."""
     if memory_bias is None:
         return None
     rows = [[float(x) for x in row] for row in memory_bias]
     if len(rows) != len(memories) or any(len(r) != len(m) for r, m in zip(rows, memories)):
-        raise ValueError(f"memory_bias must give one value per memory of each row: memories per row "
-                         f"{[len(m) for m in memories]}, bias values per row {[len(r) for r in rows]}")
+        raise ValueError(
+            f"memory_bias must give one value per memory of each row: memories per row "
+            f"{[len(m) for m in memories]}, bias values per row {[len(r) for r in rows]}"
+        )
     if not all(np.isfinite(r).all() for r in rows):
         raise ValueError("memory_bias values must be finite")
     return rows

@@ -6,6 +6,7 @@ self-reasoning `[query][reasoning][eor]`), followed by the K meta latent tokens;
 `[question]` and the model writes `[answer][eos]`. An instruction or sentence-transformers
 prompt is encoded on its own and put before the text.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,14 @@ class RagAnswer:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def segment_pass(config: ModelConfig, params: model.Params, tokens: jax.Array, example: jax.Array, kind: jax.Array,
-                  latent_index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def segment_pass(
+    config: ModelConfig,
+    params: model.Params,
+    tokens: jax.Array,
+    example: jax.Array,
+    kind: jax.Array,
+    latent_index: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One pass over [text][latents] rows: (keys, values [B, layers, K, kv, d], embeddings [B, dim])."""
     meta = layout.TokenMeta(example, example, kind)
     out = model.forward(config, params, tokens, meta, kv_index=latent_index, compute_logits=False)
@@ -82,14 +89,28 @@ class Engine:
     # the engine from its first chunk until it ends or is closed; other threads wait meanwhile,
     # and its chunks may be read from any thread.
 
-    def __init__(self, config: ModelConfig, params: model.Params, tokenizer: Tokenizer, *,
-                 eos_token: str | Sequence[str] | None = FROM_MODEL, eor_token: str | None = FROM_MODEL,
-                 bank: MemoryBank | None = None, num_pages: int | None = None, page_size: int = 16,
-                 prefill_chunk: int = 256, max_reason_tokens: int = 64, batch_size: int = 32,
-                 prompts: dict[str, str] | None = None, impl: str | None = None,
-                 special_tokens: SpecialTokens | None = None, chat_template: str | None = FROM_MODEL,
-                 split_special_tokens: bool = True, weights: str = "float",
-                 compilation_cache: str | bool | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: model.Params,
+        tokenizer: Tokenizer,
+        *,
+        eos_token: str | Sequence[str] | None = FROM_MODEL,
+        eor_token: str | None = FROM_MODEL,
+        bank: MemoryBank | None = None,
+        num_pages: int | None = None,
+        page_size: int = 16,
+        prefill_chunk: int = 256,
+        max_reason_tokens: int = 64,
+        batch_size: int = 32,
+        prompts: dict[str, str] | None = None,
+        impl: str | None = None,
+        special_tokens: SpecialTokens | None = None,
+        chat_template: str | None = FROM_MODEL,
+        split_special_tokens: bool = True,
+        weights: str = "float",
+        compilation_cache: str | bool | None = None,
+    ):
         """Special tokens and the chat template come from `special_tokens` (from_pretrained reads
         them from the model's files), else from the tokenizer's tokenizer_config.json; an explicit
         eos_token (one or a list), eor_token or chat_template overrides them, None meaning none
@@ -125,8 +146,9 @@ class Engine:
             num_pages = int(np.clip(DEFAULT_POOL_BYTES // page_bytes(config, page_size), 64, 16384))
         self.weights = weights
         decode_params = quantize.quantize_params(params, config.tie_word_embeddings) if weights == "int8" else params
-        self.decoder = Decoder(config, decode_params, num_pages=num_pages, page_size=page_size,
-                               prefill_chunk=prefill_chunk, impl=impl)
+        self.decoder = Decoder(
+            config, decode_params, num_pages=num_pages, page_size=page_size, prefill_chunk=prefill_chunk, impl=impl
+        )
         self.max_reason_tokens = max_reason_tokens
         self.batch_size = batch_size
         self.prompts = dict(prompts) if prompts is not None else {"query": "", "document": ""}
@@ -143,6 +165,7 @@ class Engine:
         path = Path(path)
         if path.suffix == ".gguf":  # a llama.cpp file: weights and tokenizer from its one read
             from grc_jax import gguf
+
             config, params, tokenizer = gguf.load(path)
             found = special_tokens_lib.from_tokenizer(tokenizer)  # its metadata, as tokenizer_config
         elif (path / hf.CONFIG_FILE).is_file():
@@ -153,8 +176,10 @@ class Engine:
             run = rundir.open_run(path, step)
             config, params, tokenizer, found = run.config, run.params, run.tokenizer, run.special_tokens
         else:
-            raise FileNotFoundError(f"{path}: neither an HF model directory ({hf.CONFIG_FILE}) nor a training "
-                                    f"run directory ({rundir.MODEL_CONFIG_FILE})")
+            raise FileNotFoundError(
+                f"{path}: neither an HF model directory ({hf.CONFIG_FILE}) nor a training "
+                f"run directory ({rundir.MODEL_CONFIG_FILE})"
+            )
         kwargs.setdefault("special_tokens", found)
         return cls(config, params, tokenizer, **kwargs)
 
@@ -183,8 +208,13 @@ class Engine:
         return out
 
     @_serialized
-    def embed(self, texts: str | Sequence[str], reason: bool = False, instruction: str | None = None,
-              batch_size: int | None = None) -> np.ndarray:
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        reason: bool = False,
+        instruction: str | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
         """float32 [n, dim] L2-normalised embeddings ([dim] for one string). With reason=True
         the model first writes a reasoning trace for each text (greedy, at most
         max_reason_tokens, ending at the end-of-reasoning token), all in one jitted loop."""
@@ -203,20 +233,28 @@ class Engine:
         return self._segment_pass(segments, batch_size)[2]
 
     @_serialized
-    def embed_with_reasoning_tokens(self, segments: Sequence[Sequence[int]], batch_size: int | None = None
-                                    ) -> tuple[np.ndarray, list[list[int]]]:
+    def embed_with_reasoning_tokens(
+        self, segments: Sequence[Sequence[int]], batch_size: int | None = None
+    ) -> tuple[np.ndarray, list[list[int]]]:
         """Self-reason-latent embeddings of token segments and the reasoning each row wrote."""
         if self.eor_id is None:
-            raise ValueError("reason=True needs an end-of-reasoning token; this engine has none (eor_token=None, "
-                             "or the model's files name none): pass eor_token=")
+            raise ValueError(
+                "reason=True needs an end-of-reasoning token; this engine has none (eor_token=None, "
+                "or the model's files name none): pass eor_token="
+            )
         P = self.config.max_segment_len
         out, traces = [], []
         size = batch_size or self.batch_size
         for start in range(0, len(segments), size):
-            chunk = [list(s)[: P - 1] for s in segments[start:start + size]]  # room for at least the eor
+            chunk = [list(s)[: P - 1] for s in segments[start : start + size]]  # room for at least the eor
             budgets = [min(self.max_reason_tokens, P - 1 - len(s)) for s in chunk]
-            emb, reasoning = self.decoder.reason_embed(chunk, max_reason_tokens=self.max_reason_tokens,
-                                                       eor_id=self.eor_id, latent_ids=self.latent_ids, budgets=budgets)
+            emb, reasoning = self.decoder.reason_embed(
+                chunk,
+                max_reason_tokens=self.max_reason_tokens,
+                eor_id=self.eor_id,
+                latent_ids=self.latent_ids,
+                budgets=budgets,
+            )
             out.append(emb)
             traces.extend(reasoning)
         return np.concatenate(out), traces
@@ -224,9 +262,17 @@ class Engine:
     # sentence-transformers conventions
 
     @_serialized
-    def encode(self, sentences: str | Sequence[str], prompt_name: str | None = None, prompt: str | None = None,
-               batch_size: int = 32, normalize_embeddings: bool = True, convert_to_numpy: bool = True,
-               show_progress_bar: bool = False, reason: bool = False) -> np.ndarray | jax.Array:
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        normalize_embeddings: bool = True,
+        convert_to_numpy: bool = True,
+        show_progress_bar: bool = False,
+        reason: bool = False,
+    ) -> np.ndarray | jax.Array:
         """As SentenceTransformer.encode. GRC embeddings are L2-normalised by definition, so
         normalize_embeddings=False returns them as they are; show_progress_bar is accepted and
         ignored."""
@@ -268,8 +314,10 @@ class Engine:
         if not tokens or not text.strip():
             raise ValueError("replacement text is empty or blank")
         if len(tokens) > self.config.max_segment_len:
-            raise ValueError(f"replacement text has {len(tokens)} tokens; one memory holds at most "
-                             f"max_segment_len={self.config.max_segment_len}")
+            raise ValueError(
+                f"replacement text has {len(tokens)} tokens; one memory holds at most "
+                f"max_segment_len={self.config.max_segment_len}"
+            )
         self.bank.get(memory_id)  # unknown id: fail before computing anything
         keys, values, embeddings = self._segment_pass([tokens])
         self.bank.replace(memory_id, keys[0], values[0], embeddings[0], self.tokenizer.decode(tokens))
@@ -281,10 +329,18 @@ class Engine:
     # --- generation --------------------------------------------------------------------------
 
     @_serialized
-    def generate(self, prompts: str | Sequence[str], memories: Sequence[int] | Sequence[Sequence[int]] | None = None,
-                 max_new_tokens: int = 64, sampling: Sampling = GREEDY, stop_tokens: Sequence[str] | None = None,
-                 seed: int = 0, stop: str | Sequence[str] | None = None, memory_prior: Any = False,
-                 prior_temperature: float = 0.05) -> str | list[str]:
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        memories: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        stop_tokens: Sequence[str] | None = None,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+        memory_prior: Any = False,
+        prior_temperature: float = 0.05,
+    ) -> str | list[str]:
         """Continues each prompt, reading the named memories (one id list for all prompts, or
         one list per prompt). Stops at eos (or `stop_tokens`, special tokens by name) and at any
         of the `stop` strings (OpenAI's `stop`); neither the stop token nor the stop string, nor
@@ -301,14 +357,31 @@ class Engine:
         logits on each memory's keys. Use the temperature the model was trained with
         (`train.prior_temperature`)."""
         single = isinstance(prompts, str)
-        answers = self._generate([self._encode(t) for t in _texts(prompts, "generate")], memories, max_new_tokens,
-                                 sampling, stop_tokens, seed, stop, memory_prior, prior_temperature)
+        answers = self._generate(
+            [self._encode(t) for t in _texts(prompts, "generate")],
+            memories,
+            max_new_tokens,
+            sampling,
+            stop_tokens,
+            seed,
+            stop,
+            memory_prior,
+            prior_temperature,
+        )
         return answers[0] if single else answers
 
-    def _generate(self, token_ids: list[list[int]], memories: Any = None, max_new_tokens: int = 64,
-                  sampling: Sampling = GREEDY, stop_tokens: Sequence[str] | None = None, seed: int = 0,
-                  stop: str | Sequence[str] | None = None, memory_prior: Any = False,
-                  prior_temperature: float = 0.05) -> list[str]:
+    def _generate(
+        self,
+        token_ids: list[list[int]],
+        memories: Any = None,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        stop_tokens: Sequence[str] | None = None,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+        memory_prior: Any = False,
+        prior_temperature: float = 0.05,
+    ) -> list[str]:
         _check_int("max_new_tokens", max_new_tokens, 1)
         _check_int("seed", seed, 0, MAX_SEED)
         for i, t in enumerate(token_ids):
@@ -326,27 +399,60 @@ class Engine:
             if stop_strings:
                 out.extend(self._generate_until_stop(chunk, settings, keys, seed, stops, stop_strings, chunk_bias))
             else:
-                out.extend(self.decoder.generate(chunk, settings, memories=keys, memory_source=self._memory_source,
-                                                 seed=seed, memory_bias=chunk_bias))
-        return [chat_lib.cut_at_stop(self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o),
-                                     stop_strings)[0] for o in out]
+                out.extend(
+                    self.decoder.generate(
+                        chunk,
+                        settings,
+                        memories=keys,
+                        memory_source=self._memory_source,
+                        seed=seed,
+                        memory_bias=chunk_bias,
+                    )
+                )
+        return [
+            chat_lib.cut_at_stop(self.tokenizer.decode(o[:-1] if o and o[-1] in stops else o), stop_strings)[0]
+            for o in out
+        ]
 
-    def stream(self, prompt: str, memories: Sequence[int] | None = None, max_new_tokens: int = 64,
-               sampling: Sampling = GREEDY, steps_per_chunk: int = 8, seed: int = 0,
-               stop: str | Sequence[str] | None = None, stop_tokens: Sequence[str] | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        memories: Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        steps_per_chunk: int = 8,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+        stop_tokens: Sequence[str] | None = None,
+    ) -> Iterator[str]:
         """Yields the answer's text as it grows, one piece per `steps_per_chunk` tokens. Text that
         may be the start of a stop string is held back until the next tokens tell; decoding ends
         at the first stop string. The arguments are checked here; the engine is held from the
         first chunk to the last."""
         if not isinstance(prompt, str):
             raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
-        return self._stream_tokens(self._encode(_texts(prompt, "stream")[0]), memories, max_new_tokens, sampling,
-                                   steps_per_chunk, seed, stop, stop_tokens)
+        return self._stream_tokens(
+            self._encode(_texts(prompt, "stream")[0]),
+            memories,
+            max_new_tokens,
+            sampling,
+            steps_per_chunk,
+            seed,
+            stop,
+            stop_tokens,
+        )
 
-    def _stream_tokens(self, tokens: list[int], memories: Sequence[int] | None = None, max_new_tokens: int = 64,
-                       sampling: Sampling = GREEDY, steps_per_chunk: int = 8, seed: int = 0,
-                       stop: str | Sequence[str] | None = None,
-                       stop_tokens: Sequence[str] | None = None) -> Iterator[str]:
+    def _stream_tokens(
+        self,
+        tokens: list[int],
+        memories: Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        steps_per_chunk: int = 8,
+        seed: int = 0,
+        stop: str | Sequence[str] | None = None,
+        stop_tokens: Sequence[str] | None = None,
+    ) -> Iterator[str]:
         if not tokens:
             raise ValueError("prompt 0 is empty")
         _check_int("max_new_tokens", max_new_tokens, 1)
@@ -356,14 +462,27 @@ class Engine:
         stops, stop_strings = self._stops(stop_tokens, stop)
         return self._stream(tokens, rows, max_new_tokens, sampling, steps_per_chunk, seed, stops, stop_strings)
 
-    def _stream(self, tokens: list[int], rows: list[list[int]], max_new_tokens: int, sampling: Sampling,
-                steps_per_chunk: int, seed: int, stops: tuple[int, ...], stop_strings: tuple[str, ...]
-                ) -> Iterator[str]:
+    def _stream(
+        self,
+        tokens: list[int],
+        rows: list[list[int]],
+        max_new_tokens: int,
+        sampling: Sampling,
+        steps_per_chunk: int,
+        seed: int,
+        stops: tuple[int, ...],
+        stop_strings: tuple[str, ...],
+    ) -> Iterator[str]:
         with self._lock:
             self._wait_for_streams()
-            chunks = self.decoder.stream([tokens], self.decoder.settings(max_new_tokens, sampling, stops),
-                                         steps_per_chunk=steps_per_chunk, seed=seed,
-                                         memories=self._pool_keys(rows), memory_source=self._memory_source)
+            chunks = self.decoder.stream(
+                [tokens],
+                self.decoder.settings(max_new_tokens, sampling, stops),
+                steps_per_chunk=steps_per_chunk,
+                seed=seed,
+                memories=self._pool_keys(rows),
+                memory_source=self._memory_source,
+            )
             self._stream_open = True
         try:
             yield from self._stream_text(self._locked_chunks(chunks), stops, stop_strings)
@@ -383,8 +502,9 @@ class Engine:
                     return
             yield chunk
 
-    def _stream_text(self, chunks: Iterator[list[list[int]]], stops: tuple[int, ...],
-                     stop_strings: tuple[str, ...]) -> Iterator[str]:
+    def _stream_text(
+        self, chunks: Iterator[list[list[int]]], stops: tuple[int, ...], stop_strings: tuple[str, ...]
+    ) -> Iterator[str]:
         made: list[int] = []
         shown = ""
         for chunk in chunks:
@@ -392,44 +512,61 @@ class Engine:
             text, stopped = chat_lib.cut_at_stop(self.tokenizer.decode(made), stop_strings)
             if stopped:  # leaving the loop ends decoding: _stream's finally frees the pages
                 break
-            text = text[:chat_lib.safe_prefix_length(text, stop_strings)]
+            text = text[: chat_lib.safe_prefix_length(text, stop_strings)]
             # A byte-level tokenizer's chunk may end mid-character (decoded as U+FFFD): hold it back.
             if text != shown and text.startswith(shown) and not text.endswith("\ufffd"):
-                yield text[len(shown):]
+                yield text[len(shown) :]
                 shown = text
         text = chat_lib.cut_at_stop(self.tokenizer.decode(made), stop_strings)[0]
         if text != shown and text.startswith(shown):
-            yield text[len(shown):]
+            yield text[len(shown) :]
 
     # --- chat --------------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-                    **template_kwargs: Any) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> str:
         """The prompt text of a chat, as transformers' apply_chat_template(messages, tokenize=False,
         add_generation_prompt=True) renders it with this model's template and special tokens."""
         if self.chat_template is None:
-            raise ValueError("this model has no chat template (no chat_template.jinja, and none in "
-                             "tokenizer_config.json); pass chat_template= to Engine")
+            raise ValueError(
+                "this model has no chat template (no chat_template.jinja, and none in "
+                "tokenizer_config.json); pass chat_template= to Engine"
+            )
         variables = {**special_tokens_lib.template_variables(self.tokenizer, self.special_tokens), **template_kwargs}
-        return chat_lib.render_chat(self.chat_template, list(messages), add_generation_prompt=add_generation_prompt,
-                                    **variables)
+        return chat_lib.render_chat(
+            self.chat_template, list(messages), add_generation_prompt=add_generation_prompt, **variables
+        )
 
-    def _chat_tokens(self, messages: Sequence[Mapping[str, Any]], template_kwargs: Mapping[str, Any] | None
-                     ) -> list[int]:
+    def _chat_tokens(
+        self, messages: Sequence[Mapping[str, Any]], template_kwargs: Mapping[str, Any] | None
+    ) -> list[int]:
         # The rendered template's special tokens (<|im_start|>, ...) are tokens, as transformers
         # tokenizes a rendered chat; user text elsewhere is encoded with them split.
         return self.tokenizer.encode(self.render_chat(messages, **dict(template_kwargs or {})))
 
     @_serialized
-    def chat(self, messages: Sequence[Mapping[str, Any]], memories: Sequence[int] | None = None, *,
-             template_kwargs: Mapping[str, Any] | None = None, **generate_kwargs: Any) -> str:
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        memories: Sequence[int] | None = None,
+        *,
+        template_kwargs: Mapping[str, Any] | None = None,
+        **generate_kwargs: Any,
+    ) -> str:
         """The assistant's reply to `messages` ([{"role": ..., "content": ...}, ...]), reading the
         named memories; `template_kwargs` are more template variables (tools, enable_thinking, ...),
         generate_kwargs go to `generate` (max_new_tokens, sampling, stop, ...)."""
         return self._generate([self._chat_tokens(messages, template_kwargs)], memories, **generate_kwargs)[0]
 
-    def stream_chat(self, messages: Sequence[Mapping[str, Any]], memories: Sequence[int] | None = None, *,
-                    template_kwargs: Mapping[str, Any] | None = None, **stream_kwargs: Any) -> Iterator[str]:
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        memories: Sequence[int] | None = None,
+        *,
+        template_kwargs: Mapping[str, Any] | None = None,
+        **stream_kwargs: Any,
+    ) -> Iterator[str]:
         """`chat`, yielding the reply's text as it grows (as `stream`)."""
         return self._stream_tokens(self._chat_tokens(messages, template_kwargs), memories, **stream_kwargs)
 
@@ -441,20 +578,39 @@ class Engine:
         return [Hit(int(i), float(s), self.bank.get(int(i)).text) for i, s in zip(ids[0], scores[0])]
 
     @_serialized
-    def rag(self, question: str, top_k: int = 4, reason: bool = False, max_new_tokens: int = 64,
-            sampling: Sampling = GREEDY, memory_prior: bool = False, prior_temperature: float = 0.05) -> RagAnswer:
+    def rag(
+        self,
+        question: str,
+        top_k: int = 4,
+        reason: bool = False,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        memory_prior: bool = False,
+        prior_temperature: float = 0.05,
+    ) -> RagAnswer:
         """Search with the question, then answer it reading the top_k memories (with
         memory_prior, weighted by the search's own cosine scores: see `generate`)."""
         _check_int("max_new_tokens", max_new_tokens, 1)
         hits = self.search(question, top_k, reason=reason)
         ids = [h.id for h in hits]
         prior = [[h.score for h in hits]] if memory_prior else False
-        answer = self.generate(question, memories=ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                               memory_prior=prior, prior_temperature=prior_temperature)
+        answer = self.generate(
+            question,
+            memories=ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            memory_prior=prior,
+            prior_temperature=prior_temperature,
+        )
         return RagAnswer(answer, ids, [h.score for h in hits])
 
-    def memory_priors(self, prompts: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], memory_prior: Any,
-                      prior_temperature: float) -> list[list[float]] | None:
+    def memory_priors(
+        self,
+        prompts: Sequence[Sequence[int]],
+        rows: Sequence[Sequence[int]],
+        memory_prior: Any,
+        prior_temperature: float,
+    ) -> list[list[float]] | None:
         """Per prompt, the log-prior of each of its memories (see `generate`), or None."""
         if memory_prior is None or memory_prior is False:
             return None
@@ -465,16 +621,23 @@ class Engine:
             # "reason": the prompt embedded after its own reasoning trace, as multi-hop retrieval
             # embeds a query; a question that names one person but asks about another (the
             # mentor's colour) then points to the memory that answers it, not the one it names.
-            questions = (self.embed_with_reasoning_tokens(segments)[0] if memory_prior == "reason"
-                         else self.embed_tokens(segments))
+            questions = (
+                self.embed_with_reasoning_tokens(segments)[0]
+                if memory_prior == "reason"
+                else self.embed_tokens(segments)
+            )
             scores = [[float(np.dot(q, self.bank.get(m).embedding)) for m in row] for q, row in zip(questions, rows)]
         else:
             scores = [[float(x) for x in row] for row in memory_prior]
             if len(scores) != len(rows) or any(len(s) != len(r) for s, r in zip(scores, rows)):
-                raise ValueError(f"memory_prior scores must give one score per memory of each prompt: memories "
-                                 f"{[len(r) for r in rows]}, scores {[len(s) for s in scores]}")
-        return [np.asarray(priors.log_prior(np.asarray(s, np.float32) / prior_temperature)).tolist() if s else []
-                for s in scores]
+                raise ValueError(
+                    f"memory_prior scores must give one score per memory of each prompt: memories "
+                    f"{[len(r) for r in rows]}, scores {[len(s) for s in scores]}"
+                )
+        return [
+            np.asarray(priors.log_prior(np.asarray(s, np.float32) / prior_temperature)).tolist() if s else []
+            for s in scores
+        ]
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -492,8 +655,9 @@ class Engine:
         cannot wait for itself."""
         while self._stream_open:
             if self._stream_thread == threading.get_ident():
-                raise RuntimeError("a stream of this engine is open in this thread: read it to the end or close it "
-                                   "first")
+                raise RuntimeError(
+                    "a stream of this engine is open in this thread: read it to the end or close it first"
+                )
             self._streams_done.wait()
 
     def _special(self, token: str, name: str) -> int:
@@ -501,8 +665,9 @@ class Engine:
         if token_id is None:
             raise ValueError(f"{name} {token!r} is not in the tokenizer; pass {name}= with one it has")
         if token_id >= self.config.vocab_size:
-            raise ValueError(f"{name} {token!r} has id {token_id}, outside the model's vocabulary of "
-                             f"{self.config.vocab_size}")
+            raise ValueError(
+                f"{name} {token!r} has id {token_id}, outside the model's vocabulary of {self.config.vocab_size}"
+            )
         return token_id
 
     def _stop_ids(self, stop_tokens: Sequence[str] | None) -> tuple[int, ...]:
@@ -510,8 +675,9 @@ class Engine:
             return self.eos_ids
         return tuple(self._special(t, "stop token") for t in stop_tokens)
 
-    def _stops(self, stop_tokens: Sequence[str] | None, stop: str | Sequence[str] | None
-               ) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    def _stops(
+        self, stop_tokens: Sequence[str] | None, stop: str | Sequence[str] | None
+    ) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """(stop token ids, stop strings): a stop string that is an added token (<|im_end|>, say)
         is a stop token, which the decode loop handles itself; the others are matched in text."""
         ids = list(self._stop_ids(stop_tokens))
@@ -524,23 +690,38 @@ class Engine:
                 strings.append(s)
         return tuple(dict.fromkeys(ids)), tuple(strings)
 
-    def _generate_until_stop(self, prompts: list[list[int]], settings: Any, keys: list[list[Any]], seed: int,
-                             stops: tuple[int, ...], stop_strings: tuple[str, ...],
-                             memory_bias: list[list[float]] | None = None) -> list[list[int]]:
+    def _generate_until_stop(
+        self,
+        prompts: list[list[int]],
+        settings: Any,
+        keys: list[list[Any]],
+        seed: int,
+        stops: tuple[int, ...],
+        stop_strings: tuple[str, ...],
+        memory_bias: list[list[float]] | None = None,
+    ) -> list[list[int]]:
         """Decodes in chunks of STOP_CHECK_STEPS steps until every row has met a stop token, a stop
         string or its budget. The same compiled loop as `generate`, so the tokens are the same."""
         made: list[list[int]] = [[] for _ in prompts]
         ended = [False] * len(prompts)
-        pieces = self.decoder.stream(prompts, settings, steps_per_chunk=STOP_CHECK_STEPS, memories=keys,
-                                     memory_source=self._memory_source, seed=seed, memory_bias=memory_bias)
+        pieces = self.decoder.stream(
+            prompts,
+            settings,
+            steps_per_chunk=STOP_CHECK_STEPS,
+            memories=keys,
+            memory_source=self._memory_source,
+            seed=seed,
+            memory_bias=memory_bias,
+        )
         with _closing(pieces):
             for chunk in pieces:
                 for b, new in enumerate(chunk):
                     if ended[b] or not new:
                         continue
                     made[b].extend(new)
-                    ended[b] = made[b][-1] in stops or chat_lib.cut_at_stop(self.tokenizer.decode(made[b]),
-                                                                           stop_strings)[1]
+                    ended[b] = (
+                        made[b][-1] in stops or chat_lib.cut_at_stop(self.tokenizer.decode(made[b]), stop_strings)[1]
+                    )
                 if all(ended):
                     break
         return made
@@ -557,21 +738,27 @@ class Engine:
             segments.append((prefix + ids)[: self.config.max_segment_len])
         return segments
 
-    def _segment_pass(self, segments: Sequence[Sequence[int]], batch_size: int | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _segment_pass(
+        self, segments: Sequence[Sequence[int]], batch_size: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[segment][latents] rows, padded to bucketed shapes: keys, values, embeddings."""
         K, P = self.config.num_latents, self.config.max_segment_len
         size = batch_size or self.batch_size
         keys, values, embeddings = [], [], []
         for start in range(0, len(segments), size):
-            chunk = [list(s) for s in segments[start:start + size]]
+            chunk = [list(s) for s in segments[start : start + size]]
             if any(not 1 <= len(s) <= P for s in chunk):
                 raise ValueError(f"segments must have 1..{P} tokens")
             width = min(bucket(max(map(len, chunk)) + K), P + K)
             # Laid out by the code that lays out training rows: the memory is the one training shaped.
             rows = layout.segment_rows(chunk, self.latent_ids, P, width, num_rows=bucket(len(chunk)))
-            k, v, e = jax.device_get(segment_pass(self.config, self.params, *map(jnp.asarray, (
-                rows.tokens, rows.example, rows.kind, rows.latent_index))))
+            k, v, e = jax.device_get(
+                segment_pass(
+                    self.config,
+                    self.params,
+                    *map(jnp.asarray, (rows.tokens, rows.example, rows.kind, rows.latent_index)),
+                )
+            )
             keys.append(k[: len(chunk)])
             values.append(v[: len(chunk)])
             embeddings.append(e[: len(chunk)])
@@ -587,8 +774,9 @@ class Engine:
         if all(is_id):
             return [[int(m) for m in memories] for _ in range(n)]
         if any(is_id):
-            raise ValueError(f"memories must be one list of ids for every prompt, or one list per prompt; got "
-                             f"{memories!r}")
+            raise ValueError(
+                f"memories must be one list of ids for every prompt, or one list per prompt; got {memories!r}"
+            )
         for m in memories:
             if isinstance(m, (str, bytes)) or not isinstance(m, Iterable):
                 raise ValueError(f"memory id {m!r} is not an integer (ids from JSON must be numbers, not strings)")
@@ -637,8 +825,9 @@ def _texts(texts: Any, what: str) -> list[str]:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate, from a bad JSON escape say
-            raise ValueError(f"{what}: text {i} is not valid Unicode: {e.reason} at character {e.start} "
-                             f"({text[e.start]!r})") from None
+            raise ValueError(
+                f"{what}: text {i} is not valid Unicode: {e.reason} at character {e.start} ({text[e.start]!r})"
+            ) from None
     return texts
 
 
@@ -657,6 +846,8 @@ def _with_latents(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:
         tokenizer = tokenizer.with_latents(config.num_latents, config.vocab_size)
         ids = tokenizer.latent_ids(config.num_latents)
     if tuple(ids) != config.latent_token_ids:
-        raise ValueError(f"the tokenizer's meta latent tokens have ids {ids[:4]}..., the model expects "
-                         f"{list(config.latent_token_ids[:4])}...")
+        raise ValueError(
+            f"the tokenizer's meta latent tokens have ids {ids[:4]}..., the model expects "
+            f"{list(config.latent_token_ids[:4])}..."
+        )
     return tokenizer

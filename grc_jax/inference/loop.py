@@ -15,6 +15,7 @@ latents sit at P .. P+K-1, docs/design.md section 3). A row without memories cou
 `model.forward(meta=None)` and transformers do; RoPE makes the two choices equal up to rounding,
 and 0 keeps plain generation bit-comparable with those references.
 """
+
 from __future__ import annotations
 
 import collections
@@ -76,8 +77,15 @@ class DecodeState:
 # --- the model over pages ---------------------------------------------------------------
 
 
-def feed(config: ModelConfig, params: model.Params, state: DecodeState, n: jax.Array, capacity: int,
-         impl: str | None = None, tok_width: int | None = None) -> tuple[jax.Array, jax.Array, DecodeState]:
+def feed(
+    config: ModelConfig,
+    params: model.Params,
+    state: DecodeState,
+    n: jax.Array,
+    capacity: int,
+    impl: str | None = None,
+    tok_width: int | None = None,
+) -> tuple[jax.Array, jax.Array, DecodeState]:
     """Runs tokens[b, lengths[b] : lengths[b] + n[b]] of every row through the model.
 
     The new tokens are packed into `capacity` query rows (sum(n) <= capacity). Returns the
@@ -102,15 +110,25 @@ def feed(config: ModelConfig, params: model.Params, state: DecodeState, n: jax.A
     new_lengths = state.lengths + n
     tok_table = state.tok_page_table[:, :tok_width]
 
-    def paged(layer: Any, q: jax.Array, k: jax.Array, v: jax.Array,
-              pool: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array], None]:
+    def paged(
+        layer: Any, q: jax.Array, k: jax.Array, v: jax.Array, pool: tuple[jax.Array, jax.Array]
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array], None]:
         k_all, v_all = pool
         offset = layer * N  # the layer's first page in the [L*N, ...] pool
         k_all = k_all.at[write_page + offset, within].set(k[0].astype(k_all.dtype), mode="drop")
         v_all = v_all.at[write_page + offset, within].set(v[0].astype(v_all.dtype), mode="drop")
         attention = hybrid_paged_attention(
-            q[0], k_all, v_all, cu, state.mem_page_table + offset, state.mem_page_lens,
-            tok_table + offset, new_lengths, mem_page_bias=state.mem_page_bias, impl=impl)
+            q[0],
+            k_all,
+            v_all,
+            cu,
+            state.mem_page_table + offset,
+            state.mem_page_lens,
+            tok_table + offset,
+            new_lengths,
+            mem_page_bias=state.mem_page_bias,
+            impl=impl,
+        )
         return attention[None], (k_all, v_all), None
 
     x = model.embed_tokens(config, params, token[None])
@@ -156,12 +174,14 @@ def prefill(config: ModelConfig, settings: LoopSettings, params: model.Params, s
     def need(s: DecodeState) -> jax.Array:
         return jnp.max(-(-(s.lengths + next_chunk(s)) // S))
 
-    return strategy.while_loop(lambda s: jnp.any(s.total - 1 - s.lengths > 0), body, need, state,
-                               state.tok_page_table.shape[1], settings.impl)
+    return strategy.while_loop(
+        lambda s: jnp.any(s.total - 1 - s.lengths > 0), body, need, state, state.tok_page_table.shape[1], settings.impl
+    )
 
 
-def decode_steps(config: ModelConfig, settings: LoopSettings, params: model.Params, state: DecodeState,
-                 until: jax.Array) -> DecodeState:
+def decode_steps(
+    config: ModelConfig, settings: LoopSettings, params: model.Params, state: DecodeState, until: jax.Array
+) -> DecodeState:
     """Decode steps until every row is done or `step` reaches `until`."""
     B, S = state.tokens.shape[0], state.pool.page_size
     rows = jnp.arange(B)
@@ -179,36 +199,45 @@ def decode_steps(config: ModelConfig, settings: LoopSettings, params: model.Para
             recorded = recorded.at[rows, jnp.where(live, made, recorded.shape[1])].set(logits, mode="drop")
         made = made + live
         finished = jnp.isin(token, stops) | (made >= s.budget)
-        return s.replace(tokens=tokens, total=s.total + live, done=s.done | (live & finished), step=s.step + 1,
-                         logits=recorded)
+        return s.replace(
+            tokens=tokens, total=s.total + live, done=s.done | (live & finished), step=s.step + 1, logits=recorded
+        )
 
     def need(s: DecodeState) -> jax.Array:
         return jnp.max(jnp.where(s.done, 0, -(-(s.lengths + 1) // S)))
 
-    return strategy.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done), body, need, state,
-                               state.tok_page_table.shape[1], settings.impl)
+    return strategy.while_loop(
+        lambda s: (s.step < until) & ~jnp.all(s.done), body, need, state, state.tok_page_table.shape[1], settings.impl
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
-def run(config: ModelConfig, settings: LoopSettings, params: model.Params, state: DecodeState,
-        until: jax.Array) -> DecodeState:
+def run(
+    config: ModelConfig, settings: LoopSettings, params: model.Params, state: DecodeState, until: jax.Array
+) -> DecodeState:
     """Prefill (a no-op once done) then decode steps up to `until`; `state` is donated."""
     TRACES["run"] += 1
     return decode_steps(config, settings, params, prefill(config, settings, params, state), until)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "settings", "latent_ids", "eor_id"),
-                   donate_argnames=("state",))
-def run_reason_embed(config: ModelConfig, settings: LoopSettings, params: model.Params, state: DecodeState,
-                     latent_ids: tuple[int, ...], eor_id: int) -> tuple[DecodeState, jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("config", "settings", "latent_ids", "eor_id"), donate_argnames=("state",))
+def run_reason_embed(
+    config: ModelConfig,
+    settings: LoopSettings,
+    params: model.Params,
+    state: DecodeState,
+    latent_ids: tuple[int, ...],
+    eor_id: int,
+) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Self-reason-latent embedding in one program: generate a reasoning trace (stopping at
     `eor_id` or the row's budget), close it with `eor_id` if it was cut, append the K meta latent
     tokens, feed them, and pool the latents' final hidden states.
 
     Returns the state, the embeddings [B, dim] and each row's buffer length after reasoning
     (before the appended eor and latents)."""
-    state = decode_steps(config, settings, params, prefill(config, settings, params, state),
-                         jnp.int32(np.iinfo(np.int32).max))
+    state = decode_steps(
+        config, settings, params, prefill(config, settings, params, state), jnp.int32(np.iinfo(np.int32).max)
+    )
     B, W = state.tokens.shape
     K = len(latent_ids)
     rows = jnp.arange(B)
@@ -220,7 +249,8 @@ def run_reason_embed(config: ModelConfig, settings: LoopSettings, params: model.
     total = state.total + add_eor
     cols = total[:, None] + jnp.arange(K)[None]
     tokens = tokens.at[rows[:, None], jnp.where(real[:, None], cols, W)].set(
-        jnp.asarray(latent_ids, jnp.int32)[None], mode="drop")
+        jnp.asarray(latent_ids, jnp.int32)[None], mode="drop"
+    )
     total = jnp.where(real, total + K, total)
     state = state.replace(tokens=tokens, total=total)
     # At most [last generated token][eor][K latents] per row are still to be fed.

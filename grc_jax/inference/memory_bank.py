@@ -21,6 +21,7 @@ moved over it with `os.replace`, so a crash mid-save leaves the previous file wh
 both forms and checks the ids (unique, below the next id) and that every list is as long as the
 ids.
 """
+
 from __future__ import annotations
 
 import collections
@@ -74,9 +75,18 @@ class BankSpec:
     def of(cls, config: ModelConfig, params: Any = None) -> "BankSpec":
         """The spec of `config`'s memories; with `params`, tied to those weights too."""
         rope = json.dumps({"rope_theta": config.rope_theta, "rope_scaling": config.rope_scaling_dict}, sort_keys=True)
-        return cls(config.num_layers, config.num_latents, config.num_kv_heads, config.head_dim,
-                   config.embed_dim or config.hidden_size, config.dtype, config.max_segment_len, rope,
-                   config.pooling, weights_fingerprint(config, params) if params is not None else None)
+        return cls(
+            config.num_layers,
+            config.num_latents,
+            config.num_kv_heads,
+            config.head_dim,
+            config.embed_dim or config.hidden_size,
+            config.dtype,
+            config.max_segment_len,
+            rope,
+            config.pooling,
+            weights_fingerprint(config, params) if params is not None else None,
+        )
 
     @property
     def memory_shape(self) -> tuple[int, int, int, int]:
@@ -84,19 +94,24 @@ class BankSpec:
 
     def check_same(self, other: "BankSpec", what: str) -> None:
         """Raises ValueError naming every field where `other` (the model) differs."""
-        diffs = [f"{f.name}={getattr(self, f.name)} vs {getattr(other, f.name)}" for f in dataclasses.fields(self)
-                 if None not in (getattr(self, f.name), getattr(other, f.name))
-                 and getattr(self, f.name) != getattr(other, f.name)]
+        diffs = [
+            f"{f.name}={getattr(self, f.name)} vs {getattr(other, f.name)}"
+            for f in dataclasses.fields(self)
+            if None not in (getattr(self, f.name), getattr(other, f.name))
+            and getattr(self, f.name) != getattr(other, f.name)
+        ]
         if diffs:
-            raise ValueError(f"{what} does not match the model: {', '.join(diffs)} (bank vs model); "
-                             "recompress its documents with this model")
+            raise ValueError(
+                f"{what} does not match the model: {', '.join(diffs)} (bank vs model); "
+                "recompress its documents with this model"
+            )
 
 
 def weights_fingerprint(config: ModelConfig, params: Any) -> str:
     """A short hash of the weights a memory starts from: the meta latent rows of the embedding
     and the first layer's key and value projections (cheap to read, and changed by any training)."""
     digest = hashlib.sha256()
-    for array in (params["embed"][config.vocab_size:], params["layers"]["k_proj"][0], params["layers"]["v_proj"][0]):
+    for array in (params["embed"][config.vocab_size :], params["layers"]["k_proj"][0], params["layers"]["v_proj"][0]):
         digest.update(np.ascontiguousarray(np.asarray(array, np.float32)).tobytes())
     return digest.hexdigest()[:16]
 
@@ -108,9 +123,17 @@ class Memory:
 
     __slots__ = ("embedding", "text", "version", "_kv", "_file", "_cache")
 
-    def __init__(self, keys: np.ndarray | None, values: np.ndarray | None, embedding: np.ndarray,
-                 text: str | None = None, version: int = 0, *, file: Path | None = None,
-                 cache: _KVCache | None = None):
+    def __init__(
+        self,
+        keys: np.ndarray | None,
+        values: np.ndarray | None,
+        embedding: np.ndarray,
+        text: str | None = None,
+        version: int = 0,
+        *,
+        file: Path | None = None,
+        cache: _KVCache | None = None,
+    ):
         if (keys is None) == (file is None):
             raise ValueError("a memory needs its keys and values, or the file that holds them (not both)")
         self.embedding, self.text, self.version = embedding, text, version
@@ -210,8 +233,9 @@ class MemoryBank:
 
     # --- edits -----------------------------------------------------------------------------
 
-    def add(self, keys: np.ndarray, values: np.ndarray, embeddings: np.ndarray,
-            texts: Sequence[str | None] | None = None) -> list[int]:
+    def add(
+        self, keys: np.ndarray, values: np.ndarray, embeddings: np.ndarray, texts: Sequence[str | None] | None = None
+    ) -> list[int]:
         """Adds n memories (keys/values [n, layers, K, kv_heads, head_dim], embeddings [n, dim])."""
         keys, values, embeddings = self._check(keys, values, embeddings)
         n = keys.shape[0]
@@ -242,8 +266,9 @@ class MemoryBank:
             sync_directory(self.directory / MEMORY_DIR)
         self._matrix = self._unit = None
 
-    def replace(self, memory_id: int, keys: np.ndarray, values: np.ndarray, embedding: np.ndarray,
-                text: str | None = None) -> None:
+    def replace(
+        self, memory_id: int, keys: np.ndarray, values: np.ndarray, embedding: np.ndarray, text: str | None = None
+    ) -> None:
         """New contents under an existing id (a new version of it)."""
         self._need([memory_id])
         k, v, e = self._check(np.asarray(keys)[None], np.asarray(values)[None], np.asarray(embedding)[None])
@@ -277,8 +302,11 @@ class MemoryBank:
         """(ids int64 [n], embeddings float32 [n, dim]) in id order."""
         if self._matrix is None:
             ids = np.asarray(sorted(self._memories), np.int64)
-            matrix = (np.stack([self._memories[i].embedding for i in ids]) if len(ids)
-                      else np.zeros((0, self.spec.embed_dim), np.float32))
+            matrix = (
+                np.stack([self._memories[i].embedding for i in ids])
+                if len(ids)
+                else np.zeros((0, self.spec.embed_dim), np.float32)
+            )
             self._matrix = (ids, matrix)
         return self._matrix
 
@@ -307,15 +335,27 @@ class MemoryBank:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         ids = sorted(self._memories)
-        meta = {"format_version": FORMAT_VERSION, "spec": dataclasses.asdict(self.spec), "next_id": self._next_id,
-                "texts": [self._memories[i].text for i in ids], "versions": [self._memories[i].version for i in ids]}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "spec": dataclasses.asdict(self.spec),
+            "next_id": self._next_id,
+            "texts": [self._memories[i].text for i in ids],
+            "versions": [self._memories[i].version for i in ids],
+        }
         shape = (0, *self.spec.memory_shape)
-        stack = lambda name: (np.stack([getattr(self._memories[i], name) for i in ids]) if ids
-                              else np.zeros(shape, _ARRAY_DTYPES[self.spec.dtype]))
-        arrays = {"meta": np.asarray(json.dumps(meta)), "ids": np.asarray(ids, np.int64),
-                  # raw bits: npz cannot name bfloat16 without pickle
-                  "keys": _to_bits(stack("keys")), "values": _to_bits(stack("values")),
-                  "embeddings": self.embeddings()[1]}
+        stack = lambda name: (
+            np.stack([getattr(self._memories[i], name) for i in ids])
+            if ids
+            else np.zeros(shape, _ARRAY_DTYPES[self.spec.dtype])
+        )
+        arrays = {
+            "meta": np.asarray(json.dumps(meta)),
+            "ids": np.asarray(ids, np.int64),
+            # raw bits: npz cannot name bfloat16 without pickle
+            "keys": _to_bits(stack("keys")),
+            "values": _to_bits(stack("values")),
+            "embeddings": self.embeddings()[1],
+        }
         return atomic_write(path, lambda f: _write_npz(f, arrays))
 
     @classmethod
@@ -325,8 +365,10 @@ class MemoryBank:
         values are read when first used; at most `kv_cache_bytes` of them stay in memory."""
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
-            raise ValueError(f"{directory}: a file, not a memory bank directory (a single-file .npz bank loads with "
-                             f"MemoryBank.load; `MemoryBank.load(FILE).save_to_directory(DIR)` converts it)")
+            raise ValueError(
+                f"{directory}: a file, not a memory bank directory (a single-file .npz bank loads with "
+                f"MemoryBank.load; `MemoryBank.load(FILE).save_to_directory(DIR)` converts it)"
+            )
         if (directory / INDEX_FILE).is_file():
             bank = cls._load_directory(directory, spec, kv_cache_bytes=kv_cache_bytes)
         else:
@@ -383,9 +425,18 @@ class MemoryBank:
         ids = arrays["ids"].tolist() if arrays["ids"].ndim == 1 else None
         if ids is None:
             raise ValueError(f"{path}: ids must be a list, got an array of shape {list(arrays['ids'].shape)}")
-        _check_contents(path, ids, next_id, {"keys": len(arrays["keys"]), "values": len(arrays["values"]),
-                                             "embeddings": len(arrays["embeddings"]), "texts": _length(texts),
-                                             "versions": _length(versions)})
+        _check_contents(
+            path,
+            ids,
+            next_id,
+            {
+                "keys": len(arrays["keys"]),
+                "values": len(arrays["values"]),
+                "embeddings": len(arrays["embeddings"]),
+                "texts": _length(texts),
+                "versions": _length(versions),
+            },
+        )
         keys, values = arrays["keys"].view(dtype), arrays["values"].view(dtype)
         expected = (len(ids), *spec.memory_shape)
         for what, array in (("keys", keys), ("values", values)):
@@ -397,14 +448,17 @@ class MemoryBank:
         return bank
 
     @classmethod
-    def _load_directory(cls, directory: Path, expect: BankSpec | None, attach: bool = True,
-                        kv_cache_bytes: int = KV_CACHE_BYTES) -> "MemoryBank":
+    def _load_directory(
+        cls, directory: Path, expect: BankSpec | None, attach: bool = True, kv_cache_bytes: int = KV_CACHE_BYTES
+    ) -> "MemoryBank":
         index_path = directory / INDEX_FILE
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             if index.get("format") != DIR_FORMAT or index.get("format_version") != DIR_FORMAT_VERSION:
-                raise ValueError(f"format {index.get('format')!r} version {index.get('format_version')!r}, this "
-                                 f"code reads {DIR_FORMAT!r} version {DIR_FORMAT_VERSION}")
+                raise ValueError(
+                    f"format {index.get('format')!r} version {index.get('format_version')!r}, this "
+                    f"code reads {DIR_FORMAT!r} version {DIR_FORMAT_VERSION}"
+                )
             spec = BankSpec(**index["spec"])
             next_id = index["next_id"]
         except FileNotFoundError:
@@ -453,17 +507,29 @@ class MemoryBank:
         return Memory(None, None, memory.embedding, memory.text, memory.version, file=file, cache=self._cache)
 
     def _write_index(self, next_id: int) -> None:
-        index = {"format": DIR_FORMAT, "format_version": DIR_FORMAT_VERSION, "spec": dataclasses.asdict(self.spec),
-                 "next_id": next_id}
+        index = {
+            "format": DIR_FORMAT,
+            "format_version": DIR_FORMAT_VERSION,
+            "spec": dataclasses.asdict(self.spec),
+            "next_id": next_id,
+        }
         atomic_write(self.directory / INDEX_FILE, lambda f: f.write(json.dumps(index, indent=1).encode()))
 
     def _write_memory(self, memory_id: int, memory: Memory) -> None:
-        metadata = {"id": str(memory_id), "version": str(memory.version), "text": json.dumps(memory.text),
-                    "spec": json.dumps(dataclasses.asdict(self.spec))}
-        data = safetensors.numpy.save({"keys": np.ascontiguousarray(memory.keys),
-                                       "values": np.ascontiguousarray(memory.values),
-                                       "embedding": np.ascontiguousarray(memory.embedding, np.float32)},
-                                      metadata=metadata)
+        metadata = {
+            "id": str(memory_id),
+            "version": str(memory.version),
+            "text": json.dumps(memory.text),
+            "spec": json.dumps(dataclasses.asdict(self.spec)),
+        }
+        data = safetensors.numpy.save(
+            {
+                "keys": np.ascontiguousarray(memory.keys),
+                "values": np.ascontiguousarray(memory.values),
+                "embedding": np.ascontiguousarray(memory.embedding, np.float32),
+            },
+            metadata=metadata,
+        )
         atomic_write(self._memory_file(memory_id), lambda f: f.write(data))
 
     def _need(self, ids: Sequence[Any]) -> None:
@@ -480,8 +546,11 @@ class MemoryBank:
         for what, array in (("keys", keys), ("values", values)):
             if array.ndim != 5:
                 raise ValueError(f"{what} must be [n, layers, K, kv_heads, head_dim], got shape {list(array.shape)}")
-            diffs = [f"{name}={got} (the bank holds {want})"
-                     for name, got, want in zip(names, array.shape[1:], s.memory_shape) if got != want]
+            diffs = [
+                f"{name}={got} (the bank holds {want})"
+                for name, got, want in zip(names, array.shape[1:], s.memory_shape)
+                if got != want
+            ]
             if diffs:
                 raise ValueError(f"{what} do not match the bank: {', '.join(diffs)}")
         if embeddings.shape != (keys.shape[0], s.embed_dim):
@@ -508,12 +577,15 @@ def _check_contents(path: Path, ids: list, next_id: Any, lengths: dict[str, int 
         raise ValueError(f"{path}: memory ids {repeated[:8]} appear more than once")
     past = [i for i in ids if i >= next_id]
     if past:
-        raise ValueError(f"{path}: memory ids {sorted(past)[:8]} are not below next_id={next_id}; the next add "
-                         f"would overwrite them")
+        raise ValueError(
+            f"{path}: memory ids {sorted(past)[:8]} are not below next_id={next_id}; the next add would overwrite them"
+        )
     wrong = {what: n for what, n in lengths.items() if n != len(ids)}
     if wrong:
-        raise ValueError(f"{path}: {len(ids)} ids but " + ", ".join(
-            f"{'no list of' if n is None else n} {what}" for what, n in wrong.items()))
+        raise ValueError(
+            f"{path}: {len(ids)} ids but "
+            + ", ".join(f"{'no list of' if n is None else n} {what}" for what, n in wrong.items())
+        )
 
 
 def _read_memory_header(file: Path, spec: BankSpec, cache: _KVCache) -> tuple[int, Memory]:
@@ -525,16 +597,20 @@ def _read_memory_header(file: Path, spec: BankSpec, cache: _KVCache) -> tuple[in
             memory_id, version = int(metadata["id"]), int(metadata["version"])
             text = json.loads(metadata["text"])
             names = set(f.keys())
-            for name, shape, dtype in (("keys", spec.memory_shape, spec.dtype),
-                                       ("values", spec.memory_shape, spec.dtype),
-                                       ("embedding", (spec.embed_dim,), "float32")):
+            for name, shape, dtype in (
+                ("keys", spec.memory_shape, spec.dtype),
+                ("values", spec.memory_shape, spec.dtype),
+                ("embedding", (spec.embed_dim,), "float32"),
+            ):
                 if name not in names:
                     raise _BadFile(f"no tensor {name!r}")
                 t = f.get_slice(name)
                 want = _SAFETENSORS_DTYPES[dtype]
                 if t.get_dtype() != want or tuple(t.get_shape()) != tuple(shape):
-                    raise _BadFile(f"tensor {name!r} is {t.get_dtype()} {list(t.get_shape())}, the bank's spec says "
-                                   f"{want} {list(shape)}")
+                    raise _BadFile(
+                        f"tensor {name!r} is {t.get_dtype()} {list(t.get_shape())}, the bank's spec says "
+                        f"{want} {list(shape)}"
+                    )
             embedding = f.get_tensor("embedding")
     except _BadFile as e:
         raise ValueError(f"{file}: {e}") from None
@@ -561,13 +637,17 @@ def _read_kv(file: Path, spec: BankSpec, version: int) -> tuple[np.ndarray, np.n
     except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as e:
         raise ValueError(f"{file}: cannot read the memory's keys and values ({e!r})") from None
     if found != version:
-        raise ValueError(f"{file}: holds version {found} of the memory, the bank expects {version} (was the bank "
-                         f"directory changed by another process?)")
+        raise ValueError(
+            f"{file}: holds version {found} of the memory, the bank expects {version} (was the bank "
+            f"directory changed by another process?)"
+        )
     dtype = _ARRAY_DTYPES[spec.dtype]
     for what, array in (("keys", keys), ("values", values)):
         if array.dtype != dtype or array.shape != spec.memory_shape:
-            raise ValueError(f"{file}: {what} are {array.dtype} {list(array.shape)}, the bank's spec says "
-                             f"{spec.dtype} {list(spec.memory_shape)}")
+            raise ValueError(
+                f"{file}: {what} are {array.dtype} {list(array.shape)}, the bank's spec says "
+                f"{spec.dtype} {list(spec.memory_shape)}"
+            )
     return keys, values
 
 

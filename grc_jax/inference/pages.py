@@ -9,6 +9,7 @@ Page ids index the pool's second axis; every layer uses the same id for the same
 page table serves all layers. The allocator never touches device memory, and every operation
 that can run out of pages checks first, so a failed call leaves the pool exactly as it was.
 """
+
 from __future__ import annotations
 
 import collections
@@ -64,16 +65,18 @@ def page_bytes(config: ModelConfig, page_size: int) -> int:
 
 
 def _write_slots_impl(pool: KVPool, pages: jax.Array, slots: jax.Array, k: jax.Array, v: jax.Array) -> KVPool:
-    return KVPool(pool.k.at[:, pages, slots].set(k.astype(pool.k.dtype)),
-                  pool.v.at[:, pages, slots].set(v.astype(pool.v.dtype)))
+    return KVPool(
+        pool.k.at[:, pages, slots].set(k.astype(pool.k.dtype)), pool.v.at[:, pages, slots].set(v.astype(pool.v.dtype))
+    )
 
 
 _write_slots = jax.jit(_write_slots_impl)
 _write_slots_donated = jax.jit(_write_slots_impl, donate_argnums=0)
 
 
-def write_memories(pool: KVPool, pages: list[list[int]], keys: np.ndarray, values: np.ndarray, *,
-                   donate: bool = True) -> KVPool:
+def write_memories(
+    pool: KVPool, pages: list[list[int]], keys: np.ndarray, values: np.ndarray, *, donate: bool = True
+) -> KVPool:
     """Copies memories into their pages. keys/values: [n, layers, K, kv_heads, head_dim]; pages[i]
     lists memory i's pages (ceil(K / page_size) of them). With donate, `pool` is consumed."""
     keys, values = np.asarray(keys), np.asarray(values)
@@ -81,13 +84,17 @@ def write_memories(pool: KVPool, pages: list[list[int]], keys: np.ndarray, value
     if len(pages) != n:
         raise ValueError(f"{len(pages)} page lists for {n} memories")
     if layers != pool.k.shape[0] or keys.shape[3:] != pool.k.shape[3:]:
-        raise ValueError(f"memories of shape [layers, K, kv_heads, head_dim]={list(keys.shape[1:])} do not fit "
-                         f"a pool of [layers, ..., kv_heads, head_dim]={[pool.k.shape[0], *pool.k.shape[3:]]}")
+        raise ValueError(
+            f"memories of shape [layers, K, kv_heads, head_dim]={list(keys.shape[1:])} do not fit "
+            f"a pool of [layers, ..., kv_heads, head_dim]={[pool.k.shape[0], *pool.k.shape[3:]]}"
+        )
     size = pool.page_size
     short = [i for i, p in enumerate(pages) if len(p) != -(-num_slots // size)]
     if short:
-        raise ValueError(f"memories {short[:8]} have {[len(pages[i]) for i in short[:8]]} pages; K={num_slots} "
-                         f"slots take {-(-num_slots // size)} pages of {size}")
+        raise ValueError(
+            f"memories {short[:8]} have {[len(pages[i]) for i in short[:8]]} pages; K={num_slots} "
+            f"slots take {-(-num_slots // size)} pages of {size}"
+        )
     slot = np.arange(num_slots)
     flat_pages = np.asarray([[p[j // size] for j in slot] for p in pages], np.int32).reshape(-1)
     flat_slots = np.tile(slot % size, n).astype(np.int32)
@@ -147,9 +154,13 @@ class PageAllocator:
 
     def snapshot(self) -> tuple:
         """The whole state, for tests and for rollback."""
-        return (list(self._free), self._refcount.copy(),
-                {k: _Memory(list(m.pages), m.refs) for k, m in self._memories.items()},
-                collections.OrderedDict(self._cached), {k: list(v) for k, v in self._requests.items()})
+        return (
+            list(self._free),
+            self._refcount.copy(),
+            {k: _Memory(list(m.pages), m.refs) for k, m in self._memories.items()},
+            collections.OrderedDict(self._cached),
+            {k: list(v) for k, v in self._requests.items()},
+        )
 
     def restore(self, snapshot: tuple) -> None:
         free, refcount, memories, cached, requests = snapshot
@@ -185,8 +196,10 @@ class PageAllocator:
         m = self._memories.get(memory_id)
         if m is not None:
             if len(m.pages) != self.pages_for(num_slots):
-                raise ValueError(f"memory {memory_id!r} is resident with {len(m.pages)} pages, "
-                                 f"{num_slots} slots need {self.pages_for(num_slots)}")
+                raise ValueError(
+                    f"memory {memory_id!r} is resident with {len(m.pages)} pages, "
+                    f"{num_slots} slots need {self.pages_for(num_slots)}"
+                )
             if m.refs == 0:
                 del self._cached[memory_id]
             m.refs += 1
@@ -218,8 +231,9 @@ class PageAllocator:
 
     # --- transactions --------------------------------------------------------------------
 
-    def admit(self, requests: dict[Hashable, int], memories: dict[Hashable, int],
-              labels: dict[Hashable, str] | None = None) -> tuple[dict, dict, list]:
+    def admit(
+        self, requests: dict[Hashable, int], memories: dict[Hashable, int], labels: dict[Hashable, str] | None = None
+    ) -> tuple[dict, dict, list]:
         """All or nothing: token pages for each request (id -> tokens, named in errors by
         `labels`) and holds on each memory (id -> slots). Returns (request pages, memory pages,
         ids of memories new to the pool); raises OutOfPages with the pool unchanged."""
@@ -247,9 +261,11 @@ class PageAllocator:
     def _take(self, n: int, what: str) -> list[int]:
         if n > self.num_free:
             held = self.num_pages - self.num_free
-            raise OutOfPages(f"out of KV pages: {what} needs {n} page(s) of {self.page_size} slots, "
-                             f"{self.num_free} of {self.num_pages} are free ({held} held); "
-                             f"make the pool larger (num_pages) or the batch smaller")
+            raise OutOfPages(
+                f"out of KV pages: {what} needs {n} page(s) of {self.page_size} slots, "
+                f"{self.num_free} of {self.num_pages} are free ({held} held); "
+                f"make the pool larger (num_pages) or the batch smaller"
+            )
         while len(self._free) < n:  # evict the least recently released cached memories
             self._drop_cached(next(iter(self._cached)))
         pages = [self._free.pop() for _ in range(n)]

@@ -1,4 +1,5 @@
 """Turning a step's logits into tokens: the static sampling settings and the sampler."""
+
 from __future__ import annotations
 
 import dataclasses

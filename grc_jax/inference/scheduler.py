@@ -24,6 +24,7 @@ request's tokens do not depend on which other requests share its chunk.
 The shapes are fixed (slots, the longest row `max_len`, memories per row), so the program
 compiles once. Not thread-safe: one engine thread owns it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,9 @@ class SlotState:
     seed: jax.Array  # uint32
 
 
-def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                top_k: jax.Array) -> jax.Array:
+def sample_rows(
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array
+) -> jax.Array:
     """int32 [B]: row b greedy when temperature[b] == 0, else sampled from softmax(logits /
     temperature) cut to the top_k tokens and then to the smallest set of mass >= top_p (the
     order of `sampling.sample_logits`)."""
@@ -93,8 +95,9 @@ def prefill_slots(config: ModelConfig, settings: LoopSettings, params: model.Par
 
 
 @functools.partial(jax.jit, static_argnames=("config", "settings"), donate_argnames=("state",))
-def decode_slots(config: ModelConfig, settings: LoopSettings, params: model.Params, state: SlotState,
-                 until: jax.Array) -> SlotState:
+def decode_slots(
+    config: ModelConfig, settings: LoopSettings, params: model.Params, state: SlotState, until: jax.Array
+) -> SlotState:
     """Decode steps until every row is done or `step` reaches `until`; `state` is donated.
     Rows must be prefilled (`prefill_slots`)."""
     inner = state.inner
@@ -132,7 +135,7 @@ def _unpack_rows(packed: jax.Array, layout: tuple[tuple[str, tuple[int, ...], st
     out, start = {}, 0
     for name, shape, dtype in layout:
         width = int(np.prod(shape, dtype=np.int64))
-        part = packed[:, start:start + width].reshape(packed.shape[0], *shape)
+        part = packed[:, start : start + width].reshape(packed.shape[0], *shape)
         start += width
         if dtype == "bool":
             out[name] = part != 0
@@ -179,12 +182,22 @@ class SlotBatch:
     """`slots` decode rows over a Decoder's pool and allocator (taken from it while this runs;
     `lend_pool` hands it back for calls such as `Decoder.reason_embed`)."""
 
-    def __init__(self, decoder: Decoder, *, slots: int = 16, max_len: int = 1024, max_memories: int = 16,
-                 steps_per_chunk: int = 8, stop_token_ids: Sequence[int] = (),
-                 memory_source: MemorySource | None = None):
+    def __init__(
+        self,
+        decoder: Decoder,
+        *,
+        slots: int = 16,
+        max_len: int = 1024,
+        max_memories: int = 16,
+        steps_per_chunk: int = 8,
+        stop_token_ids: Sequence[int] = (),
+        memory_source: MemorySource | None = None,
+    ):
         if slots < 1 or max_len < 2 or max_memories < 0 or steps_per_chunk < 1:
-            raise ValueError(f"slots, max_len, max_memories, steps_per_chunk must be >= 1, 2, 0, 1; got "
-                             f"{slots}, {max_len}, {max_memories}, {steps_per_chunk}")
+            raise ValueError(
+                f"slots, max_len, max_memories, steps_per_chunk must be >= 1, 2, 0, 1; got "
+                f"{slots}, {max_len}, {max_memories}, {steps_per_chunk}"
+            )
         self.decoder, self.config = decoder, decoder.config
         S = decoder.page_size
         self.slots, self.max_memories, self.steps_per_chunk = slots, max_memories, steps_per_chunk
@@ -192,8 +205,9 @@ class SlotBatch:
         self.memory_source = memory_source
         K = self.config.num_latents
         self.pages_per_memory = -(-K // S)
-        self.settings = LoopSettings(stop_token_ids=tuple(stop_token_ids), prefill_chunk=decoder.prefill_chunk,
-                                     impl=decoder.impl)
+        self.settings = LoopSettings(
+            stop_token_ids=tuple(stop_token_ids), prefill_chunk=decoder.prefill_chunk, impl=decoder.impl
+        )
         self._prefill_by_capacity: dict[int, LoopSettings] = {}
         M = max(1, max_memories * self.pages_per_memory)
         if (decoder.impl or default_impl()) != "reference":
@@ -221,22 +235,27 @@ class SlotBatch:
         """Raises RequestTooLarge naming the limit when `request` could never be admitted."""
         S = self.decoder.page_size
         if len(request.prompt) + request.max_tokens > self.max_len:
-            raise RequestTooLarge(f"the prompt ({len(request.prompt)} tokens) and max_tokens ({request.max_tokens}) "
-                                  f"come to {len(request.prompt) + request.max_tokens} tokens; this server's rows "
-                                  f"hold at most {self.max_len}")
+            raise RequestTooLarge(
+                f"the prompt ({len(request.prompt)} tokens) and max_tokens ({request.max_tokens}) "
+                f"come to {len(request.prompt) + request.max_tokens} tokens; this server's rows "
+                f"hold at most {self.max_len}"
+            )
         if len(request.memories) > self.max_memories:
-            raise RequestTooLarge(f"{len(request.memories)} memories; this server reads at most {self.max_memories} "
-                                  f"per request")
+            raise RequestTooLarge(
+                f"{len(request.memories)} memories; this server reads at most {self.max_memories} per request"
+            )
         if request.memory_bias is not None:
             if len(request.memory_bias) != len(request.memories):
-                raise ValueError(f"memory_bias has {len(request.memory_bias)} values for {len(request.memories)} "
-                                 f"memories")
+                raise ValueError(
+                    f"memory_bias has {len(request.memory_bias)} values for {len(request.memories)} memories"
+                )
             if not np.isfinite(np.asarray(request.memory_bias, np.float64)).all():
                 raise ValueError("memory_bias values must be finite")
         pages = -(-(len(request.prompt) + request.max_tokens) // S) + len(request.memories) * self.pages_per_memory
         if pages > self.decoder.allocator.num_pages:
-            raise RequestTooLarge(f"the request needs {pages} KV pages of {S} tokens; the pool has "
-                                  f"{self.decoder.allocator.num_pages}")
+            raise RequestTooLarge(
+                f"the request needs {pages} KV pages of {S} tokens; the pool has {self.decoder.allocator.num_pages}"
+            )
 
     def submit(self, request: SlotRequest) -> None:
         self.check(request)
@@ -255,18 +274,21 @@ class SlotBatch:
             self._upload()
         try:
             if self._unfed:
-                self.state = prefill_slots(self.config, self._prefill_settings(self._unfed), self.decoder.params,
-                                           self.state)
+                self.state = prefill_slots(
+                    self.config, self._prefill_settings(self._unfed), self.decoder.params, self.state
+                )
                 self._unfed = 0
             # a NumPy scalar: a jax.numpy one would cost a dispatch of its own every chunk
-            self.state = decode_slots(self.config, self.settings, self.decoder.params, self.state,
-                                      np.int32(self._step + self.steps_per_chunk))
+            self.state = decode_slots(
+                self.config, self.settings, self.decoder.params, self.state, np.int32(self._step + self.steps_per_chunk)
+            )
         except BaseException:
             self._reset_after_failure()
             raise
         inner = self.state.inner
-        tokens, total, done, lengths, step = jax.device_get((inner.tokens, inner.total, inner.done, inner.lengths,
-                                                              inner.step))
+        tokens, total, done, lengths, step = jax.device_get(
+            (inner.tokens, inner.total, inner.done, inner.lengths, inner.step)
+        )
         self._step = int(step)
         h = self._host
         h["tokens"], h["total"], h["done"], h["lengths"] = (np.array(a) for a in (tokens, total, done, lengths))
@@ -274,7 +296,7 @@ class SlotBatch:
         for b, row in enumerate(self.rows):
             if row is None:
                 continue
-            new = tokens[b, row.emitted:total[b]].tolist()
+            new = tokens[b, row.emitted : total[b]].tolist()
             row.emitted = int(total[b])
             row.request.made += len(new)
             finished = bool(done[b])
@@ -316,18 +338,29 @@ class SlotBatch:
         capacity = min(self.settings.prefill_chunk, bucket(unfed, 32))
         settings = self._prefill_by_capacity.get(capacity)
         if settings is None:
-            settings = self._prefill_by_capacity[capacity] = dataclasses.replace(self.settings,
-                                                                                prefill_chunk=capacity)
+            settings = self._prefill_by_capacity[capacity] = dataclasses.replace(self.settings, prefill_chunk=capacity)
         return settings
 
     def _empty_state(self, pool) -> SlotState:
         B, W, T, M = self._shapes
         zeros = lambda shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
-        inner = DecodeState(tokens=zeros((B, W)), pool=pool, mem_page_table=zeros((B, M)), mem_page_lens=zeros((B, M)),
-                            tok_page_table=zeros((B, T)), lengths=zeros(B), total=zeros(B), prompt_lens=zeros(B),
-                            pos_offset=zeros(B), budget=zeros(B), done=jnp.ones(B, bool), step=zeros(()),
-                            rng=jax.random.key(0), logits=zeros((B, 0, self.config.vocab_size), jnp.float32),
-                            mem_page_bias=zeros((B, M), jnp.float32))
+        inner = DecodeState(
+            tokens=zeros((B, W)),
+            pool=pool,
+            mem_page_table=zeros((B, M)),
+            mem_page_lens=zeros((B, M)),
+            tok_page_table=zeros((B, T)),
+            lengths=zeros(B),
+            total=zeros(B),
+            prompt_lens=zeros(B),
+            pos_offset=zeros(B),
+            budget=zeros(B),
+            done=jnp.ones(B, bool),
+            step=zeros(()),
+            rng=jax.random.key(0),
+            logits=zeros((B, 0, self.config.vocab_size), jnp.float32),
+            mem_page_bias=zeros((B, M), jnp.float32),
+        )
         return SlotState(inner, zeros(B, jnp.float32), jnp.ones(B, jnp.float32), zeros(B), zeros(B, jnp.uint32))
 
     def _admit(self) -> None:
@@ -351,8 +384,9 @@ class SlotBatch:
                 request.on_tokens([], True)
                 continue
             try:
-                req_pages, mem_pages, new = allocator.admit({rid: len(request.prompt) + request.max_tokens},
-                                                            {m: K for m in wanted})
+                req_pages, mem_pages, new = allocator.admit(
+                    {rid: len(request.prompt) + request.max_tokens}, {m: K for m in wanted}
+                )
             except OutOfPages:
                 break  # first come, first served: it waits for rows to finish
             self._next_rid += 1
@@ -378,7 +412,8 @@ class SlotBatch:
             host["mem_page_lens"][b, : len(row_pages)] = slot_lens * len(request.memories)
             if request.memory_bias is not None:  # each memory's value on each of its page entries
                 host["mem_page_bias"][b, : len(row_pages)] = np.repeat(
-                    np.asarray(request.memory_bias, np.float32), self.pages_per_memory)
+                    np.asarray(request.memory_bias, np.float32), self.pages_per_memory
+                )
             host["total"][b] = host["prompt_lens"][b] = n
             host["pos_offset"][b] = P + K if request.memories else 0
             host["budget"][b] = request.max_tokens
@@ -404,13 +439,26 @@ class SlotBatch:
         h["prompt_lens"][slots] = h["total"][slots] = h["lengths"][slots] = 0
         self._dirty = True
 
-    _INNER_FIELDS = ("tokens", "mem_page_table", "mem_page_lens", "mem_page_bias", "tok_page_table", "lengths", "total",
-                     "prompt_lens", "pos_offset", "budget", "done")
+    _INNER_FIELDS = (
+        "tokens",
+        "mem_page_table",
+        "mem_page_lens",
+        "mem_page_bias",
+        "tok_page_table",
+        "lengths",
+        "total",
+        "prompt_lens",
+        "pos_offset",
+        "budget",
+        "done",
+    )
     _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
 
     def _row_fields(self, state: SlotState) -> dict:
-        return {**{k: getattr(state.inner, k) for k in self._INNER_FIELDS},
-                **{k: getattr(state, k) for k in self._SAMPLING_FIELDS}}
+        return {
+            **{k: getattr(state.inner, k) for k in self._INNER_FIELDS},
+            **{k: getattr(state, k) for k in self._SAMPLING_FIELDS},
+        }
 
     def _upload(self) -> None:
         # Every field's rows packed side by side into one int32 array (floats and uint32 by their
@@ -419,8 +467,9 @@ class SlotBatch:
         names = (*self._INNER_FIELDS, *self._SAMPLING_FIELDS)
         host = [self._host[k] for k in names]
         B = host[0].shape[0]
-        packed = np.concatenate([(a.astype(np.int32) if a.dtype == np.bool_ else a).reshape(B, -1).view(np.int32)
-                                 for a in host], axis=1)
+        packed = np.concatenate(
+            [(a.astype(np.int32) if a.dtype == np.bool_ else a).reshape(B, -1).view(np.int32) for a in host], axis=1
+        )
         if self._layout is None:  # the fields' shapes and dtypes never change
             self._layout = tuple((k, a.shape[1:], a.dtype.name) for k, a in zip(names, host))
         new = _unpack_rows(packed, self._layout)

@@ -13,6 +13,7 @@ is chosen by `impl` (None: the backend's default, `pallas_kernels.hybrid_paged_a
   memory can seldom spare, and has not been measured on accelerators.
 - an empty memory table where no row reads a memory, so the reference gathers no memory page.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,12 +38,24 @@ def table_widths(num_tok_pages: int, impl: str | None) -> tuple[int, ...]:
     (the whole table) on the Pallas kernels."""
     if not is_reference(impl):
         return (num_tok_pages,)
-    return tuple(sorted({min(num_tok_pages, max(WIDTH_FLOOR, -(-num_tok_pages * i // WIDTH_STEPS)))
-                         for i in range(1, WIDTH_STEPS + 1)}))
+    return tuple(
+        sorted(
+            {
+                min(num_tok_pages, max(WIDTH_FLOOR, -(-num_tok_pages * i // WIDTH_STEPS)))
+                for i in range(1, WIDTH_STEPS + 1)
+            }
+        )
+    )
 
 
-def while_loop(cond: Callable[[State], jax.Array], body: Callable[..., State], need: Callable[[State], jax.Array],
-               state: State, num_tok_pages: int, impl: str | None) -> State:
+def while_loop(
+    cond: Callable[[State], jax.Array],
+    body: Callable[..., State],
+    need: Callable[[State], jax.Array],
+    state: State,
+    num_tok_pages: int,
+    impl: str | None,
+) -> State:
     """`while cond(state): state = body(state, width=w)`, w the token page-table width each step
     attends over: one while loop per width of `table_widths`, the loop of width w running while
     the next step needs (`need`) at most w token pages."""

@@ -4,6 +4,7 @@ Handlers validate, tokenize and hand work to the engine thread (`worker.Worker`)
 touch the model. Every error is a JSON body `{"error": {"message", "type", "param", "code"}}`
 with a 4xx status naming the field at fault (unknown memory id: 404).
 """
+
 from __future__ import annotations
 
 import base64
@@ -56,8 +57,11 @@ class _AuthAndCount:
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
                 self.metrics.requests.labels(scope["path"], "401").inc()
-                await _error(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                             kind="authentication_error")(scope, receive, send)
+                await _error(
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                    kind="authentication_error",
+                )(scope, receive, send)
                 return
         status = 500  # unless a response starts
 
@@ -79,8 +83,16 @@ def render_messages(engine: Any, messages: list[dict[str, Any]]) -> str:
     return engine.render_chat(messages)
 
 
-def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, metrics: Metrics | None = None,
-               default_max_tokens: int = 256, memory_prior: bool = False, prior_temperature: float = 0.05) -> FastAPI:
+def create_app(
+    worker: Worker,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    metrics: Metrics | None = None,
+    default_max_tokens: int = 256,
+    memory_prior: bool = False,
+    prior_temperature: float = 0.05,
+) -> FastAPI:
     """The FastAPI application over a started-or-not `worker` (its lifespan starts and stops it).
     memory_prior, prior_temperature: how requests with memories read them when they do not say
     (the extra-body fields of the same names)."""
@@ -166,8 +178,11 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
     def check_memories(ids: Sequence[int] | None) -> list[int]:
         ids = list(ids or [])
         if len(ids) > worker.batch.max_memories:
-            raise ApiError(400, f"memory_ids: {len(ids)} memories; this server reads at most "
-                                f"{worker.batch.max_memories} per request", "memory_ids")
+            raise ApiError(
+                400,
+                f"memory_ids: {len(ids)} memories; this server reads at most {worker.batch.max_memories} per request",
+                "memory_ids",
+            )
         unknown = [i for i in ids if i not in engine.bank]
         if unknown:
             raise ApiError(404, f"memory_ids: unknown memory id(s) {unknown[:8]}", "memory_ids")
@@ -182,13 +197,21 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         if max_tokens is None:
             max_tokens = max(1, min(default, worker.batch.max_len - prompt_len))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return dict(max_tokens=max_tokens, stops=stops, temperature=req.temperature or 0.0,
-                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
-                    **prior_of(req))
+        return dict(
+            max_tokens=max_tokens,
+            stops=stops,
+            temperature=req.temperature or 0.0,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            seed=req.seed,
+            **prior_of(req),
+        )
 
     def prior_of(req: s._Sampling | s.RagRequest) -> dict[str, Any]:
-        return dict(memory_prior=memory_prior if req.memory_prior is None else req.memory_prior,
-                    prior_temperature=prior_temperature if req.prior_temperature is None else req.prior_temperature)
+        return dict(
+            memory_prior=memory_prior if req.memory_prior is None else req.memory_prior,
+            prior_temperature=prior_temperature if req.prior_temperature is None else req.prior_temperature,
+        )
 
     def start(prompt: list[int], params: dict[str, Any], memory_ids: list[int]) -> GenerationJob:
         try:
@@ -262,8 +285,10 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
     @app.post("/v1/completions")
     async def completions(req: s.CompletionRequest):
         started = time.monotonic()
-        prompts = [tokens_of(p, "prompt", i if not isinstance(req.prompt, str) else None)
-                   for i, p in enumerate(many(req.prompt))]
+        prompts = [
+            tokens_of(p, "prompt", i if not isinstance(req.prompt, str) else None)
+            for i, p in enumerate(many(req.prompt))
+        ]
         if not prompts:
             raise ApiError(400, "prompt: is empty", "prompt")
         memory_ids = check_memories(req.memory_ids)
@@ -277,8 +302,10 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             head = sse_head(rid, "text_completion", created, model)
 
             def piece(index: int, text: str, finish: str | None) -> str:
-                return (f'{head},"choices":[{{"index":{index},"text":{json.dumps(text)},'
-                        f'"finish_reason":{json.dumps(finish)},"logprobs":null}}]}}\n\n')
+                return (
+                    f'{head},"choices":[{{"index":{index},"text":{json.dumps(text)},'
+                    f'"finish_reason":{json.dumps(finish)},"logprobs":null}}]}}\n\n'
+                )
 
             async def stream():
                 made, out = 0, []  # `out`: chunks not sent yet; the last ones go with [DONE] in one send
@@ -301,10 +328,22 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
                         out.append(sse({"error": {"message": str(e), "type": "server_error"}}))
                         break
                 if (req.stream_options or {}).get("include_usage"):
-                    out.append(sse({"id": rid, "object": "text_completion", "created": created,
-                                    "model": model, "choices": [],
-                                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": made,
-                                              "total_tokens": prompt_tokens + made}}))
+                    out.append(
+                        sse(
+                            {
+                                "id": rid,
+                                "object": "text_completion",
+                                "created": created,
+                                "model": model,
+                                "choices": [],
+                                "usage": {
+                                    "prompt_tokens": prompt_tokens,
+                                    "completion_tokens": made,
+                                    "total_tokens": prompt_tokens + made,
+                                },
+                            }
+                        )
+                    )
                 out.append("data: [DONE]\n\n")
                 yield "".join(out)
 
@@ -314,9 +353,13 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             text, done = await collect(job, started)
             made += done.completion_tokens
             choices.append(s.CompletionChoice(index=i, text=texts[i] + text, finish_reason=done.finish_reason))
-        return s.CompletionResponse(id=rid, created=int(time.time()), model=model, choices=choices,
-                                    usage=s.Usage(prompt_tokens=prompt_tokens, completion_tokens=made,
-                                                  total_tokens=prompt_tokens + made))
+        return s.CompletionResponse(
+            id=rid,
+            created=int(time.time()),
+            model=model,
+            choices=choices,
+            usage=s.Usage(prompt_tokens=prompt_tokens, completion_tokens=made, total_tokens=prompt_tokens + made),
+        )
 
     @app.post("/v1/chat/completions")
     async def chat(req: s.ChatRequest):
@@ -328,8 +371,9 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
                 try:
                     content = "".join(part["text"] for part in content if part.get("type") == "text")
                 except (KeyError, TypeError):
-                    raise ApiError(400, f"messages[{i}].content: text parts need a 'text' field",
-                                   f"messages[{i}].content") from None
+                    raise ApiError(
+                        400, f"messages[{i}].content: text parts need a 'text' field", f"messages[{i}].content"
+                    ) from None
             messages.append({"role": m.role, "content": content or ""})
         prompt = tokens_of(render_messages(engine, messages), "messages", template=True)
         memory_ids = check_memories(req.memory_ids)
@@ -341,8 +385,10 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             head = sse_head(rid, "chat.completion.chunk", created, model)
 
             def chunk(delta: dict, finish: str | None) -> str:
-                return (f'{head},"choices":[{{"index":0,"delta":{json.dumps(delta, separators=(",", ":"))},'
-                        f'"finish_reason":{json.dumps(finish)},"logprobs":null}}]}}\n\n')
+                return (
+                    f'{head},"choices":[{{"index":0,"delta":{json.dumps(delta, separators=(",", ":"))},'
+                    f'"finish_reason":{json.dumps(finish)},"logprobs":null}}]}}\n\n'
+                )
 
             async def stream():
                 # the role goes with the first text; the end, usage and [DONE] in one send
@@ -362,20 +408,38 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
                 except Exception as e:
                     out.append(sse({"error": {"message": str(e), "type": "server_error"}}))
                 if (req.stream_options or {}).get("include_usage"):
-                    out.append(sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": model, "choices": [],
-                                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": made,
-                                              "total_tokens": len(prompt) + made}}))
+                    out.append(
+                        sse(
+                            {
+                                "id": rid,
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": model,
+                                "choices": [],
+                                "usage": {
+                                    "prompt_tokens": len(prompt),
+                                    "completion_tokens": made,
+                                    "total_tokens": len(prompt) + made,
+                                },
+                            }
+                        )
+                    )
                 out.append("data: [DONE]\n\n")
                 yield "".join(out)
 
             return StreamingResponse(stream(), media_type="text/event-stream")
         text, done = await collect(job, started)
-        return s.ChatResponse(id=rid, created=int(time.time()), model=model,
-                              choices=[s.ChatChoice(index=0, message=s.AssistantMessage(content=text),
-                                                    finish_reason=done.finish_reason)],
-                              usage=s.Usage(prompt_tokens=len(prompt), completion_tokens=done.completion_tokens,
-                                            total_tokens=len(prompt) + done.completion_tokens))
+        return s.ChatResponse(
+            id=rid,
+            created=int(time.time()),
+            model=model,
+            choices=[s.ChatChoice(index=0, message=s.AssistantMessage(content=text), finish_reason=done.finish_reason)],
+            usage=s.Usage(
+                prompt_tokens=len(prompt),
+                completion_tokens=done.completion_tokens,
+                total_tokens=len(prompt) + done.completion_tokens,
+            ),
+        )
 
     @app.post("/v1/embeddings", response_model=s.EmbeddingResponse)
     async def embeddings(req: s.EmbeddingRequest):
@@ -401,9 +465,11 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         else:
             data = [v.tolist() for v in vectors]
         used = sum(map(len, segments))
-        return s.EmbeddingResponse(data=[s.EmbeddingData(index=i, embedding=d) for i, d in enumerate(data)],
-                                   model=req.model or model_name,
-                                   usage=s.Usage(prompt_tokens=used, total_tokens=used))
+        return s.EmbeddingResponse(
+            data=[s.EmbeddingData(index=i, embedding=d) for i, d in enumerate(data)],
+            model=req.model or model_name,
+            usage=s.Usage(prompt_tokens=used, total_tokens=used),
+        )
 
     # --- GRC routes -----------------------------------------------------------------------------
 
@@ -412,8 +478,12 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
             m = engine.bank.get(memory_id)
         except KeyError:
             raise ApiError(404, f"memory {memory_id}: no such memory", "id") from None
-        return s.MemoryOut(id=memory_id, text=m.text, version=m.version,
-                           embedding=np.asarray(m.embedding, np.float32).tolist() if with_embedding else None)
+        return s.MemoryOut(
+            id=memory_id,
+            text=m.text,
+            version=m.version,
+            embedding=np.asarray(m.embedding, np.float32).tolist() if with_embedding else None,
+        )
 
     @app.post("/v1/memories", response_model=s.MemoriesAdded, response_model_exclude_none=True)
     async def add_memories(req: s.MemoriesAdd):
@@ -439,7 +509,7 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
 
         def page():
             ids = sorted(engine.bank.ids)
-            return len(ids), [memory_out(i, embeddings) for i in ids[offset:offset + limit]]
+            return len(ids), [memory_out(i, embeddings) for i in ids[offset : offset + limit]]
 
         total, data = await worker.call(page)
         return s.MemoryPage(data=data, total=total, offset=offset, limit=limit)
@@ -492,12 +562,30 @@ def create_app(worker: Worker, *, model_name: str, api_key: str | None = None, m
         prior = prior_of(req)
         if prior["memory_prior"]:  # the search's own scores, as Engine.rag weighs them
             prior["memory_prior"] = [h.score for h in hits]
-        job = start(prompt, dict(max_tokens=req.max_tokens, stops=[], temperature=req.temperature, top_p=req.top_p,
-                                 top_k=0, seed=req.seed, **prior), ids)
+        job = start(
+            prompt,
+            dict(
+                max_tokens=req.max_tokens,
+                stops=[],
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=0,
+                seed=req.seed,
+                **prior,
+            ),
+            ids,
+        )
         text, done = await collect(job, started)
-        return s.RagResponse(answer=text, memory_ids=ids, scores=[h.score for h in hits],
-                             finish_reason=done.finish_reason,
-                             usage=s.Usage(prompt_tokens=len(prompt), completion_tokens=done.completion_tokens,
-                                           total_tokens=len(prompt) + done.completion_tokens))
+        return s.RagResponse(
+            answer=text,
+            memory_ids=ids,
+            scores=[h.score for h in hits],
+            finish_reason=done.finish_reason,
+            usage=s.Usage(
+                prompt_tokens=len(prompt),
+                completion_tokens=done.completion_tokens,
+                total_tokens=len(prompt) + done.completion_tokens,
+            ),
+        )
 
     return app

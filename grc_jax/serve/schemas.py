@@ -4,6 +4,7 @@ Fields the OpenAI API has and this server does not use are accepted and ignored 
 as LangChain send some by default); those that would change the answer and are not supported
 (n > 1, logprobs) are refused by the routes, naming the field.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal

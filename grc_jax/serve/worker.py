@@ -10,6 +10,7 @@ answer:
 Tokens come back as text deltas through `GenerationJob`, which also applies stop strings.
 A failing request gets its own exception; the thread itself never stops on one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -93,7 +94,7 @@ class GenerationJob:
                         shown = shown[: len(shown) - n]
                         break
         if shown.startswith(self.sent) and len(shown) > len(self.sent):
-            self._post("delta", shown[len(self.sent):])
+            self._post("delta", shown[len(self.sent) :])
             self.sent = shown
         if end:
             self._closed = True
@@ -117,15 +118,30 @@ class _Batched:
 class Worker:
     """Owns the Engine on one thread; see the module docstring."""
 
-    def __init__(self, engine: Engine, *, slots: int = 16, max_len: int = 1024, max_memories: int = 16,
-                 steps_per_chunk: int = 8, on_step: Callable[[Worker], None] | None = None, warm_up: bool = True):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        slots: int = 16,
+        max_len: int = 1024,
+        max_memories: int = 16,
+        steps_per_chunk: int = 8,
+        on_step: Callable[[Worker], None] | None = None,
+        warm_up: bool = True,
+    ):
         self.engine = engine
         tokenizer = engine.tokenizer
         ids = {engine.eos_id} | {tokenizer.token_to_id(t) for t in END_TOKENS}
         self.stop_ids = {i for i in ids if i is not None and i < engine.config.vocab_size}
-        self.batch = SlotBatch(engine.decoder, slots=slots, max_len=max_len, max_memories=max_memories,
-                               steps_per_chunk=steps_per_chunk, stop_token_ids=sorted(self.stop_ids),
-                               memory_source=engine._memory_source)
+        self.batch = SlotBatch(
+            engine.decoder,
+            slots=slots,
+            max_len=max_len,
+            max_memories=max_memories,
+            steps_per_chunk=steps_per_chunk,
+            stop_token_ids=sorted(self.stop_ids),
+            memory_source=engine._memory_source,
+        )
         self.inbox: queue.Queue = queue.Queue()
         self.on_step = on_step
         self._stop = threading.Event()
@@ -170,10 +186,20 @@ class Worker:
         self.inbox.put(_Batched("compress", texts, future))
         return await asyncio.wrap_future(future)
 
-    def generation(self, prompt: list[int], max_tokens: int, *, memory_ids: Sequence[int] = (),
-                   stops: Sequence[str] = (), temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                   seed: int | None = None, memory_prior: bool | Sequence[float] = False,
-                   prior_temperature: float = 0.05) -> GenerationJob:
+    def generation(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        *,
+        memory_ids: Sequence[int] = (),
+        stops: Sequence[str] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        memory_prior: bool | Sequence[float] = False,
+        prior_temperature: float = 0.05,
+    ) -> GenerationJob:
         """Queues a generation; raises RequestTooLarge (a request that can never run) or
         KeyError (an unknown memory id) at once. Read the job's `events`. memory_prior: read the
         memories under priors (docs/design.md section 8) from the prompt's own embedding (True)
@@ -184,9 +210,16 @@ class Worker:
             # one memory gets prior 0 (log_softmax of one score): no bias, nothing to compute
             prior = True if memory_prior is True else [float(x) for x in memory_prior]
             job.prior = (prior, float(prior_temperature))
-        request = SlotRequest(prompt=list(prompt), max_tokens=max_tokens, on_tokens=job.on_tokens,
-                              memories=[int(m) for m in memory_ids], temperature=temperature, top_p=top_p,
-                              top_k=top_k, seed=seed if seed is not None else time.time_ns() % 2**32)
+        request = SlotRequest(
+            prompt=list(prompt),
+            max_tokens=max_tokens,
+            on_tokens=job.on_tokens,
+            memories=[int(m) for m in memory_ids],
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed if seed is not None else time.time_ns() % 2**32,
+        )
         self.batch.check(request)
         job.request = request
         self.inbox.put(job)
@@ -223,8 +256,9 @@ class Worker:
         rows = [min(per_row, capacity - i) for i in range(0, capacity, per_row)]
         if len(rows) > self.batch.slots:
             return
-        requests = [SlotRequest(prompt=[token] * (n + 1), max_tokens=1, on_tokens=lambda new, done: False)
-                    for n in rows]
+        requests = [
+            SlotRequest(prompt=[token] * (n + 1), max_tokens=1, on_tokens=lambda new, done: False) for n in rows
+        ]
         try:
             for request in requests:
                 self.batch.submit(request)
@@ -314,8 +348,8 @@ class Worker:
                 for job in group:
                     try:
                         job.request.memory_bias = self.engine.memory_priors(
-                            [job.request.prompt], [job.request.memories], True if own else [job.prior[0]],
-                            temperature)[0]
+                            [job.request.prompt], [job.request.memories], True if own else [job.prior[0]], temperature
+                        )[0]
                     except Exception as e:
                         job.request.error = e
                 continue
@@ -369,7 +403,7 @@ class Worker:
         start = 0
         for item in items:
             n = len(item.items)
-            item.future.set_result(out[start:start + n])
+            item.future.set_result(out[start : start + n])
             start += n
 
 

@@ -2,6 +2,7 @@
 
 See `hybrid_paged_attention` for the signature shared by all implementations.
 """
+
 from .dispatch import hybrid_paged_attention
 from .gpu import hybrid_paged_attention_gpu
 from .reference import hybrid_paged_attention_reference

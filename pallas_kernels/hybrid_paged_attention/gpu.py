@@ -8,6 +8,7 @@ pages per step straight from the pool. Each split keeps its own online softmax (
 a small XLA step combines the splits (flash-decoding). Decode-shaped batches default to one
 token per block and several splits; prefill-shaped ones to bigger blocks and one split.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,9 +36,26 @@ def _pow2_at_least(n: int) -> int:
 
 
 def _kernel(
-    cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref, *refs,
-    page_size, ppb, group, q_block, num_kv_heads, mem_entries, entries, splits,
-    sm_scale, soft_cap, pv_dtype, has_bias,
+    cu_ref,
+    tok_lens_ref,
+    n_mem_ref,
+    mem_lens_ref,
+    table_ref,
+    lo_ref,
+    hi_ref,
+    *refs,
+    page_size,
+    ppb,
+    group,
+    q_block,
+    num_kv_heads,
+    mem_entries,
+    entries,
+    splits,
+    sm_scale,
+    soft_cap,
+    pv_dtype,
+    has_bias,
 ):
     # With a bias, its flat per-entry values come after the scalars; then the usual refs.
     bias_ref = refs[0] if has_bias else None
@@ -74,8 +92,7 @@ def _kernel(
             is_mem = i < mem_steps
             entry = jnp.where(is_mem, i * ppb, mem_entries + (i - mem_steps) * ppb) + page_in_step
             fetch = entry < jnp.where(is_mem, n_mem, mem_entries + tok_pages)
-            page = plgpu.load(table_ref.at[s * entries + jnp.minimum(entry, entries - 1)],
-                              mask=fetch, other=0)
+            page = plgpu.load(table_ref.at[s * entries + jnp.minimum(entry, entries - 1)], mask=fetch, other=0)
             mem_entry = jnp.minimum(i * ppb + page_in_step, mem_entries - 1)
             n_valid = mem_lens_ref[s * mem_entries + mem_entry]
             if bias_ref is not None:  # entries were zeroed where unused; token steps get none
@@ -91,8 +108,10 @@ def _kernel(
             k = plgpu.load(k_ref.at[kv_idx], mask=kv_mask, other=0)
             v = plgpu.load(v_ref.at[kv_idx], mask=kv_mask, other=0)
             qk_dtype = jnp.promote_types(q.dtype, k.dtype)
-            logits = plgpu.dot(q.astype(qk_dtype), k.astype(qk_dtype), trans_b=True,
-                               precision=_precision(qk_dtype)) * sm_scale
+            logits = (
+                plgpu.dot(q.astype(qk_dtype), k.astype(qk_dtype), trans_b=True, precision=_precision(qk_dtype))
+                * sm_scale
+            )
             if soft_cap is not None:
                 logits = soft_cap * jnp.tanh(logits / soft_cap)
             if bias_ref is not None:
@@ -108,9 +127,11 @@ def _kernel(
 
         return lax.fori_loop(i0, i1, step, carry)
 
-    init = (jnp.zeros((rows, head_dim), jnp.float32),
-            jnp.full((rows,), -jnp.inf, jnp.float32),
-            jnp.zeros((rows,), jnp.float32))
+    init = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
     acc, m, l = lax.fori_loop(lo_ref[blk], hi_ref[blk], seq_body, init)
     o_ref[...] = acc
     m_out_ref[...] = m
@@ -119,8 +140,17 @@ def _kernel(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "soft_cap", "interpret", "q_block", "pages_per_block",
-                     "kv_splits", "pv_in_kv_dtype", "num_warps", "num_stages"),
+    static_argnames=(
+        "sm_scale",
+        "soft_cap",
+        "interpret",
+        "q_block",
+        "pages_per_block",
+        "kv_splits",
+        "pv_in_kv_dtype",
+        "num_warps",
+        "num_stages",
+    ),
 )
 def hybrid_paged_attention_gpu(
     q: jax.Array,
@@ -165,8 +195,7 @@ def hybrid_paged_attention_gpu(
     num_blocks = _cdiv(num_tokens, qb)
     rows = _pow2_at_least(max(16, qb * group))
 
-    mem_ids, tok_ids = safe_page_tables(
-        mem_page_table, mem_page_lens, tok_page_table, tok_lens, num_pages, page_size)
+    mem_ids, tok_ids = safe_page_tables(mem_page_table, mem_page_lens, tok_page_table, tok_lens, num_pages, page_size)
     # Whole steps of ppb entries, and at least one step even for a zero-width memory table.
     pad_to = lambda x, n: jnp.pad(x, ((0, 0), (0, max(1, _cdiv(x.shape[1], n)) * n - x.shape[1])))
     mem_ids, mem_lens, tok_ids = pad_to(mem_ids, ppb), pad_to(mem_page_lens, ppb), pad_to(tok_ids, ppb)
@@ -178,8 +207,15 @@ def hybrid_paged_attention_gpu(
     n_mem = jnp.max(jnp.where(mem_lens > 0, entry + 1, 0), axis=1).astype(jnp.int32)
     table = jnp.concatenate([mem_ids, tok_ids], axis=1)
     lo, hi = block_seq_ranges(cu_q_lens, num_blocks, qb)
-    scalars = (cu_q_lens.astype(jnp.int32), tok_lens.astype(jnp.int32), n_mem,
-               mem_lens.reshape(-1).astype(jnp.int32), table.reshape(-1), lo, hi)
+    scalars = (
+        cu_q_lens.astype(jnp.int32),
+        tok_lens.astype(jnp.int32),
+        n_mem,
+        mem_lens.reshape(-1).astype(jnp.int32),
+        table.reshape(-1),
+        lo,
+        hi,
+    )
     if mem_page_bias is not None:
         scalars += (pad_to(safe_page_bias(mem_page_bias, mem_page_lens), ppb).reshape(-1),)
 
@@ -189,20 +225,32 @@ def hybrid_paged_attention_gpu(
     qp = jnp.pad(qp, ((0, 0), (0, 0), (0, rows - qb * group), (0, 0)))
     whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
     kernel = functools.partial(
-        _kernel, page_size=page_size, ppb=ppb, group=group, q_block=qb,
-        num_kv_heads=num_kv_heads, mem_entries=mem_entries, entries=table.shape[1],
-        splits=splits, sm_scale=head_dim**-0.5 if sm_scale is None else sm_scale,
-        soft_cap=soft_cap, pv_dtype=k_pages.dtype if pv_in_kv_dtype else jnp.float32,
-        has_bias=mem_page_bias is not None)
+        _kernel,
+        page_size=page_size,
+        ppb=ppb,
+        group=group,
+        q_block=qb,
+        num_kv_heads=num_kv_heads,
+        mem_entries=mem_entries,
+        entries=table.shape[1],
+        splits=splits,
+        sm_scale=head_dim**-0.5 if sm_scale is None else sm_scale,
+        soft_cap=soft_cap,
+        pv_dtype=k_pages.dtype if pv_in_kv_dtype else jnp.float32,
+        has_bias=mem_page_bias is not None,
+    )
     # Row-major reshape: free on GPU.
     k_flat = k_pages.reshape(-1, head_dim)
     v_flat = v_pages.reshape(-1, head_dim)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(num_blocks, num_kv_heads, splits),
-        in_specs=[*(whole(x) for x in scalars),
-                  pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)),
-                  whole(k_flat), whole(v_flat)],
+        in_specs=[
+            *(whole(x) for x in scalars),
+            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, j: (b, h, 0, 0)),
+            whole(k_flat),
+            whole(v_flat),
+        ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, j: (j, b, h, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda b, h, j: (j, b, h, 0)),

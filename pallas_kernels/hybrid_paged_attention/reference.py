@@ -8,6 +8,7 @@ token slots 0..p of s's token pages, under one float32 softmax.
 The bookkeeping helpers below are shared with the Pallas wrappers so that all three
 implementations agree on what a row, a position and a usable page-table entry are.
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,9 +19,7 @@ from jax import lax
 _CHUNK_BYTES = 256 * 2**20
 
 
-def query_rows(
-    cu_q_lens: jax.Array, tok_lens: jax.Array, num_tokens: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def query_rows(cu_q_lens: jax.Array, tok_lens: jax.Array, num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(sequence, token position, is-real) of every query row; padding rows get valid=False."""
     rows = jnp.arange(num_tokens, dtype=jnp.int32)
     # side="right" skips sequences with q_len 0: it counts the sequences ending at or before r.
@@ -53,9 +52,7 @@ def safe_page_bias(mem_page_bias: jax.Array, mem_page_lens: jax.Array) -> jax.Ar
     return jnp.where(mem_page_lens > 0, mem_page_bias.astype(jnp.float32), 0.0)
 
 
-def block_seq_ranges(
-    cu_q_lens: jax.Array, num_blocks: int, block_tokens: int
-) -> tuple[jax.Array, jax.Array]:
+def block_seq_ranges(cu_q_lens: jax.Array, num_blocks: int, block_tokens: int) -> tuple[jax.Array, jax.Array]:
     """[lo, hi) range of sequences that own rows of each block of `block_tokens` query rows."""
     total = cu_q_lens[-1]
     start = jnp.arange(num_blocks, dtype=jnp.int32) * block_tokens
@@ -90,9 +87,7 @@ def hybrid_paged_attention_reference(
     group = num_q_heads // num_kv_heads
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
     seq, pos, valid = query_rows(cu_q_lens, tok_lens, num_tokens)
-    mem_ids, tok_ids = safe_page_tables(
-        mem_page_table, mem_page_lens, tok_page_table, tok_lens, num_pages, page_size
-    )
+    mem_ids, tok_ids = safe_page_tables(mem_page_table, mem_page_lens, tok_page_table, tok_lens, num_pages, page_size)
     slot = jnp.arange(page_size)
     bias = None if mem_page_bias is None else safe_page_bias(mem_page_bias, mem_page_lens)
     tok_slots = jnp.arange(tok_ids.shape[1] * page_size)

@@ -12,6 +12,7 @@ Whole pages are copied (all KV heads, contiguous), and each KV head's query head
 Query layout inside the kernel: [kv_head, q_block * group, head_dim]; row r is token r // group
 of the block and query head kv_head * group + r % group.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,26 +45,91 @@ def _cdiv(a, b):
 
 def _kernel(
     # scalar prefetch (SMEM)
-    cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref, *refs,
-    page_size, ppb, group, q_block, mem_entries, entries, sm_scale, soft_cap, pv_dtype, has_bias,
+    cu_ref,
+    tok_lens_ref,
+    n_mem_ref,
+    mem_lens_ref,
+    table_ref,
+    lo_ref,
+    hi_ref,
+    *refs,
+    page_size,
+    ppb,
+    group,
+    q_block,
+    mem_entries,
+    entries,
+    sm_scale,
+    soft_cap,
+    pv_dtype,
+    has_bias,
 ):
     # With a bias its per-entry values come first (SMEM, float32), then the usual refs.
     bias_ref = refs[0] if has_bias else None
     (q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, m_ref, l_ref, acc_ref) = refs[1:] if has_bias else refs
-    _body(cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref, bias_ref,
-          q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, m_ref, l_ref, acc_ref,
-          page_size=page_size, ppb=ppb, group=group, q_block=q_block, mem_entries=mem_entries,
-          entries=entries, sm_scale=sm_scale, soft_cap=soft_cap, pv_dtype=pv_dtype)
+    _body(
+        cu_ref,
+        tok_lens_ref,
+        n_mem_ref,
+        mem_lens_ref,
+        table_ref,
+        lo_ref,
+        hi_ref,
+        bias_ref,
+        q_ref,
+        k_hbm,
+        v_hbm,
+        o_ref,
+        k_buf,
+        v_buf,
+        sems,
+        m_ref,
+        l_ref,
+        acc_ref,
+        page_size=page_size,
+        ppb=ppb,
+        group=group,
+        q_block=q_block,
+        mem_entries=mem_entries,
+        entries=entries,
+        sm_scale=sm_scale,
+        soft_cap=soft_cap,
+        pv_dtype=pv_dtype,
+    )
 
 
 def _body(
     # scalar prefetch (SMEM)
-    cu_ref, tok_lens_ref, n_mem_ref, mem_lens_ref, table_ref, lo_ref, hi_ref, bias_ref,
+    cu_ref,
+    tok_lens_ref,
+    n_mem_ref,
+    mem_lens_ref,
+    table_ref,
+    lo_ref,
+    hi_ref,
+    bias_ref,
     # inputs / outputs
-    q_ref, k_hbm, v_hbm, o_ref,
+    q_ref,
+    k_hbm,
+    v_hbm,
+    o_ref,
     # scratch
-    k_buf, v_buf, sems, m_ref, l_ref, acc_ref,
-    *, page_size, ppb, group, q_block, mem_entries, entries, sm_scale, soft_cap, pv_dtype,
+    k_buf,
+    v_buf,
+    sems,
+    m_ref,
+    l_ref,
+    acc_ref,
+    *,
+    page_size,
+    ppb,
+    group,
+    q_block,
+    mem_entries,
+    entries,
+    sm_scale,
+    soft_cap,
+    pv_dtype,
 ):
     num_kv_heads, rows, head_dim = q_ref.shape
     cols = ppb * page_size
@@ -91,15 +157,18 @@ def _body(
         out = []
         for j in range(ppb):
             page = table_ref[s * entries + first + j]
-            out.append((
-                first + j < limit,
-                pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, j], sems.at[0, slot]),
-                pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, j], sems.at[1, slot]),
-            ))
+            out.append(
+                (
+                    first + j < limit,
+                    pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, j], sems.at[0, slot]),
+                    pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, j], sems.at[1, slot]),
+                )
+            )
         return out
 
     def start(s, i, slot):
         for needed, ck, cv in page_copies(s, i, slot):
+
             @pl.when(needed)
             def _():
                 ck.start()
@@ -107,6 +176,7 @@ def _body(
 
     def wait(s, i, slot):
         for needed, ck, cv in page_copies(s, i, slot):
+
             @pl.when(needed)
             def _():
                 ck.wait()
@@ -163,9 +233,16 @@ def _body(
             k = k_buf[slot, :, :, h, :].reshape(cols, head_dim)
             v = v_buf[slot, :, :, h, :].reshape(cols, head_dim)
             qk_dtype = jnp.promote_types(q.dtype, k.dtype)
-            logits = lax.dot_general(
-                q.astype(qk_dtype), k.astype(qk_dtype), (((1,), (1,)), ((), ())),
-                precision=_precision(qk_dtype), preferred_element_type=jnp.float32) * sm_scale
+            logits = (
+                lax.dot_general(
+                    q.astype(qk_dtype),
+                    k.astype(qk_dtype),
+                    (((1,), (1,)), ((), ())),
+                    precision=_precision(qk_dtype),
+                    preferred_element_type=jnp.float32,
+                )
+                * sm_scale
+            )
             if soft_cap is not None:
                 logits = soft_cap * jnp.tanh(logits / soft_cap)
             if bias is not None:
@@ -181,8 +258,8 @@ def _body(
             # Stale or never-copied buffer slots may hold NaN; 0 * NaN would leak through.
             v = jnp.where(v_ok, v.astype(pv_dtype), 0)
             acc_ref[h] = alpha * acc_ref[h] + jnp.dot(
-                p.astype(pv_dtype), v, precision=_precision(pv_dtype),
-                preferred_element_type=jnp.float32)
+                p.astype(pv_dtype), v, precision=_precision(pv_dtype), preferred_element_type=jnp.float32
+            )
 
     m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
@@ -256,8 +333,7 @@ def hybrid_paged_attention_tpu(
     num_blocks = _cdiv(num_tokens, qb)
     rows = qb * group
 
-    mem_ids, tok_ids = safe_page_tables(
-        mem_page_table, mem_page_lens, tok_page_table, tok_lens, num_pages, page_size)
+    mem_ids, tok_ids = safe_page_tables(mem_page_table, mem_page_lens, tok_page_table, tok_lens, num_pages, page_size)
     # Whole steps of ppb entries, and at least one step even for a zero-width memory table.
     pad_to = lambda x, n: jnp.pad(x, ((0, 0), (0, max(1, _cdiv(x.shape[1], n)) * n - x.shape[1])))
     mem_ids, mem_lens, tok_ids = pad_to(mem_ids, ppb), pad_to(mem_page_lens, ppb), pad_to(tok_ids, ppb)
@@ -267,8 +343,15 @@ def hybrid_paged_attention_tpu(
     n_mem = jnp.max(jnp.where(mem_lens > 0, entry + 1, 0), axis=1).astype(jnp.int32)
     table = jnp.concatenate([mem_ids, tok_ids], axis=1)
     lo, hi = block_seq_ranges(cu_q_lens, num_blocks, qb)
-    scalars = (cu_q_lens.astype(jnp.int32), tok_lens.astype(jnp.int32), n_mem,
-               mem_lens.reshape(-1).astype(jnp.int32), table.reshape(-1), lo, hi)
+    scalars = (
+        cu_q_lens.astype(jnp.int32),
+        tok_lens.astype(jnp.int32),
+        n_mem,
+        mem_lens.reshape(-1).astype(jnp.int32),
+        table.reshape(-1),
+        lo,
+        hi,
+    )
     if mem_page_bias is not None:
         scalars += (pad_to(safe_page_bias(mem_page_bias, mem_page_lens), ppb).reshape(-1),)
 
@@ -277,10 +360,18 @@ def hybrid_paged_attention_tpu(
     qp = qp.reshape(num_blocks, num_kv_heads, rows, head_dim)
     blk_spec = pl.BlockSpec((None, num_kv_heads, rows, head_dim), lambda b, *_: (b, 0, 0, 0))
     kernel = functools.partial(
-        _kernel, page_size=page_size, ppb=ppb, group=group, q_block=qb,
-        mem_entries=mem_entries, entries=table.shape[1],
-        sm_scale=head_dim**-0.5 if sm_scale is None else sm_scale, soft_cap=soft_cap,
-        pv_dtype=k_pages.dtype if pv_in_kv_dtype else jnp.float32, has_bias=mem_page_bias is not None)
+        _kernel,
+        page_size=page_size,
+        ppb=ppb,
+        group=group,
+        q_block=qb,
+        mem_entries=mem_entries,
+        entries=table.shape[1],
+        sm_scale=head_dim**-0.5 if sm_scale is None else sm_scale,
+        soft_cap=soft_cap,
+        pv_dtype=k_pages.dtype if pv_in_kv_dtype else jnp.float32,
+        has_bias=mem_page_bias is not None,
+    )
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(

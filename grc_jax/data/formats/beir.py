@@ -5,6 +5,7 @@ document longer than P gives its chunk that shares the most words with the query
 judged with score 0 are the record's first negatives (hard negatives), the rest are mined from
 the whole chunked corpus, never from the query's relevant documents.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,13 +31,19 @@ _QRELS = "a qrels line 'query-id<TAB>corpus-id<TAB>score' with an integer score"
 
 def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
     if not path.is_dir():
-        raise FormatError(str(path), "not a directory; expected a BEIR directory with corpus.jsonl, queries.jsonl, "
-                                     "qrels/")
-    corpus = {_id(obj, where, _CORPUS): titled(_text(obj, "title", where, _CORPUS, optional=True),
-                                               _text(obj, "text", where, _CORPUS))
-              for where, obj in read_jsonl(path / "corpus.jsonl", _CORPUS)}
-    queries = {_id(obj, where, _QUERIES): _text(obj, "text", where, _QUERIES)
-               for where, obj in read_jsonl(path / "queries.jsonl", _QUERIES)}
+        raise FormatError(
+            str(path), "not a directory; expected a BEIR directory with corpus.jsonl, queries.jsonl, qrels/"
+        )
+    corpus = {
+        _id(obj, where, _CORPUS): titled(
+            _text(obj, "title", where, _CORPUS, optional=True), _text(obj, "text", where, _CORPUS)
+        )
+        for where, obj in read_jsonl(path / "corpus.jsonl", _CORPUS)
+    }
+    queries = {
+        _id(obj, where, _QUERIES): _text(obj, "text", where, _QUERIES)
+        for where, obj in read_jsonl(path / "queries.jsonl", _QUERIES)
+    }
     chunks = {doc: ctx.chunker.chunks(text) or [text] for doc, text in corpus.items()}
     ctx.corpus = [c for doc_chunks in chunks.values() for c in doc_chunks]
     judged: dict[str, dict[str, tuple[int, str]]] = {}
@@ -56,7 +63,7 @@ def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
         for doc in relevant:
             record = {"query": queries[query], "positive": best_chunk(ctx.chunker, queries[query], corpus[doc])}
             if negatives:
-                record["negatives"] = negatives[:ctx.negatives]
+                record["negatives"] = negatives[: ctx.negatives]
             yield Output(record, docs[doc][1], exclude)
 
 
@@ -68,8 +75,10 @@ def _split_file(path: Path, split: str | None) -> Path:
             split = "train"
         else:
             split = available[0]
-    return require_file(qrels / f"{split}.tsv", f"the qrels of split {split!r} "
-                                                f"(have: {', '.join(available) or 'none'}; choose one with --split)")
+    return require_file(
+        qrels / f"{split}.tsv",
+        f"the qrels of split {split!r} (have: {', '.join(available) or 'none'}; choose one with --split)",
+    )
 
 
 def _qrels(path: Path) -> Iterator[tuple[str, str, str, int]]:

@@ -1,5 +1,6 @@
 """What every converter shares: the error for input that is not in the format asked for, the
 items converters yield, and readers that say where in a file a problem is."""
+
 from __future__ import annotations
 
 import collections
@@ -71,8 +72,9 @@ def read_json(path: Path, what: str) -> Any:
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise FormatError(f"{path}:{e.lineno}",
-                          f"invalid JSON ({e.msg} at column {e.colno}); expected {what}") from None
+        raise FormatError(
+            f"{path}:{e.lineno}", f"invalid JSON ({e.msg} at column {e.colno}); expected {what}"
+        ) from None
     except UnicodeDecodeError as e:
         raise FormatError(str(path), f"not UTF-8 ({e.reason} at byte {e.start}); expected {what}") from None
 
@@ -107,8 +109,10 @@ def field(obj: Any, key: str | int, where: str, kind: type | tuple[type, ...], w
         value = obj[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # JSON true is no number
-        raise FormatError(f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]",
-                          f"a {type(value).__name__}, expected {what}")
+        raise FormatError(
+            f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]",
+            f"a {type(value).__name__}, expected {what}",
+        )
     return value
 
 

@@ -15,6 +15,7 @@ The query is the question; the reasoning is the supporting-fact sentences in ord
 reasoning trace), dropped with a note when query + reasoning exceed P tokens. The negatives are
 the distractor paragraphs, never the other gold paragraph.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,10 @@ from typing import Any, Iterator
 
 from grc_jax.data.formats.common import Context, FormatError, Output, Skip, best_chunk, field, read_json_list, titled
 
-_WHAT = ('HotpotQA JSON: a list of {"question": str, "answer": str, "supporting_facts": [[title, sentence index]], '
-         '"context": [[title, [sentences]]]}')
+_WHAT = (
+    'HotpotQA JSON: a list of {"question": str, "answer": str, "supporting_facts": [[title, sentence index]], '
+    '"context": [[title, [sentences]]]}'
+)
 
 
 def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
@@ -63,8 +66,11 @@ def _records(example: Any, where: str, ctx: Context) -> Iterator[Output | Skip]:
         yield Skip("no supporting facts", where)
         return
     texts = {t: titled(t, " ".join(s.strip() for s in paragraphs[t])) for t in gold}
-    negatives = [best_chunk(ctx.chunker, question, titled(t, " ".join(s.strip() for s in sents)))
-                 for t, sents in paragraphs.items() if t not in gold and sents]
+    negatives = [
+        best_chunk(ctx.chunker, question, titled(t, " ".join(s.strip() for s in sents)))
+        for t, sents in paragraphs.items()
+        if t not in gold and sents
+    ]
     base: dict[str, Any] = {"query": question}
     reasoning = " ".join(f for f in facts if f)
     if reasoning:
@@ -73,16 +79,18 @@ def _records(example: Any, where: str, ctx: Context) -> Iterator[Output | Skip]:
         else:
             ctx.notes["query + reasoning longer than P tokens (reasoning dropped)"] += 1
     if negatives:
-        base["negatives"] = negatives[:ctx.negatives]
+        base["negatives"] = negatives[: ctx.negatives]
     joined = "\n\n".join(texts[t] for t in gold)
     if ctx.chunker.count(joined) <= ctx.chunker.max_len:
         # Each gold paragraph alone may be another question's positive or distractor: never mine it here.
-        yield Output({**base, "positive": joined, "question": question, "answer": answer}, where,
-                     exclude=tuple(texts.values()))
+        yield Output(
+            {**base, "positive": joined, "question": question, "answer": answer}, where, exclude=tuple(texts.values())
+        )
         return
     for hop, title in enumerate(gold):
         record = {**base, "positive": best_chunk(ctx.chunker, reasoning or question, texts[title])}
         if answer.lower() in record["positive"].lower():
             record.update(question=question, answer=answer)
-        yield Output(record, f"{where} (gold paragraph {hop + 1}: {title})",
-                     exclude=tuple(texts[t] for t in gold if t != title))
+        yield Output(
+            record, f"{where} (gold paragraph {hop + 1}: {title})", exclude=tuple(texts[t] for t in gold if t != title)
+        )

@@ -6,6 +6,7 @@ negative, negative_1 .. negative_N, or a negatives list (or none: pairs). Consec
 the same query and positive become one record with their negatives in order, as the TSV repeats a
 (query, positive) once per negative.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,7 @@ from grc_jax.data.formats.common import (
     require_file,
 )
 
-_COLUMNS = ("a 'query' (or 'anchor') and a 'positive' column, and optionally 'negative', 'negative_1'.. or "
-            "'negatives'")
+_COLUMNS = "a 'query' (or 'anchor') and a 'positive' column, and optionally 'negative', 'negative_1'.. or 'negatives'"
 _TSV = "query<TAB>positive[<TAB>negative]"
 _NEGATIVE_N = re.compile(r"negative_(\d+)$")
 
@@ -50,7 +50,7 @@ def _record(pair: tuple[str, str], negatives: list[str], where: str, ctx: Contex
     record: dict[str, Any] = {"query": query.strip(), "positive": best_chunk(ctx.chunker, query, positive)}
     negatives = [first_chunk(ctx.chunker, n) for n in negatives if n.strip() and n != positive]
     if negatives:
-        record["negatives"] = negatives[:ctx.negatives]
+        record["negatives"] = negatives[: ctx.negatives]
     return Output(record, where)
 
 
@@ -100,8 +100,9 @@ def _columns(obj: dict[str, Any], where: str) -> tuple[str, str, list[str]]:
     query = obj.get("query", obj.get("anchor"))
     if not isinstance(query, str) or not isinstance(obj.get("positive"), str):
         missing = "query" if not isinstance(query, str) else "positive"
-        raise FormatError(where, f"no text column '{missing}' (columns: {', '.join(obj) or 'none'}); "
-                                 f"expected {_COLUMNS}")
+        raise FormatError(
+            where, f"no text column '{missing}' (columns: {', '.join(obj) or 'none'}); expected {_COLUMNS}"
+        )
     negatives: list[Any] = []
     if "negatives" in obj:
         negatives = obj["negatives"] if isinstance(obj["negatives"], list) else [obj["negatives"]]

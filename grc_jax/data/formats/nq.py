@@ -6,6 +6,7 @@ answer when it is longer than P); the negatives are the hard negatives, then the
 The question and its first answer found in the positive give the compressive fields; when no
 answer is in the positive, the record keeps only query, positive and negatives (noted).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,10 @@ from grc_jax.data.formats.common import (
     titled,
 )
 
-_WHAT = ('DPR JSON: a list of {"question": str, "answers": [str], "positive_ctxs": [{"title", "text"}], '
-         '"hard_negative_ctxs": [...], "negative_ctxs": [...]}')
+_WHAT = (
+    'DPR JSON: a list of {"question": str, "answers": [str], "positive_ctxs": [{"title", "text"}], '
+    '"hard_negative_ctxs": [...], "negative_ctxs": [...]}'
+)
 
 
 def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
@@ -64,13 +67,15 @@ def _record(example: Any, where: str, ctx: Context) -> Output | Skip:
         if positive is None:
             start = text.lower().find(answer.lower())
             span = ctx.chunker.window(text, start, start + len(answer))
-            positive = text[span[0]:span[1]] if span else best_chunk(ctx.chunker, question, text)
-    negatives = [first_chunk(ctx.chunker, n) for n in
-                 _passages(example, "hard_negative_ctxs", where) + _passages(example, "negative_ctxs", where)]
+            positive = text[span[0] : span[1]] if span else best_chunk(ctx.chunker, question, text)
+    negatives = [
+        first_chunk(ctx.chunker, n)
+        for n in _passages(example, "hard_negative_ctxs", where) + _passages(example, "negative_ctxs", where)
+    ]
     negatives = [n for n in dict.fromkeys(negatives) if n != positive]
     record: dict[str, Any] = {"query": question, "positive": positive}
     if negatives:
-        record["negatives"] = negatives[:ctx.negatives]
+        record["negatives"] = negatives[: ctx.negatives]
     if answer is not None and answer.lower() in positive.lower():
         record.update(question=question, answer=answer)
     return Output(record, where, exclude=tuple(positives[1:]))

@@ -1,5 +1,6 @@
 """GRC records already in JSONL (the schema of grc_jax/data/records.py): checked and rewritten,
 for instance into ArrayRecord shards. Nothing is chunked: the records are taken as they are."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,4 +25,3 @@ def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
         if "negatives" in fields:
             fields["negatives"] = list(fields["negatives"])
         yield Output(fields, record.source)
-

@@ -6,6 +6,7 @@ around it instead. The negatives are other paragraphs of the same article (their
 most words with the question), in article order. Unanswerable questions (v2.0's is_impossible,
 or no answer) are skipped and counted.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,10 @@ from typing import Iterator
 
 from grc_jax.data.formats.common import Context, Output, Skip, best_chunk, field, read_json
 
-_WHAT = ('SQuAD JSON {"data": [{"title", "paragraphs": [{"context": str, "qas": [{"question": str, '
-         '"answers": [{"text": str, "answer_start": int}]}]}]}]}')
+_WHAT = (
+    'SQuAD JSON {"data": [{"title", "paragraphs": [{"context": str, "qas": [{"question": str, '
+    '"answers": [{"text": str, "answer_start": int}]}]}]}]}'
+)
 
 
 def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
@@ -36,12 +39,13 @@ def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
                 yield _record(question, answer, start, contexts, j, where, ctx)
 
 
-def _record(question: str, answer: str, start: int, contexts: list[str], j: int, where: str,
-            ctx: Context) -> Output | Skip:
+def _record(
+    question: str, answer: str, start: int, contexts: list[str], j: int, where: str, ctx: Context
+) -> Output | Skip:
     context = contexts[j]
     if not question.strip() or not answer.strip():
         return Skip("empty question or answer", where)
-    if context[start:start + len(answer)] != answer:
+    if context[start : start + len(answer)] != answer:
         found = context.find(answer)  # a few answer_start values are off; the text decides
         if found < 0:
             return Skip("answer not in its paragraph", where)
@@ -50,9 +54,9 @@ def _record(question: str, answer: str, start: int, contexts: list[str], j: int,
     if span is None:
         return Skip("answer longer than a chunk", where)
     negatives = [best_chunk(ctx.chunker, question, c) for m, c in enumerate(contexts) if m != j and c.strip()]
-    record = {"question": question.strip(), "answer": answer.strip(), "positive": context[span[0]:span[1]]}
+    record = {"question": question.strip(), "answer": answer.strip(), "positive": context[span[0] : span[1]]}
     if negatives:
-        record["negatives"] = negatives[:ctx.negatives]
+        record["negatives"] = negatives[: ctx.negatives]
     return Output(record, where)
 
 

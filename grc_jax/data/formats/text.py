@@ -3,6 +3,7 @@
 Each document (a whole text file, or one JSONL line's field) is cut into chunks of at most P
 tokens (--max-segment-len), one record each; a chunk's source is the line it starts on.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,9 @@ def convert(path: Path, ctx: Context) -> Iterator[Output | Skip]:
             try:
                 text = file.read_text(encoding="utf-8-sig")
             except UnicodeDecodeError as e:
-                raise FormatError(str(file),
-                                  f"not UTF-8 ({e.reason} at byte {e.start}); expected a text file") from None
+                raise FormatError(
+                    str(file), f"not UTF-8 ({e.reason} at byte {e.start}); expected a text file"
+                ) from None
             for a, b in ctx.chunker.spans(text):
                 yield Output({"text": text[a:b]}, f"{file}:{text.count(chr(10), 0, a) + 1}")
             if not text.strip():

@@ -287,6 +287,13 @@ def test_memory_priors_give_what_engine_generate_and_rag_give(server, client, re
                 pool.map(lambda r: h.post("/v1/completions", json=r[0]).json()["choices"][0]["text"], requests)
             )
         assert together == [want for _, want in requests]
+        # priors from the prompt's self-reasoned embedding, as Engine.generate(memory_prior="reason")
+        for prompt in PROMPTS[:2]:
+            want = reference.generate(
+                prompt, memories=[ref_ids[i] for i in read], max_new_tokens=12, memory_prior="reason"
+            )
+            body = {"prompt": prompt, "max_tokens": 12, "memory_ids": [ids[i] for i in read], "memory_prior": "reason"}
+            assert h.post("/v1/completions", json=body).json()["choices"][0]["text"] == want
 
         rag = h.post(
             "/v1/rag", json={"question": PROMPTS[0], "top_k": 3, "max_tokens": 12, "memory_prior": True}

@@ -32,8 +32,10 @@ class _Sampling(_Request):
     n: int | None = Field(None, ge=1)
     logprobs: Any = None
     memory_ids: list[MemoryId] | None = None  # GRC: memories the answer reads (extra_body)
-    # GRC: read them under memory priors (docs/design.md section 8); None: the server's default
-    memory_prior: bool | None = None
+    # GRC: read them under memory priors (docs/design.md section 8) from the prompt's embedding
+    # (true) or its self-reasoned one ("reason", for questions that need a second hop); None: the
+    # server's default
+    memory_prior: bool | Literal["reason"] | None = None
     prior_temperature: float | None = Field(None, gt=0.0)
 
 

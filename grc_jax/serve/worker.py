@@ -197,18 +197,19 @@ class Worker:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
-        memory_prior: bool | Sequence[float] = False,
+        memory_prior: bool | str | Sequence[float] = False,
         prior_temperature: float = 0.05,
     ) -> GenerationJob:
         """Queues a generation; raises RequestTooLarge (a request that can never run) or
         KeyError (an unknown memory id) at once. Read the job's `events`. memory_prior: read the
-        memories under priors (docs/design.md section 8) from the prompt's own embedding (True)
-        or from these scores, one per memory, as `Engine.generate` does."""
+        memories under priors (docs/design.md section 8) from the prompt's own embedding (True),
+        its self-reasoned embedding ("reason") or these scores, one per memory, as
+        `Engine.generate` does."""
         job = GenerationJob(self.engine, self.stop_ids, stops, asyncio.get_running_loop())
         job.outbox = self._outbox
         if memory_prior is not False and memory_prior is not None and len(memory_ids) > 1:
             # one memory gets prior 0 (log_softmax of one score): no bias, nothing to compute
-            prior = True if memory_prior is True else [float(x) for x in memory_prior]
+            prior = memory_prior if memory_prior in (True, "reason") else [float(x) for x in memory_prior]
             job.prior = (prior, float(prior_temperature))
         request = SlotRequest(
             prompt=list(prompt),
@@ -336,19 +337,21 @@ class Worker:
     def _set_priors(self, jobs: list[GenerationJob]) -> None:
         """Each job's memory bias, `Engine.memory_priors` of its prompt and memories: the jobs
         that share a prior temperature in one call (their prompts embedded together)."""
-        groups: dict[tuple[bool, float], list[GenerationJob]] = {}
-        for job in jobs:
-            groups.setdefault((job.prior[0] is True, job.prior[1]), []).append(job)
-        for (own, temperature), group in groups.items():
+        groups: dict[tuple[bool | str, float], list[GenerationJob]] = {}
+        for job in jobs:  # the prompt's own embedding (True), its reasoned one ("reason"), or scores
+            kind = job.prior[0] if job.prior[0] is True or job.prior[0] == "reason" else "scores"
+            groups.setdefault((kind, job.prior[1]), []).append(job)
+        for (kind, temperature), group in groups.items():
+            own = kind != "scores"
             try:
                 rows = [job.request.memories for job in group]
-                how = True if own else [job.prior[0] for job in group]
+                how = kind if own else [job.prior[0] for job in group]
                 bias = self.engine.memory_priors([job.request.prompt for job in group], rows, how, temperature)
             except Exception:  # one bad request (a memory deleted meanwhile, bad scores): each alone
                 for job in group:
                     try:
                         job.request.memory_bias = self.engine.memory_priors(
-                            [job.request.prompt], [job.request.memories], True if own else [job.prior[0]], temperature
+                            [job.request.prompt], [job.request.memories], kind if own else [job.prior[0]], temperature
                         )[0]
                     except Exception as e:
                         job.request.error = e

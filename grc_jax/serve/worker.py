@@ -337,6 +337,14 @@ class Worker:
     def _set_priors(self, jobs: list[GenerationJob]) -> None:
         """Each job's memory bias, `Engine.memory_priors` of its prompt and memories: the jobs
         that share a prior temperature in one call (their prompts embedded together)."""
+        if not jobs:
+            return
+        # A self-reasoned embedding ("reason") decodes, so it borrows the page pool from the
+        # running batch between two chunks, as a self-reasoned /v1/embeddings call does.
+        with self.batch.lend_pool():
+            self._compute_priors(jobs)
+
+    def _compute_priors(self, jobs: list[GenerationJob]) -> None:
         groups: dict[tuple[bool | str, float], list[GenerationJob]] = {}
         for job in jobs:  # the prompt's own embedding (True), its reasoned one ("reason"), or scores
             kind = job.prior[0] if job.prior[0] is True or job.prior[0] == "reason" else "scores"

@@ -288,14 +288,17 @@ def test_memory_priors_give_what_engine_generate_and_rag_give(server, client, re
             )
         assert together == [want for _, want in requests]
         # priors from the prompt's self-reasoned embedding, as Engine.generate(memory_prior="reason")
-        for prompt in PROMPTS[:2]:
-            want = reference.generate(
-                prompt, memories=[ref_ids[i] for i in read], max_new_tokens=12, memory_prior="reason"
-            )
+        reasoned_differs = 0
+        for prompt in PROMPTS[:4]:
+            memories = [ref_ids[i] for i in read]
+            want = reference.generate(prompt, memories=memories, max_new_tokens=12, memory_prior="reason")
+            plain_prior = reference.generate(prompt, memories=memories, max_new_tokens=12, memory_prior=True)
+            reasoned_differs += want != plain_prior
             body = {"prompt": prompt, "max_tokens": 12, "memory_ids": [ids[i] for i in read], "memory_prior": "reason"}
             r = h.post("/v1/completions", json=body).json()
             assert "choices" in r, r
             assert r["choices"][0]["text"] == want
+        assert reasoned_differs  # so that a server reading "reason" as true would fail above
 
         rag = h.post(
             "/v1/rag", json={"question": PROMPTS[0], "top_k": 3, "max_tokens": 12, "memory_prior": True}

@@ -20,12 +20,16 @@ the first token). `call_serialized` skips both: it keeps the compiled executable
 static arguments, every argument's shape, dtype and placement, the versions of jax, jaxlib,
 flax and numpy, the backend, XLA_FLAGS, jax's settings and the source of grc_jax and
 pallas_kernels). A file that is missing, unreadable or written under another key is ignored and
-the program traced and compiled again.
+the program traced and compiled again. Reading an executable back still takes about a second on
+a 30-layer model, so `prefetch` starts it in a background thread as soon as the model's config is
+known (Engine does, before its own setup), and a load touches the file: the directory keeps the
+`KEEP_PROGRAMS` most recently used programs and deletes older ones when it saves a new one.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -90,6 +94,7 @@ def enable(path: str | os.PathLike | bool | None = None) -> str | None:
 # --- serialized programs ----------------------------------------------------------------
 
 PROGRAMS_DIR = "grc_jax_programs"
+KEEP_PROGRAMS = 32  # serialized programs kept, the most recently used (each a few MB)
 _MAGIC = b"GRC_JAX_PROGRAM 1\n"
 # Settings that change how programs are logged or cached, never what they compute.
 _IGNORED_SETTINGS = (
@@ -104,6 +109,8 @@ STATS: collections.Counter = collections.Counter()  # loaded / saved / rejected 
 _log = logging.getLogger(__name__)
 _programs: dict[tuple, Any] = {}  # this process's executables, by (name, statics, argument signature)
 _programs_lock = threading.Lock()
+_prefetched: dict[Path, concurrent.futures.Future] = {}  # path -> (key, executable) or None
+_prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def programs_dir() -> Path | None:
@@ -135,6 +142,65 @@ def call_serialized(name: str, jitted: Callable, static: Sequence[Any], dynamic:
     return compiled(*dynamic)
 
 
+def prefetch(name: str, marker: str, device: Any = None, limit: int = 1) -> None:
+    """Starts reading back, in a background thread, the `limit` most recently used serialized
+    `name` programs of this source whose key contains `marker` (a model's config repr, say), so
+    that the first `call_serialized` finds its executable loaded or loading. A prefetched program
+    is used only when its whole key matches the call's; one never called costs only its load."""
+    global _prefetcher
+    directory = programs_dir()
+    if directory is None or not directory.is_dir():
+        return
+    device = device if device is not None else jax.devices()[0]
+    wanted = f"\nsource {_source_hash()}\n"
+    try:
+        files = sorted(directory.glob(f"{name}-*.bin"), key=lambda f: f.stat().st_mtime, reverse=True)
+    except OSError:  # a file deleted while listing: another process pruning
+        return
+    chosen = []
+    for path in files:  # the keys are read here (a few KB each); the executables in the thread
+        key = _read_key(path)
+        if key is not None and marker in key and wanted in key:
+            chosen.append(path)
+            if len(chosen) == limit:
+                break
+    with _programs_lock:
+        if _prefetcher is None:
+            _prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grc_jax_prefetch")
+        for path in chosen:
+            if path not in _prefetched:
+                _prefetched[path] = _prefetcher.submit(_prefetch_one, path, device)
+
+
+def _read_key(path: Path) -> str | None:
+    """The key a program file was written under; None for a file that is not one."""
+    try:
+        with path.open("rb") as f:
+            if f.read(len(_MAGIC)) != _MAGIC:
+                return None
+            return f.read(int.from_bytes(f.read(8), "little")).decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _prefetch_one(path: Path, device: Any) -> tuple[str, Any] | None:
+    try:
+        data = path.read_bytes()
+        size = int.from_bytes(data[len(_MAGIC) : len(_MAGIC) + 8], "little")
+        start = len(_MAGIC) + 8
+        return data[start : start + size].decode(), _deserialize(data[start + size :], device)
+    except Exception as e:  # damage is dealt with (and counted) by the call that needs the file
+        _log.debug("%s: not prefetched (%s: %s)", path, type(e).__name__, e)
+        return None
+
+
+def _deserialize(blob: bytes, device: Any) -> Any:
+    from jax.experimental import serialize_executable
+
+    payload, in_tree, out_tree = pickle.loads(blob)
+    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=[device])
+
+
 def _load_or_compile(
     name: str, jitted: Callable, static: Sequence[Any], dynamic: Sequence[Any], directory: Path, device: Any
 ) -> Any:
@@ -142,15 +208,22 @@ def _load_or_compile(
 
     key = _key_text(name, static, dynamic)
     path = directory / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
+    future = _prefetched.pop(path, None)
+    found = future.result() if future is not None else None
+    if found is not None and found[0] == key:
+        STATS["loaded"] += 1
+        STATS["prefetched"] += 1
+        _touch(path)
+        return found[1]
     if path.is_file():
         try:
             data = path.read_bytes()
             head = _MAGIC + len(key.encode()).to_bytes(8, "little") + key.encode()
             if not data.startswith(head):
                 raise ValueError("written for another program (a stale key)")
-            payload, in_tree, out_tree = pickle.loads(data[len(head) :])
-            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=[device])
+            compiled = _deserialize(data[len(head) :], device)
             STATS["loaded"] += 1
+            _touch(path)
             return compiled
         except Exception as e:  # any damage: this file is not used, the program is made again
             STATS["rejected"] += 1
@@ -174,9 +247,30 @@ def _load_or_compile(
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, _MAGIC + len(key.encode()).to_bytes(8, "little") + key.encode() + blob)
         STATS["saved"] += 1
+        _prune(directory)
     except Exception as e:  # a read-only or full disk, or a backend that cannot serialize: run without
         _log.warning("could not save the compiled %s program to %s (%s: %s)", name, path, type(e).__name__, e)
     return compiled
+
+
+def _touch(path: Path) -> None:
+    """Marks a program used now: pruning keeps the most recently used."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves its programs
+        pass
+
+
+def _prune(directory: Path, keep: int | None = None) -> None:
+    """Deletes all but the `keep` (KEEP_PROGRAMS) most recently used programs: each code change
+    or new shape writes a new file, and nothing else ever removes the old ones."""
+    keep = KEEP_PROGRAMS if keep is None else keep
+    try:
+        files = sorted(directory.glob("*.bin"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in files[keep:]:
+            old.unlink(missing_ok=True)
+    except OSError as e:  # another process pruning at the same time, or a read-only directory
+        _log.debug("%s: not pruned (%s: %s)", directory, type(e).__name__, e)
 
 
 def _key_text(name: str, static: Sequence[Any], dynamic: Sequence[Any]) -> str:

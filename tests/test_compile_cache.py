@@ -1,6 +1,7 @@
 """The compiled decode loop kept in the compilation cache's programs directory
 (grc_jax/compile_cache.py): a fresh process with a warm cache generates the same tokens without
-tracing the loop, and a damaged or stale program file is ignored (traced again, still right)."""
+tracing the loop (the program read back in the background while the Engine is set up), a damaged
+or stale program file is ignored (traced again, still right), and old programs are pruned."""
 
 from __future__ import annotations
 
@@ -83,8 +84,12 @@ def test_a_warm_process_loads_the_decode_loop_instead_of_tracing_it(model_dir, t
     cold = _child(model_dir, cache)
     assert cold["traces"] == 1 and cold["stats"] == {"compiled": 1, "saved": 1}
     assert len(_programs(cache)) == 1
+    program_time = _programs(cache)[0].stat().st_mtime
+    os.utime(_programs(cache)[0], (program_time - 100, program_time - 100))
     warm = _child(model_dir, cache)
-    assert warm["traces"] == 0 and warm["stats"] == {"loaded": 1}
+    # Read back by the Engine's prefetch, before the first call asked for it; the load marks it used.
+    assert warm["traces"] == 0 and warm["stats"] == {"loaded": 1, "prefetched": 1}
+    assert _programs(cache)[0].stat().st_mtime > program_time - 50
     assert warm["ids"] == cold["ids"] == _reference(model_dir, monkeypatch)
     assert len(set(cold["ids"])) > 1  # a real continuation, not one repeated token
 
@@ -107,4 +112,38 @@ def test_a_damaged_or_stale_program_is_ignored(model_dir, tmp_path, monkeypatch)
     stale = _child(model_dir, cache)
     assert stale["traces"] == 1 and stale["stats"] == {"rejected": 1, "compiled": 1, "saved": 1}
     assert stale["ids"] == first["ids"] == _reference(model_dir, monkeypatch)
-    assert _child(model_dir, cache)["stats"] == {"loaded": 1}  # the rewritten file is good again
+    assert _child(model_dir, cache)["stats"] == {"loaded": 1, "prefetched": 1}  # the rewritten file is good again
+
+
+def test_prefetch_reads_back_only_programs_of_its_model_and_source(model_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    _child(model_dir, cache)
+    [program] = _programs(cache)
+    key = compile_cache._read_key(program)
+    assert key.startswith("program decode_run\n")
+    marker = key[key.index("ModelConfig(") :].split('"', 1)[0]  # the model's config repr
+    monkeypatch.setattr(compile_cache, "programs_dir", lambda: cache / compile_cache.PROGRAMS_DIR)
+    monkeypatch.setattr(compile_cache, "_prefetched", {})
+    compile_cache.prefetch("decode_run", "ModelConfig(another model")
+    assert compile_cache._prefetched == {}
+    compile_cache.prefetch("decode_run", marker)
+    found_key, executable = compile_cache._prefetched[program].result()
+    assert found_key == key and executable is not None
+    monkeypatch.setattr(compile_cache, "_prefetched", {})
+    monkeypatch.setattr(compile_cache, "_source_hash", lambda: "other source")
+    compile_cache.prefetch("decode_run", marker)
+    assert compile_cache._prefetched == {}
+
+
+def test_old_programs_are_pruned_least_recently_used_first(tmp_path):
+    for i in range(5):
+        path = tmp_path / f"decode_run-{i}.bin"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    compile_cache._touch(tmp_path / "decode_run-0.bin")  # used just now: the newest
+    compile_cache._prune(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.glob("*.bin")) == [
+        "decode_run-0.bin",
+        "decode_run-3.bin",
+        "decode_run-4.bin",
+    ]

@@ -122,6 +122,8 @@ class Engine:
         if weights not in ("float", "int8"):
             raise ValueError(f"weights must be 'float' or 'int8', got {weights!r}")
         self.compilation_cache_dir = compile_cache.enable(compilation_cache)
+        # A fresh process reads its decode loop back from the cache while the rest is set up.
+        compile_cache.prefetch("decode_run", repr(config))
         self.config, self.params = config, params
         self.tokenizer = _with_latents(tokenizer, config)
         # User text may contain "</s>" or "<|mlt_0|>": it is encoded as text, never as those tokens

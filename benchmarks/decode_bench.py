@@ -337,16 +337,12 @@ FIRST_TOKEN_PROMPT = "What is the capital of France?"
 
 
 def first_token_child(path: str, weights: str) -> None:
-    """In a fresh process: open the model in an Engine (compilation cache as configured by the
-    environment) and generate one token; prints the seconds since the process started."""
+    """In a fresh process: open the model as a user does, `Engine.from_pretrained` (compilation
+    cache as configured by the environment), and generate one token; prints the seconds since
+    the process started."""
     from grc_jax.inference import Engine
-    from grc_jax.tokenizer import Tokenizer
 
-    config, params = hf.load_pretrained(path, num_latents=16)
-    tokenizer_dir = Path(path) if Path(path).is_dir() else Path(path).parent
-    engine = Engine(
-        config, params, Tokenizer.from_dir(tokenizer_dir), eos_token="<|im_end|>", eor_token=None, weights=weights
-    )
+    engine = Engine.from_pretrained(path, weights=weights)
     text = engine.generate(FIRST_TOKEN_PROMPT, max_new_tokens=1)
     seconds = time.time() - float(os.environ["BENCH_T0"])
     from grc_jax import compile_cache

@@ -135,6 +135,19 @@ def test_prefetch_reads_back_only_programs_of_its_model_and_source(model_dir, tm
     assert compile_cache._prefetched == {}
 
 
+def test_from_pretrained_asks_for_its_models_program_before_loading_weights(model_dir, tmp_path, monkeypatch):
+    from grc_jax.inference import engine as engine_module
+
+    asked = []
+    monkeypatch.setattr(compile_cache, "prefetch", lambda name, marker: asked.append((name, marker)))
+    engine_module._prefetch_decode_loop(model_dir)  # an HF directory (a GRC export): its shapes
+    config, _ = hf.load_pretrained(model_dir)
+    [(name, marker)] = asked
+    assert name == "decode_run" and marker in repr(config) and "num_heads=4" in marker
+    engine_module._prefetch_decode_loop(tmp_path)  # nothing to open: nothing asked, no error
+    assert len(asked) == 1
+
+
 def test_old_programs_are_pruned_least_recently_used_first(tmp_path):
     for i in range(5):
         path = tmp_path / f"decode_run-{i}.bin"

@@ -165,6 +165,8 @@ class Engine:
         the latest step unless `step` is given). Special tokens and the chat template come from
         the directory's own files (grc_jax/special_tokens.py). kwargs go to `Engine`."""
         path = Path(path)
+        compile_cache.enable(kwargs.get("compilation_cache"))
+        _prefetch_decode_loop(path)  # read back from the cache while the weights load
         if path.suffix == ".gguf":  # a llama.cpp file: weights and tokenizer from its one read
             from grc_jax import gguf
 
@@ -839,6 +841,25 @@ def _check_int(name: str, value: Any, least: int, most: int | None = None) -> No
     if value < least or (most is not None and value > most):
         bounds = f">= {least}" if most is None else f"in [{least}, {most}]"
         raise ValueError(f"{name} must be {bounds}, got {value}")
+
+
+def _prefetch_decode_loop(path: Path) -> None:
+    """Starts reading back the cached decode loop of the model at `path` before its weights
+    load (compile_cache.prefetch): a run directory names its exact config; of an HF directory or
+    GGUF file only the shapes are known before loading (the config's repr from hidden_size up to
+    its GRC fields: a GRC export's config.json counts the latent rows in vocab_size), which picks
+    the most recent program of any model of those shapes."""
+    try:
+        if rundir.is_run_dir(path):
+            marker = repr(rundir.read_model_config(path))
+        elif path.suffix == ".gguf" or (path / hf.CONFIG_FILE).is_file():
+            shapes = repr(hf.read_checkpoint_config(path))
+            marker = shapes[shapes.index(", hidden_size=") : shapes.index(", num_latents=")]
+        else:
+            return
+    except Exception:  # a broken model is reported by the load that follows, not here
+        return
+    compile_cache.prefetch("decode_run", marker)
 
 
 def _with_latents(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:

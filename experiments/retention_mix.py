@@ -10,7 +10,13 @@ Two JSONL files of `text` records (generative loss only), to mix with the demo w
   `lm_retention.py`) is never read; the two are the same domain (Python documentation), which
   `benchmarks/RESULTS.md` says where it reports the perplexity.
 
-    python experiments/retention_mix.py "$(python -m grc_jax.assets smollm2)" --out runs/retention_mix
+With `--world DIR` (a demo world, `python -m grc_jax.data.demo_world --out DIR`) it also writes
+`qa.jsonl`: the world's training records that hold a question (query, documents, question and
+answer), without its bare `text` records, so that a mixture can weight the records that train
+reading and retrieval apart from the world's plain sentences.
+
+    python experiments/retention_mix.py "$(python -m grc_jax.assets smollm2)" --out runs/retention_mix \
+        [--world runs/world]
 """
 
 from __future__ import annotations
@@ -206,8 +212,14 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--passage-chars", type=int, default=1500)
+    p.add_argument("--world", type=Path, default=None, help="a demo world: write its question records as qa.jsonl")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.world is not None:
+        lines = (args.world / "train.jsonl").read_text().splitlines(keepends=True)
+        qa = [line for line in lines if "question" in json.loads(line)]
+        (args.out / "qa.jsonl").write_text("".join(qa))
+        print(f"qa.jsonl: {len(qa)} of the world's {len(lines)} records", flush=True)
     text = [{"text": t} for t in passages(docstrings(), args.passage_chars)]
     (args.out / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text))
     print(f"text.jsonl: {len(text)} passages", flush=True)

@@ -268,6 +268,7 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@hf.ordinary_pages
 def load_gguf(
     path: str | Path | GGUFFile, num_latents: int | None = None, *, max_segment_len: int | None = None, **overrides: Any
 ) -> tuple[ModelConfig, model.Params]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import functools
 import json
 import os
 import shutil
@@ -156,6 +157,29 @@ def read_checkpoint_config(path: str | Path) -> ModelConfig:
     return from_hf_config(read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
 
 
+def ordinary_pages(load: Callable) -> Callable:
+    """Runs a weight loader with numpy's transparent-huge-page advice off. numpy advises huge
+    pages for every large array; where the kernel then compacts memory at each first touch (THP
+    `defrag` set to `madvise`, common on VMs), filling the host copies a load makes (half a
+    gigabyte for a 135M model) takes seconds: on the 2-core machine, SmolLM2's weights loaded in
+    1.5 s with the advice and the first token of a fresh process came 0.5-0.8 s sooner without
+    it. The copies live only until they are on the device, where huge pages buy nothing."""
+
+    @functools.wraps(load)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        setter = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
+        if setter is None:  # a numpy without the switch: load as it advises
+            return load(*args, **kwargs)
+        before = setter(False)
+        try:
+            return load(*args, **kwargs)
+        finally:
+            setter(before)
+
+    return wrapper
+
+
+@ordinary_pages
 def load_pretrained(
     path: str | Path, num_latents: int | None = None, *, max_segment_len: int | None = None, **overrides: Any
 ) -> tuple[ModelConfig, model.Params]:

@@ -353,3 +353,29 @@ def test_export_carries_the_tokenizer_with_latent_tokens(tmp_path):
     generation = transformers.GenerationConfig.from_pretrained(out, local_files_only=True)
     for c in (hf_config, generation):
         assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (None, 1, 0)
+
+
+def test_weight_loaders_load_with_numpys_huge_page_advice_off_and_restore_it():
+    from grc_jax import gguf
+
+    setter = np._core.multiarray._set_madvise_hugepage  # returns the previous setting
+    seen = []
+
+    @hf.ordinary_pages
+    def load(fail: bool) -> None:
+        state = setter(False)
+        setter(state)
+        seen.append(state)
+        if fail:
+            raise ValueError("a bad file")
+
+    before = setter(True)
+    try:
+        load(False)
+        with pytest.raises(ValueError, match="a bad file"):
+            load(True)
+        assert seen == [False, False]
+        assert setter(True) is True  # restored after a load and after a failed one
+    finally:
+        setter(before)
+    assert hf.load_pretrained.__wrapped__ is not None and gguf.load_gguf.__wrapped__ is not None

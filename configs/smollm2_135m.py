@@ -9,6 +9,16 @@ to float32; the records are tokenised with the file's own tokenizer. Sized for a
 held-out evaluation of configs/tiny.py (about 100k tokens of forward passes and the reasoning
 decode; estimated 5-10 minutes there); minutes on one GPU. The special tokens are SmolLM2's own,
 named here.
+
+Trained on the demo world alone, the model forgets how to chat (benchmarks/RESULTS.md). The run
+there that keeps it a chat model and meets every held-out memory target mixes the world's
+question records (75% of rows) with a retention mixture (25%), for 250 steps:
+
+    python -m grc_jax.data.demo_world --out runs/world
+    python experiments/retention_mix.py "$(python -m grc_jax.assets smollm2)" --out runs/mix --world runs/world
+    python -m grc_jax.train --config=configs/smollm2_135m.py --workdir=runs/smollm2_qa \\
+        --config.data.mixture=runs/mix/qa.jsonl:0.75,runs/mix/chat.jsonl:0.125,runs/mix/text.jsonl:0.125 \\
+        --config.data.eval_dir=runs/world --config.eval_memory_prior=True --config.train.steps=250
 """
 
 from grc_jax.assets import smollm2_135m_gguf

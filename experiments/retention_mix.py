@@ -15,7 +15,7 @@ With `--world DIR` (a demo world, `python -m grc_jax.data.demo_world --out DIR`)
 answer), without its bare `text` records, so that a mixture can weight the records that train
 reading and retrieval apart from the world's plain sentences.
 
-    python experiments/retention_mix.py "$(python -m grc_jax.assets smollm2)" --out runs/retention_mix \
+    python experiments/retention_mix.py "$(python -m grc_jax.assets smollm2)" --out runs/retention_mix \\
         [--world runs/world]
 """
 

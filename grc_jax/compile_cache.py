@@ -20,8 +20,8 @@ the first token). `call_serialized` skips both: it keeps the compiled executable
 static arguments, every argument's shape, dtype and placement, the versions of jax, jaxlib,
 flax and numpy, the backend, XLA_FLAGS, jax's settings and the source of grc_jax and
 pallas_kernels). A file that is missing, unreadable or written under another key is ignored and
-the program traced and compiled again. Reading an executable back still takes about a second on
-a 30-layer model, so `prefetch` starts it in a background thread as soon as the model's config is
+the program traced and compiled again. Reading an executable back still takes a second or more
+on a 30-layer model, so `prefetch` starts it in a background thread as soon as the model's config is
 known (Engine does, before its own setup), and a load touches the file: the directory keeps the
 `KEEP_PROGRAMS` most recently used programs and deletes older ones when it saves a new one.
 """

@@ -161,13 +161,13 @@ def ordinary_pages(load: Callable) -> Callable:
     """Runs a weight loader with numpy's transparent-huge-page advice off. numpy advises huge
     pages for every large array; where the kernel then compacts memory at each first touch (THP
     `defrag` set to `madvise`, common on VMs), filling the host copies a load makes (half a
-    gigabyte for a 135M model) takes seconds: on the 2-core machine, SmolLM2's weights loaded in
-    1.5 s with the advice and the first token of a fresh process came 0.5-0.8 s sooner without
-    it. The copies live only until they are on the device, where huge pages buy nothing."""
+    gigabyte for a 135M model) takes seconds (figures: benchmarks/RESULTS.md, first token). The
+    copies live only until they are on the device, where huge pages buy nothing."""
 
     @functools.wraps(load)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        setter = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
+        multiarray = getattr(getattr(np, "_core", None), "multiarray", None)
+        setter = getattr(multiarray, "_set_madvise_hugepage", None)
         if setter is None:  # a numpy without the switch: load as it advises
             return load(*args, **kwargs)
         before = setter(False)

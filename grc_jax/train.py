@@ -28,9 +28,9 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from grc_jax import compile_cache, console, hf, losses, model, rundir, sharding, special_tokens, train_config
+from grc_jax import compile_cache, console, files, hf, losses, model, rundir, sharding, special_tokens, train_config
 from grc_jax.config import ModelConfig
-from grc_jax.data import demo_world, pipeline, seqio_source
+from grc_jax.data import demo_world, pipeline, retention, seqio_source
 from grc_jax.data.builder import BuildConfig
 from grc_jax.errors import UserError, report_user_errors
 from grc_jax.files import atomic_write_json
@@ -59,6 +59,7 @@ class Setup:
     eval_dir: str | None
     build: BuildConfig
     special_tokens: SpecialTokens = SpecialTokens()  # the tokens the run uses, and the chat template
+    mixture: str | None = None  # weighted sources "FILES:WEIGHT,..." instead of train_files (data.mixture, retention)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, model.Params | None]:
@@ -82,8 +83,16 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("demo_world")
         train_files = [str(world / "train.jsonl")]
+        if d.demo_world_records == "questions":
+            train_files = [str(_question_records(world))]
         eval_dir = eval_dir or str(world)
         tokenizer_dir = tokenizer_dir or str(world)
+    mixture = d.mixture
+    if d.retention:  # before the training weights load: the chat answers need the base model in memory
+        built = _retention_files(config.model.hf_path, workdir / rundir.RETENTION_DIR)
+        rest = (1 - d.retention) / len(train_files)
+        sources = [f"{f}:{rest}" for f in train_files] + [f"{path}:{d.retention / 2}" for path in built.values()]
+        mixture, train_files = ",".join(sources), []
     if not tokenizer_dir:
         raise UserError("config: data.tokenizer (or model.hf_path) must name a directory with tokenizer.json")
     if str(tokenizer_dir).endswith(".gguf"):  # a llama.cpp file carries its tokenizer in its metadata
@@ -136,7 +145,33 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         pad_id=special("pad"),
         question_segments=config.train.memory_prior,
     )
-    return Setup(model_config, tokenizer, train_files, eval_dir, build, tokens), params
+    return Setup(model_config, tokenizer, train_files, eval_dir, build, tokens, mixture), params
+
+
+def _question_records(world: Path) -> Path:
+    """WORLD/train_questions.jsonl: the demo world's training records that hold a question."""
+    path = world / "train_questions.jsonl"
+    if jax.process_index() == 0 and not path.is_file():
+        lines = (world / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        files.atomic_write_bytes(path, "".join(x for x in lines if "question" in json.loads(x)).encode())
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("demo_world_questions")
+    return path
+
+
+def _retention_files(model_path: str, out: Path) -> dict[str, Path]:
+    """The retention data of `model_path` in `out` (grc_jax/data/retention.py), built by this
+    process in a one-process run; a multi-process run needs it built beforehand."""
+    if jax.process_count() == 1:
+        return retention.build(out, model_path)
+    paths = {"chat": out / retention.CHAT_FILE, "prose": out / retention.PROSE_FILE}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"data.retention: {', '.join(missing)} missing; a multi-process run does not build them: run "
+            f"`python -m grc_jax.data.retention {model_path} --out {out}` first"
+        )
+    return paths
 
 
 def resolve_special_tokens(
@@ -348,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             block=block,
             blocks=blocks,
             skip_malformed=config.data.skip_malformed,
-            mixture=config.data.mixture,
+            mixture=setup.mixture,
         )
         iterator = pipeline.make_iterator(dataset)
         manager = ocp.CheckpointManager(
@@ -495,6 +530,10 @@ def data_settings(config: ml_collections.ConfigDict, train_files: list[str]) -> 
             demo_world_entities=d.demo_world_entities,
             demo_world_heldout=d.demo_world_heldout,
         )
+    # Recorded only when set, so that runs from before these keys existed still resume.
+    for key, unset in (("mixture", None), ("demo_world_records", "all"), ("retention", 0.0)):
+        if d[key] != unset:
+            settings[key] = d[key]
     return settings
 
 

@@ -78,6 +78,15 @@ def defaults() -> ml_collections.ConfigDict:
             demo_world_seed=0,
             demo_world_entities=960,
             demo_world_heldout=48,
+            # Which demo-world records train: "all", or "questions" (only the records that hold a
+            # question: query, documents, question, answer; what trains reading and retrieval).
+            demo_world_records="all",
+            # Share of the rows drawn from retention data (grc_jax/data/retention.py: the base model's
+            # own chat answers to general questions and standard-library docstring prose, half each),
+            # built in WORKDIR/retention before training; it keeps a pretrained chat model a chat
+            # model. Needs model.hf_path; the rest of the rows come from the training files (each
+            # file an equal share) or the demo world. 0: none.
+            retention=0.0,
             row_len=512,
             max_segments_per_row=16,
             max_negatives=4,
@@ -132,6 +141,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.lock()
     return c
 
+
+DEMO_WORLD_RECORDS = ("all", "questions")
 
 # key -> its smallest valid value; ModelConfig checks the model's own values.
 _AT_LEAST = {
@@ -202,6 +213,28 @@ def check_values(c: ml_collections.ConfigDict) -> None:
         )
     if c.data.train_files and c.data.mixture:
         raise UserError("config: give data.train_files or data.mixture, not both")
+    if c.data.demo_world_records not in DEMO_WORLD_RECORDS:
+        raise UserError(
+            f"config: data.demo_world_records={c.data.demo_world_records!r} must be one of "
+            + ", ".join(DEMO_WORLD_RECORDS)
+        )
+    if c.data.demo_world_records != "all" and (c.data.train_files or c.data.mixture):
+        raise UserError(
+            "config: data.demo_world_records chooses demo-world records; this run trains on data.train_files or "
+            "data.mixture, not the demo world"
+        )
+    retention = c.data.retention
+    if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0 <= retention < 1:
+        raise UserError(f"config: data.retention={retention} must be in [0, 1)")
+    if retention and not c.model.hf_path:
+        raise UserError(
+            "config: data.retention needs model.hf_path: the retention chat answers are the base model's own"
+        )
+    if retention and c.data.mixture:
+        raise UserError(
+            "config: data.retention mixes retention data into data.train_files or the demo world; with "
+            "data.mixture, build it with `python -m grc_jax.data.retention MODEL --out DIR` and add its files"
+        )
 
 
 def set_model_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:

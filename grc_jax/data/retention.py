@@ -1,22 +1,17 @@
-"""Builds a retention mixture for GRC-tuning a pretrained chat model: general text it keeps seeing.
+"""Retention data: general text a pretrained chat model keeps seeing while it is GRC-tuned, so that
+it stays a chat model and a language model (benchmarks/RESULTS.md: tuned on the demo world alone,
+SmolLM2-135M-Instruct answers every chat question with demo-world sentences).
 
-Two JSONL files of `text` records (generative loss only), to mix with the demo world through
-`--config.data.mixture`:
-- `chat.jsonl`: the base model's own greedy answers to general questions (templates x topics
-  below, none of them one of `lm_retention.QUESTIONS`), each rendered with the model's chat
-  template: the tuned model keeps seeing how it answered before tuning (self-distillation);
-- `text.jsonl`: English prose from the docstrings of Python standard-library modules, cut into
-  passages of about `--passage-chars` characters. `pydoc_data` (the perplexity set of
-  `lm_retention.py`) is never read; the two are the same domain (Python documentation), which
-  `benchmarks/RESULTS.md` says where it reports the perplexity.
+Two JSONL files of `text` records (generative loss only):
+- `chat.jsonl`: the base model's own greedy answers to general questions (the templates x topics
+  below), each rendered with the model's chat template, cut after the answer's last whole
+  sentence: the tuned model keeps seeing how it answered before tuning (self-distillation);
+- `prose.jsonl`: English prose from the docstrings of Python standard-library modules, cut at
+  paragraph breaks into passages of about 1,500 characters. `pydoc_data` (the perplexity set of
+  `experiments/lm_retention.py`) is never read.
 
-With `--world DIR` (a demo world, `python -m grc_jax.data.demo_world --out DIR`) it also writes
-`qa.jsonl`: the world's training records that hold a question (query, documents, question and
-answer), without its bare `text` records, so that a mixture can weight the records that train
-reading and retrieval apart from the world's plain sentences.
-
-    python experiments/retention_mix.py "$(python -m grc_jax.assets smollm2)" --out runs/retention_mix \\
-        [--world runs/world]
+Training builds them in WORKDIR/retention when `data.retention` is above 0 (grc_jax/train.py);
+`python -m grc_jax.data.retention MODEL --out DIR` builds them for a `data.mixture` of your own.
 """
 
 from __future__ import annotations
@@ -26,13 +21,16 @@ import importlib
 import inspect
 import json
 import re
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grc_jax.inference import Engine  # noqa: E402
+from grc_jax import files
 
+CHAT_FILE = "chat.jsonl"
+PROSE_FILE = "prose.jsonl"
+
+# General questions: 50 topics x 5 templates, none of them a question experiments/lm_retention.py asks.
 TEMPLATES = (
     "Explain what {} is in two sentences.",
     "Give me three facts about {}.",
@@ -157,11 +155,17 @@ def questions() -> list[str]:
     return [t.format(topic) for topic in TOPICS for t in TEMPLATES]
 
 
-def chat_records(model: str, max_new_tokens: int, batch_size: int) -> list[dict]:
+def chat_records(model: str | Path, *, max_new_tokens: int = 96, batch_size: int = 16) -> list[dict[str, Any]]:
+    """`text` records: each general question rendered with `model`'s chat template, followed by
+    the model's greedy answer cut to whole sentences (answers with none left are dropped)."""
+    from grc_jax.inference import Engine  # the data package does not need the serving stack otherwise
+
     engine = Engine.from_pretrained(model, batch_size=batch_size)
+    if engine.chat_template is None:
+        raise ValueError(f"{model}: data.retention needs a chat model, and this one has no chat template")
     prompts = [engine.render_chat([{"role": "user", "content": q}]) for q in questions()]
     answers = [whole_sentences(a) for a in engine.generate(prompts, max_new_tokens=max_new_tokens)]
-    # The builder ends a text record with eos (<|im_end|>), where the model's own turn ends.
+    # The record builder ends a text record with eos, where the model's own turn ends.
     return [{"text": p + a} for p, a in zip(prompts, answers) if a]
 
 
@@ -190,8 +194,9 @@ def docstrings() -> list[str]:
     return docs
 
 
-def passages(texts: list[str], chars: int) -> list[str]:
-    """Texts cut at paragraph breaks into passages of about `chars` characters."""
+def passages(texts: list[str], chars: int = 1500) -> list[str]:
+    """Texts cut at paragraph breaks into passages of about `chars` characters (a last piece
+    under 200 characters is dropped)."""
     out = []
     for text in texts:
         current = ""
@@ -205,28 +210,41 @@ def passages(texts: list[str], chars: int) -> list[str]:
     return out
 
 
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    files.atomic_write_bytes(path, data)
+
+
+def build(out: str | Path, model: str | Path, *, max_new_tokens: int = 96, batch_size: int = 16) -> dict[str, Path]:
+    """Writes prose.jsonl and chat.jsonl into `out` (each atomically; a file already there is
+    kept, so a killed build resumes where it stopped) and returns their paths by name."""
+    out = Path(out)
+    paths = {"prose": out / PROSE_FILE, "chat": out / CHAT_FILE}
+    if not paths["prose"].is_file():
+        _write_jsonl(paths["prose"], [{"text": t} for t in passages(docstrings())])
+    if not paths["chat"].is_file():
+        records = chat_records(model, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        if not records:
+            raise ValueError(
+                f"{model}: no answer of the base model to the {len(questions())} retention questions ends "
+                "in a whole sentence; data.retention needs a chat model that answers them"
+            )
+        _write_jsonl(paths["chat"], records)
+    return paths
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="the base model (anything Engine.from_pretrained opens)")
-    p.add_argument("--out", type=Path, required=True, help="directory for chat.jsonl and text.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="directory for chat.jsonl and prose.jsonl")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--passage-chars", type=int, default=1500)
-    p.add_argument("--world", type=Path, default=None, help="a demo world: write its question records as qa.jsonl")
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.world is not None:
-        lines = (args.world / "train.jsonl").read_text().splitlines(keepends=True)
-        qa = [line for line in lines if "question" in json.loads(line)]
-        (args.out / "qa.jsonl").write_text("".join(qa))
-        print(f"qa.jsonl: {len(qa)} of the world's {len(lines)} records", flush=True)
-    text = [{"text": t} for t in passages(docstrings(), args.passage_chars)]
-    (args.out / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text))
-    print(f"text.jsonl: {len(text)} passages", flush=True)
     start = time.time()
-    chat = chat_records(args.model, args.max_new_tokens, args.batch_size)
-    (args.out / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
-    print(f"chat.jsonl: {len(chat)} answers in {time.time() - start:.0f} s", flush=True)
+    paths = build(args.out, args.model, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    for name, path in paths.items():
+        print(f"{path}: {sum(1 for _ in path.open())} {name} records", flush=True)
+    print(f"built in {time.time() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

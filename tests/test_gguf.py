@@ -576,7 +576,17 @@ def test_smollm2_config_resolves_smollm2_s_own_tokens(tmp_path):
     spec.loader.exec_module(module)
     c = module.get_config()
     assert c.model.hf_path == str(path)
+    # Retention data already built (its chat answers take minutes to generate): prepare mixes it in.
+    for name in ("chat.jsonl", "prose.jsonl"):
+        (tmp_path / "retention").mkdir(exist_ok=True)
+        (tmp_path / "retention" / name).write_text('{"text": "The sea is blue."}\n')
     setup, params = train.prepare(c, tmp_path)
+    questions, chat, prose = setup.mixture.split(",")
+    assert questions == f"{tmp_path / 'demo_world' / 'train_questions.jsonl'}:0.75" and not setup.train_files
+    assert (chat, prose) == (
+        f"{tmp_path / 'retention' / 'chat.jsonl'}:0.125",
+        f"{tmp_path / 'retention' / 'prose.jsonl'}:0.125",
+    )
     b = setup.build
     # <|im_start|> <|im_end|> from the file's metadata; it names no pad, so the eos pads;
     # <file_sep> is the config's end-of-reasoning token

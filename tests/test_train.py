@@ -384,6 +384,10 @@ def test_unknown_key_in_a_config_file_is_one_clean_line(tmp_path):
         ("mesh.fsdp", 0, r"mesh.fsdp=0 must be >= 1, or -1 for the devices left over"),
         ("mesh.data", -2, r"mesh.data=-2 must be >= 1, or -1"),
         ("loss.temperature", 0.0, r"loss.temperature=0.0 must be > 0"),
+        ("data.retention", 1.0, r"data.retention=1.0 must be in \[0, 1\)"),
+        ("data.retention", 0.25, r"data.retention needs model.hf_path"),
+        ("data.demo_world_records", "qa", r"data.demo_world_records='qa' must be one of all, questions"),
+        ("data.demo_world_records", "questions", r"data.demo_world_records chooses demo-world records; this run"),
     ],
 )
 def test_values_that_cannot_work_fail_at_start(world, tmp_path, key, value, message):

@@ -219,7 +219,7 @@ def build(out: str | Path, model: str | Path, *, max_new_tokens: int = 96, batch
     """Writes prose.jsonl and chat.jsonl into `out` (each atomically; a file already there is
     kept, so a killed build resumes where it stopped) and returns their paths by name."""
     out = Path(out)
-    paths = {"prose": out / PROSE_FILE, "chat": out / CHAT_FILE}
+    paths = {"chat": out / CHAT_FILE, "prose": out / PROSE_FILE}
     if not paths["prose"].is_file():
         _write_jsonl(paths["prose"], [{"text": t} for t in passages(docstrings())])
     if not paths["chat"].is_file():

@@ -11,6 +11,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["grc_jax", "grc_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    # The native CPU kernels ship as source: grc_jax/cpu_kernels builds them on first use.
+    package_data={"grc_jax.cpu_kernels": ["*.cc"]},
     install_requires=[
         # Tested: jax 0.10.2 (CPU, Python 3.11); the GPU machines run jax 0.11.x on Python 3.12.
         "jax>=0.10.2,<0.12",

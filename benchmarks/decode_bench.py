@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grc_jax import hf  # noqa: E402
+from grc_jax.cpu_kernels import int8_matvec  # noqa: E402
 from grc_jax.inference.decoder import Decoder  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -425,7 +426,13 @@ def write_real(rows: list[dict], model_path: str, args: argparse.Namespace) -> N
         f"generation of exactly {rows[0]['new_tokens']} new tokens (no eos) after a ChatML prompt "
         "(the benchmark's fixed prompt set, cut to one common length); the same token ids on both sides. "
         "Ours: `grc_jax.inference.Decoder` with float32 weights and with weight-only int8 weights "
-        "(`grc_jax.quantize`, per-output-channel scales); theirs: `LlamaForCausalLM.generate`, float32, "
+        "(`grc_jax.quantize`, per-output-channel scales; "
+        + (
+            "decode's int8 products by the native CPU kernel, `grc_jax/cpu_kernels/int8_matvec.cc`"
+            if int8_matvec.available()
+            else "the native CPU kernel did not build, so XLA's int8 path"
+        )
+        + "); theirs: `LlamaForCausalLM.generate`, float32, "
         "torch threads = the cores XLA uses. Time of a whole call (prefill included), best of the repetitions, "
         "the three interleaved in one process after a warm-up each, half a second idle before each call; "
         "the ratio of medians too. The machine was shared with other jobs while this ran.",

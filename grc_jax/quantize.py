@@ -5,15 +5,14 @@ down and the LM head; with tied embeddings the head is a quantized copy of the e
 float rows stay for the exact lookup) are `Int8Weight`s; `model.dense` multiplies by either
 kind. Norms, biases, the embedding lookup and the embedding head stay float.
 
-Why the matmul is written the way it is (XLA:CPU, jax 0.10.2, `benchmarks/decode_bench.py`):
-XLA:CPU has no fast mixed or integer matrix product: a dot with an int8 operand, with a convert
-fused into it, or int8 x int8 -> int32 runs 15-30x slower than the float32 dot. A batch-1
-product is therefore written as an elementwise multiply and a row sum (`x * convert(q)` summed
-over the input axis), which XLA hands to YNNPACK's reduction and which reads the int8 bytes;
-larger batches (prefill, batch > 1) dequantize the weight and use the float dot. Even so, XLA
-materializes the broadcast activation as a float32 matrix of the weight's shape, and on
-SmolLM2-135M batch-1 decode ran 5x slower than float32 (benchmarks/RESULTS.md): on this backend
-the switch saves memory, not time.
+How it multiplies: XLA:CPU has no fast mixed or integer matrix product (a dot with an int8
+operand, a convert fused into it, or int8 x int8 -> int32 runs 11-30x slower than the float32
+dot; benchmarks/RESULTS.md). So on a CPU a product of a few rows (decode: one row per sequence,
+up to `MATVEC_ROWS`) goes to a native kernel through XLA's FFI
+(grc_jax/cpu_kernels/int8_matvec.cc), which streams the int8 bytes once; where that kernel
+cannot be built (no C++ compiler), batch 1 falls back to a multiply and row sum over the int8
+weight, which XLA hands to YNNPACK's reduction. Larger products (prefill) and other backends
+dequantize the weight and use the float dot.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from grc_jax.cpu_kernels import int8_matvec
 
 # name -> how many leading axes of the float weight are input axes (the rest are outputs)
 LAYER_WEIGHTS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1, "down_proj": 1}
@@ -63,6 +64,9 @@ def quantize_params(params: dict[str, Any], tie_word_embeddings: bool) -> dict[s
 
     The head becomes `lm_head` (an Int8Weight over [hidden, vocab]); with tied embeddings the
     float `embed` stays for the lookup, so the tree holds both."""
+    # The native kernel registers with XLA here, before a decode program calling it is compiled
+    # or read back from the compilation cache (grc_jax/compile_cache.py).
+    int8_matvec.available()
     out = dict(params)
     layers = dict(params["layers"])
     for name, contract in LAYER_WEIGHTS.items():
@@ -82,17 +86,25 @@ def is_quantized(params: dict[str, Any]) -> bool:
     )
 
 
+MATVEC_ROWS = 16  # products of up to this many rows use the native CPU kernel
+
+
 def int8_dense(x: jax.Array, w: Int8Weight, contract: int, dtype: Any) -> jax.Array:
     """x [..., in...] (the last `contract` axes are inputs) times the weight -> [..., out...]."""
     lead = x.shape[: x.ndim - contract]
     rows = math.prod(lead)
     x2 = x.reshape(rows, -1).astype(jnp.float32)
-    if rows == 1:
-        # Multiply-and-row-sum: fused by XLA:CPU into one YNNPACK reduction over the int8 bytes.
-        y = jnp.sum(x2[0][None, :] * w.q.astype(jnp.float32), axis=1)[None]
+
+    def xla(x2: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+        if rows == 1:
+            # Multiply-and-row-sum: fused by XLA:CPU into one YNNPACK reduction over the int8 bytes.
+            return jnp.sum(x2[0][None, :] * q.astype(jnp.float32), axis=1)[None] * scale
+        return jax.lax.dot_general(x2, q.astype(jnp.float32), (((1,), (1,)), ((), ()))) * scale
+
+    if rows <= MATVEC_ROWS and int8_matvec.available():
+        y = jax.lax.platform_dependent(x2, w.q, w.scale, cpu=int8_matvec.int8_matvec, default=xla)
     else:
-        y = jax.lax.dot_general(x2, w.q.astype(jnp.float32), (((1,), (1,)), ((), ())))
-    y = y * w.scale
+        y = xla(x2, w.q, w.scale)
     return y.reshape(*lead, *w.out_shape).astype(dtype)
 
 

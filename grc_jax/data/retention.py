@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from grc_jax import files
+from grc_jax.inference import Engine
 
 CHAT_FILE = "chat.jsonl"
 PROSE_FILE = "prose.jsonl"
@@ -158,8 +159,6 @@ def questions() -> list[str]:
 def chat_records(model: str | Path, *, max_new_tokens: int = 96, batch_size: int = 16) -> list[dict[str, Any]]:
     """`text` records: each general question rendered with `model`'s chat template, followed by
     the model's greedy answer cut to whole sentences (answers with none left are dropped)."""
-    from grc_jax.inference import Engine  # the data package does not need the serving stack otherwise
-
     engine = Engine.from_pretrained(model, batch_size=batch_size)
     if engine.chat_template is None:
         raise ValueError(f"{model}: data.retention needs a chat model, and this one has no chat template")

@@ -24,6 +24,7 @@ from grc_jax import chat as chat_lib
 from grc_jax import compile_cache, hf, layout, model, priors, quantize, rundir
 from grc_jax import special_tokens as special_tokens_lib
 from grc_jax.config import ModelConfig
+from grc_jax.cpu_kernels import int8_matvec
 from grc_jax.inference.decoder import Decoder, bucket
 from grc_jax.inference.memory_bank import BankSpec, MemoryBank
 from grc_jax.inference.pages import page_bytes
@@ -166,6 +167,8 @@ class Engine:
         the directory's own files (grc_jax/special_tokens.py). kwargs go to `Engine`."""
         path = Path(path)
         compile_cache.enable(kwargs.get("compilation_cache"))
+        if kwargs.get("weights") == "int8":  # its decode loop calls the native kernel: registered first
+            int8_matvec.available()
         _prefetch_decode_loop(path)  # read back from the cache while the weights load
         if path.suffix == ".gguf":  # a llama.cpp file: weights and tokenizer from its one read
             from grc_jax import gguf

@@ -1,0 +1,1 @@
+"""Native CPU kernels called through XLA's FFI (jax.ffi), each beside its XLA reference."""

@@ -15,7 +15,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -87,12 +87,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
             train_files = [str(_question_records(world))]
         eval_dir = eval_dir or str(world)
         tokenizer_dir = tokenizer_dir or str(world)
-    mixture = d.mixture
-    if d.retention:  # before the training weights load: the chat answers need the base model in memory
-        built = _retention_files(config.model.hf_path, workdir / rundir.RETENTION_DIR)
-        rest = (1 - d.retention) / len(train_files)
-        sources = [f"{f}:{rest}" for f in train_files] + [f"{path}:{d.retention / 2}" for path in built.values()]
-        mixture, train_files = ",".join(sources), []
     if not tokenizer_dir:
         raise UserError("config: data.tokenizer (or model.hf_path) must name a directory with tokenizer.json")
     if str(tokenizer_dir).endswith(".gguf"):  # a llama.cpp file carries its tokenizer in its metadata
@@ -101,6 +95,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
         tokenizer = gguf.load_tokenizer(tokenizer_dir)
     else:
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    mixture = d.mixture
+    if d.retention:  # before the training weights load: the chat answers need the base model in memory
+        fits = lambda text: len(tokenizer.encode(text)) + 2 <= d.row_len  # a text record is bos, text, eos
+        built = _retention_files(config.model.hf_path, workdir / rundir.RETENTION_DIR, fits)
+        rest = (1 - d.retention) / len(train_files)
+        sources = [f"{f}:{rest}" for f in train_files] + [f"{path}:{d.retention / 2}" for path in built.values()]
+        mixture, train_files = ",".join(sources), []
     params = None
     if config.model.hf_path:
         m = config.model
@@ -159,11 +160,12 @@ def _question_records(world: Path) -> Path:
     return path
 
 
-def _retention_files(model_path: str, out: Path) -> dict[str, Path]:
-    """The retention data of `model_path` in `out` (grc_jax/data/retention.py), built by this
-    process in a one-process run; a multi-process run needs it built beforehand."""
+def _retention_files(model_path: str, out: Path, fits: Callable[[str], bool]) -> dict[str, Path]:
+    """The retention data of `model_path` in `out` (grc_jax/data/retention.py; texts that do not
+    `fit` a row left out), built by this process in a one-process run; a multi-process run needs
+    it built beforehand."""
     if jax.process_count() == 1:
-        return retention.build(out, model_path)
+        return retention.build(out, model_path, fits=fits)
     paths = {"chat": out / retention.CHAT_FILE, "prose": out / retention.PROSE_FILE}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:

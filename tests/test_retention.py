@@ -33,6 +33,17 @@ def test_prose_is_standard_library_docstrings_cut_at_paragraph_breaks():
     assert len(prose) > 200 and all(200 <= len(p) for p in prose)
 
 
+def test_texts_that_do_not_fit_are_left_out_and_built_files_are_kept(tmp_path):
+    out = tmp_path / "retention"
+    out.mkdir()
+    (out / retention.CHAT_FILE).write_text('{"text": "kept as it is"}\n')
+    paths = retention.build(out, tmp_path / "no-model-needed", fits=lambda text: len(text) <= 1000)
+    prose = [json.loads(line)["text"] for line in paths["prose"].read_text().splitlines()]
+    every = retention.passages(retention.docstrings())
+    assert prose == [t for t in every if len(t) <= 1000] and len(prose) < len(every)
+    assert paths["chat"].read_text() == '{"text": "kept as it is"}\n'
+
+
 def _chat_model(tmp_path: Path) -> Path:
     from test_chat import SMOLLM2_TEMPLATE, _hf_dir
 

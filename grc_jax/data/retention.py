@@ -22,8 +22,9 @@ import inspect
 import json
 import re
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from grc_jax import files
 from grc_jax.inference import Engine
@@ -181,15 +182,18 @@ def whole_sentences(answer: str, shortest: int = 40) -> str:
 def docstrings() -> list[str]:
     """Docstrings of the modules and their public classes and functions, long ones only, in order."""
     docs: list[str] = []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        objects = [module] + [getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")]
-        for obj in objects:
-            if inspect.ismodule(obj) and obj is not module:
-                continue
-            doc = inspect.getdoc(obj) if (obj is module or inspect.isclass(obj) or inspect.isroutine(obj)) else None
-            if doc and len(doc) >= 400 and doc not in docs:
-                docs.append(doc)
+    with warnings.catch_warnings():  # typing.io and typing.re warn when their docstrings are read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in MODULES:
+            module = importlib.import_module(name)
+            objects = [module] + [getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")]
+            for obj in objects:
+                if inspect.ismodule(obj) and obj is not module:
+                    continue
+                readable = obj is module or inspect.isclass(obj) or inspect.isroutine(obj)
+                doc = inspect.getdoc(obj) if readable else None
+                if doc and len(doc) >= 400 and doc not in docs:
+                    docs.append(doc)
     return docs
 
 
@@ -214,15 +218,24 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     files.atomic_write_bytes(path, data)
 
 
-def build(out: str | Path, model: str | Path, *, max_new_tokens: int = 96, batch_size: int = 16) -> dict[str, Path]:
-    """Writes prose.jsonl and chat.jsonl into `out` (each atomically; a file already there is
-    kept, so a killed build resumes where it stopped) and returns their paths by name."""
+def build(
+    out: str | Path,
+    model: str | Path,
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 16,
+    fits: Callable[[str], bool] = lambda text: True,
+) -> dict[str, Path]:
+    """Writes chat.jsonl and prose.jsonl into `out` (each atomically; a file already there is
+    kept, so a killed build resumes where it stopped) and returns their paths by name. Texts
+    for which `fits` is False (longer than a training row, say) are left out."""
     out = Path(out)
     paths = {"chat": out / CHAT_FILE, "prose": out / PROSE_FILE}
     if not paths["prose"].is_file():
-        _write_jsonl(paths["prose"], [{"text": t} for t in passages(docstrings())])
+        _write_jsonl(paths["prose"], [{"text": t} for t in passages(docstrings()) if fits(t)])
     if not paths["chat"].is_file():
         records = chat_records(model, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        records = [r for r in records if fits(r["text"])]
         if not records:
             raise ValueError(
                 f"{model}: no answer of the base model to the {len(questions())} retention questions ends "

@@ -85,23 +85,12 @@ def test_training_mixes_retention_into_the_demo_world_s_question_records(tmp_pat
     from test_train import config_for
 
     from grc_jax import hf, model, train, train_config
-    from grc_jax.config import ModelConfig
     from grc_jax.data import demo_world
     from grc_jax.tokenizer import Tokenizer
 
     world = tmp_path / "world"
     demo_world.write_demo_world(str(world), seed=0, num_entities=40, num_heldout=8)
-    saved = ModelConfig(
-        vocab_size=len(Tokenizer.from_dir(world)),
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        num_latents=4,
-        max_segment_len=96,
-    )
+    saved = train_config.model_config(config_for(world), vocab_size=len(Tokenizer.from_dir(world)))  # test_train's
     ckpt = hf.save_pretrained(saved, model.init_params(saved, jax.random.key(0)), tmp_path / "ckpt")
     workdir = tmp_path / "run"
     chat = '{"text": "<s>where does zorvak live</s>zorvak lives in harbour road."}\n'

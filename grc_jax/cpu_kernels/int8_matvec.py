@@ -4,7 +4,7 @@
 scale float32 [out] (a `grc_jax.quantize.Int8Weight`); `reference` is the same in plain XLA.
 The kernel is compiled once per machine from its source with the host's C++ compiler (`$CXX`,
 else `g++`) into `~/.cache/grc_jax/cpu_kernels/` (under `$XDG_CACHE_HOME` when set; the file
-name carries the hash of the source, the flags and the jax version). Where no compiler works,
+name carries the hash of the source, the flags, the jax version and the CPU's features). Where no compiler works,
 `available()` is False, one warning says why, and callers use the reference.
 """
 
@@ -14,6 +14,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -35,10 +36,19 @@ def cache_dir() -> Path:
     return Path(base) / "grc_jax" / "cpu_kernels"
 
 
+def _cpu_features() -> bytes:
+    """What -march=native compiles for: a library built on another kind of CPU (a cache directory
+    shared between machines) must not be loaded here."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return platform.machine().encode()
+
+
 def _library_path(compiler: str) -> Path:
-    key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), jax.__version__.encode()])
-    ).hexdigest()[:16]
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), jax.__version__.encode()]
+    key = hashlib.sha256(b"\0".join([*parts, _cpu_features()])).hexdigest()[:16]
     return cache_dir() / f"int8_matvec-{key}.so"
 
 

@@ -394,7 +394,7 @@ def machine() -> str:
         platform.processor(),
     )
     return (
-        f"{cpu}, {os.cpu_count()} cores visible (shared with other jobs), {platform.system()}; python "
+        f"{cpu}, {os.cpu_count()} cores visible, {platform.system()}; python "
         f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}"
     )
@@ -435,7 +435,7 @@ def write_real(rows: list[dict], model_path: str, args: argparse.Namespace) -> N
         + "); theirs: `LlamaForCausalLM.generate`, float32, "
         "torch threads = the cores XLA uses. Time of a whole call (prefill included), best of the repetitions, "
         "the three interleaved in one process after a warm-up each, half a second idle before each call; "
-        "the ratio of medians too. The machine was shared with other jobs while this ran.",
+        "the ratio of medians too.",
         "",
         "| batch | weights | ours tok/s | transformers f32 tok/s | ours / transformers | ratio of medians | "
         "target | met | greedy agreement with transformers (tokens per row) | with ours float32 |",

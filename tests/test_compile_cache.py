@@ -31,7 +31,7 @@ CHILD = f"""
 import json, sys
 from grc_jax import compile_cache
 from grc_jax.inference import Engine, loop
-engine = Engine.from_pretrained(sys.argv[1], **{OPTIONS!r})
+engine = Engine.from_pretrained(sys.argv[1], weights=sys.argv[2], **{OPTIONS!r})
 ids = engine.decoder.generate([engine.tokenize({PROMPT!r})], engine.decoder.settings({NEW_TOKENS}))[0]
 print("RESULT " + json.dumps({{"ids": ids, "traces": loop.TRACES["run"], "stats": dict(compile_cache.STATS)}}))
 """
@@ -58,20 +58,25 @@ def model_dir(tmp_path_factory) -> Path:
     return hf.save_pretrained(config, params, tmp_path_factory.mktemp("cc") / "model", tokenizer)
 
 
-def _child(model_dir: Path, cache: Path) -> dict:
+def _child(model_dir: Path, cache: Path, weights: str = "float") -> dict:
     env = {**os.environ, compile_cache.ENV: str(cache), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(model_dir)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", CHILD, str(model_dir), weights],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line is not None, proc.stderr[-3000:]
     return json.loads(line[len("RESULT ") :])
 
 
-def _reference(model_dir: Path, monkeypatch) -> list[int]:
+def _reference(model_dir: Path, monkeypatch, weights: str = "float") -> list[int]:
     """The tokens of the plain jitted loop (no programs directory), in this process."""
     monkeypatch.setattr(compile_cache, "programs_dir", lambda: None)
-    engine = Engine.from_pretrained(model_dir, **OPTIONS)
+    engine = Engine.from_pretrained(model_dir, weights=weights, **OPTIONS)
     return engine.decoder.generate([engine.tokenize(PROMPT)], engine.decoder.settings(NEW_TOKENS))[0]
 
 
@@ -79,18 +84,19 @@ def _programs(cache: Path) -> list[Path]:
     return sorted((cache / compile_cache.PROGRAMS_DIR).glob("decode_run-*.bin"))
 
 
-def test_a_warm_process_loads_the_decode_loop_instead_of_tracing_it(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("weights", ["float", "int8"])  # int8: a program that calls the native kernel
+def test_a_warm_process_loads_the_decode_loop_instead_of_tracing_it(model_dir, tmp_path, monkeypatch, weights):
     cache = tmp_path / "cache"
-    cold = _child(model_dir, cache)
+    cold = _child(model_dir, cache, weights)
     assert cold["traces"] == 1 and cold["stats"] == {"compiled": 1, "saved": 1}
     assert len(_programs(cache)) == 1
     program_time = _programs(cache)[0].stat().st_mtime
     os.utime(_programs(cache)[0], (program_time - 100, program_time - 100))
-    warm = _child(model_dir, cache)
+    warm = _child(model_dir, cache, weights)
     # Read back by the Engine's prefetch, before the first call asked for it; the load marks it used.
     assert warm["traces"] == 0 and warm["stats"] == {"loaded": 1, "prefetched": 1}
     assert _programs(cache)[0].stat().st_mtime > program_time - 50
-    assert warm["ids"] == cold["ids"] == _reference(model_dir, monkeypatch)
+    assert warm["ids"] == cold["ids"] == _reference(model_dir, monkeypatch, weights)
     assert len(set(cold["ids"])) > 1  # a real continuation, not one repeated token
 
 

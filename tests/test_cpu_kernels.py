@@ -111,10 +111,12 @@ def test_the_library_is_built_once_and_a_missing_compiler_falls_back_with_a_warn
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout.strip()
 
+    no_compiler = run(CXX=str(tmp_path / "no-such-compiler"))
+    assert no_compiler.startswith("False True int8 decode uses XLA's slower path: no C++ compiler"), no_compiler
+    if shutil.which(os.environ.get("CXX") or "g++") is None:
+        pytest.skip("no C++ compiler on this machine: the fallback is checked, the build cannot be")
     assert run() == "True True"
     built = list((tmp_path / "grc_jax" / "cpu_kernels").glob("int8_matvec-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     assert run() == "True True" and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
-    no_compiler = run(CXX=str(tmp_path / "no-such-compiler"))
-    assert no_compiler.startswith("False True int8 decode uses XLA's slower path: no C++ compiler"), no_compiler

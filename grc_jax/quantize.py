@@ -99,7 +99,7 @@ def int8_dense(x: jax.Array, w: Int8Weight, contract: int, dtype: Any) -> jax.Ar
         if rows == 1:
             # Multiply-and-row-sum: fused by XLA:CPU into one YNNPACK reduction over the int8 bytes.
             return jnp.sum(x2[0][None, :] * q.astype(jnp.float32), axis=1)[None] * scale
-        return jax.lax.dot_general(x2, q.astype(jnp.float32), (((1,), (1,)), ((), ()))) * scale
+        return int8_matvec.reference(x2, q, scale)  # the weight dequantized, a float dot
 
     if rows <= MATVEC_ROWS and int8_matvec.available():
         y = jax.lax.platform_dependent(x2, w.q, w.scale, cpu=int8_matvec.int8_matvec, default=xla)

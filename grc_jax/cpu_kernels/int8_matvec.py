@@ -3,9 +3,9 @@
 `int8_matvec(x, q, scale)` is `x @ (q.T * scale)` for x float32 [rows, in], q int8 [out, in] and
 scale float32 [out] (a `grc_jax.quantize.Int8Weight`); `reference` is the same in plain XLA.
 The kernel is compiled once per machine from its source with the host's C++ compiler (`$CXX`,
-else `g++`) into `~/.cache/grc_jax/cpu_kernels/` (under `$XDG_CACHE_HOME` when set; the file
-name carries the hash of the source, the flags, the jax version and the CPU's features). Where no compiler works,
-`available()` is False, one warning says why, and callers use the reference.
+else `g++`) into `~/.cache/grc_jax/cpu_kernels/` (under `$XDG_CACHE_HOME` when set); the file
+name carries the hash of the source, the flags, the jax version and the CPU's features. Where no
+compiler works, `available()` is False, one warning says why, and callers use the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from grc_jax import files
+from grc_jax import compile_cache, files
 
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "grc_int8_matvec"
@@ -32,8 +32,11 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "grc_jax" / "cpu_kernels"
+    return compile_cache.default_dir().parent / "cpu_kernels"  # beside JAX's cache, under grc_jax's
+
+
+def compiler() -> str:
+    return os.environ.get("CXX") or "g++"
 
 
 def _cpu_features() -> bytes:
@@ -69,16 +72,16 @@ def _compile(compiler: str, out: Path) -> None:
 @functools.cache
 def available() -> bool:
     """Whether the native kernel is built (building it on first use) and registered with XLA."""
-    compiler = os.environ.get("CXX") or "g++"
-    if shutil.which(compiler) is None:
+    cxx = compiler()
+    if shutil.which(cxx) is None:
         warnings.warn(
-            f"int8 decode uses XLA's slower path: no C++ compiler ({compiler!r}) to build {SOURCE.name}", stacklevel=2
+            f"int8 decode uses XLA's slower path: no C++ compiler ({cxx!r}) to build {SOURCE.name}", stacklevel=2
         )
         return False
-    path = _library_path(compiler)
+    path = _library_path(cxx)
     try:
         if not path.is_file():
-            _compile(compiler, path)
+            _compile(cxx, path)
         library = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.GrcInt8Matvec), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -98,5 +101,5 @@ def int8_matvec(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
 
 def reference(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """The same product in plain XLA: the weight dequantized, then a float32 dot."""
-    y = jax.lax.dot_general(x.astype(jnp.float32), q.astype(jnp.float32), (((1,), (1,)), ((), ())), precision="highest")
+    y = jax.lax.dot_general(x.astype(jnp.float32), q.astype(jnp.float32), (((1,), (1,)), ((), ())))
     return y * scale

@@ -27,6 +27,7 @@ def get_config():
     c.model.num_latents = 8  # K meta latent tokens per segment: 128 / 8 = 16x compression
     c.model.max_segment_len = 128  # the demo world's documents are 40-120 tokens
     c.model.scan_layers = True  # 30 layers: a scanned layer compiles once, not 30 times
+    c.model.matmul_dtype = "bfloat16"  # bfloat16 operands, float32 sums: a step costs about 0.6x float32's
     # bos and eos come from the file's own metadata (<|im_start|>, <|im_end|>; it names no pad, so eos pads);
     # SmolLM2 has no end-of-reasoning token, so <file_sep> (a token of its code-data vocabulary)
     # marks the end of a reasoning trace.

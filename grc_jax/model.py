@@ -10,6 +10,7 @@ probabilities in experiments/.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -73,14 +74,59 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def dense(x: jax.Array, w: Any, dtype: Any, contract: int = 1) -> jax.Array:
+def dense(x: jax.Array, w: Any, dtype: Any, contract: int = 1, matmul_dtype: str = "float32") -> jax.Array:
     """x [..., in...] times w [in...,  out...] over x's last `contract` axes; w is a float array or
-    a `grc_jax.quantize.Int8Weight` (weight-only int8 serving), which multiplies its own way."""
+    a `grc_jax.quantize.Int8Weight` (weight-only int8 serving), which multiplies its own way.
+    matmul_dtype "bfloat16": `bf16_product`, the result cast to `dtype`."""
     if hasattr(w, "out_shape"):
         from grc_jax.quantize import int8_dense
 
         return int8_dense(x, w, contract, dtype)
+    if matmul_dtype == "bfloat16":
+        return bf16_product(x, w, contract, False).astype(dtype)
     return jnp.tensordot(x, w.astype(dtype), axes=contract)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def bf16_product(x: jax.Array, w: jax.Array, contract: int, w_transposed: bool) -> jax.Array:
+    """float32 x . w from bfloat16-rounded x and w, summed in float32: x's last `contract` axes
+    against w [in..., out...]'s first, or, w_transposed, x's last axis against w [out, in]'s last
+    (a tied embedding as the output head). The gradients round their operands the same way.
+
+    Why a custom gradient: JAX's own would multiply a float32 cotangent by a bfloat16 operand,
+    which XLA:CPU runs in float32, at float32's speed. Each product here keeps the operands' own
+    layouts and returns its result untransposed: XLA:CPU multiplies bfloat16 by bfloat16 into
+    float32 only in its YNNPACK fusions, and a transposed result falls back to a dot it lacks for
+    those types."""
+    bf16 = jnp.bfloat16
+    axes = ((x.ndim - 1,), (1,)) if w_transposed else contract
+    return jnp.tensordot(x.astype(bf16), w.astype(bf16), axes=axes, preferred_element_type=jnp.float32)
+
+
+def _bf16_product_fwd(x, w, contract, w_transposed):
+    # The zero scalars carry x's and w's dtypes (a residual must be an array), for their cotangents.
+    dtypes = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+    return bf16_product(x, w, contract, w_transposed), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dtypes)
+
+
+def _bf16_product_bwd(contract, w_transposed, residuals, g):
+    x, w, (x_zero, w_zero) = residuals
+    g = g.astype(jnp.bfloat16)
+    lead = tuple(range(x.ndim - (1 if w_transposed else contract)))
+    f32 = jnp.float32
+    if w_transposed:  # w [out, in], g [lead..., out]
+        dx = jnp.tensordot(g, w, axes=((g.ndim - 1,), (0,)), preferred_element_type=f32)
+        dw = jnp.tensordot(g, x, axes=(lead, lead), preferred_element_type=f32)
+    else:  # w [in..., out...], g [lead..., out...]
+        out = w.ndim - contract
+        dx = jnp.tensordot(
+            g, w, axes=(tuple(range(g.ndim - out, g.ndim)), tuple(range(contract, w.ndim))), preferred_element_type=f32
+        )
+        dw = jnp.tensordot(x, g, axes=(lead, lead), preferred_element_type=f32)
+    return dx.astype(x_zero.dtype), dw.astype(w_zero.dtype)
+
+
+bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)
 
 
 def layer_param_specs(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], Any]]:
@@ -115,7 +161,7 @@ def attention_inputs(config: ModelConfig, p: Params, x: jax.Array, cos: jax.Arra
     c = config
     dtype = DTYPES[c.dtype]
     h = rms_norm(x, p["input_norm"], c.rms_norm_eps)
-    q, k, v = (dense(h, p[f"{n}_proj"], dtype) for n in "qkv")
+    q, k, v = (dense(h, p[f"{n}_proj"], dtype, matmul_dtype=c.matmul_dtype) for n in "qkv")
     if c.qkv_bias:
         q, k, v = (a + p[f"{n}_bias"].astype(dtype) for a, n in zip((q, k, v), "qkv"))
     if c.qk_norm:
@@ -134,15 +180,15 @@ def layer_output(config: ModelConfig, p: Params, x: jax.Array, attention: jax.Ar
     """The residual stream after one layer, given its attention output [b,t,h,d]."""
     c = config
     dtype = DTYPES[c.dtype]
-    x = x + dense(attention, p["o_proj"], dtype, contract=2)
+    x = x + dense(attention, p["o_proj"], dtype, contract=2, matmul_dtype=c.matmul_dtype)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     h = rms_norm(x, p["post_attention_norm"], c.rms_norm_eps)
-    gate = dense(h, p["gate_proj"], dtype)
-    up = dense(h, p["up_proj"], dtype)
+    gate = dense(h, p["gate_proj"], dtype, matmul_dtype=c.matmul_dtype)
+    up = dense(h, p["up_proj"], dtype, matmul_dtype=c.matmul_dtype)
     act = nn.with_logical_constraint(
         jax.nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp")
     )
-    x = x + dense(act, p["down_proj"], dtype)
+    x = x + dense(act, p["down_proj"], dtype, matmul_dtype=c.matmul_dtype)
     return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
@@ -244,6 +290,9 @@ def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Arr
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
     if hasattr(params.get("lm_head"), "out_shape"):  # int8 serving: a quantized head, tied or not
         return dense(hidden, params["lm_head"], jnp.float32)
+    if config.matmul_dtype == "bfloat16":
+        tied = config.tie_word_embeddings
+        return bf16_product(hidden, params["embed"] if tied else params["lm_head"], 1, tied)
     return jnp.matmul(hidden, head.astype(DTYPES[config.dtype]), preferred_element_type=jnp.float32)
 
 

@@ -116,6 +116,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Setup, mo
             embed_dim=m.embed_dim,
             param_dtype=m.param_dtype,
             dtype=m.dtype,
+            matmul_dtype=m.matmul_dtype,
             scan_layers=m.scan_layers,
             remat_policy=m.remat_policy,
         )
@@ -503,7 +504,7 @@ def _export(setup: Setup, params: model.Params, out_dir: str) -> None:
 
 DATA_SETTINGS_FILE = "data_settings.json"
 # ModelConfig fields a resume may change: they do not change the saved arrays.
-_RESUMABLE_MODEL_FIELDS = ("dtype", "scan_layers", "remat_policy")
+_RESUMABLE_MODEL_FIELDS = ("dtype", "matmul_dtype", "scan_layers", "remat_policy")
 
 
 def data_settings(config: ml_collections.ConfigDict, train_files: list[str]) -> dict[str, Any]:

@@ -122,6 +122,9 @@ class Engine:
         are the float model's. compilation_cache: grc_jax/compile_cache.py (None = default)."""
         if weights not in ("float", "int8"):
             raise ValueError(f"weights must be 'float' or 'int8', got {weights!r}")
+        # bfloat16 matmul operands speed training; the decode loop would round the float weights on
+        # every step, so inference multiplies in float32 (grc_jax/config.py, matmul_dtype).
+        config = dataclasses.replace(config, matmul_dtype="float32")
         self.compilation_cache_dir = compile_cache.enable(compilation_cache)
         # A fresh process reads its decode loop back from the cache while the rest is set up.
         compile_cache.prefetch("decode_run", repr(config))

@@ -473,3 +473,9 @@ def test_a_saved_bank_gets_the_usual_file_mode(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640  # an existing file keeps its mode
     finally:
         os.umask(old)
+
+
+def test_an_engine_multiplies_in_float32_whatever_the_training_did(config, params, tokenizer):
+    # bfloat16 matmul operands are a training setting; decode would round the weights every step.
+    engine = Engine(config.replace(matmul_dtype="bfloat16"), params, tokenizer, **ENGINE_OPTIONS)
+    assert engine.config == config and engine.config.matmul_dtype == "float32"

@@ -242,9 +242,12 @@ def test_a_truncated_checkpoint_names_its_step_and_offers_the_previous(world, ru
 
 
 def test_a_resume_with_the_same_settings_goes_on(world, run_copy):
-    result = train.train_and_evaluate(config_for(world, **{"train.steps": 6, "model.remat_policy": "full"}), run_copy)
+    # How the steps compute (rematerialisation, bfloat16 matmul operands) may change on a resume.
+    changes = {"train.steps": 6, "model.remat_policy": "full", "model.matmul_dtype": "bfloat16"}
+    result = train.train_and_evaluate(config_for(world, **changes), run_copy)
     assert [h["step"] for h in result["history"]] == [5, 6]
     assert json.loads((run_copy / "data_settings.json").read_text())["global_batch"] == 8
+    assert json.loads((run_copy / "model_config.json").read_text())["matmul_dtype"] == "bfloat16"
 
 
 # --- data ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The model under the GRC rule: a segment's embedding and memory depend on its own text only."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +189,8 @@ def test_config_errors():
         ModelConfig(pooling="max")
     with pytest.raises(ValueError, match=r"remat_policy 'some' is not one of"):
         ModelConfig(remat_policy="some")
+    with pytest.raises(ValueError, match=r"matmul_dtype 'float16' is not one of \('float32', 'bfloat16'\)"):
+        ModelConfig(matmul_dtype="float16")
     with pytest.raises(ValueError, match=r"qk_norm=True does not fit architecture 'LlamaForCausalLM'"):
         ModelConfig(qk_norm=True)
     with pytest.raises(ValueError, match=r"qk_norm=False does not fit architecture 'Qwen3ForCausalLM'"):
@@ -253,3 +256,64 @@ def test_bfloat16_logits_are_accumulated_in_float32():
     head = PARAMS["embed"].T if config.tie_word_embeddings else PARAMS["lm_head"]
     want = np.asarray(hidden, np.float32) @ np.asarray(head.astype(jnp.bfloat16), np.float32)
     np.testing.assert_allclose(np.asarray(model.lm_logits(config, PARAMS, hidden)), want, rtol=1e-5, atol=1e-5)
+
+
+def _rounded(a):
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, contract, transposed",
+    [
+        ((2, 5, 8), (8, 6), 1, False),
+        ((2, 5, 3, 4), (3, 4, 7), 2, False),
+        ((2, 5, 8), (8, 3, 4), 1, False),
+        ((2, 5, 8), (11, 8), 1, True),
+    ],
+    ids=["dense", "o_proj", "q_proj", "tied_head"],
+)
+def test_bf16_product_is_the_float32_product_of_rounded_operands(x_shape, w_shape, contract, transposed):
+    kx, kw, kg = jax.random.split(jax.random.key(4), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    y, vjp = jax.vjp(lambda x, w: model.bf16_product(x, w, contract, transposed), x, w)
+    g = jax.random.normal(kg, y.shape)
+    dx, dw = vjp(g)
+    reference = lambda x, w: jnp.tensordot(x, w.T if transposed else w, axes=contract)
+    want, want_vjp = jax.vjp(reference, _rounded(x), _rounded(w))
+    want_dx, want_dw = want_vjp(_rounded(g))  # the cotangent is rounded too
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32 and dw.shape == w.shape
+    for got, ref in [(y, want), (dx, want_dx), (dw, want_dw)]:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # and it is not float32's product: the rounding shows
+    assert np.abs(np.asarray(y) - np.asarray(reference(x, w))).max() > 1e-4
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_matmul_dtype_bfloat16_tracks_float32_in_loss_and_gradients(tied):
+    config = CONFIG.replace(tie_word_embeddings=tied)
+    params = jax.tree.map(lambda a: a * 5, model.init_params(config, jax.random.key(0)))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, V, (2, 12)), jnp.int32)
+
+    def loss(params, config):
+        logp = jax.nn.log_softmax(model.forward(config, params, tokens).logits, axis=-1)
+        return -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1).mean()
+
+    bf16 = config.replace(matmul_dtype="bfloat16")
+    step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (l32, g32), (l16, g16) = step(params, config), step(params, bf16)
+    # Each of the layer's 7 weight matmuls and the head is one bfloat16 x bfloat16 -> float32 product
+    # forward and two backward (the scanned layer is one body); the attention's 2 + 4 stay float32.
+    for cfg, bf16_products, f32_products in [(bf16, 3 * (7 + 1), 6), (config, 0, 30)]:
+        text = jax.jit(jax.value_and_grad(loss), static_argnums=1).lower(params, cfg).as_text()
+        operands = re.findall(
+            r"dot_general .*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>", text
+        )
+        assert operands.count(("bf16", "bf16", "f32")) == bf16_products
+        assert operands.count(("f32", "f32", "f32")) == f32_products and len(operands) == 30
+    # bfloat16 keeps 8 mantissa bits: the loss moves by well under 1%, every gradient's direction stays.
+    assert abs(float(l16) - float(l32)) < 0.01 * abs(float(l32))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree.leaves(g16)):
+        a, b = np.ravel(a), np.ravel(b)
+        if np.linalg.norm(a) > 1e-6:
+            cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+            assert cosine > 0.99, (jax.tree_util.keystr(path), cosine)

@@ -155,7 +155,8 @@ def _question_records(world: Path) -> Path:
     path = world / "train_questions.jsonl"
     if jax.process_index() == 0 and not path.is_file():
         lines = (world / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-        files.atomic_write_bytes(path, "".join(x for x in lines if "question" in json.loads(x)).encode())
+        questions = (x for x in lines if demo_world.record_kind(json.loads(x)) != "text")
+        files.atomic_write_bytes(path, "".join(questions).encode())
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("demo_world_questions")
     return path

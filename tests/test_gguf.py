@@ -592,6 +592,7 @@ def test_smollm2_config_resolves_smollm2_s_own_tokens(tmp_path):
     # <file_sep> is the config's end-of-reasoning token
     assert (b.bos_id, b.eos_id, b.pad_id, b.eor_id) == (1, 2, 2, 5)
     assert setup.model_config.num_layers == 30 and setup.model_config.latent_token_ids == tuple(range(49152, 49160))
+    assert setup.model_config.matmul_dtype == "bfloat16"  # the config's bfloat16 matmul operands reach the model
     assert params["embed"].shape == (49160, 576)
     text = "Zorvak lives in Harbour Road."
     reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

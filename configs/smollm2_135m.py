@@ -13,8 +13,9 @@ docstring prose. Trained on the demo world alone, the model forgets how to chat
 (benchmarks/RESULTS.md); with this mixture it stays a chat model and meets the held-out memory
 targets. The held-out evaluation at the end reads several memories under memory priors.
 
-Time on 2 CPU cores: 250 steps of 4 rows x 512 tokens at 12-22 s per step (the machine's speed
-varies from day to day), then the held-out evaluation (about 8 minutes); minutes on one GPU.
+Time on 2 CPU cores (AMD EPYC with AVX512-BF16, 2026-12-07): the retention data 4 minutes, 250
+steps of 4 rows x 512 tokens at 12-14 s per step with bfloat16 matmul operands (55 minutes; float32
+matmuls take 19-25 s per step), then the held-out evaluation (about 5 minutes); minutes on one GPU.
 """
 
 from grc_jax.assets import smollm2_135m_gguf
@@ -27,7 +28,7 @@ def get_config():
     c.model.num_latents = 8  # K meta latent tokens per segment: 128 / 8 = 16x compression
     c.model.max_segment_len = 128  # the demo world's documents are 40-120 tokens
     c.model.scan_layers = True  # 30 layers: a scanned layer compiles once, not 30 times
-    c.model.matmul_dtype = "bfloat16"  # bfloat16 operands, float32 sums: a step costs about 0.6x float32's
+    c.model.matmul_dtype = "bfloat16"  # bfloat16 operands, float32 sums: 0.6-0.7x float32's step time
     # bos and eos come from the file's own metadata (<|im_start|>, <|im_end|>; it names no pad, so eos pads);
     # SmolLM2 has no end-of-reasoning token, so <file_sep> (a token of its code-data vocabulary)
     # marks the end of a reasoning trace.
@@ -39,13 +40,13 @@ def get_config():
     c.data.max_negatives = 2  # as configs/tiny.py
     c.data.reader_distractors = 2  # trained with 2 distractor memories; the held-out evaluation uses 4
     c.loss.temperature = 0.05  # as configs/tiny.py
-    c.train.steps = 250  # 50 minutes at 12 s per step
+    c.train.steps = 250  # 55 minutes at 13 s per step
     c.train.global_batch = 4  # rows per step
     c.train.learning_rate = 2e-4  # a pretrained model: 10x below tiny's from-scratch rate
     c.train.warmup_steps = 20  # linear warmup, then cosine decay
     c.checkpoint.every = 125  # a checkpoint (params + Adam state) is about 1.5 GB
     c.checkpoint.keep = 1  # one checkpoint on disk at a time
-    c.log_every = 10  # steps between progress lines: a step takes about 12 s
+    c.log_every = 10  # steps between progress lines: a step takes about 13 s
     c.eval_every = 0  # the held-out evaluation runs once, at the end
     c.eval_memory_prior = True  # it reads several memories under memory priors (docs/design.md section 8)
     return c

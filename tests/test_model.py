@@ -304,7 +304,7 @@ def test_matmul_dtype_bfloat16_tracks_float32_in_loss_and_gradients(tied):
     # Each of the layer's 7 weight matmuls and the head is one bfloat16 x bfloat16 -> float32 product
     # forward and two backward (the scanned layer is one body); the attention's 2 + 4 stay float32.
     for cfg, bf16_products, f32_products in [(bf16, 3 * (7 + 1), 6), (config, 0, 30)]:
-        text = jax.jit(jax.value_and_grad(loss), static_argnums=1).lower(params, cfg).as_text()
+        text = step.lower(params, cfg).as_text()
         operands = re.findall(
             r"dot_general .*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) -> tensor<[^>]*x(\w+)>", text
         )
